@@ -1,0 +1,428 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * xdp_filter.c - xdpfw data plane, compiled and loaded by bcc.
+ *
+ * For every frame: parse L2/L3/L4 into a small summary, look the summary up
+ * in at most five tables (exact source, source prefixes, exact destination,
+ * destination prefixes, address-less rules), keep the best-ranked matching
+ * slot, credit that rule and leave through finish(), the only exit, which
+ * records the global counters.
+ *
+ * The rule contract (allow beats drop beats monitor, then most specific) is
+ * encoded by the control plane in each slot's rank (see xdpfw_abi.h), so the
+ * data plane never scans rules: each lookup is O(1) or one trie walk, and each
+ * entry holds at most 1 + XDPFW_SET_SLOTS slots.
+ *
+ * The program only returns XDP_PASS or XDP_DROP; it never aborts.
+ */
+#include <uapi/linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/in6.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+#include <linux/icmp.h>
+#include <linux/icmpv6.h>
+
+#include "xdpfw_abi.h"
+
+/* IPv4 fragment bits of frag_off (host order), from include/net/ip.h. */
+#define XDPFW_IP_MF 0x2000
+#define XDPFW_IP_OFFSET 0x1fff
+
+#ifndef ETH_P_8021AD
+#define ETH_P_8021AD 0x88A8
+#endif
+
+/* Exact addresses: hash tables, O(1) however many rules there are. */
+BPF_F_TABLE("hash", __u32, struct xdpfw_entry, xdpfw_src4, XDPFW_MAX_RULES, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", __u32, struct xdpfw_entry, xdpfw_dst4, XDPFW_MAX_RULES, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", struct xdpfw_addr6, struct xdpfw_entry, xdpfw_src6, XDPFW_MAX_RULES,
+	    BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", struct xdpfw_addr6, struct xdpfw_entry, xdpfw_dst6, XDPFW_MAX_RULES,
+	    BPF_F_NO_PREALLOC);
+/* Prefixes shorter than a host route: LPM tries (entries carry covering prefixes' slots). */
+BPF_LPM_TRIE(xdpfw_src4_lpm, struct xdpfw_lpm4_key, struct xdpfw_entry, XDPFW_MAX_PREFIXES);
+BPF_LPM_TRIE(xdpfw_dst4_lpm, struct xdpfw_lpm4_key, struct xdpfw_entry, XDPFW_MAX_PREFIXES);
+BPF_LPM_TRIE(xdpfw_src6_lpm, struct xdpfw_lpm6_key, struct xdpfw_entry, XDPFW_MAX_PREFIXES);
+BPF_LPM_TRIE(xdpfw_dst6_lpm, struct xdpfw_lpm6_key, struct xdpfw_entry, XDPFW_MAX_PREFIXES);
+/* Rules naming no address (protocol/port only): one entry, key 0; a hash so updates are atomic. */
+BPF_F_TABLE("hash", __u32, struct xdpfw_entry, xdpfw_any, 1, BPF_F_NO_PREALLOC);
+/* Overflow slots of entries holding more than one rule; index 0 is never used. */
+BPF_ARRAY(xdpfw_sets, struct xdpfw_set, XDPFW_MAX_SETS);
+/* Per-rule packets/bytes/last hit, per CPU, keyed by rule id. */
+BPF_PERCPU_HASH(xdpfw_rule_stats, __u32, struct xdpfw_rule_stats, XDPFW_MAX_RULES);
+/* Global counters, per CPU, one element. */
+BPF_PERCPU_ARRAY(xdpfw_stats, struct xdpfw_global_stats, 1);
+/* ABI version, capacities and per-table entry counts, one element. */
+BPF_ARRAY(xdpfw_config, struct xdpfw_config, 1);
+
+/* What the verdict needs to know about a frame. */
+struct pkt {
+	__u64 len;          /* frame bytes */
+	__u32 saddr4;       /* be */
+	__u32 daddr4;       /* be */
+	struct xdpfw_addr6 saddr6;
+	struct xdpfw_addr6 daddr6;
+	__u16 dport;        /* host; valid when l4_ok */
+	__u8 family;        /* 4 or 6 */
+	__u8 proto;         /* upper-layer protocol */
+	__u8 l4_ok;         /* ports were read */
+	__u8 malformed;
+	__u8 fragment;
+};
+
+/* Best slot so far. */
+struct best {
+	__u64 rank;
+	__u32 rule_id;
+	__u8 verdict;
+};
+
+/* Parser return codes. */
+#define PARSE_OK 0
+#define PARSE_MALFORMED 1 /* pass, counted; no rule applies */
+#define PARSE_NON_IP 2    /* pass, counted */
+
+struct cursor {
+	void *pos;
+	void *end;
+};
+
+static __always_inline int parse_eth(struct cursor *c, __u16 *ethertype)
+{
+	struct ethhdr *eth = c->pos;
+	struct vlan_tag {
+		__be16 tci;
+		__be16 proto;
+	} *vlan;
+	__u16 type;
+
+	if ((void *)(eth + 1) > c->end)
+		return PARSE_MALFORMED;
+	c->pos = eth + 1;
+	type = eth->h_proto;
+
+	/* Look through up to two tags (QinQ). A third tag is not IP to us. */
+#pragma unroll
+	for (int i = 0; i < XDPFW_MAX_VLAN; i++) {
+		if (type != bpf_htons(ETH_P_8021Q) && type != bpf_htons(ETH_P_8021AD))
+			break;
+		vlan = c->pos;
+		if ((void *)(vlan + 1) > c->end)
+			return PARSE_MALFORMED;
+		c->pos = vlan + 1;
+		type = vlan->proto;
+	}
+	*ethertype = type;
+	return PARSE_OK;
+}
+
+/*
+ * The L4 header: ports for TCP/UDP. A first fragment or an unfragmented packet
+ * whose L4 header is cut short is judged like a non-first fragment: address and
+ * protocol rules apply, port rules cannot, and it counts as malformed.
+ */
+static __always_inline void parse_l4(struct cursor *c, struct pkt *p)
+{
+	void *l4 = c->pos;
+	__u32 need;
+
+	switch (p->proto) {
+	case IPPROTO_TCP:
+		need = sizeof(struct tcphdr);
+		break;
+	case IPPROTO_UDP:
+		need = sizeof(struct udphdr);
+		break;
+	case IPPROTO_ICMP:
+	case IPPROTO_ICMPV6:
+		need = 4; /* type, code, checksum */
+		break;
+	default:
+		return; /* nothing we read */
+	}
+	if (l4 + need > c->end) {
+		p->malformed = 1;
+		return;
+	}
+	if (p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP) {
+		/* dest port sits at offset 2 in both headers */
+		p->dport = bpf_ntohs(((struct udphdr *)l4)->dest);
+		p->l4_ok = 1;
+	}
+}
+
+static __always_inline int parse_ipv4(struct cursor *c, struct pkt *p)
+{
+	struct iphdr *ip = c->pos;
+	__u32 hlen;
+	__u16 frag;
+
+	if ((void *)(ip + 1) > c->end)
+		return PARSE_MALFORMED;
+	if (ip->version != 4 || ip->ihl < 5)
+		return PARSE_MALFORMED;
+	hlen = ip->ihl * 4; /* options are skipped, never interpreted */
+	if (c->pos + hlen > c->end)
+		return PARSE_MALFORMED;
+	c->pos += hlen;
+
+	p->family = 4;
+	p->saddr4 = ip->saddr;
+	p->daddr4 = ip->daddr;
+	p->proto = ip->protocol;
+
+	frag = bpf_ntohs(ip->frag_off);
+	if (frag & (XDPFW_IP_MF | XDPFW_IP_OFFSET))
+		p->fragment = 1;
+	/* A non-first fragment carries no L4 header: its first bytes are payload. */
+	if (frag & XDPFW_IP_OFFSET)
+		return PARSE_OK;
+	parse_l4(c, p);
+	return PARSE_OK;
+}
+
+struct ipv6_opt_hdr_min {
+	__u8 nexthdr;
+	__u8 hdrlen;
+	__be16 frag_off; /* only meaningful in a fragment header */
+};
+
+static __always_inline int parse_ipv6(struct cursor *c, struct pkt *p)
+{
+	struct ipv6hdr *ip6 = c->pos;
+	struct ipv6_opt_hdr_min *eh;
+	__u8 nexthdr;
+
+	if ((void *)(ip6 + 1) > c->end)
+		return PARSE_MALFORMED;
+	if (ip6->version != 6)
+		return PARSE_MALFORMED;
+	c->pos = ip6 + 1;
+	p->family = 6;
+	__builtin_memcpy(p->saddr6.addr, ip6->saddr.in6_u.u6_addr8, 16);
+	__builtin_memcpy(p->daddr6.addr, ip6->daddr.in6_u.u6_addr8, 16);
+	nexthdr = ip6->nexthdr;
+
+	/*
+	 * Walk a bounded chain of extension headers. A chain longer than the
+	 * bound, or one cut short, cannot be judged: malformed, pass.
+	 */
+#pragma unroll
+	for (int i = 0; i < XDPFW_MAX_IPV6_EXT; i++) {
+		__u32 len;
+
+		if (nexthdr != IPPROTO_HOPOPTS && nexthdr != IPPROTO_ROUTING &&
+		    nexthdr != IPPROTO_DSTOPTS && nexthdr != IPPROTO_AH &&
+		    nexthdr != IPPROTO_FRAGMENT)
+			goto upper;
+		eh = c->pos;
+		if ((void *)(eh + 1) > c->end)
+			return PARSE_MALFORMED;
+		if (nexthdr == IPPROTO_FRAGMENT) {
+			len = 8;
+			p->fragment = 1;
+			/* Non-first fragment: what follows is payload, not a header. */
+			if (bpf_ntohs(eh->frag_off) & 0xfff8) {
+				if (c->pos + len > c->end)
+					return PARSE_MALFORMED;
+				p->proto = eh->nexthdr;
+				return PARSE_OK;
+			}
+		} else if (nexthdr == IPPROTO_AH) {
+			len = ((__u32)eh->hdrlen + 2) * 4;
+		} else {
+			len = ((__u32)eh->hdrlen + 1) * 8;
+		}
+		if (c->pos + len > c->end)
+			return PARSE_MALFORMED;
+		nexthdr = eh->nexthdr;
+		c->pos += len;
+	}
+	if (nexthdr == IPPROTO_HOPOPTS || nexthdr == IPPROTO_ROUTING ||
+	    nexthdr == IPPROTO_DSTOPTS || nexthdr == IPPROTO_AH || nexthdr == IPPROTO_FRAGMENT)
+		return PARSE_MALFORMED;
+upper:
+	p->proto = nexthdr;
+	parse_l4(c, p);
+	return PARSE_OK;
+}
+
+static __always_inline int slot_matches(const struct xdpfw_slot *s, const struct pkt *p)
+{
+	if (s->proto && s->proto != p->proto)
+		return 0;
+	if (s->has_ports) {
+		/* Non-first fragments and truncated L4 headers have no ports. */
+		if (!p->l4_ok)
+			return 0;
+		if (p->dport < s->port_lo || p->dport > s->port_hi)
+			return 0;
+	}
+	return 1;
+}
+
+static __always_inline void take(struct best *b, const struct xdpfw_slot *s)
+{
+	if (s->rank > b->rank) {
+		b->rank = s->rank;
+		b->rule_id = s->rule_id;
+		b->verdict = s->verdict;
+	}
+}
+
+/* Slots are sorted by rank: the first match is the entry's best. */
+static __always_inline void eval_entry(const struct xdpfw_entry *e, const struct pkt *p,
+				       struct best *b)
+{
+	struct xdpfw_set *set;
+	__u32 set_id;
+
+	if (!e || e->first.rank <= b->rank)
+		return; /* nothing in it can beat what we have */
+	if (slot_matches(&e->first, p)) {
+		take(b, &e->first);
+		return;
+	}
+	set_id = e->set_id;
+	if (!set_id)
+		return;
+	set = xdpfw_sets.lookup(&set_id);
+	if (!set)
+		return;
+	for (int i = 0; i < XDPFW_SET_SLOTS; i++) {
+		const struct xdpfw_slot *s = &set->slot[i];
+
+		if (s->rank <= b->rank)
+			return; /* sorted: the rest rank lower, or the set has ended */
+		if (slot_matches(s, p)) {
+			take(b, s);
+			return;
+		}
+	}
+}
+
+static __always_inline void lookup_v4(const struct xdpfw_config *cfg, const struct pkt *p,
+				      struct best *b)
+{
+	struct xdpfw_lpm4_key k = { .prefixlen = 32 };
+	__u32 addr;
+
+	if (cfg->n_entries[XDPFW_TBL_SRC4]) {
+		addr = p->saddr4;
+		eval_entry(xdpfw_src4.lookup(&addr), p, b);
+	}
+	if (cfg->n_entries[XDPFW_TBL_SRC4_LPM]) {
+		__builtin_memcpy(k.addr, &p->saddr4, 4);
+		eval_entry(xdpfw_src4_lpm.lookup(&k), p, b);
+	}
+	if (cfg->n_entries[XDPFW_TBL_DST4]) {
+		addr = p->daddr4;
+		eval_entry(xdpfw_dst4.lookup(&addr), p, b);
+	}
+	if (cfg->n_entries[XDPFW_TBL_DST4_LPM]) {
+		__builtin_memcpy(k.addr, &p->daddr4, 4);
+		eval_entry(xdpfw_dst4_lpm.lookup(&k), p, b);
+	}
+}
+
+static __always_inline void lookup_v6(const struct xdpfw_config *cfg, struct pkt *p,
+				      struct best *b)
+{
+	struct xdpfw_lpm6_key k = { .prefixlen = 128 };
+
+	if (cfg->n_entries[XDPFW_TBL_SRC6])
+		eval_entry(xdpfw_src6.lookup(&p->saddr6), p, b);
+	if (cfg->n_entries[XDPFW_TBL_SRC6_LPM]) {
+		__builtin_memcpy(k.addr, p->saddr6.addr, 16);
+		eval_entry(xdpfw_src6_lpm.lookup(&k), p, b);
+	}
+	if (cfg->n_entries[XDPFW_TBL_DST6])
+		eval_entry(xdpfw_dst6.lookup(&p->daddr6), p, b);
+	if (cfg->n_entries[XDPFW_TBL_DST6_LPM]) {
+		__builtin_memcpy(k.addr, p->daddr6.addr, 16);
+		eval_entry(xdpfw_dst6_lpm.lookup(&k), p, b);
+	}
+}
+
+/* The only exit: credit the rule, count the frame, return the action. */
+static __always_inline int finish(const struct pkt *p, const struct best *b, int parse)
+{
+	struct xdpfw_global_stats *g;
+	struct xdpfw_rule_stats *rs;
+	__u32 zero = 0;
+	__u32 rule_id = b->rule_id;
+	int action = b->verdict == XDPFW_VERDICT_DROP ? XDP_DROP : XDP_PASS;
+
+	if (b->verdict != XDPFW_VERDICT_NONE) {
+		rs = xdpfw_rule_stats.lookup(&rule_id);
+		if (rs) {
+			rs->packets++;
+			rs->bytes += p->len;
+			rs->last_hit_ns = bpf_ktime_get_boot_ns();
+		}
+	}
+	g = xdpfw_stats.lookup(&zero);
+	if (g) {
+		g->counter[XDPFW_STAT_PACKETS]++;
+		g->counter[XDPFW_STAT_BYTES] += p->len;
+		if (action == XDP_DROP)
+			g->counter[XDPFW_STAT_DROPPED]++;
+		else
+			g->counter[XDPFW_STAT_PASSED]++;
+		if (b->verdict == XDPFW_VERDICT_MONITOR)
+			g->counter[XDPFW_STAT_MONITORED]++;
+		if (parse == PARSE_NON_IP)
+			g->counter[XDPFW_STAT_NON_IP]++;
+		if (parse == PARSE_MALFORMED || p->malformed)
+			g->counter[XDPFW_STAT_MALFORMED]++;
+		if (p->fragment)
+			g->counter[XDPFW_STAT_FRAGMENTS]++;
+	}
+	return action;
+}
+
+int xdpfw_prog(struct xdp_md *ctx)
+{
+	struct cursor c = { .pos = (void *)(long)ctx->data, .end = (void *)(long)ctx->data_end };
+	struct pkt p = {};
+	struct best b = {};
+	struct xdpfw_config *cfg;
+	__u32 zero = 0;
+	__u16 ethertype = 0;
+	int parse;
+
+	p.len = c.end - c.pos;
+
+	parse = parse_eth(&c, &ethertype);
+	if (parse != PARSE_OK)
+		return finish(&p, &b, parse);
+
+	/* ARP and every other non-IP frame always passes: we filter IP only. */
+	if (ethertype == bpf_htons(ETH_P_IP))
+		parse = parse_ipv4(&c, &p);
+	else if (ethertype == bpf_htons(ETH_P_IPV6))
+		parse = parse_ipv6(&c, &p);
+	else
+		parse = PARSE_NON_IP;
+	if (parse != PARSE_OK)
+		return finish(&p, &b, parse);
+
+	cfg = xdpfw_config.lookup(&zero);
+	if (!cfg)
+		return finish(&p, &b, parse);
+
+	if (p.family == 4)
+		lookup_v4(cfg, &p, &b);
+	else
+		lookup_v6(cfg, &p, &b);
+	if (cfg->n_entries[XDPFW_TBL_ANY]) {
+		__u32 key = 0;
+
+		eval_entry(xdpfw_any.lookup(&key), &p, &b);
+	}
+	return finish(&p, &b, parse);
+}

@@ -1,0 +1,146 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * xdpfw_abi.h - the contract between bpf/xdp_filter.c and the Python
+ * control plane (mirrored once in xdpfw/abi.py; tests/test_abi.py compares
+ * the mirror with the types bcc generates from this file).
+ *
+ * Rules never rename or renumber anything here. A retired code keeps its
+ * number as a placeholder. Any change to a struct layout or to the meaning of
+ * a map bumps XDPFW_ABI_VERSION: a running service refuses pinned maps whose
+ * recorded ABI differs instead of misreading them.
+ *
+ * Byte order is written next to every field: "be" = network order (as read
+ * from the packet), "host" = CPU order (written by the control plane).
+ */
+#ifndef XDPFW_ABI_H
+#define XDPFW_ABI_H
+
+#define XDPFW_ABI_VERSION 1
+
+/* Bounds of the parser. */
+#define XDPFW_MAX_VLAN 2        /* 802.1Q / 802.1ad tags we look through */
+#define XDPFW_MAX_IPV6_EXT 8    /* IPv6 extension headers we walk before giving up */
+
+/* Slots a rule set (see struct xdpfw_set) holds besides the entry's own. */
+#define XDPFW_SET_SLOTS 31
+
+/* Verdict class of a slot; also the top bits of its rank (higher wins). */
+#define XDPFW_VERDICT_NONE 0
+#define XDPFW_VERDICT_MONITOR 1 /* drop rule in monitor mode: pass, count */
+#define XDPFW_VERDICT_DROP 2    /* drop rule in enforce mode */
+#define XDPFW_VERDICT_ALLOW 3   /* allow rule: pass, beats every drop */
+
+/* Index of the global per-CPU counters in struct xdpfw_global_stats. */
+#define XDPFW_STAT_PACKETS 0    /* every frame the program saw */
+#define XDPFW_STAT_PASSED 1     /* returned XDP_PASS (includes monitored) */
+#define XDPFW_STAT_DROPPED 2    /* returned XDP_DROP */
+#define XDPFW_STAT_MONITORED 3  /* passed, credited to a monitor rule */
+#define XDPFW_STAT_MALFORMED 4  /* unparsable L2/L3, or truncated L4 */
+#define XDPFW_STAT_NON_IP 5     /* ARP and every other non-IP ethertype */
+#define XDPFW_STAT_FRAGMENTS 6  /* IPv4/IPv6 fragments, first or not */
+#define XDPFW_STAT_BYTES 7      /* bytes of every frame */
+#define XDPFW_STAT_MAX 8
+
+/* Index of the lookup tables in struct xdpfw_config.n_entries. */
+#define XDPFW_TBL_SRC4 0        /* xdpfw_src4: exact IPv4 source */
+#define XDPFW_TBL_DST4 1        /* xdpfw_dst4: exact IPv4 destination */
+#define XDPFW_TBL_SRC6 2        /* xdpfw_src6: exact IPv6 source */
+#define XDPFW_TBL_DST6 3        /* xdpfw_dst6: exact IPv6 destination */
+#define XDPFW_TBL_SRC4_LPM 4    /* xdpfw_src4_lpm: IPv4 source prefixes */
+#define XDPFW_TBL_DST4_LPM 5    /* xdpfw_dst4_lpm: IPv4 destination prefixes */
+#define XDPFW_TBL_SRC6_LPM 6    /* xdpfw_src6_lpm: IPv6 source prefixes */
+#define XDPFW_TBL_DST6_LPM 7    /* xdpfw_dst6_lpm: IPv6 destination prefixes */
+#define XDPFW_TBL_ANY 8         /* xdpfw_any: rules with no address */
+#define XDPFW_TBL_MAX 9
+
+/* Default capacities; the loader overrides them with -D from configuration. */
+#ifndef XDPFW_MAX_RULES
+#define XDPFW_MAX_RULES 1048576 /* exact tables and per-rule counters */
+#endif
+#ifndef XDPFW_MAX_PREFIXES
+#define XDPFW_MAX_PREFIXES 262144 /* each LPM trie */
+#endif
+#ifndef XDPFW_MAX_SETS
+#define XDPFW_MAX_SETS 16384    /* overflow rule sets, index 0 unused */
+#endif
+
+/*
+ * One rule as the data plane sees it, inside a lookup entry. The control
+ * plane precomputes `rank` so that the data plane compares one integer:
+ *   bits 62-63 verdict class (allow 3 > drop 2 > monitor 1)
+ *   bits 54-61 source prefix length (0 when the rule names no source)
+ *   bits 46-53 destination prefix length
+ *   bit  45    protocol named
+ *   bits 29-44 port narrowness: 65536 - (port_hi - port_lo + 1), 0 = no ports
+ *   bits 0-28  XDPFW_RANK_ID_MASK - rule_id (lower id wins a tie)
+ * This is exactly the "most specific" order of the rule contract, with the
+ * verdict class first. rank 0 marks an empty slot.
+ */
+#define XDPFW_RANK_ID_MASK 0x1fffffffULL
+
+struct xdpfw_slot {
+	__u64 rank;      /* host; 0 = empty */
+	__u32 rule_id;   /* host; key of xdpfw_rule_stats */
+	__u16 port_lo;   /* host; only when has_ports */
+	__u16 port_hi;   /* host; inclusive */
+	__u8 proto;      /* IPPROTO_*; 0 = any protocol */
+	__u8 verdict;    /* XDPFW_VERDICT_* */
+	__u8 has_ports;  /* 1: needs an L4 header with dport in range */
+	__u8 pad[5];
+};
+
+/*
+ * Value of every lookup table. Slots are kept sorted by rank, highest first:
+ * `first` holds the best one, the set (when set_id != 0) the rest, so the
+ * first slot that matches the packet is this entry's answer. An LPM entry
+ * also carries the slots of every shorter prefix that covers it (a trie
+ * lookup returns only the longest match).
+ */
+struct xdpfw_entry {
+	struct xdpfw_slot first;
+	__u32 set_id;    /* host; index into xdpfw_sets, 0 = none */
+	__u32 pad;
+};
+
+struct xdpfw_set {
+	struct xdpfw_slot slot[XDPFW_SET_SLOTS]; /* sorted, rank 0 ends */
+};
+
+/* LPM trie keys: prefixlen counts bits of addr, host order. */
+struct xdpfw_lpm4_key {
+	__u32 prefixlen; /* host */
+	__u8 addr[4];    /* be */
+};
+
+struct xdpfw_lpm6_key {
+	__u32 prefixlen; /* host */
+	__u8 addr[16];   /* be */
+};
+
+struct xdpfw_addr6 {
+	__u8 addr[16];   /* be */
+};
+
+/* Per-rule, per-CPU counters; the reader sums packets/bytes, maxes last_hit. */
+struct xdpfw_rule_stats {
+	__u64 packets;   /* host */
+	__u64 bytes;     /* host; whole frame, L2 header included */
+	__u64 last_hit_ns; /* host; bpf_ktime_get_boot_ns() (CLOCK_BOOTTIME) */
+};
+
+/* Single element of xdpfw_stats (per CPU); the reader sums the CPUs. */
+struct xdpfw_global_stats {
+	__u64 counter[XDPFW_STAT_MAX]; /* host; indexed by XDPFW_STAT_* */
+};
+
+/* Single element of xdpfw_config, written by the control plane. */
+struct xdpfw_config {
+	__u32 abi_version;               /* host; XDPFW_ABI_VERSION at load */
+	__u32 n_entries[XDPFW_TBL_MAX];  /* host; entries per table, 0 = skip lookup */
+	__u32 max_rules;                 /* host; capacities the maps were made with */
+	__u32 max_prefixes;              /* host */
+	__u32 max_sets;                  /* host */
+	__u32 pad;
+};
+
+#endif /* XDPFW_ABI_H */

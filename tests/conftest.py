@@ -1,0 +1,55 @@
+"""Shared fixtures. Layers are pytest markers: pure, bpf, kernel, e2e (see pyproject.toml).
+
+bpf/kernel/e2e tests need root; they are skipped (loudly) without it. Everything a test
+creates in the kernel (pins, XDP attachments, namespaces, veths) has a unique name and is
+removed by its fixture, also when the test fails.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from xdpfw.compiler import Capacities
+
+IS_ROOT = os.geteuid() == 0
+TEST_CAPS = Capacities(max_rules=8192, max_prefixes=4096, max_sets=512)
+BPFFS = Path("/sys/fs/bpf")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if IS_ROOT:
+        return
+    skip = pytest.mark.skip(reason="needs root (bpf/kernel/e2e layer)")
+    for item in items:
+        if any(item.get_closest_marker(m) for m in ("bpf", "kernel", "e2e")):
+            item.add_marker(skip)
+
+
+def unique_pin_dir(tag: str) -> Path:
+    return BPFFS / f"xdpfw-test-{tag}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture(scope="session")
+def session_datapath() -> Iterator["Datapath"]:  # noqa: F821 - imported lazily (needs root)
+    from xdpfw.datapath import Datapath, DatapathConfig
+
+    dp = Datapath.open(DatapathConfig(bpffs_dir=unique_pin_dir("session"), caps=TEST_CAPS))
+    try:
+        yield dp
+    finally:
+        dp.close(cleanup=True)
+
+
+@pytest.fixture
+def dp(session_datapath: "Datapath") -> Iterator["Datapath"]:  # noqa: F821
+    """The session's loaded program with no rules; rules are removed after the test."""
+    session_datapath.remove_rules([r.id for r in session_datapath.rules()])
+    yield session_datapath
+    session_datapath.remove_rules([r.id for r in session_datapath.rules()])
+    for att in session_datapath.attachments():
+        session_datapath.detach(att.ifname)

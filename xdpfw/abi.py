@@ -1,0 +1,143 @@
+"""Python mirror of bpf/xdpfw_abi.h: constants and ctypes layouts, defined once here.
+
+tests/test_abi.py checks every constant against the header and every struct against the
+types bcc generates when it compiles the program, so a drift fails the suite, not a packet.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from enum import IntEnum
+from pathlib import Path
+
+__all__ = [
+    "ABI_VERSION",
+    "BPF_DIR",
+    "HEADER",
+    "MAX_IPV6_EXT",
+    "MAX_VLAN",
+    "PROGRAM",
+    "PROG_NAME",
+    "RANK_ID_MASK",
+    "SET_SLOTS",
+    "VERDICT_ALLOW",
+    "VERDICT_DROP",
+    "VERDICT_MONITOR",
+    "VERDICT_NONE",
+    "Addr6",
+    "Config",
+    "Entry",
+    "GlobalStats",
+    "Lpm4Key",
+    "Lpm6Key",
+    "RuleStats",
+    "Set",
+    "Slot",
+    "Stat",
+    "Table",
+]
+
+BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+HEADER = BPF_DIR / "xdpfw_abi.h"
+PROGRAM = BPF_DIR / "xdp_filter.c"
+PROG_NAME = "xdpfw_prog"
+
+ABI_VERSION = 1
+MAX_VLAN = 2
+MAX_IPV6_EXT = 8
+SET_SLOTS = 31
+RANK_ID_MASK = 0x1FFFFFFF
+
+VERDICT_NONE = 0
+VERDICT_MONITOR = 1
+VERDICT_DROP = 2
+VERDICT_ALLOW = 3
+
+
+class Stat(IntEnum):
+    """Index into GlobalStats.counter (XDPFW_STAT_*)."""
+
+    PACKETS = 0
+    PASSED = 1
+    DROPPED = 2
+    MONITORED = 3
+    MALFORMED = 4
+    NON_IP = 5
+    FRAGMENTS = 6
+    BYTES = 7
+    MAX = 8
+
+
+class Table(IntEnum):
+    """Lookup tables (XDPFW_TBL_*); the value is the index in Config.n_entries."""
+
+    SRC4 = 0
+    DST4 = 1
+    SRC6 = 2
+    DST6 = 3
+    SRC4_LPM = 4
+    DST4_LPM = 5
+    SRC6_LPM = 6
+    DST6_LPM = 7
+    ANY = 8
+    MAX = 9
+
+    @property
+    def map_name(self) -> str:
+        return "xdpfw_" + self.name.lower()
+
+
+class Slot(ctypes.Structure):
+    _fields_ = [
+        ("rank", ctypes.c_uint64),
+        ("rule_id", ctypes.c_uint32),
+        ("port_lo", ctypes.c_uint16),
+        ("port_hi", ctypes.c_uint16),
+        ("proto", ctypes.c_uint8),
+        ("verdict", ctypes.c_uint8),
+        ("has_ports", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 5),
+    ]
+
+
+class Entry(ctypes.Structure):
+    _fields_ = [("first", Slot), ("set_id", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+class Set(ctypes.Structure):
+    _fields_ = [("slot", Slot * SET_SLOTS)]
+
+
+class Lpm4Key(ctypes.Structure):
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("addr", ctypes.c_uint8 * 4)]
+
+
+class Lpm6Key(ctypes.Structure):
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("addr", ctypes.c_uint8 * 16)]
+
+
+class Addr6(ctypes.Structure):
+    _fields_ = [("addr", ctypes.c_uint8 * 16)]
+
+
+class RuleStats(ctypes.Structure):
+    _fields_ = [
+        ("packets", ctypes.c_uint64),
+        ("bytes", ctypes.c_uint64),
+        ("last_hit_ns", ctypes.c_uint64),
+    ]
+
+
+class GlobalStats(ctypes.Structure):
+    _fields_ = [("counter", ctypes.c_uint64 * Stat.MAX)]
+
+
+class Config(ctypes.Structure):
+    _fields_ = [
+        ("abi_version", ctypes.c_uint32),
+        ("n_entries", ctypes.c_uint32 * Table.MAX),
+        ("max_rules", ctypes.c_uint32),
+        ("max_prefixes", ctypes.c_uint32),
+        ("max_sets", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]

@@ -1,0 +1,652 @@
+"""The typed datapath object: load or adopt the program, attach it, change rules, read counters.
+
+    with Datapath.open(DatapathConfig(bpffs_dir=Path("/sys/fs/bpf/xdpfw"))) as dp:
+        dp.attach("veth0", mode="auto")
+        dp.add_rule(RuleSpec.parse(src="198.18.0.0/15").with_id(1))
+        print(dp.rule_counters())
+
+`open` adopts the pinned program and maps when they exist (the ABI recorded in the config map
+must match; the rules are read back from the maps) and otherwise loads and pins a fresh program.
+Either way the kernel keeps filtering when the process exits: only `close(cleanup=True)`
+detaches and unpins. Rule changes are map updates, never a program reload, and a change is in
+the maps when the call returns.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from xdpfw import abi, bpfsys, netlink
+from xdpfw.abi import Table
+from xdpfw.compiler import (
+    EXACT_TABLES,
+    LPM_TABLES,
+    Capacities,
+    Plan,
+    RuleCompiler,
+    TableKey,
+)
+from xdpfw.errors import (
+    AbiMismatch,
+    CapacityExceeded,
+    DatapathError,
+    ForeignProgram,
+    KernelError,
+    RuleNotFound,
+)
+from xdpfw.rules import Action, Mode, PortRange, Proto, Rule
+
+__all__ = [
+    "Attachment",
+    "Datapath",
+    "DatapathConfig",
+    "GlobalCounters",
+    "RuleCounters",
+]
+
+PROG_PIN = "prog"
+SET_QUARANTINE_S = 0.2  # a freed rule set is not rewritten while a packet may still read it
+
+_MAP_TYPES: dict[str, tuple[type[Any], type[Any]]] = {
+    "xdpfw_src4": (ctypes.c_uint32, abi.Entry),
+    "xdpfw_dst4": (ctypes.c_uint32, abi.Entry),
+    "xdpfw_src6": (abi.Addr6, abi.Entry),
+    "xdpfw_dst6": (abi.Addr6, abi.Entry),
+    "xdpfw_src4_lpm": (abi.Lpm4Key, abi.Entry),
+    "xdpfw_dst4_lpm": (abi.Lpm4Key, abi.Entry),
+    "xdpfw_src6_lpm": (abi.Lpm6Key, abi.Entry),
+    "xdpfw_dst6_lpm": (abi.Lpm6Key, abi.Entry),
+    "xdpfw_any": (ctypes.c_uint32, abi.Entry),
+    "xdpfw_sets": (ctypes.c_uint32, abi.Set),
+    "xdpfw_rule_stats": (ctypes.c_uint32, abi.RuleStats),
+    "xdpfw_stats": (ctypes.c_uint32, abi.GlobalStats),
+    "xdpfw_config": (ctypes.c_uint32, abi.Config),
+}
+
+_U32 = ctypes.c_uint32
+_PROTO_BY_NUMBER = {p.number: p for p in Proto}
+
+
+@dataclass(frozen=True)
+class DatapathConfig:
+    bpffs_dir: Path = Path("/sys/fs/bpf/xdpfw")
+    caps: Capacities = field(default_factory=Capacities)
+
+
+@dataclass(frozen=True)
+class Attachment:
+    ifname: str
+    ifindex: int
+    mode: str  # "native" | "generic"
+    prog_id: int
+
+
+@dataclass(frozen=True)
+class RuleCounters:
+    packets: int
+    bytes: int
+    last_hit: float | None  # Unix time of the last credited packet
+
+
+@dataclass(frozen=True)
+class GlobalCounters:
+    packets: int
+    passed: int
+    dropped: int
+    monitored: int
+    malformed: int
+    non_ip: int
+    fragments: int
+    bytes: int
+
+
+def _kernel(op: str, exc: OSError) -> KernelError:
+    return KernelError(op, exc.errno or 0, os.strerror(exc.errno or 0) + f" ({exc})")
+
+
+def _encode_key(key: TableKey) -> bytes:
+    if key.table is Table.ANY:
+        return struct.pack("=I", 0)
+    if key.table in LPM_TABLES:
+        return struct.pack("=I", key.plen) + key.addr
+    return key.addr
+
+
+def _decode_key(table: Table, raw: bytes) -> TableKey:
+    if table is Table.ANY:
+        return TableKey(Table.ANY)
+    if table in LPM_TABLES:
+        (plen,) = struct.unpack_from("=I", raw)
+        return TableKey(table, bytes(raw[4:]), plen)
+    return TableKey(table, bytes(raw), len(raw) * 8)
+
+
+def _slot(rule: Rule) -> abi.Slot:
+    s = abi.Slot()
+    s.rank = rule.rank()
+    s.rule_id = rule.id
+    s.verdict = rule.verdict
+    s.proto = rule.proto.number if rule.proto is not None else 0
+    if rule.dport is not None:
+        s.has_ports = 1
+        s.port_lo = rule.dport.lo
+        s.port_hi = rule.dport.hi
+    return s
+
+
+def _rule_from_slot(key: TableKey, s: abi.Slot) -> Rule | None:
+    """The rule a slot stands for, if the slot is the key's own (not inherited)."""
+    src_len = (s.rank >> 54) & 0xFF
+    dst_len = (s.rank >> 46) & 0xFF
+    is_src = key.table in (Table.SRC4, Table.SRC6, Table.SRC4_LPM, Table.SRC6_LPM)
+    net = key.network
+    if net is None:
+        if src_len or dst_len:
+            return None
+    elif (is_src and src_len != key.plen) or (not is_src and dst_len != key.plen):
+        return None
+    action = Action.ALLOW if s.verdict == abi.VERDICT_ALLOW else Action.DROP
+    mode = Mode.MONITOR if s.verdict == abi.VERDICT_MONITOR else Mode.ENFORCE
+    return Rule(
+        id=s.rule_id,
+        action=action,
+        mode=mode,
+        src=net if is_src else None,
+        dst=None if is_src else net,
+        proto=_PROTO_BY_NUMBER.get(s.proto) if s.proto else None,
+        dport=PortRange(s.port_lo, s.port_hi) if s.has_ports else None,
+    )
+
+
+def _boot_offset() -> float:
+    """Unix time minus CLOCK_BOOTTIME, to turn bpf_ktime_get_boot_ns() into wall time."""
+    return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+class Datapath:
+    """The loaded (or adopted) program, its maps and the rules compiled into them."""
+
+    def __init__(
+        self,
+        cfg: DatapathConfig,
+        prog_fd: int,
+        maps: dict[str, bpfsys.Map[Any, Any]],
+        caps: Capacities,
+        adopted: bool,
+    ) -> None:
+        self.cfg = cfg
+        self.caps = caps
+        self.adopted = adopted
+        self._prog_fd = prog_fd
+        self._maps = maps
+        self._lock = threading.RLock()
+        self.prog_id = bpfsys.prog_info(prog_fd).id
+        self.compiler = RuleCompiler(caps)
+        self._set_of: dict[TableKey, int] = {}
+        self._next_set = 1
+        self._free_sets: deque[tuple[int, float]] = deque()
+        self._closed = False
+
+    # -- opening -------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, cfg: DatapathConfig | None = None) -> Datapath:
+        """Adopt the pinned program and maps in cfg.bpffs_dir, or load and pin a new one."""
+        cfg = cfg or DatapathConfig()
+        pin_dir = cfg.bpffs_dir
+        if (pin_dir / PROG_PIN).exists():
+            return cls._adopt(cfg)
+        leftovers = sorted(p.name for p in pin_dir.iterdir()) if pin_dir.is_dir() else []
+        if leftovers:
+            raise AbiMismatch(
+                f"{pin_dir} holds pins ({', '.join(leftovers)}) but no program pin: an earlier "
+                f"instance was cleaned up half way. Remove them (`rm -r {pin_dir}`) and start again."
+            )
+        return cls._load(cfg)
+
+    @classmethod
+    def _load(cls, cfg: DatapathConfig) -> Datapath:
+        from xdpfw import loader  # bcc is only imported when a program must be compiled
+
+        _ensure_bpffs(cfg.bpffs_dir)
+        loaded = loader.load(cfg.caps)
+        maps: dict[str, bpfsys.Map[Any, Any]] = {}
+        pinned: list[Path] = []
+        try:
+            for name, fd in loaded.map_fds.items():
+                key_t, val_t = _MAP_TYPES[name]
+                maps[name] = bpfsys.Map(fd, name, key_t, val_t)
+            conf = abi.Config()
+            conf.abi_version = abi.ABI_VERSION
+            conf.max_rules = cfg.caps.max_rules
+            conf.max_prefixes = cfg.caps.max_prefixes
+            conf.max_sets = cfg.caps.max_sets
+            maps["xdpfw_config"].update(_U32(0), conf)
+            cfg.bpffs_dir.mkdir(parents=True, exist_ok=True)
+            # Maps first, program last: the program pin marks a complete set.
+            for name, fd in loaded.map_fds.items():
+                bpfsys.obj_pin(fd, str(cfg.bpffs_dir / name))
+                pinned.append(cfg.bpffs_dir / name)
+            bpfsys.obj_pin(loaded.prog_fd, str(cfg.bpffs_dir / PROG_PIN))
+            pinned.append(cfg.bpffs_dir / PROG_PIN)
+        except OSError as exc:
+            for path in pinned:
+                path.unlink(missing_ok=True)
+            loaded.close()
+            raise _kernel(f"pinning under {cfg.bpffs_dir}", exc) from exc
+        return cls(cfg, loaded.prog_fd, maps, cfg.caps, adopted=False)
+
+    @classmethod
+    def _adopt(cls, cfg: DatapathConfig) -> Datapath:
+        pin_dir = cfg.bpffs_dir
+        how_to_fix = (
+            f"Export the rules you need, then either remove the old pins (`xdpfw detach "
+            f"--cleanup --bpffs-dir {pin_dir}`, or `rm -r {pin_dir}` after detaching the old "
+            f"program) or use another --bpffs-dir."
+        )
+        maps: dict[str, bpfsys.Map[Any, Any]] = {}
+        prog_fd = -1
+        try:
+            conf_fd = bpfsys.obj_get(str(pin_dir / "xdpfw_config"))
+            try:
+                info = bpfsys.map_info(conf_fd)
+                raw = _read_raw_config(conf_fd, info.value_size)
+            finally:
+                os.close(conf_fd)
+            version = struct.unpack_from("=I", raw)[0] if len(raw) >= 4 else -1
+            if version != abi.ABI_VERSION or info.value_size != ctypes.sizeof(abi.Config):
+                raise AbiMismatch(
+                    f"pinned maps under {pin_dir} were made by xdpfw ABI version {version}; "
+                    f"this build speaks ABI version {abi.ABI_VERSION} and will not reuse them. "
+                    + how_to_fix
+                )
+            for name, (key_t, val_t) in _MAP_TYPES.items():
+                try:
+                    maps[name] = bpfsys.Map.from_pin(str(pin_dir / name), key_t, val_t, name)
+                except ValueError as exc:
+                    raise AbiMismatch(f"pinned map {name} has another layout: {exc}. "
+                                      + how_to_fix) from exc
+            prog_fd = bpfsys.obj_get(str(pin_dir / PROG_PIN))
+        except OSError as exc:
+            for m in maps.values():
+                m.close()
+            if exc.errno == errno.ENOENT:
+                raise AbiMismatch(
+                    f"incomplete pins under {pin_dir}: {exc}. " + how_to_fix
+                ) from exc
+            raise _kernel(f"opening pins under {pin_dir}", exc) from exc
+        except BaseException:
+            for m in maps.values():
+                m.close()
+            raise
+        conf = maps["xdpfw_config"].lookup(_U32(0))
+        assert conf is not None
+        caps = Capacities(conf.max_rules, conf.max_prefixes, conf.max_sets)
+        dp = cls(cfg, prog_fd, maps, caps, adopted=True)
+        dp._rebuild_from_maps()
+        return dp
+
+    def _rebuild_from_maps(self) -> None:
+        """Read the rules back from the lookup tables and recompute the derived state."""
+        rules: dict[int, Rule] = {}
+        used_sets: set[int] = set()
+        for table in Table:
+            if table is Table.MAX:
+                continue
+            m = self._maps[table.map_name]
+            for raw_key, entry in m.items():
+                key = _decode_key(table, bytes(raw_key))
+                slots = [entry.first]
+                if entry.set_id:
+                    self._set_of[key] = entry.set_id
+                    used_sets.add(entry.set_id)
+                    st = self._maps["xdpfw_sets"].lookup(_U32(entry.set_id))
+                    if st is not None:
+                        slots.extend(s for s in st.slot if s.rank)
+                for s in slots:
+                    rule = _rule_from_slot(key, s)
+                    if rule is not None:
+                        rules[rule.id] = rule
+        plan = self.compiler.plan_add(sorted(rules.values(), key=lambda r: r.id))
+        self.compiler.commit(plan)
+        self._next_set = max(used_sets, default=0) + 1
+        now = time.monotonic() - SET_QUARANTINE_S
+        self._free_sets.extend(
+            (i, now) for i in range(1, self._next_set) if i not in used_sets
+        )
+
+    # -- lifetime ------------------------------------------------------------------------------
+
+    def __enter__(self) -> Datapath:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close(cleanup=True)
+
+    def close(self, cleanup: bool = False) -> None:
+        """Release fds. With cleanup, also detach everywhere we are attached and unpin."""
+        if self._closed:
+            return
+        try:
+            if cleanup:
+                for att in self.attachments():
+                    self.detach(att.ifname)
+                for name in (PROG_PIN, *self._maps):
+                    (self.cfg.bpffs_dir / name).unlink(missing_ok=True)
+                try:
+                    self.cfg.bpffs_dir.rmdir()
+                except OSError:
+                    pass
+        finally:
+            self._closed = True
+            for m in self._maps.values():
+                m.close()
+            os.close(self._prog_fd)
+
+    @property
+    def prog_fd(self) -> int:
+        return self._prog_fd
+
+    # -- attachment ----------------------------------------------------------------------------
+
+    def attach(self, ifname: str, mode: str = "auto") -> Attachment:
+        """Attach to ifname (native where possible in auto mode). Idempotent for our program."""
+        if mode not in ("auto", "native", "generic"):
+            raise ValueError(f"mode must be auto, native or generic, not {mode!r}")
+        with self._lock:
+            try:
+                state = netlink.xdp_state(ifname)
+                if state.prog_id and state.prog_id != self.prog_id:
+                    raise ForeignProgram(ifname, state.prog_id, _prog_name(state.prog_id))
+                if state.prog_id == self.prog_id:
+                    return Attachment(ifname, state.ifindex, state.mode, state.prog_id)
+                state = netlink.xdp_attach(ifname, self._prog_fd, mode)
+            except netlink.NetlinkOpError as exc:
+                if exc.errno == errno.EBUSY:
+                    cur = netlink.xdp_state(ifname)
+                    raise ForeignProgram(ifname, cur.prog_id, _prog_name(cur.prog_id)) from exc
+                raise KernelError(f"attach XDP to {ifname}", exc.errno, str(exc)) from exc
+            return Attachment(ifname, state.ifindex, state.mode, state.prog_id)
+
+    def detach(self, ifname: str) -> None:
+        """Detach our program from ifname; never touches a program we did not attach."""
+        with self._lock:
+            try:
+                state = netlink.xdp_state(ifname)
+                if state.prog_id == 0:
+                    return
+                if state.prog_id != self.prog_id:
+                    raise ForeignProgram(ifname, state.prog_id, _prog_name(state.prog_id))
+                netlink.xdp_detach(ifname, state.mode, expected_prog_id=self.prog_id)
+            except netlink.NetlinkOpError as exc:
+                raise KernelError(f"detach XDP from {ifname}", exc.errno, str(exc)) from exc
+
+    def attachments(self) -> list[Attachment]:
+        """Interfaces (root namespace) where our program is attached."""
+        return [
+            Attachment(s.ifname, s.ifindex, s.mode, s.prog_id)
+            for s in netlink.xdp_find(self.prog_id)
+        ]
+
+    # -- rules ---------------------------------------------------------------------------------
+
+    def rules(self) -> list[Rule]:
+        with self._lock:
+            return sorted(self.compiler.rules.values(), key=lambda r: r.id)
+
+    def get_rule(self, rule_id: int) -> Rule:
+        rule = self.compiler.rules.get(rule_id)
+        if rule is None:
+            raise RuleNotFound(rule_id)
+        return rule
+
+    def add_rule(self, rule: Rule) -> None:
+        self.add_rules([rule])
+
+    def add_rules(self, rules: Sequence[Rule]) -> None:
+        """Add rules, all or nothing. In the maps when this returns."""
+        with self._lock:
+            plan = self.compiler.plan_add(rules)
+            self._apply(plan)
+
+    def remove_rule(self, rule_id: int) -> Rule:
+        return self.remove_rules([rule_id])[0]
+
+    def remove_rules(self, rule_ids: Iterable[int]) -> list[Rule]:
+        with self._lock:
+            plan = self.compiler.plan_remove(rule_ids)
+            self._apply(plan)
+            return plan.removed
+
+    def _apply(self, plan: Plan) -> None:
+        stats = self._maps["xdpfw_rule_stats"]
+        zero = abi.RuleStats()
+        old_entries = {k: self.compiler.compiled(k) for k in plan.entries}
+        old_sets = {k: self._set_of.get(k, 0) for k in plan.entries}
+        new_sets: dict[TableKey, int] = {}
+        created_stats: list[int] = []
+        try:
+            if plan.added:
+                ids = [ctypes.c_uint32(r.id) for r in plan.added]
+                stats.update_batch(ids, [zero] * len(ids))
+                created_stats = [r.id for r in plan.added]
+            self._write_entries(plan.entries, new_sets)
+            self.compiler.commit(plan)
+        except OSError as exc:
+            self._rollback(old_entries, old_sets, new_sets, created_stats)
+            if exc.errno in (errno.E2BIG, errno.ENOSPC, errno.ENOMEM):
+                raise CapacityExceeded(
+                    "a kernel map", self.caps.max_rules, f"the kernel said: {exc}"
+                ) from exc
+            raise _kernel("updating rule maps", exc) from exc
+        # Committed: publish the counts, then retire what is no longer referenced.
+        for key in plan.entries:
+            old = old_sets.get(key, 0)
+            if key in new_sets:
+                self._set_of[key] = new_sets[key]
+            elif not plan.entries[key] or len(plan.entries[key]) == 1:
+                self._set_of.pop(key, None)
+            if old and self._set_of.get(key) != old:
+                self._release_set(old)
+        self._write_config()
+        if plan.removed:
+            ids = [ctypes.c_uint32(r.id) for r in plan.removed]
+            try:
+                stats.delete_batch(ids)
+            except OSError as exc:
+                raise _kernel("deleting rule counters", exc) from exc
+
+    def _write_entries(
+        self, entries: dict[TableKey, tuple[Rule, ...]], new_sets: dict[TableKey, int]
+    ) -> None:
+        sets = self._maps["xdpfw_sets"]
+        updates: dict[Table, tuple[list[bytes], list[abi.Entry]]] = {}
+        deletes: dict[Table, list[bytes]] = {}
+        for key, slots in entries.items():
+            if not slots:
+                deletes.setdefault(key.table, []).append(_encode_key(key))
+                continue
+            entry = abi.Entry()
+            entry.first = _slot(slots[0])
+            if len(slots) > 1:
+                set_id = self._alloc_set()
+                new_sets[key] = set_id
+                st = abi.Set()
+                for i, rule in enumerate(slots[1:]):
+                    st.slot[i] = _slot(rule)
+                sets.update(_U32(set_id), st)
+                entry.set_id = set_id
+            ks, vs = updates.setdefault(key.table, ([], []))
+            ks.append(_encode_key(key))
+            vs.append(entry)
+        for table, (ks, vs) in updates.items():
+            self._maps[table.map_name].update_batch(ks, vs)
+        for table, dks in deletes.items():
+            self._maps[table.map_name].delete_batch(dks)
+
+    def _rollback(
+        self,
+        old_entries: dict[TableKey, tuple[Rule, ...]],
+        old_sets: dict[TableKey, int],
+        new_sets: dict[TableKey, int],
+        created_stats: list[int],
+    ) -> None:
+        """Best effort: put back the entries a failed change may have touched."""
+        for key, slots in old_entries.items():
+            m = self._maps[key.table.map_name]
+            try:
+                if slots:
+                    entry = abi.Entry()
+                    entry.first = _slot(slots[0])
+                    entry.set_id = old_sets.get(key, 0)
+                    m.update(_encode_key(key), entry)
+                else:
+                    m.delete(_encode_key(key))
+            except OSError:
+                pass
+        for set_id in new_sets.values():
+            self._release_set(set_id)
+        for rid in created_stats:
+            try:
+                self._maps["xdpfw_rule_stats"].delete(ctypes.c_uint32(rid))
+            except OSError:
+                pass
+
+    def _alloc_set(self) -> int:
+        if self._free_sets and time.monotonic() - self._free_sets[0][1] >= SET_QUARANTINE_S:
+            return self._free_sets.popleft()[0]
+        if self._next_set < self.caps.max_sets:
+            self._next_set += 1
+            return self._next_set - 1
+        if self._free_sets:  # every set is in use or quarantined: wait out the quarantine
+            set_id, freed = self._free_sets.popleft()
+            time.sleep(max(0.0, SET_QUARANTINE_S - (time.monotonic() - freed)))
+            return set_id
+        raise CapacityExceeded("xdpfw_sets", self.caps.max_sets - 1, "raise --max-sets")
+
+    def _release_set(self, set_id: int) -> None:
+        self._free_sets.append((set_id, time.monotonic()))
+
+    def _write_config(self) -> None:
+        conf = abi.Config()
+        conf.abi_version = abi.ABI_VERSION
+        for i, n in enumerate(self.compiler.table_counts()):
+            conf.n_entries[i] = n
+        conf.max_rules = self.caps.max_rules
+        conf.max_prefixes = self.caps.max_prefixes
+        conf.max_sets = self.caps.max_sets
+        try:
+            self._maps["xdpfw_config"].update(_U32(0), conf)
+        except OSError as exc:
+            raise _kernel("writing xdpfw_config", exc) from exc
+
+    # -- counters ------------------------------------------------------------------------------
+
+    def rule_counters(self, rule_ids: Iterable[int] | None = None) -> dict[int, RuleCounters]:
+        """Per-rule counters summed over CPUs (last hit: the latest over CPUs)."""
+        stats = self._maps["xdpfw_rule_stats"]
+        offset = _boot_offset()
+        out: dict[int, RuleCounters] = {}
+        if rule_ids is None:
+            items: Iterable[tuple[Any, list[abi.RuleStats]]] = stats.items_percpu()
+        else:
+            items = (
+                (rid, per_cpu)
+                for rid in rule_ids
+                if (per_cpu := stats.lookup_percpu(ctypes.c_uint32(rid))) is not None
+            )
+        for key, per_cpu in items:
+            rid = key if isinstance(key, int) else int(key.value)
+            last = max(c.last_hit_ns for c in per_cpu)
+            out[rid] = RuleCounters(
+                packets=sum(c.packets for c in per_cpu),
+                bytes=sum(c.bytes for c in per_cpu),
+                last_hit=offset + last / 1e9 if last else None,
+            )
+        return out
+
+    def global_counters(self) -> GlobalCounters:
+        per_cpu = self._maps["xdpfw_stats"].lookup_percpu(_U32(0)) or []
+        tot = [sum(c.counter[i] for c in per_cpu) for i in range(abi.Stat.MAX)]
+        return GlobalCounters(
+            packets=tot[abi.Stat.PACKETS],
+            passed=tot[abi.Stat.PASSED],
+            dropped=tot[abi.Stat.DROPPED],
+            monitored=tot[abi.Stat.MONITORED],
+            malformed=tot[abi.Stat.MALFORMED],
+            non_ip=tot[abi.Stat.NON_IP],
+            fragments=tot[abi.Stat.FRAGMENTS],
+            bytes=tot[abi.Stat.BYTES],
+        )
+
+    def table_usage(self) -> dict[str, tuple[int, int]]:
+        """(entries, capacity) per lookup table, plus rules and sets."""
+        counts = self.compiler.table_counts()
+        usage = {
+            t.map_name: (counts[t], self.caps.limit(t)) for t in Table if t is not Table.MAX
+        }
+        usage["rules"] = (len(self.compiler), self.caps.max_rules)
+        usage["xdpfw_sets"] = (self.compiler.n_sets, self.caps.max_sets - 1)
+        return usage
+
+    def map(self, name: str) -> bpfsys.Map[Any, Any]:
+        """A map by name (tests and diagnostics)."""
+        return self._maps[name]
+
+
+def _read_raw_config(fd: int, value_size: int) -> bytes:
+    m: bpfsys.Map[Any, Any] = bpfsys.Map(
+        os.dup(fd), "xdpfw_config", ctypes.c_uint32, ctypes.c_uint8 * value_size
+    )
+    try:
+        val = m.lookup(_U32(0))
+        return bytes(val) if val is not None else b""
+    finally:
+        m.close()
+
+
+def _prog_name(prog_id: int) -> str:
+    try:
+        fd = bpfsys.prog_get_fd_by_id(prog_id)
+    except OSError:
+        return ""
+    try:
+        return bpfsys.prog_info(fd).name
+    finally:
+        os.close(fd)
+
+
+def _ensure_bpffs(path: Path) -> None:
+    """The pin directory must be on a bpf filesystem."""
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if os.statvfs(probe).f_fsid == 0:
+        pass
+    with open("/proc/mounts") as fh:
+        mounts = [line.split()[1:3] for line in fh]
+    best = max((m for m in mounts if str(probe).startswith(m[0])), key=lambda m: len(m[0]))
+    if best[1] != "bpf":
+        raise DatapathError(
+            f"{path} is not on a bpf filesystem (it is on {best[0]}, type {best[1]}). Mount one: "
+            f"`mount -t bpf bpf /sys/fs/bpf` (make setup does this), or pick --bpffs-dir on bpffs."
+        )
+
+
+__all__ += ["EXACT_TABLES"]

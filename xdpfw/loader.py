@@ -1,0 +1,134 @@
+"""The only module that imports bcc: compile bpf/xdp_filter.c, load it, hand back file descriptors.
+
+bcc compiles the C source at run time with the kernel headers that xdpfw.kheaders finds (or
+builds). Capacities reach the C code as validated integer -D flags; nothing a user typed is ever
+spliced into the source. The loader duplicates the program and map file descriptors it needs and
+then releases bcc's module, so the rest of xdpfw works with plain fds (xdpfw.bpfsys) whether the
+program was just loaded or adopted from pins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import io
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from xdpfw import abi
+from xdpfw.compiler import Capacities
+from xdpfw.errors import CompileError, HeadersMissing
+from xdpfw.kheaders import KernelHeadersMissing, ensure_kernel_headers
+
+__all__ = ["MAP_NAMES", "LoadedProgram", "cflags", "compile_types", "load"]
+
+MAP_NAMES = (
+    *(t.map_name for t in abi.Table if t is not abi.Table.MAX),
+    "xdpfw_sets",
+    "xdpfw_rule_stats",
+    "xdpfw_stats",
+    "xdpfw_config",
+)
+
+
+@dataclass
+class LoadedProgram:
+    """Owned file descriptors of a freshly loaded program and its maps."""
+
+    prog_fd: int
+    map_fds: dict[str, int]
+
+    def close(self) -> None:
+        for fd in (self.prog_fd, *self.map_fds.values()):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def cflags(caps: Capacities) -> list[str]:
+    for name, value in (
+        ("max_rules", caps.max_rules),
+        ("max_prefixes", caps.max_prefixes),
+        ("max_sets", caps.max_sets),
+    ):
+        if not isinstance(value, int) or not 1 <= value <= 1 << 26:
+            raise ValueError(f"{name} must be an integer between 1 and {1 << 26}, got {value!r}")
+    if caps.max_sets < 2:
+        raise ValueError("max_sets must be at least 2 (set 0 is reserved)")
+    return [
+        f"-I{abi.BPF_DIR}",
+        f"-DXDPFW_MAX_RULES={caps.max_rules}",
+        f"-DXDPFW_MAX_PREFIXES={caps.max_prefixes}",
+        f"-DXDPFW_MAX_SETS={caps.max_sets}",
+        "-Wno-unused-function",
+    ]
+
+
+@contextlib.contextmanager
+def _bcc_module(caps: Capacities) -> Iterator[object]:
+    try:
+        ensure_kernel_headers()
+    except KernelHeadersMissing as exc:
+        raise HeadersMissing(str(exc)) from exc
+    from bcc import BPF  # the one import of bcc in xdpfw
+
+    # bcc prints compiler diagnostics on stderr; keep them for the error message.
+    captured = io.StringIO()
+    try:
+        with _capture_fd2(captured):
+            module = BPF(src_file=str(abi.PROGRAM).encode(), cflags=cflags(caps))
+    except Exception as exc:
+        raise CompileError(
+            f"bcc could not compile {abi.PROGRAM}: {exc}\n{captured.getvalue()[-4000:]}"
+        ) from exc
+    try:
+        yield module
+    finally:
+        module.cleanup()
+
+
+@contextlib.contextmanager
+def _capture_fd2(sink: io.StringIO) -> Iterator[None]:
+    """Collect what the C++ side of bcc writes to fd 2 (compiler diagnostics)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            sink.write(tmp.read().decode(errors="replace"))
+
+
+def load(caps: Capacities) -> LoadedProgram:
+    """Compile, verify and load the program; return duplicated fds of it and all its maps."""
+    with _bcc_module(caps) as module:
+        bpf = module
+        try:
+            fn = bpf.load_func(abi.PROG_NAME, bpf.XDP)  # type: ignore[attr-defined]
+        except Exception as exc:
+            raise CompileError(f"the kernel refused {abi.PROG_NAME}: {exc}") from exc
+        prog_fd = os.dup(fn.fd)
+        map_fds: dict[str, int] = {}
+        try:
+            for name in MAP_NAMES:
+                map_fds[name] = os.dup(bpf[name.encode()].map_fd)  # type: ignore[index]
+        except Exception:
+            LoadedProgram(prog_fd, map_fds).close()
+            raise
+        return LoadedProgram(prog_fd, map_fds)
+
+
+def compile_types(caps: Capacities) -> dict[str, tuple[type[ctypes._CData], type[ctypes._CData]]]:
+    """bcc's generated (Key, Leaf) ctypes per map, for the ABI mirror test."""
+    with _bcc_module(caps) as module:
+        out: dict[str, tuple[type[ctypes._CData], type[ctypes._CData]]] = {}
+        for name in MAP_NAMES:
+            table = module[name.encode()]  # type: ignore[index]
+            out[name] = (table.Key, table.Leaf)
+        return out
