@@ -255,8 +255,8 @@ class RuleCompiler:
                     table.map_name, self.caps.limit(table), "raise the capacity at load time"
                 )
         sets = self._n_sets
-        for key, slots in plan.entries.items():
-            sets += (len(slots) > 1) - (len(self._compiled.get(key, ())) > 1)
+        for key, new in plan.entries.items():
+            sets += (len(new) > 1) - (len(self._compiled.get(key, ())) > 1)
         if sets > self.caps.max_sets - 1:
             raise CapacityExceeded(
                 "xdpfw_sets (entries holding more than one rule)",

@@ -14,6 +14,7 @@ the maps when the call returns.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -42,6 +43,7 @@ from xdpfw.errors import (
     CapacityExceeded,
     DatapathError,
     ForeignProgram,
+    InterfaceNotFound,
     KernelError,
     RuleNotFound,
 )
@@ -211,7 +213,8 @@ class Datapath:
         if leftovers:
             raise AbiMismatch(
                 f"{pin_dir} holds pins ({', '.join(leftovers)}) but no program pin: an earlier "
-                f"instance was cleaned up half way. Remove them (`rm -r {pin_dir}`) and start again."
+                f"instance was cleaned up half way. Remove them (`rm -r {pin_dir}`) and start "
+                "again."
             )
         return cls._load(cfg)
 
@@ -349,10 +352,8 @@ class Datapath:
                     self.detach(att.ifname)
                 for name in (PROG_PIN, *self._maps):
                     (self.cfg.bpffs_dir / name).unlink(missing_ok=True)
-                try:
+                with contextlib.suppress(OSError):
                     self.cfg.bpffs_dir.rmdir()
-                except OSError:
-                    pass
         finally:
             self._closed = True
             for m in self._maps.values():
@@ -378,6 +379,8 @@ class Datapath:
                     return Attachment(ifname, state.ifindex, state.mode, state.prog_id)
                 state = netlink.xdp_attach(ifname, self._prog_fd, mode)
             except netlink.NetlinkOpError as exc:
+                if exc.errno == errno.ENODEV:
+                    raise InterfaceNotFound(ifname) from exc
                 if exc.errno == errno.EBUSY:
                     cur = netlink.xdp_state(ifname)
                     raise ForeignProgram(ifname, cur.prog_id, _prog_name(cur.prog_id)) from exc
@@ -395,6 +398,8 @@ class Datapath:
                     raise ForeignProgram(ifname, state.prog_id, _prog_name(state.prog_id))
                 netlink.xdp_detach(ifname, state.mode, expected_prog_id=self.prog_id)
             except netlink.NetlinkOpError as exc:
+                if exc.errno == errno.ENODEV:
+                    raise InterfaceNotFound(ifname) from exc
                 raise KernelError(f"detach XDP from {ifname}", exc.errno, str(exc)) from exc
 
     def attachments(self) -> list[Attachment]:
@@ -523,10 +528,8 @@ class Datapath:
         for set_id in new_sets.values():
             self._release_set(set_id)
         for rid in created_stats:
-            try:
+            with contextlib.suppress(OSError):
                 self._maps["xdpfw_rule_stats"].delete(ctypes.c_uint32(rid))
-            except OSError:
-                pass
 
     def _alloc_set(self) -> int:
         if self._free_sets and time.monotonic() - self._free_sets[0][1] >= SET_QUARANTINE_S:

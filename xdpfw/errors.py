@@ -3,6 +3,7 @@
     XdpfwError                      base; never raised itself
     ├── InvalidRule                 a rule or request field is wrong     (HTTP 422)
     ├── RuleNotFound                no rule with that id                 (HTTP 404)
+    ├── InterfaceNotFound           no such interface / not attached      (HTTP 404)
     ├── RuleConflict                duplicate / protected prefix          (HTTP 409)
     ├── CapacityExceeded            a map or rule set is full             (HTTP 507)
     └── DatapathError               the kernel side failed               (HTTP 500/503)
@@ -25,6 +26,7 @@ __all__ = [
     "DatapathError",
     "ForeignProgram",
     "HeadersMissing",
+    "InterfaceNotFound",
     "InvalidRule",
     "KernelError",
     "RuleConflict",
@@ -50,6 +52,12 @@ class RuleNotFound(XdpfwError):
     def __init__(self, rule_id: int) -> None:
         super().__init__(f"no rule with id {rule_id}")
         self.rule_id = rule_id
+
+
+class InterfaceNotFound(XdpfwError):
+    def __init__(self, ifname: str, detail: str = "no such network interface") -> None:
+        super().__init__(f"{ifname}: {detail}")
+        self.ifname = ifname
 
 
 class RuleConflict(XdpfwError):

@@ -119,7 +119,9 @@ def parse_port_range(value: int | str | PortRange, field: str = "dport") -> Port
         text = value.strip()
         parts = text.split("-")
         if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
-            raise InvalidRule(field, f"{text!r} is not a port or a range lo-hi (e.g. 22, 1000-2000)")
+            raise InvalidRule(
+                field, f"{text!r} is not a port or a range lo-hi (e.g. 22, 1000-2000)"
+            )
         lo = int(parts[0])
         hi = int(parts[-1])
     else:

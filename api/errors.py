@@ -1,0 +1,71 @@
+"""Domain errors -> HTTP status codes, in one table, registered once on the app.
+
+Routes raise xdpfw.errors exceptions and never build HTTPExceptions for them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from xdpfw import errors as e
+
+__all__ = ["STATUS", "install_error_handlers"]
+
+log = logging.getLogger("xdpfw.api")
+
+# Most specific class first; the first isinstance match wins.
+STATUS: list[tuple[type[e.XdpfwError], int]] = [
+    (e.InvalidRule, 422),
+    (e.RuleNotFound, 404),
+    (e.InterfaceNotFound, 404),
+    (e.RuleConflict, 409),
+    (e.ForeignProgram, 409),
+    (e.CapacityExceeded, 507),
+    (e.KernelError, 500),
+    (e.DatapathError, 503),
+    (e.XdpfwError, 500),
+]
+
+
+def status_of(exc: e.XdpfwError) -> int:
+    for cls, code in STATUS:
+        if isinstance(exc, cls):
+            return code
+    return 500
+
+
+def _body(exc: e.XdpfwError) -> dict[str, object]:
+    if isinstance(exc, e.InvalidRule):
+        # The same shape FastAPI uses for its own validation errors.
+        return {
+            "detail": [
+                {"loc": ["body", exc.field], "msg": exc.problem, "type": "value_error"}
+            ]
+        }
+    body: dict[str, object] = {"detail": str(exc), "error": type(exc).__name__}
+    if isinstance(exc, e.KernelError):
+        body["errno"] = exc.errno
+        body["hint"] = (
+            "the kernel refused a map or netlink update; check `dmesg`, the service log and "
+            "`xdpfw status`; retrying is safe (nothing was half applied)"
+        )
+    if isinstance(exc, e.CapacityExceeded):
+        body["limit"] = exc.limit
+    if isinstance(exc, e.RuleConflict) and exc.existing_id is not None:
+        body["existing_id"] = exc.existing_id
+    return body
+
+
+async def _handle(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, e.XdpfwError)
+    code = status_of(exc)
+    if code >= 500:
+        log.error("%s %s -> %d: %s", request.method, request.url.path, code, exc)
+    return JSONResponse(_body(exc), status_code=code)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(e.XdpfwError, _handle)

@@ -1,0 +1,178 @@
+"""Request and response bodies of the REST API (pydantic). Shapes are the API contract."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.store import StoredRule
+from xdpfw.datapath import Attachment, GlobalCounters, RuleCounters
+from xdpfw.rules import RuleSpec
+
+__all__ = [
+    "BulkOut",
+    "HealthOut",
+    "InterfaceIn",
+    "InterfaceOut",
+    "RuleCountersOut",
+    "RuleIn",
+    "RuleOut",
+    "RulePage",
+    "StatsOut",
+    "TotalsOut",
+    "iso",
+]
+
+MAX_TTL = 10 * 365 * 86400
+
+
+def iso(ts: float | None) -> str | None:
+    """Unix time -> ISO 8601 UTC with a Z, to the millisecond."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class RuleIn(BaseModel):
+    """A rule to add. At least one of src, dst, proto, dport."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"src": "198.18.7.0/24", "comment": "abuse ticket 4711", "ttl_seconds": 3600},
+                {"action": "allow", "src": "198.18.7.9", "proto": "tcp", "dport": "22"},
+                {"mode": "monitor", "proto": "udp", "dport": "1000-2000"},
+            ]
+        },
+    )
+
+    action: Literal["drop", "allow"] = "drop"
+    mode: Literal["enforce", "monitor"] = "enforce"
+    src: str | None = Field(default=None, max_length=64, description="CIDR or bare address")
+    dst: str | None = Field(default=None, max_length=64, description="CIDR or bare address")
+    proto: Literal["tcp", "udp", "icmp", "icmpv6"] | None = None
+    dport: int | str | None = Field(default=None, description='22 or "1000-2000" (tcp/udp)')
+    comment: str = Field(default="", max_length=256)
+    ttl_seconds: int | None = Field(default=None, ge=1, le=MAX_TTL)
+
+    def spec(self) -> RuleSpec:
+        return RuleSpec.parse(
+            action=self.action,
+            mode=self.mode,
+            src=self.src,
+            dst=self.dst,
+            proto=self.proto,
+            dport=self.dport,
+        )
+
+
+class RuleCountersOut(BaseModel):
+    packets: int
+    bytes: int
+    last_hit: str | None
+
+    @classmethod
+    def of(cls, c: RuleCounters | None) -> RuleCountersOut:
+        if c is None:
+            return cls(packets=0, bytes=0, last_hit=None)
+        return cls(packets=c.packets, bytes=c.bytes, last_hit=iso(c.last_hit))
+
+
+class RuleOut(BaseModel):
+    id: int
+    action: str
+    mode: str
+    src: str | None
+    dst: str | None
+    proto: str | None
+    dport: str | None
+    comment: str
+    created_at: str
+    expires_at: str | None
+    counters: RuleCountersOut | None = None
+
+    @classmethod
+    def of(cls, s: StoredRule, counters: RuleCounters | None = None, *, with_counters: bool = False
+           ) -> RuleOut:
+        r = s.rule
+        return cls(
+            id=r.id,
+            action=r.action.value,
+            mode=r.mode.value,
+            src=r.src.with_prefixlen if r.src is not None else None,
+            dst=r.dst.with_prefixlen if r.dst is not None else None,
+            proto=r.proto.value if r.proto is not None else None,
+            dport=str(r.dport) if r.dport is not None else None,
+            comment=s.comment,
+            created_at=iso(s.created_at) or "",
+            expires_at=iso(s.expires_at),
+            counters=RuleCountersOut.of(counters) if with_counters else None,
+        )
+
+
+class RulePage(BaseModel):
+    rules: list[RuleOut]
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null at end")
+
+
+class BulkOut(BaseModel):
+    added: int
+    duplicates: int
+    ids: list[int] = Field(description="ids of the added rules, in input order")
+    duplicate_ids: list[int] = Field(description="ids of existing identical rules that were kept")
+
+
+class TotalsOut(BaseModel):
+    packets: int
+    passed: int
+    dropped: int
+    monitored: int
+    malformed: int
+    non_ip: int
+    fragments: int
+    bytes: int
+
+    @classmethod
+    def of(cls, g: GlobalCounters) -> TotalsOut:
+        return cls(**g.__dict__)
+
+
+class RuleStatOut(BaseModel):
+    id: int
+    packets: int
+    bytes: int
+    last_hit: str | None
+
+
+class StatsOut(BaseModel):
+    totals: TotalsOut
+    rules: list[RuleStatOut]
+
+
+class InterfaceIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=15, pattern=r"^[A-Za-z0-9_.:@-]+$")
+    mode: Literal["auto", "native", "generic"] = "auto"
+
+
+class InterfaceOut(BaseModel):
+    name: str
+    attached: bool
+    mode: str = Field(description="native|generic when attached, else the requested mode")
+    prog_id: int
+    ifindex: int
+
+    @classmethod
+    def of(cls, a: Attachment) -> InterfaceOut:
+        return cls(name=a.ifname, attached=True, mode=a.mode, prog_id=a.prog_id, ifindex=a.ifindex)
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok", "degraded"]
+    prog_id: int
+    adopted: bool
+    rules: int
+    interfaces: list[InterfaceOut]

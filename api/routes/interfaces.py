@@ -1,0 +1,50 @@
+"""/v1/interfaces: list, attach, detach."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response, status
+
+from api.deps import ReadAccess, ServiceDep, WriteAccess
+from api.models import InterfaceIn, InterfaceOut
+
+__all__ = ["interface_states", "router"]
+
+router = APIRouter(prefix="/v1/interfaces", tags=["interfaces"])
+
+
+def interface_states(svc: ServiceDep) -> list[InterfaceOut]:
+    """Wanted interfaces (database) and actual attachments, merged."""
+    attached = {a.ifname: a for a in svc.dp.attachments()}
+    out = [InterfaceOut.of(a) for a in attached.values()]
+    for name, mode in sorted(svc.interfaces().items()):
+        if name not in attached:
+            out.append(InterfaceOut(name=name, attached=False, mode=mode, prog_id=0, ifindex=0))
+    return sorted(out, key=lambda i: i.name)
+
+
+@router.get("", response_model=list[InterfaceOut], dependencies=[ReadAccess])
+def list_interfaces(svc: ServiceDep) -> list[InterfaceOut]:
+    return interface_states(svc)
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=InterfaceOut,
+    dependencies=[WriteAccess],
+    responses={404: {"description": "no such interface"}, 409: {"description": "foreign XDP"}},
+)
+def attach(body: InterfaceIn, svc: ServiceDep) -> InterfaceOut:
+    """Attach the program (auto: native where the driver can, else generic)."""
+    return InterfaceOut.of(svc.attach(body.name, body.mode))
+
+
+@router.delete(
+    "/{name}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    dependencies=[WriteAccess],
+    responses={404: {"description": "not attached"}},
+)
+def detach(name: str, svc: ServiceDep) -> Response:
+    svc.detach(name)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -1,0 +1,191 @@
+"""/v1/rules: add, list, show, delete, bulk."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query, Request, Response, status
+
+from api.deps import ReadAccess, ServiceDep, WriteAccess
+from api.models import MAX_TTL, BulkOut, RuleIn, RuleOut, RulePage
+from api.service import NewRule
+from xdpfw.errors import InvalidRule
+from xdpfw.rules import RuleSpec
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/v1/rules", tags=["rules"])
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=RuleOut,
+    dependencies=[WriteAccess],
+    responses={
+        200: {"model": RuleOut, "description": "an identical rule already existed; returned as is"},
+        422: {"description": "invalid rule (field and problem named)"},
+        507: {"description": "a table is full"},
+    },
+)
+def add_rule(body: RuleIn, svc: ServiceDep, response: Response) -> RuleOut:
+    """Add a rule. It is in the kernel maps when this returns.
+
+    Adding a rule identical in match, action and mode to an existing one creates nothing and
+    answers **200** with the existing rule (so automation can repeat a call safely).
+    """
+    stored, created = svc.add(NewRule(body.spec(), body.comment, body.ttl_seconds))
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return RuleOut.of(stored)
+
+
+@router.get("", response_model=RulePage, dependencies=[ReadAccess])
+def list_rules(
+    svc: ServiceDep,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+    cursor: Annotated[str | None, Query(pattern=r"^\d{1,10}$")] = None,
+) -> RulePage:
+    """Rules in id order, `limit` at a time; follow `next_cursor` for the rest."""
+    after = int(cursor) if cursor else 0
+    page = svc.page(after, limit + 1)
+    more = len(page) > limit
+    page = page[:limit]
+    return RulePage(
+        rules=[RuleOut.of(s) for s in page],
+        next_cursor=str(page[-1].id) if more and page else None,
+    )
+
+
+@router.get("/{rule_id}", response_model=RuleOut, dependencies=[ReadAccess])
+def get_rule(rule_id: int, svc: ServiceDep) -> RuleOut:
+    """One rule with its counters."""
+    stored = svc.get(rule_id)
+    counters = svc.counters([rule_id]).get(rule_id)
+    return RuleOut.of(stored, counters, with_counters=True)
+
+
+@router.delete(
+    "/{rule_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    dependencies=[WriteAccess],
+    responses={404: {"description": "no rule with that id"}},
+)
+def delete_rule(rule_id: int, svc: ServiceDep) -> Response:
+    svc.remove([rule_id])
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+_BULK_EXAMPLE = "# blocklist\n198.18.7.0/24\n198.18.9.1\n2001:db8:bad::/48\n"
+
+
+@router.post(
+    "/bulk",
+    status_code=status.HTTP_201_CREATED,
+    response_model=BulkOut,
+    dependencies=[WriteAccess],
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "application/json": {
+                    "schema": {"type": "array", "items": {"$ref": "#/components/schemas/RuleIn"}}
+                },
+                "text/plain": {"schema": {"type": "string"}, "example": _BULK_EXAMPLE},
+            },
+            "required": True,
+        }
+    },
+)
+async def bulk_add(
+    request: Request,
+    svc: ServiceDep,
+    action: Literal["drop", "allow"] = "drop",
+    mode: Literal["enforce", "monitor"] = "enforce",
+    comment: Annotated[str, Query(max_length=256)] = "",
+    ttl_seconds: Annotated[int | None, Query(ge=1, le=MAX_TTL)] = None,
+) -> BulkOut:
+    """Many rules in one call, all or nothing.
+
+    Either a JSON array of rule bodies, or `text/plain` with one address/CIDR per line
+    (`#` comments and blank lines ignored; `action`, `mode`, `comment`, `ttl_seconds` from the
+    query). One bad line or element -> 422 naming every bad line, and nothing changes.
+    Rules identical to existing ones are skipped and reported in `duplicate_ids`.
+    """
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    raw = await request.body()
+    if ctype == "text/plain":
+        items = _parse_lines(raw, action, mode, comment, ttl_seconds)
+    else:
+        items = _parse_json(raw)
+    from starlette.concurrency import run_in_threadpool
+
+    result = await run_in_threadpool(svc.bulk_add, items)
+    return BulkOut(
+        added=len(result.added),
+        duplicates=len(result.duplicates),
+        ids=[s.id for s in result.added],
+        duplicate_ids=result.duplicates,
+    )
+
+
+def _parse_lines(
+    raw: bytes, action: str, mode: str, comment: str, ttl: int | None
+) -> list[NewRule]:
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError as exc:
+        raise InvalidRule("body", f"not UTF-8 text: {exc}") from exc
+    items: list[NewRule] = []
+    bad: list[tuple[int, str]] = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        entry = line.split("#", 1)[0].strip()
+        if not entry:
+            continue
+        try:
+            spec = RuleSpec.parse(action=action, mode=mode, src=entry)
+        except InvalidRule as exc:
+            bad.append((lineno, exc.problem))
+            continue
+        items.append(NewRule(spec, comment, ttl))
+    if bad:
+        raise InvalidRule("body", _bad_summary("line", bad))
+    if not items:
+        raise InvalidRule("body", "no addresses in the body")
+    return items
+
+
+def _parse_json(raw: bytes) -> list[NewRule]:
+    import json
+
+    from pydantic import ValidationError
+
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise InvalidRule("body", f"not JSON: {exc}") from exc
+    if not isinstance(data, list) or not data:
+        raise InvalidRule("body", "expected a non-empty JSON array of rules (or text/plain)")
+    items: list[NewRule] = []
+    bad: list[tuple[int, str]] = []
+    for i, obj in enumerate(data):
+        try:
+            body = RuleIn.model_validate(obj)
+            items.append(NewRule(body.spec(), body.comment, body.ttl_seconds))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "rule"
+            bad.append((i, f"{where}: {first['msg']}"))
+        except InvalidRule as exc:
+            bad.append((i, str(exc)))
+    if bad:
+        raise InvalidRule("body", _bad_summary("element", bad))
+    return items
+
+
+def _bad_summary(what: str, bad: list[tuple[int, str]], show: int = 100) -> str:
+    """Every bad line number, and the problem of the first `show` of them."""
+    where = ", ".join(str(n) for n, _ in bad)
+    detail = "; ".join(f"{what} {n}: {problem}" for n, problem in bad[:show])
+    more = f"; ... {len(bad) - show} more" if len(bad) > show else ""
+    return f"nothing added; {len(bad)} invalid {what}(s): {where} -- {detail}{more}"
+

@@ -1,0 +1,87 @@
+"""Service settings: every flag of `xdpfw serve` also comes from an XDPFW_* environment variable."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+__all__ = ["Settings", "get_settings"]
+
+
+class Settings(BaseSettings):
+    """Configuration of one xdpfw instance (one bpffs dir, one state dir, one listener)."""
+
+    model_config = SettingsConfigDict(env_prefix="XDPFW_", extra="ignore")
+
+    iface: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="interfaces to attach to (XDPFW_IFACE=eth1,eth2)"
+    )
+    xdp_mode: Literal["auto", "native", "generic"] = "auto"
+    listen: str = "127.0.0.1:8000"
+    state_dir: Path = Path("/var/lib/xdpfw")
+    bpffs_dir: Path = Path("/sys/fs/bpf/xdpfw")
+    token: str | None = Field(default=None, repr=False)
+    max_rules: int = Field(default=1_048_576, ge=1, le=1 << 26)
+    max_prefixes: int = Field(default=262_144, ge=1, le=1 << 26)
+    max_sets: int = Field(default=16_384, ge=2, le=1 << 26)
+    ttl_interval: float = Field(default=0.5, gt=0, le=60, description="TTL sweep period, s")
+
+    @field_validator("iface", mode="before")
+    @classmethod
+    def _split_ifaces(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        host, port = split_listen(value)
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    @property
+    def host(self) -> str:
+        return split_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return split_listen(self.listen)[1]
+
+    @property
+    def loopback_only(self) -> bool:
+        host = self.host
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+    @property
+    def token_file(self) -> Path:
+        return self.state_dir / "token"
+
+    @property
+    def db_file(self) -> Path:
+        return self.state_dir / "rules.sqlite3"
+
+
+def split_listen(value: str) -> tuple[str, int]:
+    """'127.0.0.1:8000', '[::1]:8000' or ':8000' -> (host, port)."""
+    text = value.strip()
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"listen address {value!r} must be HOST:PORT (e.g. 127.0.0.1:8000)")
+    return host or "0.0.0.0", int(port)
+
+
+def get_settings(**overrides: object) -> Settings:
+    """Build settings from the environment plus explicit overrides (CLI flags win)."""
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
