@@ -42,7 +42,11 @@ def _body(exc: e.XdpfwError) -> dict[str, object]:
         # The same shape FastAPI uses for its own validation errors.
         return {
             "detail": [
-                {"loc": ["body", exc.field], "msg": exc.problem, "type": "value_error"}
+                {
+                    "loc": ["body"] if exc.field == "body" else ["body", exc.field],
+                    "msg": exc.problem,
+                    "type": "value_error",
+                }
             ]
         }
     body: dict[str, object] = {"detail": str(exc), "error": type(exc).__name__}

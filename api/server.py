@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -110,9 +111,35 @@ def serve(settings: Settings, *, demo: bool = False) -> int:
             app, host=settings.host, port=settings.port, log_level="info", access_log=False
         )
         server = uvicorn.Server(config)
-        server.run()
+        # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown; turn that into an
+        # exception so the ExitStack above unwinds (sweeper, database, demo lab) instead of
+        # the default action killing the process mid-cleanup.
+        previous = {sig: signal.signal(sig, _raise_stop) for sig in _STOP_SIGNALS}
+        try:
+            server.run()
+        except _Stop:
+            pass
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if demo:
+            log.info("stopped; removing the demo lab, the program and its pins")
+        else:
+            log.info("stopped; the program stays attached and filtering (pins in %s)",
+                     settings.bpffs_dir)
         return 0 if server.started else 1
     return 0
+
+
+class _Stop(Exception):
+    pass
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise _Stop(signum)
 
 
 @contextmanager
@@ -120,6 +147,9 @@ def _demo_lab(settings: Settings) -> Iterator[str]:
     """A namespace with a veth pair to filter, so a first run touches no real NIC."""
     from xdpfw import netlink
 
+    stale = netlink.cleanup_stale("xfw-demo")
+    if stale:
+        log.info("removed a stale demo lab: %s", ", ".join(stale))
     with netlink.veth_lab(prefix="xfw-demo") as vl:
         settings.iface[:] = [vl.host_if]
         yield _demo_text(settings, vl)

@@ -11,10 +11,14 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from xdpfw.compiler import Capacities
+
+if TYPE_CHECKING:
+    from xdpfw.datapath import Datapath
 
 IS_ROOT = os.geteuid() == 0
 TEST_CAPS = Capacities(max_rules=8192, max_prefixes=4096, max_sets=512)
@@ -35,7 +39,7 @@ def unique_pin_dir(tag: str) -> Path:
 
 
 @pytest.fixture(scope="session")
-def session_datapath() -> Iterator["Datapath"]:  # noqa: F821 - imported lazily (needs root)
+def session_datapath() -> Iterator[Datapath]:
     from xdpfw.datapath import Datapath, DatapathConfig
 
     dp = Datapath.open(DatapathConfig(bpffs_dir=unique_pin_dir("session"), caps=TEST_CAPS))
@@ -46,7 +50,7 @@ def session_datapath() -> Iterator["Datapath"]:  # noqa: F821 - imported lazily 
 
 
 @pytest.fixture
-def dp(session_datapath: "Datapath") -> Iterator["Datapath"]:  # noqa: F821
+def dp(session_datapath: Datapath) -> Iterator[Datapath]:
     """The session's loaded program with no rules; rules are removed after the test."""
     session_datapath.remove_rules([r.id for r in session_datapath.rules()])
     yield session_datapath
