@@ -832,6 +832,10 @@ class Map(Generic[K, V]):
         self._check(Cmd.MAP_LOOKUP_ELEM, ret, err)
         return vbuf.raw
 
+    def lookup_raw(self, key: K | _Raw) -> bytes | None:
+        """The value as the kernel returns it (per-CPU maps: every CPU's slot), or None."""
+        return self._lookup_raw(key)
+
     # -- element API --
 
     def lookup(self, key: K | _Raw) -> V | None:
@@ -917,6 +921,53 @@ class Map(Generic[K, V]):
                 yield key, values
 
     # -- batch API --
+
+    def dump_raw(self, chunk: int = 8192) -> Iterator[tuple[bytes, bytes]]:
+        """Every (key, value) as raw bytes, read with BPF_MAP_LOOKUP_BATCH `chunk` at a time.
+
+        For per-CPU maps the value holds one 8-byte aligned slot per possible CPU. Falls back
+        to GET_NEXT_KEY + LOOKUP where the map type has no batch lookup. Not a snapshot: a
+        map changed meanwhile may be seen partly before and partly after the change.
+        """
+        if not self._batch_ok.get(Cmd.MAP_LOOKUP_BATCH, True):
+            yield from self._dump_each()
+            return
+        ksize, vsize = self.key_size, self._vsize
+        tok_size = max(ksize, 8)
+        tokens = [ctypes.create_string_buffer(tok_size), ctypes.create_string_buffer(tok_size)]
+        kbuf = ctypes.create_string_buffer(ksize * chunk)
+        vbuf = ctypes.create_string_buffer(vsize * chunk)
+        first = True
+        while True:
+            attr = _BatchAttr(
+                in_batch=0 if first else ctypes.addressof(tokens[0]),
+                out_batch=ctypes.addressof(tokens[1]),
+                keys=ctypes.addressof(kbuf),
+                values=ctypes.addressof(vbuf),
+                count=chunk,
+                map_fd=self.fd,
+            )
+            ret, err = _raw_bpf(Cmd.MAP_LOOKUP_BATCH, attr)
+            if ret < 0 and err != _errno.ENOENT:
+                if first and err in _BATCH_UNSUPPORTED:
+                    self._batch_ok[Cmd.MAP_LOOKUP_BATCH] = False
+                    yield from self._dump_each()
+                    return
+                raise BpfError(err, op="BPF_MAP_LOOKUP_BATCH", target=self.name)
+            n = int(attr.count)
+            kraw, vraw = kbuf.raw, vbuf.raw
+            for i in range(n):
+                yield kraw[i * ksize : (i + 1) * ksize], vraw[i * vsize : (i + 1) * vsize]
+            if ret < 0:  # ENOENT: that was the last batch
+                return
+            first = False
+            tokens.reverse()
+
+    def _dump_each(self) -> Iterator[tuple[bytes, bytes]]:
+        for key in self.keys():
+            raw = self._lookup_raw(key)
+            if raw is not None:
+                yield bytes(key), raw
 
     def update_batch(
         self,

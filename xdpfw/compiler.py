@@ -15,8 +15,10 @@ the caller `commit` them; a plan that does not fit raises CapacityExceeded and c
 from __future__ import annotations
 
 import ipaddress
+from bisect import insort
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from sortedcontainers import SortedList
 
@@ -66,9 +68,11 @@ class Capacities:
         return self.max_prefixes if table in LPM_TABLES else self.max_rules
 
 
-@dataclass(frozen=True, order=True)
-class TableKey:
-    """Where an entry lives: table, network address (packed, big-endian) and prefix length."""
+class TableKey(NamedTuple):
+    """Where an entry lives: table, network address (packed, big-endian) and prefix length.
+
+    A tuple, so hashing it (done a lot in bulk loads) stays in C.
+    """
 
     table: Table
     addr: bytes = b""
@@ -118,7 +122,7 @@ class RuleCompiler:
     def __init__(self, caps: Capacities) -> None:
         self.caps = caps
         self.rules: dict[int, Rule] = {}
-        self._own: dict[TableKey, SortedList] = {}  # key -> its own rules, best first
+        self._own: dict[TableKey, list[Rule]] = {}  # key -> its own rules, best first
         self._compiled: dict[TableKey, tuple[Rule, ...]] = {}  # key -> slots in the map
         # Per trie: keys ordered by (address, plen) so a prefix's descendants are a range.
         self._trie_keys: dict[Table, SortedList] = {t: SortedList() for t in LPM_TABLES}
@@ -306,10 +310,12 @@ class RuleCompiler:
             self.rules[rule.id] = rule
             self._by_match[rule.match_key()] = rule.id
             key = key_of(rule)
-            if key not in self._own:
-                self._own[key] = SortedList(key=_rank_desc)
+            mine = self._own.get(key)
+            if mine is None:
+                self._own[key] = [rule]
                 self._remember_trie_key(key)
-            self._own[key].add(rule)
+            else:
+                insort(mine, rule, key=_rank_desc)
         for key, slots in plan.entries.items():
             old = self._compiled.get(key, ())
             self._n_sets += (len(slots) > 1) - (len(old) > 1)

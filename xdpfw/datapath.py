@@ -77,6 +77,7 @@ _MAP_TYPES: dict[str, tuple[type[Any], type[Any]]] = {
 }
 
 _U32 = ctypes.c_uint32
+_U32_BYTES = struct.Struct("=I")
 _PROTO_BY_NUMBER = {p.number: p for p in Proto}
 
 
@@ -132,6 +133,29 @@ def _decode_key(table: Table, raw: bytes) -> TableKey:
         (plen,) = struct.unpack_from("=I", raw)
         return TableKey(table, bytes(raw[4:]), plen)
     return TableKey(table, bytes(raw), len(raw) * 8)
+
+
+_SLOT = struct.Struct("=QIHHBBB5x")  # struct xdpfw_slot
+_ENTRY_TAIL = struct.Struct("=II")  # set_id, pad
+assert _SLOT.size == ctypes.sizeof(abi.Slot)
+assert _SLOT.size + _ENTRY_TAIL.size == ctypes.sizeof(abi.Entry)
+
+
+def _slot_bytes(rule: Rule) -> bytes:
+    ports = rule.dport
+    return _SLOT.pack(
+        rule.rank(),
+        rule.id,
+        ports.lo if ports is not None else 0,
+        ports.hi if ports is not None else 0,
+        rule.proto.number if rule.proto is not None else 0,
+        rule.verdict,
+        1 if ports is not None else 0,
+    )
+
+
+def _entry_bytes(first: Rule, set_id: int) -> bytes:
+    return _slot_bytes(first) + _ENTRY_TAIL.pack(set_id, 0)
 
 
 def _slot(rule: Rule) -> abi.Slot:
@@ -441,14 +465,14 @@ class Datapath:
 
     def _apply(self, plan: Plan) -> None:
         stats = self._maps["xdpfw_rule_stats"]
-        zero = abi.RuleStats()
+        zero = bytes(ctypes.sizeof(abi.RuleStats))
         old_entries = {k: self.compiler.compiled(k) for k in plan.entries}
         old_sets = {k: self._set_of.get(k, 0) for k in plan.entries}
         new_sets: dict[TableKey, int] = {}
         created_stats: list[int] = []
         try:
             if plan.added:
-                ids = [ctypes.c_uint32(r.id) for r in plan.added]
+                ids = [_U32_BYTES.pack(r.id) for r in plan.added]
                 stats.update_batch(ids, [zero] * len(ids))
                 created_stats = [r.id for r in plan.added]
             self._write_entries(plan.entries, new_sets)
@@ -471,7 +495,7 @@ class Datapath:
                 self._release_set(old)
         self._write_config()
         if plan.removed:
-            ids = [ctypes.c_uint32(r.id) for r in plan.removed]
+            ids = [_U32_BYTES.pack(r.id) for r in plan.removed]
             try:
                 stats.delete_batch(ids)
             except OSError as exc:
@@ -481,25 +505,21 @@ class Datapath:
         self, entries: dict[TableKey, tuple[Rule, ...]], new_sets: dict[TableKey, int]
     ) -> None:
         sets = self._maps["xdpfw_sets"]
-        updates: dict[Table, tuple[list[bytes], list[abi.Entry]]] = {}
+        updates: dict[Table, tuple[list[bytes], list[bytes]]] = {}
         deletes: dict[Table, list[bytes]] = {}
         for key, slots in entries.items():
             if not slots:
                 deletes.setdefault(key.table, []).append(_encode_key(key))
                 continue
-            entry = abi.Entry()
-            entry.first = _slot(slots[0])
+            set_id = 0
             if len(slots) > 1:
                 set_id = self._alloc_set()
                 new_sets[key] = set_id
-                st = abi.Set()
-                for i, rule in enumerate(slots[1:]):
-                    st.slot[i] = _slot(rule)
-                sets.update(_U32(set_id), st)
-                entry.set_id = set_id
+                rest = b"".join(_slot_bytes(r) for r in slots[1:])
+                sets.update(_U32(set_id), rest.ljust(ctypes.sizeof(abi.Set), b"\0"))
             ks, vs = updates.setdefault(key.table, ([], []))
             ks.append(_encode_key(key))
-            vs.append(entry)
+            vs.append(_entry_bytes(slots[0], set_id))
         for table, (ks, vs) in updates.items():
             self._maps[table.map_name].update_batch(ks, vs)
         for table, dks in deletes.items():
@@ -517,10 +537,7 @@ class Datapath:
             m = self._maps[key.table.map_name]
             try:
                 if slots:
-                    entry = abi.Entry()
-                    entry.first = _slot(slots[0])
-                    entry.set_id = old_sets.get(key, 0)
-                    m.update(_encode_key(key), entry)
+                    m.update(_encode_key(key), _entry_bytes(slots[0], old_sets.get(key, 0)))
                 else:
                     m.delete(_encode_key(key))
             except OSError:
@@ -564,22 +581,25 @@ class Datapath:
     def rule_counters(self, rule_ids: Iterable[int] | None = None) -> dict[int, RuleCounters]:
         """Per-rule counters summed over CPUs (last hit: the latest over CPUs)."""
         stats = self._maps["xdpfw_rule_stats"]
-        offset = _boot_offset()
-        out: dict[int, RuleCounters] = {}
+        raw: Iterable[tuple[bytes, bytes]]
         if rule_ids is None:
-            items: Iterable[tuple[Any, list[abi.RuleStats]]] = stats.items_percpu()
+            raw = stats.dump_raw()
         else:
-            items = (
-                (rid, per_cpu)
-                for rid in rule_ids
-                if (per_cpu := stats.lookup_percpu(ctypes.c_uint32(rid))) is not None
+            raw = (
+                (k, v)
+                for k in (_U32_BYTES.pack(rid) for rid in rule_ids)
+                if (v := stats.lookup_raw(k)) is not None
             )
-        for key, per_cpu in items:
-            rid = key if isinstance(key, int) else int(key.value)
-            last = max(c.last_hit_ns for c in per_cpu)
-            out[rid] = RuleCounters(
-                packets=sum(c.packets for c in per_cpu),
-                bytes=sum(c.bytes for c in per_cpu),
+        offset = _boot_offset()
+        ncpu = stats.ncpus
+        unpack = struct.Struct("=" + "QQQ" * ncpu).unpack  # struct xdpfw_rule_stats per CPU
+        out: dict[int, RuleCounters] = {}
+        for key, value in raw:
+            vals = unpack(value)
+            last = max(vals[2::3])
+            out[_U32_BYTES.unpack(key)[0]] = RuleCounters(
+                packets=sum(vals[0::3]),
+                bytes=sum(vals[1::3]),
                 last_hit=offset + last / 1e9 if last else None,
             )
         return out

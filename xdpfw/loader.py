@@ -110,7 +110,7 @@ def load(caps: Capacities) -> LoadedProgram:
     with _bcc_module(caps) as module:
         bpf = module
         try:
-            fn = bpf.load_func(abi.PROG_NAME, bpf.XDP)  # type: ignore[attr-defined]
+            fn = bpf.load_func(abi.PROG_NAME.encode(), bpf.XDP)  # type: ignore[attr-defined]
         except Exception as exc:
             raise CompileError(f"the kernel refused {abi.PROG_NAME}: {exc}") from exc
         prog_fd = os.dup(fn.fd)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import cached_property
 from typing import Any, TypeVar
 
 from xdpfw import abi
@@ -199,7 +200,21 @@ class RuleSpec:
 
     def match_key(self) -> tuple[Any, ...]:
         """Identity of a rule's match, action and mode (for duplicate detection)."""
-        return (self.action, self.mode, self.src, self.dst, self.proto, self.dport)
+        return self._match_key
+
+    @cached_property
+    def _match_key(self) -> tuple[Any, ...]:
+        # Plain ints and bytes: hashed in C, unlike ipaddress objects (bulk loads hash a lot).
+        def net(n: Network | None) -> tuple[int, bytes, int] | None:
+            return None if n is None else (n.version, n.network_address.packed, n.prefixlen)
+
+        return (
+            self.verdict,
+            net(self.src),
+            net(self.dst),
+            self.proto.number if self.proto is not None else 0,
+            (self.dport.lo, self.dport.hi) if self.dport is not None else None,
+        )
 
     def with_id(self, rule_id: int) -> Rule:
         return Rule(
@@ -240,6 +255,10 @@ class Rule(RuleSpec):
 
     def rank(self) -> int:
         """The 64-bit priority the data plane compares (layout in bpf/xdpfw_abi.h)."""
+        return self._rank
+
+    @cached_property
+    def _rank(self) -> int:
         narrow = 0 if self.dport is None else 65536 - self.dport.width
         return (
             (self.verdict << 62)
