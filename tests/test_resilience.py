@@ -1,0 +1,170 @@
+"""Keep filtering through crashes, restarts, bad input and mistakes (e2e layer)."""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import unique_pin_dir
+from tests.server import Server, running_server
+from tests.traffic import udp_roundtrip
+from xdpfw import abi, bpfsys
+from xdpfw.datapath import _MAP_TYPES
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    with running_server(tmp_path, unique_pin_dir("res")) as srv:
+        yield srv
+
+
+def dump_maps(pin_dir: Path) -> dict[str, list[tuple[bytes, bytes]]]:
+    """Every map's raw contents (per-CPU counters excluded: traffic may move them)."""
+    out: dict[str, list[tuple[bytes, bytes]]] = {}
+    for name, (key_t, val_t) in _MAP_TYPES.items():
+        if name in ("xdpfw_stats", "xdpfw_rule_stats"):
+            continue
+        with bpfsys.Map.from_pin(str(pin_dir / name), key_t, val_t, name) as m:
+            out[name] = sorted(m.dump_raw())
+    with bpfsys.Map.from_pin(
+        str(pin_dir / "xdpfw_rule_stats"), ctypes.c_uint32, abi.RuleStats, "stats"
+    ) as m:
+        out["xdpfw_rule_stats.keys"] = sorted((k, b"") for k, _ in m.dump_raw())
+    return out
+
+
+def test_kill_9_keeps_dropping_and_restart_adopts(server: Server) -> None:
+    """kill -9 while traffic flows: drops continue, counters count, restart adopts."""
+    lab = server.lab
+    with server.client() as c:
+        prog_id = c.get("/healthz").json()["prog_id"]
+        rid = c.post("/v1/rules", json={"src": lab.peer_ip4}).json()["id"]
+        rules_before = c.get("/v1/rules").json()["rules"]
+
+    stop = threading.Event()
+    received: list[int] = []
+
+    def traffic() -> None:
+        while not stop.is_set():
+            received.append(udp_roundtrip(lab, count=10, settle=0.05))
+
+    t = threading.Thread(target=traffic)
+    t.start()
+    try:
+        time.sleep(0.3)
+        assert server.proc is not None
+        server.proc.kill()  # SIGKILL: no cleanup of any kind
+        server.proc.wait()
+        server.proc = None
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        t.join()
+    assert received and sum(received) == 0, "a blocked source got through"
+    out = subprocess.run(["ip", "-d", "link", "show", lab.host_if], capture_output=True,
+                         text=True).stdout
+    assert f"prog/xdp id {prog_id}" in out
+
+    server.start()
+    with server.client() as c:
+        health = c.get("/healthz").json()
+        assert health["prog_id"] == prog_id and health["adopted"]
+        assert c.get("/v1/rules").json()["rules"] == rules_before
+        sent = 10 * len(received)
+        assert c.get(f"/v1/rules/{rid}").json()["counters"]["packets"] == sent
+
+
+def test_abi_mismatch_refuses_and_keeps_pins(server: Server) -> None:
+    with server.client() as c:
+        c.post("/v1/rules", json={"src": "198.18.230.0/24"})
+    server.stop()
+    with bpfsys.Map.from_pin(
+        str(server.bpffs_dir / "xdpfw_config"), ctypes.c_uint32, abi.Config, "cfg"
+    ) as m:
+        conf = m.lookup(ctypes.c_uint32(0))
+        assert conf is not None
+        conf.abi_version = 999
+        m.update(ctypes.c_uint32(0), conf)
+    before = dump_maps(server.bpffs_dir)
+    with pytest.raises(RuntimeError) as err:
+        server.start(timeout=30)
+    assert "ABI version 999" in str(err.value)
+    assert "--bpffs-dir" in str(err.value)  # says how to get out of it
+    assert dump_maps(server.bpffs_dir) == before
+    # Put it back so the fixture can clean up through the normal path.
+    with bpfsys.Map.from_pin(
+        str(server.bpffs_dir / "xdpfw_config"), ctypes.c_uint32, abi.Config, "cfg"
+    ) as m:
+        conf.abi_version = abi.ABI_VERSION
+        m.update(ctypes.c_uint32(0), conf)
+
+
+@pytest.mark.skipif(shutil.which("xdp-filter") is None, reason="xdp-tools not installed")
+def test_foreign_xdp_program_is_left_alone(tmp_path: Path) -> None:
+    with running_server(tmp_path, unique_pin_dir("foreign"), start=False) as srv:
+        lab = srv.lab
+        subprocess.run(["xdp-filter", "load", "-m", "skb", lab.host_if], check=True,
+                       capture_output=True)
+        try:
+            before = subprocess.run(["ip", "-d", "link", "show", lab.host_if],
+                                    capture_output=True, text=True).stdout
+            assert "prog/xdp" in before
+            with pytest.raises(RuntimeError) as err:
+                srv.start(timeout=30)
+            assert "did not attach" in str(err.value) and "program id" in str(err.value)
+            after = subprocess.run(["ip", "-d", "link", "show", lab.host_if],
+                                   capture_output=True, text=True).stdout
+            assert after == before
+        finally:
+            subprocess.run(["xdp-filter", "unload", lab.host_if], capture_output=True)
+
+
+def test_bulk_with_one_bad_line_leaves_maps_byte_identical(server: Server) -> None:
+    with server.client() as c:
+        c.post("/v1/rules/bulk", content="198.18.40.0/24\n198.18.41.7\n2001:db8:40::/48\n",
+               headers={"content-type": "text/plain"})
+        before = dump_maps(server.bpffs_dir)
+        lines = [f"198.18.{42 + i // 250}.{i % 250 + 1}" for i in range(1000)]
+        lines[537] = "198.18.300.1"
+        r = c.post("/v1/rules/bulk", content="\n".join(lines),
+                   headers={"content-type": "text/plain"})
+        assert r.status_code == 422 and "538" in r.json()["detail"][0]["msg"]
+        assert dump_maps(server.bpffs_dir) == before
+        assert len(c.get("/v1/rules").json()["rules"]) == 3
+
+
+def test_capacity_reached_is_clear_and_evicts_nothing(tmp_path: Path) -> None:
+    with running_server(tmp_path, unique_pin_dir("cap"), start=False) as srv:
+        srv.extra_args = ["--max-rules", "64"]
+        srv.start()
+        with srv.client() as c:
+            body = "\n".join(f"198.18.60.{i}" for i in range(1, 65))
+            r = c.post("/v1/rules/bulk", content=body, headers={"content-type": "text/plain"})
+            assert r.status_code == 201 and r.json()["added"] == 64
+            r = c.post("/v1/rules", json={"src": "198.18.61.1"})
+            assert r.status_code == 507
+            assert r.json()["limit"] == 64 and "full" in r.json()["detail"]
+            rules = c.get("/v1/rules?limit=1000").json()["rules"]
+            assert len(rules) == 64
+            # Still enforced: the first and the last rule.
+            assert {rules[0]["src"], rules[-1]["src"]} == {"198.18.60.1/32", "198.18.60.64/32"}
+
+
+def test_sigterm_then_restart_has_no_gap(server: Server) -> None:
+    lab = server.lab
+    with server.client() as c:
+        c.post("/v1/rules", json={"src": lab.peer_ip6})
+    assert server.stop(signal.SIGTERM) == 0
+    assert udp_roundtrip(lab, family=6, count=10) == 0
+    server.start()
+    assert udp_roundtrip(lab, family=6, count=10) == 0
