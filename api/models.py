@@ -57,6 +57,11 @@ class RuleIn(BaseModel):
     dport: int | str | None = Field(default=None, description='22 or "1000-2000" (tcp/udp)')
     comment: str = Field(default="", max_length=256)
     ttl_seconds: int | None = Field(default=None, ge=1, le=MAX_TTL)
+    force: bool = Field(
+        default=False,
+        description="add a drop rule even though it overlaps a protected prefix (the protected "
+        "sources stay allowed in the data plane either way)",
+    )
 
     def spec(self) -> RuleSpec:
         return RuleSpec.parse(
@@ -175,4 +180,5 @@ class HealthOut(BaseModel):
     prog_id: int
     adopted: bool
     rules: int
+    protected: list[str]
     interfaces: list[InterfaceOut]

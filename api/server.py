@@ -80,7 +80,12 @@ def serve(settings: Settings, *, demo: bool = False) -> int:
         stack.callback(dp.close, cleanup=demo)
         store = Store(settings.db_file)
         stack.callback(store.close)
-        svc = FirewallService(dp, store)
+        svc = FirewallService(dp, store, settings.protect)
+        if not settings.protect:
+            log.warning(
+                "no protected prefixes (--protect CIDR): nothing stops a drop rule from locking "
+                "you out of this host; protect your management network"
+            )
         try:
             summary = svc.reconcile()
             svc.expire_due()

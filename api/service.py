@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 from api.store import Store, StoredRule
 from xdpfw.datapath import Attachment, Datapath, GlobalCounters, RuleCounters
-from xdpfw.errors import InterfaceNotFound, RuleNotFound
-from xdpfw.rules import Rule, RuleSpec
+from xdpfw.errors import InterfaceNotFound, InvalidRule, RuleConflict, RuleNotFound
+from xdpfw.rules import MAX_RULE_ID, Action, Mode, Rule, RuleSpec
 
 __all__ = ["BulkResult", "FirewallService", "NewRule"]
 
@@ -29,6 +29,7 @@ class NewRule:
     spec: RuleSpec
     comment: str = ""
     ttl_seconds: int | None = None
+    force: bool = False
 
 
 @dataclass(frozen=True)
@@ -37,10 +38,28 @@ class BulkResult:
     duplicates: list[int]  # ids of existing identical rules
 
 
+# Protected prefixes become allow rules with ids from the top of the id space, far above what
+# the database's AUTOINCREMENT will reach; they live in the maps only, never in the database.
+PROTECT_IDS = 4096
+PROTECT_BASE = MAX_RULE_ID - PROTECT_IDS + 1
+
+
+def is_protected_id(rule_id: int) -> bool:
+    return rule_id >= PROTECT_BASE
+
+
 class FirewallService:
-    def __init__(self, datapath: Datapath, store: Store) -> None:
+    def __init__(
+        self, datapath: Datapath, store: Store, protect: Sequence[str] = ()
+    ) -> None:
         self.dp = datapath
         self.store = store
+        if len(protect) > PROTECT_IDS:
+            raise InvalidRule("protect", f"at most {PROTECT_IDS} protected prefixes")
+        self.protected: list[Rule] = [
+            RuleSpec.parse(action=Action.ALLOW, src=p).with_id(PROTECT_BASE + i)
+            for i, p in enumerate(protect)
+        ]
         self.lock = threading.RLock()
         self._stop = threading.Event()
         self._sweeper: threading.Thread | None = None
@@ -54,7 +73,8 @@ class FirewallService:
         takes the maps' rules instead of wiping them: the kernel's state is not thrown away.
         """
         with self.lock:
-            in_maps = {r.id: r for r in self.dp.rules()}
+            self._reconcile_protected()
+            in_maps = {r.id: r for r in self.dp.rules() if not is_protected_id(r.id)}
             if self.store.created and in_maps and self.store.count() == 0:
                 now = time.time()
                 with self.store.transaction():
@@ -72,6 +92,47 @@ class FirewallService:
             if add:
                 self.dp.add_rules(add)
             return {"adopted": 0, "added": len(add), "removed": len(remove)}
+
+    def _reconcile_protected(self) -> None:
+        """Protected prefixes as allow rules, first: the one thing that must never be missing."""
+        have = {r.id: r for r in self.dp.rules() if is_protected_id(r.id)}
+        want = {r.id: r for r in self.protected}
+        stale = [rid for rid, r in have.items() if want.get(rid) != r]
+        if stale:
+            self.dp.remove_rules(stale)
+        new = [r for rid, r in want.items() if have.get(rid) != r]
+        # A user allow rule identical to a protected one would be a duplicate in the maps.
+        clash = [r for r in new if self.dp.compiler.find_duplicate(r) is not None]
+        for r in clash:
+            dup = self.dp.compiler.find_duplicate(r)
+            assert dup is not None
+            log.warning("protected prefix %s replaces identical rule %d", r.src, dup)
+            self.dp.remove_rules([dup])
+            with self.store.transaction():
+                self.store.delete([dup])
+        if new:
+            self.dp.add_rules(new)
+
+    def check_protected(self, spec: RuleSpec) -> None:
+        """Refuse an enforcing drop rule that covers or overlaps a protected prefix."""
+        if spec.action is not Action.DROP or spec.mode is not Mode.ENFORCE:
+            return
+        for p in self.protected:
+            net = p.src
+            assert net is not None
+            if spec.src is None and spec.dst is None:
+                hit = "matches every source, including"
+            elif spec.src is not None and spec.src.version == net.version and spec.src.overlaps(
+                net
+            ):
+                hit = f"source {spec.src.with_prefixlen} overlaps"
+            else:
+                continue
+            raise RuleConflict(
+                f"this drop rule {hit} the protected prefix {net.with_prefixlen}; protected "
+                "sources are never dropped (they are allowed above every drop rule). Send "
+                '"force": true to add it anyway.'
+            )
 
     # -- rules ---------------------------------------------------------------------------------
 
@@ -92,9 +153,15 @@ class FirewallService:
             dups: list[int] = []
             seen: dict[tuple[object, ...], int] = {}
             for item in items:
+                if not item.force:
+                    self.check_protected(item.spec)
                 key = item.spec.match_key()
                 probe = item.spec.with_id(1)
                 existing = self.dp.compiler.find_duplicate(probe)
+                if existing is not None and is_protected_id(existing):
+                    raise RuleConflict(
+                        f"{item.spec.describe()} is a protected prefix: it is allowed already"
+                    )
                 if existing is not None:
                     dups.append(existing)
                 elif key in seen:
@@ -136,7 +203,7 @@ class FirewallService:
     def remove(self, rule_ids: Sequence[int]) -> list[Rule]:
         with self.lock:
             for rid in rule_ids:
-                if rid not in self.dp.compiler.rules:
+                if rid not in self.dp.compiler.rules or is_protected_id(rid):
                     raise RuleNotFound(rid)
             with self.store.transaction():
                 self.store.delete(rule_ids)

@@ -28,14 +28,29 @@ class Settings(BaseSettings):
     max_rules: int = Field(default=1_048_576, ge=1, le=1 << 26)
     max_prefixes: int = Field(default=262_144, ge=1, le=1 << 26)
     max_sets: int = Field(default=16_384, ge=2, le=1 << 26)
+    protect: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="source prefixes that can never be dropped (XDPFW_PROTECT=a,b)",
+    )
     ttl_interval: float = Field(default=0.5, gt=0, le=60, description="TTL sweep period, s")
 
-    @field_validator("iface", mode="before")
+    @field_validator("iface", "protect", mode="before")
     @classmethod
     def _split_ifaces(cls, value: object) -> object:
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
         return value
+
+    @field_validator("protect")
+    @classmethod
+    def _check_protect(cls, value: list[str]) -> list[str]:
+        from xdpfw.errors import InvalidRule
+        from xdpfw.rules import parse_network
+
+        try:
+            return [parse_network(v, "protect").with_prefixlen for v in value]
+        except InvalidRule as exc:
+            raise ValueError(exc.problem) from exc
 
     @field_validator("listen")
     @classmethod

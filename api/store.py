@@ -14,11 +14,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from xdpfw.rules import Rule, RuleSpec
+from xdpfw.errors import CapacityExceeded
+from xdpfw.rules import MAX_RULE_ID, Rule, RuleSpec
 
 __all__ = ["SCHEMA_VERSION", "Store", "StoredRule"]
 
 SCHEMA_VERSION = 1
+ID_LIMIT = MAX_RULE_ID - 4096  # the ids above are the service's protected-prefix rules
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -120,6 +122,8 @@ class Store:
         row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name='rules'").fetchone()
         top = self._db.execute("SELECT MAX(id) AS m FROM rules").fetchone()["m"] or 0
         start = max(row["seq"] if row else 0, top) + 1
+        if start + count > ID_LIMIT:
+            raise CapacityExceeded("rule ids", ID_LIMIT, "the id space is exhausted")
         return list(range(start, start + count))
 
     def insert(self, rules: Iterable[StoredRule]) -> None:

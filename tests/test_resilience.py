@@ -168,3 +168,40 @@ def test_sigterm_then_restart_has_no_gap(server: Server) -> None:
     assert udp_roundtrip(lab, family=6, count=10) == 0
     server.start()
     assert udp_roundtrip(lab, family=6, count=10) == 0
+
+
+def test_protected_prefixes_cannot_be_dropped(tmp_path: Path) -> None:
+    with running_server(tmp_path, unique_pin_dir("prot"), start=False) as srv:
+        lab = srv.lab
+        net = lab.peer_ip4.rsplit(".", 1)[0]
+        srv.extra_args = ["--protect", f"{lab.peer_ip4}/32", "--protect", "2001:db8:ffff::/48"]
+        srv.start()
+        with srv.client() as c:
+            assert c.get("/healthz").json()["protected"] == [
+                f"{lab.peer_ip4}/32", "2001:db8:ffff::/48"]
+            for body in ({"src": f"{net}.0/24"}, {"src": lab.peer_ip4},
+                         {"proto": "udp", "dport": 9999}, {"src": "2001:db8:ffff:1::/64"}):
+                r = c.post("/v1/rules", json=body)
+                assert r.status_code == 409, (body, r.text)
+                assert "protected prefix" in r.json()["detail"]
+            r = c.post("/v1/rules/bulk", content=f"{net}.0/24\n",
+                       headers={"content-type": "text/plain"})
+            assert r.status_code == 409
+            # Monitor and allow rules are fine, and so are other sources.
+            assert c.post("/v1/rules", json={"src": f"{net}.0/24", "mode": "monitor"}
+                          ).status_code == 201
+            assert c.post("/v1/rules", json={"src": "198.18.255.0/24"}).status_code == 201
+            # force adds it, but the data plane still lets the protected source through.
+            r = c.post("/v1/rules", json={"src": f"{net}.0/24", "force": True})
+            assert r.status_code == 201
+            assert udp_roundtrip(lab, count=10) == 10
+            stats = {x["id"]: x["packets"] for x in c.get("/v1/stats").json()["rules"]}
+            assert stats[r.json()["id"]] == 0
+            protected_ids = [rid for rid, n in stats.items() if n == 10]
+            assert len(protected_ids) == 1 and protected_ids[0] > 1 << 28
+            assert c.delete(f"/v1/rules/{protected_ids[0]}").status_code == 404
+        # Restart without --protect: the protected allow rule goes, the forced drop applies.
+        srv.stop()
+        srv.extra_args = []
+        srv.start()
+        assert udp_roundtrip(lab, count=10) == 0

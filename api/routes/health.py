@@ -27,7 +27,8 @@ def healthz(svc: ServiceDep) -> JSONResponse:
         status="ok" if ok else "degraded",
         prog_id=svc.dp.prog_id,
         adopted=svc.dp.adopted,
-        rules=len(svc.dp.compiler),
+        rules=len(svc.dp.compiler) - len(svc.protected),
+        protected=[p.src.with_prefixlen for p in svc.protected if p.src is not None],
         interfaces=ifaces,
     )
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)

@@ -34,7 +34,7 @@ def add_rule(body: RuleIn, svc: ServiceDep, response: Response) -> RuleOut:
     Adding a rule identical in match, action and mode to an existing one creates nothing and
     answers **200** with the existing rule (so automation can repeat a call safely).
     """
-    stored, created = svc.add(NewRule(body.spec(), body.comment, body.ttl_seconds))
+    stored, created = svc.add(NewRule(body.spec(), body.comment, body.ttl_seconds, body.force))
     if not created:
         response.status_code = status.HTTP_200_OK
     return RuleOut.of(stored)
@@ -103,6 +103,7 @@ async def bulk_add(
     mode: Literal["enforce", "monitor"] = "enforce",
     comment: Annotated[str, Query(max_length=256)] = "",
     ttl_seconds: Annotated[int | None, Query(ge=1, le=MAX_TTL)] = None,
+    force: bool = False,
 ) -> BulkOut:
     """Many rules in one call, all or nothing.
 
@@ -114,9 +115,9 @@ async def bulk_add(
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     raw = await request.body()
     if ctype == "text/plain":
-        items = _parse_lines(raw, action, mode, comment, ttl_seconds)
+        items = _parse_lines(raw, action, mode, comment, ttl_seconds, force)
     else:
-        items = _parse_json(raw)
+        items = _parse_json(raw, force)
     from starlette.concurrency import run_in_threadpool
 
     result = await run_in_threadpool(svc.bulk_add, items)
@@ -129,7 +130,7 @@ async def bulk_add(
 
 
 def _parse_lines(
-    raw: bytes, action: str, mode: str, comment: str, ttl: int | None
+    raw: bytes, action: str, mode: str, comment: str, ttl: int | None, force: bool
 ) -> list[NewRule]:
     try:
         text = raw.decode()
@@ -146,7 +147,7 @@ def _parse_lines(
         except InvalidRule as exc:
             bad.append((lineno, exc.problem))
             continue
-        items.append(NewRule(spec, comment, ttl))
+        items.append(NewRule(spec, comment, ttl, force))
     if bad:
         raise InvalidRule("body", _bad_summary("line", bad))
     if not items:
@@ -154,7 +155,7 @@ def _parse_lines(
     return items
 
 
-def _parse_json(raw: bytes) -> list[NewRule]:
+def _parse_json(raw: bytes, force: bool) -> list[NewRule]:
     import json
 
     from pydantic import ValidationError
@@ -170,7 +171,9 @@ def _parse_json(raw: bytes) -> list[NewRule]:
     for i, obj in enumerate(data):
         try:
             body = RuleIn.model_validate(obj)
-            items.append(NewRule(body.spec(), body.comment, body.ttl_seconds))
+            items.append(
+                NewRule(body.spec(), body.comment, body.ttl_seconds, body.force or force)
+            )
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "rule"
