@@ -140,7 +140,7 @@ struct xdpfw_config {
 	__u32 max_rules;                 /* host; capacities the maps were made with */
 	__u32 max_prefixes;              /* host */
 	__u32 max_sets;                  /* host */
-	__u32 pad;
+	__u8 build_id[8];                /* hash of the source and flags the program was built from */
 };
 
 #endif /* XDPFW_ABI_H */

@@ -205,3 +205,53 @@ def test_protected_prefixes_cannot_be_dropped(tmp_path: Path) -> None:
         srv.extra_args = []
         srv.start()
         assert udp_roundtrip(lab, count=10) == 0
+
+
+def test_program_upgrade_swaps_without_gap(server: Server) -> None:
+    """A pinned program from another build is replaced atomically; rules and counters stay."""
+    lab = server.lab
+    with server.client() as c:
+        old_id = c.get("/healthz").json()["prog_id"]
+        rid = c.post("/v1/rules", json={"src": lab.peer_ip4}).json()["id"]
+        c.post("/v1/rules", json={"src": "198.18.77.0/24", "proto": "tcp", "dport": "1-1024"})
+        assert udp_roundtrip(lab, count=10) == 0
+        rules_before = c.get("/v1/rules").json()["rules"]
+    server.stop()
+    # Pretend the pinned program came from another build.
+    with bpfsys.Map.from_pin(
+        str(server.bpffs_dir / "xdpfw_config"), ctypes.c_uint32, abi.Config, "cfg"
+    ) as m:
+        conf = m.lookup(ctypes.c_uint32(0))
+        assert conf is not None
+        conf.build_id[:] = b"oldbuild"
+        m.update(ctypes.c_uint32(0), conf)
+
+    stop = threading.Event()
+    received: list[int] = []
+
+    def traffic() -> None:
+        while not stop.is_set():
+            received.append(udp_roundtrip(lab, count=5, settle=0.05))
+
+    t = threading.Thread(target=traffic)
+    t.start()
+    try:
+        server.start()
+    finally:
+        stop.set()
+        t.join()
+    assert sum(received) == 0, "blocked traffic passed during the upgrade"
+    with server.client() as c:
+        health = c.get("/healthz").json()
+        assert health["prog_id"] != old_id and health["status"] == "ok"
+        assert c.get("/v1/rules").json()["rules"] == rules_before
+        counted = c.get(f"/v1/rules/{rid}").json()["counters"]["packets"]
+        # Carried over: everything sent before the restart, and at most the few frames sent
+        # in the instant between the counter copy and the swap are missing.
+        assert counted >= 10 + 5 * len(received) - 10
+        assert udp_roundtrip(lab, count=10) == 0
+    out = subprocess.run(["ip", "-d", "link", "show", lab.host_if], capture_output=True,
+                         text=True).stdout
+    assert f"prog/xdp id {health['prog_id']}" in out
+    assert not server.bpffs_dir.with_name(server.bpffs_dir.name + "-retired").exists()
+    assert not server.bpffs_dir.with_name(server.bpffs_dir.name + "-upgrading").exists()

@@ -139,5 +139,5 @@ class Config(ctypes.Structure):
         ("max_rules", ctypes.c_uint32),
         ("max_prefixes", ctypes.c_uint32),
         ("max_sets", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
+        ("build_id", ctypes.c_uint8 * 8),
     ]

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from xdpfw import abi, bpfsys, netlink
 from xdpfw.abi import Table
@@ -48,6 +48,9 @@ from xdpfw.errors import (
     RuleNotFound,
 )
 from xdpfw.rules import Action, Mode, PortRange, Proto, Rule
+
+if TYPE_CHECKING:
+    from xdpfw.loader import LoadedProgram
 
 __all__ = [
     "Attachment",
@@ -85,6 +88,9 @@ _PROTO_BY_NUMBER = {p.number: p for p in Proto}
 class DatapathConfig:
     bpffs_dir: Path = Path("/sys/fs/bpf/xdpfw")
     caps: Capacities = field(default_factory=Capacities)
+    # Adopted pins from another build of the program: swap in this build's program (True) or
+    # keep running the pinned one (False).
+    upgrade: bool = True
 
 
 @dataclass(frozen=True)
@@ -223,6 +229,8 @@ class Datapath:
         self._next_set = 1
         self._free_sets: deque[tuple[int, float]] = deque()
         self._closed = False
+        self.build_id = b""
+        self.upgraded_from: int | None = None  # program id replaced by an upgrade
 
     # -- opening -------------------------------------------------------------------------------
 
@@ -231,6 +239,9 @@ class Datapath:
         """Adopt the pinned program and maps in cfg.bpffs_dir, or load and pin a new one."""
         cfg = cfg or DatapathConfig()
         pin_dir = cfg.bpffs_dir
+        staging = pin_dir.with_name(pin_dir.name + "-upgrading")
+        if not pin_dir.exists() and (staging / PROG_PIN).exists():
+            staging.rename(pin_dir)  # an upgrade stopped between its two renames
         if (pin_dir / PROG_PIN).exists():
             return cls._adopt(cfg)
         leftovers = sorted(p.name for p in pin_dir.iterdir()) if pin_dir.is_dir() else []
@@ -248,31 +259,19 @@ class Datapath:
 
         _ensure_bpffs(cfg.bpffs_dir)
         loaded = loader.load(cfg.caps)
-        maps: dict[str, bpfsys.Map[Any, Any]] = {}
         pinned: list[Path] = []
         try:
-            for name, fd in loaded.map_fds.items():
-                key_t, val_t = _MAP_TYPES[name]
-                maps[name] = bpfsys.Map(fd, name, key_t, val_t)
-            conf = abi.Config()
-            conf.abi_version = abi.ABI_VERSION
-            conf.max_rules = cfg.caps.max_rules
-            conf.max_prefixes = cfg.caps.max_prefixes
-            conf.max_sets = cfg.caps.max_sets
-            maps["xdpfw_config"].update(_U32(0), conf)
-            cfg.bpffs_dir.mkdir(parents=True, exist_ok=True)
-            # Maps first, program last: the program pin marks a complete set.
-            for name, fd in loaded.map_fds.items():
-                bpfsys.obj_pin(fd, str(cfg.bpffs_dir / name))
-                pinned.append(cfg.bpffs_dir / name)
-            bpfsys.obj_pin(loaded.prog_fd, str(cfg.bpffs_dir / PROG_PIN))
-            pinned.append(cfg.bpffs_dir / PROG_PIN)
+            maps = _wrap_maps(loaded)
+            dp = cls(cfg, loaded.prog_fd, maps, cfg.caps, adopted=False)
+            dp.build_id = loader.build_id(cfg.caps)
+            dp._write_config()
+            pinned = _pin_all(loaded, cfg.bpffs_dir)
         except OSError as exc:
             for path in pinned:
                 path.unlink(missing_ok=True)
             loaded.close()
             raise _kernel(f"pinning under {cfg.bpffs_dir}", exc) from exc
-        return cls(cfg, loaded.prog_fd, maps, cfg.caps, adopted=False)
+        return dp
 
     @classmethod
     def _adopt(cls, cfg: DatapathConfig) -> Datapath:
@@ -321,8 +320,74 @@ class Datapath:
         assert conf is not None
         caps = Capacities(conf.max_rules, conf.max_prefixes, conf.max_sets)
         dp = cls(cfg, prog_fd, maps, caps, adopted=True)
+        dp.build_id = bytes(conf.build_id)
         dp._rebuild_from_maps()
+        if cfg.upgrade:
+            from xdpfw import loader
+
+            if dp.build_id != loader.build_id(caps):
+                return dp._upgrade()
         return dp
+
+    def _upgrade(self) -> Datapath:
+        """Swap in this build's program without a gap: same rules, counters carried over.
+
+        The new program gets fresh maps filled from the adopted ones; every interface running
+        the old program is switched atomically (XDP_FLAGS_REPLACE), so there is no moment with
+        no program. Packets the old program counts between the counter copy and the swap (a few
+        milliseconds) are not carried over. Then the new pins replace the old ones.
+        """
+        from xdpfw import loader
+
+        pin_dir = self.cfg.bpffs_dir
+        # bpffs refuses names with a dot, hence no ".new"/".old".
+        staging = pin_dir.with_name(pin_dir.name + "-upgrading")
+        retired = pin_dir.with_name(pin_dir.name + "-retired")
+        for leftover in (staging, retired):
+            _remove_pin_dir(leftover)
+        loaded = loader.load(self.caps)
+        try:
+            new = Datapath(self.cfg, loaded.prog_fd, _wrap_maps(loaded), self.caps, adopted=True)
+        except BaseException:
+            loaded.close()
+            raise
+        try:
+            new.build_id = loader.build_id(self.caps)
+            new.add_rules(self.rules())
+            new._copy_counters_from(self)
+            _pin_all(loaded, staging)
+            for att in self.attachments():
+                try:
+                    netlink.xdp_attach(
+                        att.ifname, new.prog_fd, att.mode, expected_prog_fd=self.prog_fd
+                    )
+                except netlink.NetlinkOpError as exc:
+                    op = f"replacing XDP on {att.ifname}"
+                    raise KernelError(op, exc.errno, str(exc)) from exc
+            pin_dir.rename(retired)
+            staging.rename(pin_dir)
+        except BaseException:
+            _remove_pin_dir(staging)
+            new.close()
+            raise
+        _remove_pin_dir(retired)
+        new.upgraded_from = self.prog_id
+        self.close()
+        return new
+
+    def _copy_counters_from(self, old: Datapath) -> None:
+        for name in ("xdpfw_rule_stats", "xdpfw_stats"):
+            src, dst = old._maps[name], self._maps[name]
+            stride = (dst.value_size + 7) // 8 * 8
+            keys: list[bytes] = []
+            values: list[list[bytes]] = []
+            for k, v in src.dump_raw():
+                keys.append(k)
+                values.append(
+                    [v[i * stride : i * stride + dst.value_size] for i in range(dst.ncpus)]
+                )
+            for i in range(0, len(keys), 8192):
+                dst.update_batch(keys[i : i + 8192], values[i : i + 8192])
 
     def _rebuild_from_maps(self) -> None:
         """Read the rules back from the lookup tables and recompute the derived state."""
@@ -571,6 +636,7 @@ class Datapath:
         conf.max_rules = self.caps.max_rules
         conf.max_prefixes = self.caps.max_prefixes
         conf.max_sets = self.caps.max_sets
+        conf.build_id[:] = self.build_id.ljust(8, b"\0")[:8]
         try:
             self._maps["xdpfw_config"].update(_U32(0), conf)
         except OSError as exc:
@@ -631,6 +697,38 @@ class Datapath:
     def map(self, name: str) -> bpfsys.Map[Any, Any]:
         """A map by name (tests and diagnostics)."""
         return self._maps[name]
+
+
+def _wrap_maps(loaded: LoadedProgram) -> dict[str, bpfsys.Map[Any, Any]]:
+    maps: dict[str, bpfsys.Map[Any, Any]] = {}
+    for name, fd in loaded.map_fds.items():
+        key_t, val_t = _MAP_TYPES[name]
+        maps[name] = bpfsys.Map(fd, name, key_t, val_t)
+    return maps
+
+
+def _pin_all(loaded: LoadedProgram, pin_dir: Path) -> list[Path]:
+    """Pin maps, then the program: the program pin marks a complete set."""
+    pin_dir.mkdir(parents=True, exist_ok=True)
+    pinned: list[Path] = []
+    try:
+        for name, fd in loaded.map_fds.items():
+            bpfsys.obj_pin(fd, str(pin_dir / name))
+            pinned.append(pin_dir / name)
+        bpfsys.obj_pin(loaded.prog_fd, str(pin_dir / PROG_PIN))
+        pinned.append(pin_dir / PROG_PIN)
+    except BaseException:
+        for path in pinned:
+            path.unlink(missing_ok=True)
+        raise
+    return pinned
+
+
+def _remove_pin_dir(path: Path) -> None:
+    if path.is_dir():
+        for child in path.iterdir():
+            child.unlink()
+        path.rmdir()
 
 
 def _read_raw_config(fd: int, value_size: int) -> bytes:

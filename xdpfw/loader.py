@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import io
 import os
 import sys
@@ -23,7 +24,7 @@ from xdpfw.compiler import Capacities
 from xdpfw.errors import CompileError, HeadersMissing
 from xdpfw.kheaders import KernelHeadersMissing, ensure_kernel_headers
 
-__all__ = ["MAP_NAMES", "LoadedProgram", "cflags", "compile_types", "load"]
+__all__ = ["MAP_NAMES", "LoadedProgram", "build_id", "cflags", "compile_types", "load"]
 
 MAP_NAMES = (
     *(t.map_name for t in abi.Table if t is not abi.Table.MAX),
@@ -64,6 +65,15 @@ def cflags(caps: Capacities) -> list[str]:
         f"-DXDPFW_MAX_SETS={caps.max_sets}",
         "-Wno-unused-function",
     ]
+
+
+def build_id(caps: Capacities) -> bytes:
+    """8 bytes that change whenever the program bcc would build changes (source or flags)."""
+    h = hashlib.sha256()
+    for part in (abi.PROGRAM.read_bytes(), abi.HEADER.read_bytes(), *map(str.encode, cflags(caps))):
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.digest()[:8]
 
 
 @contextlib.contextmanager
