@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import FastAPI
 
 from api.errors import install_error_handlers
@@ -29,4 +31,25 @@ def create_app(settings: Settings, service: FirewallService, token: str) -> Fast
     app.include_router(stats.router)
     app.include_router(stats.metrics_router)
     app.include_router(interfaces.router)
+    if not settings.loopback_only:
+        _require_token_for_reads(app)
     return app
+
+
+def _require_token_for_reads(app: FastAPI) -> None:
+    """Off loopback, reads need the token too: say so in the OpenAPI document."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            schema.setdefault("components", {}).setdefault("securitySchemes", {})[
+                "HTTPBearer"
+            ] = {"type": "http", "scheme": "bearer"}
+            for path, ops in schema.get("paths", {}).items():
+                if path != "/healthz" and "get" in ops:
+                    ops["get"]["security"] = [{"HTTPBearer": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

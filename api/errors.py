@@ -8,7 +8,11 @@ from __future__ import annotations
 import logging
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from xdpfw import errors as e
 
@@ -71,5 +75,24 @@ async def _handle(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(_body(exc), status_code=code)
 
 
+async def _method_not_allowed(request: Request, exc: Exception) -> Response:
+    """405 with an Allow header naming every method the path has (Starlette names one route's)."""
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code != 405:
+        return await http_exception_handler(request, exc)
+    allowed: set[str] = set()
+    for route in request.app.routes:
+        if isinstance(route, APIRoute) and route.methods:
+            match, _ = route.matches({**request.scope, "method": next(iter(route.methods))})
+            if match is Match.FULL:
+                allowed |= route.methods
+    return JSONResponse(
+        {"detail": "Method Not Allowed"},
+        status_code=405,
+        headers={"Allow": ", ".join(sorted(allowed))},
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(e.XdpfwError, _handle)
+    app.add_exception_handler(StarletteHTTPException, _method_not_allowed)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -35,26 +35,45 @@ def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-class RuleIn(BaseModel):
-    """A rule to add. At least one of src, dst, proto, dport."""
+_CIDR_PATTERN = r"^[0-9A-Fa-f.:]+(/[0-9]{1,3})?$"
 
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {"src": "198.18.7.0/24", "comment": "abuse ticket 4711", "ttl_seconds": 3600},
-                {"action": "allow", "src": "198.18.7.9", "proto": "tcp", "dport": "22"},
-                {"mode": "monitor", "proto": "udp", "dport": "1000-2000"},
-            ]
-        },
-    )
+
+def _rule_schema(schema: dict[str, Any]) -> None:
+    """The cross-field rules of RuleSpec.validate, as far as JSON Schema can say them."""
+    def named(*fields: str) -> dict[str, Any]:  # present and not null
+        return {
+            "required": list(fields),
+            "properties": {f: {"not": {"type": "null"}} for f in fields},
+        }
+
+    schema["anyOf"] = [named(f) for f in ("src", "dst", "proto", "dport")]
+    schema["not"] = named("src", "dst")
+    schema["if"] = named("dport")
+    schema["then"] = {"required": ["proto"], "properties": {"proto": {"enum": ["tcp", "udp"]}}}
+    schema["examples"] = [
+        {"src": "198.18.7.0/24", "comment": "abuse ticket 4711", "ttl_seconds": 3600},
+        {"action": "allow", "src": "198.18.7.9", "proto": "tcp", "dport": "22"},
+        {"mode": "monitor", "proto": "udp", "dport": "1000-2000"},
+    ]
+
+
+class RuleIn(BaseModel):
+    """A rule to add. At least one of src, dst, proto, dport; src or dst, not both."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_rule_schema)
 
     action: Literal["drop", "allow"] = "drop"
     mode: Literal["enforce", "monitor"] = "enforce"
-    src: str | None = Field(default=None, max_length=64, description="CIDR or bare address")
-    dst: str | None = Field(default=None, max_length=64, description="CIDR or bare address")
+    src: str | None = Field(
+        default=None, max_length=64, pattern=_CIDR_PATTERN, description="CIDR or bare address"
+    )
+    dst: str | None = Field(
+        default=None, max_length=64, pattern=_CIDR_PATTERN, description="CIDR or bare address"
+    )
     proto: Literal["tcp", "udp", "icmp", "icmpv6"] | None = None
-    dport: int | str | None = Field(default=None, description='22 or "1000-2000" (tcp/udp)')
+    dport: Annotated[int, Field(ge=0, le=65535)] | Annotated[
+        str, Field(pattern=r"^[0-9]{1,5}(-[0-9]{1,5})?$")
+    ] | None = Field(default=None, description='22 or "1000-2000" (tcp/udp only)')
     comment: str = Field(default="", max_length=256)
     ttl_seconds: int | None = Field(default=None, ge=1, le=MAX_TTL)
     force: bool = Field(
@@ -158,7 +177,7 @@ class StatsOut(BaseModel):
 
 
 class InterfaceIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     name: str = Field(min_length=1, max_length=15, pattern=r"^[A-Za-z0-9_.:@-]+$")
     mode: Literal["auto", "native", "generic"] = "auto"
 

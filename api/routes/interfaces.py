@@ -4,12 +4,22 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response, status
 
-from api.deps import ReadAccess, ServiceDep, WriteAccess
+from api.deps import (
+    AUTH_RESPONSES,
+    BODY_RESPONSES,
+    ERROR_RESPONSES,
+    ErrorOut,
+    ReadAccess,
+    ServiceDep,
+    WriteAccess,
+)
 from api.models import InterfaceIn, InterfaceOut
 
 __all__ = ["interface_states", "router"]
 
-router = APIRouter(prefix="/v1/interfaces", tags=["interfaces"])
+router = APIRouter(
+    prefix="/v1/interfaces", tags=["interfaces"], responses={**AUTH_RESPONSES, **ERROR_RESPONSES}
+)
 
 
 def interface_states(svc: ServiceDep) -> list[InterfaceOut]:
@@ -32,7 +42,11 @@ def list_interfaces(svc: ServiceDep) -> list[InterfaceOut]:
     status_code=status.HTTP_201_CREATED,
     response_model=InterfaceOut,
     dependencies=[WriteAccess],
-    responses={404: {"description": "no such interface"}, 409: {"description": "foreign XDP"}},
+    responses={
+        404: {"model": ErrorOut, "description": "no such interface"},
+        409: {"model": ErrorOut, "description": "another XDP program is attached there"},
+        **BODY_RESPONSES,
+    },
 )
 def attach(body: InterfaceIn, svc: ServiceDep) -> InterfaceOut:
     """Attach the program (auto: native where the driver can, else generic)."""
@@ -43,7 +57,7 @@ def attach(body: InterfaceIn, svc: ServiceDep) -> InterfaceOut:
     "/{name}",
     status_code=status.HTTP_204_NO_CONTENT,
     dependencies=[WriteAccess],
-    responses={404: {"description": "not attached"}},
+    responses={404: {"model": ErrorOut, "description": "not attached"}},
 )
 def detach(name: str, svc: ServiceDep) -> Response:
     svc.detach(name)

@@ -2,19 +2,35 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Request, Response, status
+from fastapi import APIRouter, Path, Query, Request, Response, status
 
-from api.deps import ReadAccess, ServiceDep, WriteAccess
+from api.deps import (
+    AUTH_RESPONSES,
+    BODY_RESPONSES,
+    ERROR_RESPONSES,
+    ErrorOut,
+    ReadAccess,
+    ServiceDep,
+    WriteAccess,
+)
 from api.models import MAX_TTL, BulkOut, RuleIn, RuleOut, RulePage
 from api.service import NewRule
 from xdpfw.errors import InvalidRule
-from xdpfw.rules import RuleSpec
+from xdpfw.rules import MAX_RULE_ID, RuleSpec
 
 __all__ = ["router"]
 
-router = APIRouter(prefix="/v1/rules", tags=["rules"])
+router = APIRouter(
+    prefix="/v1/rules",
+    tags=["rules"],
+    responses={**AUTH_RESPONSES, **ERROR_RESPONSES},
+)
+RuleId = Annotated[int, Path(ge=1, le=MAX_RULE_ID, description="rule id")]
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorOut, "description": "no rule with that id"}
+}
 
 
 @router.post(
@@ -24,8 +40,9 @@ router = APIRouter(prefix="/v1/rules", tags=["rules"])
     dependencies=[WriteAccess],
     responses={
         200: {"model": RuleOut, "description": "an identical rule already existed; returned as is"},
-        422: {"description": "invalid rule (field and problem named)"},
-        507: {"description": "a table is full"},
+        409: {"model": ErrorOut, "description": "overlaps a protected prefix (send force)"},
+        507: {"model": ErrorOut, "description": "a table is full"},
+        **BODY_RESPONSES,
     },
 )
 def add_rule(body: RuleIn, svc: ServiceDep, response: Response) -> RuleOut:
@@ -57,8 +74,10 @@ def list_rules(
     )
 
 
-@router.get("/{rule_id}", response_model=RuleOut, dependencies=[ReadAccess])
-def get_rule(rule_id: int, svc: ServiceDep) -> RuleOut:
+@router.get(
+    "/{rule_id:int}", response_model=RuleOut, dependencies=[ReadAccess], responses=_NOT_FOUND
+)
+def get_rule(rule_id: RuleId, svc: ServiceDep) -> RuleOut:
     """One rule with its counters."""
     stored = svc.get(rule_id)
     counters = svc.counters([rule_id]).get(rule_id)
@@ -66,12 +85,12 @@ def get_rule(rule_id: int, svc: ServiceDep) -> RuleOut:
 
 
 @router.delete(
-    "/{rule_id}",
+    "/{rule_id:int}",
     status_code=status.HTTP_204_NO_CONTENT,
     dependencies=[WriteAccess],
-    responses={404: {"description": "no rule with that id"}},
+    responses=_NOT_FOUND,
 )
-def delete_rule(rule_id: int, svc: ServiceDep) -> Response:
+def delete_rule(rule_id: RuleId, svc: ServiceDep) -> Response:
     svc.remove([rule_id])
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
@@ -84,11 +103,20 @@ _BULK_EXAMPLE = "# blocklist\n198.18.7.0/24\n198.18.9.1\n2001:db8:bad::/48\n"
     status_code=status.HTTP_201_CREATED,
     response_model=BulkOut,
     dependencies=[WriteAccess],
+    responses={
+        409: {"model": ErrorOut, "description": "overlaps a protected prefix (send force)"},
+        507: {"model": ErrorOut, "description": "a table is full"},
+        **BODY_RESPONSES,
+    },
     openapi_extra={
         "requestBody": {
             "content": {
                 "application/json": {
-                    "schema": {"type": "array", "items": {"$ref": "#/components/schemas/RuleIn"}}
+                    "schema": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {"$ref": "#/components/schemas/RuleIn"},
+                    }
                 },
                 "text/plain": {"schema": {"type": "string"}, "example": _BULK_EXAMPLE},
             },

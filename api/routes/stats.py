@@ -10,14 +10,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from api.deps import ReadAccess, ServiceDep
+from api.deps import AUTH_RESPONSES, ERROR_RESPONSES, ReadAccess, ServiceDep
 from api.models import RuleStatOut, StatsOut, TotalsOut, iso
 from api.service import FirewallService
 
 __all__ = ["metrics_router", "router"]
 
-router = APIRouter(prefix="/v1/stats", tags=["stats"])
-metrics_router = APIRouter(tags=["stats"])
+router = APIRouter(
+    prefix="/v1/stats", tags=["stats"], responses={**AUTH_RESPONSES, **ERROR_RESPONSES}
+)
+metrics_router = APIRouter(tags=["stats"], responses={**AUTH_RESPONSES, **ERROR_RESPONSES})
 
 
 @router.get("", response_model=StatsOut, dependencies=[ReadAccess])

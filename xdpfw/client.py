@@ -1,0 +1,461 @@
+"""A small typed client of the xdpfw REST API (httpx), used by the CLI.
+
+Every failure leaves this module as one exception, `ClientError(message, exit_code)`, whose
+message says what to do (start the service, where the token comes from, which field is wrong):
+
+    ClientError
+        exit_code EXIT_UNREACHABLE  the service does not answer (connection refused, timeout)
+        exit_code EXIT_AUTH         401/403: no token, or the wrong one
+        exit_code EXIT_USAGE        422 (each field and problem), or a malformed --api URL
+        exit_code EXIT_ERROR        404, 409, 507, 5xx: the API's own words
+
+Response bodies are typed as the API's shapes (api/models.py) but not re-validated here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypedDict, cast
+
+import httpx
+
+__all__ = [
+    "DEFAULT_API",
+    "DEFAULT_STATE_DIR",
+    "DEMO_STATE_DIR",
+    "EXIT_AUTH",
+    "EXIT_ERROR",
+    "EXIT_UNREACHABLE",
+    "EXIT_USAGE",
+    "START_HINT",
+    "BulkResult",
+    "Client",
+    "ClientError",
+    "Health",
+    "Interface",
+    "Rule",
+    "RuleCounters",
+    "RulePage",
+    "RuleStat",
+    "Stats",
+    "Token",
+    "Totals",
+    "error_for",
+    "find_token",
+    "parse_table_usage",
+]
+
+DEFAULT_API = "http://127.0.0.1:8000"
+DEFAULT_STATE_DIR = Path("/var/lib/xdpfw")
+DEMO_STATE_DIR = Path("/run/xdpfw-demo")  # where `xdpfw serve` with no --iface keeps state
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_AUTH = 4
+
+START_HINT = (
+    "is the service running? start it with `sudo make run` or `sudo xdpfw serve --iface IFACE`"
+    ", or point --api / XDPFW_API at it"
+)
+
+
+# --- the API's shapes (api/models.py) ------------------------------------------------------
+
+
+class RuleCounters(TypedDict):
+    packets: int
+    bytes: int
+    last_hit: str | None
+
+
+class Rule(TypedDict):
+    id: int
+    action: str
+    mode: str
+    src: str | None
+    dst: str | None
+    proto: str | None
+    dport: str | None
+    comment: str
+    created_at: str
+    expires_at: str | None
+    counters: RuleCounters | None
+
+
+class RulePage(TypedDict):
+    rules: list[Rule]
+    next_cursor: str | None
+
+
+class BulkResult(TypedDict):
+    added: int
+    duplicates: int
+    ids: list[int]
+    duplicate_ids: list[int]
+
+
+class Totals(TypedDict):
+    packets: int
+    passed: int
+    dropped: int
+    monitored: int
+    malformed: int
+    non_ip: int
+    fragments: int
+    bytes: int
+
+
+class RuleStat(TypedDict):
+    id: int
+    packets: int
+    bytes: int
+    last_hit: str | None
+
+
+class Stats(TypedDict):
+    totals: Totals
+    rules: list[RuleStat]
+
+
+class Interface(TypedDict):
+    name: str
+    attached: bool
+    mode: str
+    prog_id: int
+    ifindex: int
+
+
+class Health(TypedDict):
+    status: str
+    prog_id: int
+    adopted: bool
+    rules: int
+    interfaces: list[Interface]
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+class ClientError(Exception):
+    """One failed call, with a message for a person and the CLI's exit code."""
+
+    def __init__(
+        self,
+        message: str,
+        exit_code: int = EXIT_ERROR,
+        *,
+        status: int | None = None,
+        problems: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+        self.status = status
+        self.problems = list(problems)  # 422: (field, problem) pairs
+
+
+@dataclass(frozen=True)
+class Token:
+    """The bearer token the CLI sends (or None) and where it came from, for error messages."""
+
+    value: str | None
+    source: str  # "--token", "XDPFW_TOKEN", a file path; or why there is none
+
+
+def find_token(
+    explicit: str | None,
+    state_dir: Path | None,
+    env: Mapping[str, str] | None = None,
+) -> Token:
+    """--token, else XDPFW_TOKEN, else <state-dir>/token (state dir from --state-dir,
+    XDPFW_STATE_DIR, or /var/lib/xdpfw, falling back to the demo's /run/xdpfw-demo)."""
+    env = os.environ if env is None else env
+    if explicit:
+        return Token(explicit.strip(), "--token")
+    if env.get("XDPFW_TOKEN"):
+        return Token(env["XDPFW_TOKEN"].strip(), "XDPFW_TOKEN")
+    if state_dir is None and env.get("XDPFW_STATE_DIR"):
+        state_dir = Path(env["XDPFW_STATE_DIR"])
+    candidates = [state_dir] if state_dir is not None else [DEFAULT_STATE_DIR, DEMO_STATE_DIR]
+    why: list[str] = []
+    for d in candidates:
+        path = d / "token"
+        try:
+            value = path.read_text().strip()
+        except FileNotFoundError:
+            why.append(f"{path} does not exist")
+            continue
+        except PermissionError:
+            why.append(f"{path} is not readable by this user (try sudo)")
+            continue
+        except OSError as exc:
+            why.append(f"{path}: {exc.strerror or exc}")
+            continue
+        if value:
+            return Token(value, str(path))
+        why.append(f"{path} is empty")
+    return Token(None, "; ".join(why))
+
+
+def _detail(response: httpx.Response) -> Any:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text.strip()[:300] or response.reason_phrase
+    return body.get("detail", body) if isinstance(body, dict) else body
+
+
+def _field(loc: Sequence[object]) -> str:
+    parts = [str(p) for p in loc]
+    if len(parts) > 1 and parts[0] in ("body", "query", "path"):
+        parts = parts[1:]
+    return ".".join(parts) or "request"
+
+
+def error_for(
+    response: httpx.Response, token: Token | None = None, not_found: str | None = None
+) -> ClientError:
+    """An HTTP error response -> a ClientError that says what to do."""
+    code = response.status_code
+    detail = _detail(response)
+    if code == 401:
+        have = (
+            f"no token was sent ({token.source})" if token and token.value is None
+            else "no token was sent"
+        )
+        return ClientError(
+            f"the API needs a token and {have}. Pass --token, set XDPFW_TOKEN, or let the CLI "
+            "read <state-dir>/token (as root; --state-dir / XDPFW_STATE_DIR, default "
+            f"{DEFAULT_STATE_DIR})",
+            EXIT_AUTH,
+            status=code,
+        )
+    if code == 403:
+        src = token.source if token is not None else "the request"
+        return ClientError(
+            f"the API refused the token from {src}: it must match the service's "
+            "<state-dir>/token (or the XDPFW_TOKEN it was started with); check --token, "
+            "XDPFW_TOKEN and --state-dir / XDPFW_STATE_DIR",
+            EXIT_AUTH,
+            status=code,
+        )
+    if code == 422:
+        problems: list[tuple[str, str]] = []
+        if isinstance(detail, list):
+            for d in detail:
+                if isinstance(d, dict):
+                    problems.append((_field(d.get("loc") or []), str(d.get("msg", d))))
+                else:
+                    problems.append(("request", str(d)))
+        else:
+            problems.append(("request", str(detail)))
+        text = "; ".join(f"{f}: {m}" for f, m in problems)
+        return ClientError(f"invalid request: {text}", EXIT_USAGE, status=code, problems=problems)
+    if code == 404 and not_found is not None:
+        return ClientError(not_found, EXIT_ERROR, status=code)
+    message = detail if isinstance(detail, str) else str(detail)
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        if body.get("existing_id") is not None:
+            message += f" (existing rule {body['existing_id']})"
+        if body.get("hint"):
+            message += f"; {body['hint']}"
+    if code == 507 and ";" not in message:  # the API's detail may carry its own hint
+        message += "; remove rules (`xdpfw rule rm`) or restart the service with larger --max-*"
+    return ClientError(f"{message} (HTTP {code})", EXIT_ERROR, status=code)
+
+
+_METRIC = re.compile(
+    r'^xdpfw_table_(entries|capacity)\{table="([^"]+)"\}\s+([0-9.eE+-]+)\s*$', re.M
+)
+
+
+def parse_table_usage(metrics: str) -> dict[str, tuple[int, int]]:
+    """/metrics text -> {table: (entries, capacity)} from the xdpfw_table_* gauges."""
+    used: dict[str, int] = {}
+    cap: dict[str, int] = {}
+    for kind, table, value in _METRIC.findall(metrics):
+        (used if kind == "entries" else cap)[table] = int(float(value))
+    return {t: (used.get(t, 0), cap[t]) for t in cap}
+
+
+# --- the client ----------------------------------------------------------------------------
+
+
+class Client:
+    """One API endpoint per method. Not thread-safe (one httpx.Client)."""
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_API,
+        token: Token | str | None = None,
+        *,
+        timeout: float = 10.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        if isinstance(token, str):
+            token = Token(token, "--token")
+        self.token = token or Token(None, "no token given")
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        headers = {"User-Agent": "xdpfw-cli"}
+        if self.token.value:
+            headers["Authorization"] = f"Bearer {self.token.value}"
+        try:
+            self._http = httpx.Client(
+                base_url=self.base_url, headers=headers, timeout=timeout, transport=transport
+            )
+        except (httpx.InvalidURL, ValueError) as exc:
+            raise ClientError(_bad_url(base_url, exc), EXIT_USAGE) from exc
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        ok: Sequence[int] = (200,),
+        not_found: str | None = None,
+        timeout: float | None = None,
+        **kw: Any,
+    ) -> httpx.Response:
+        try:
+            r = self._http.request(
+                method, path, timeout=timeout if timeout is not None else self.timeout, **kw
+            )
+        except httpx.TimeoutException as exc:
+            raise ClientError(
+                f"the API at {self.base_url} did not answer within "
+                f"{timeout or self.timeout:g}s ({type(exc).__name__}); is the service stuck? "
+                "check its log",
+                EXIT_UNREACHABLE,
+            ) from exc
+        except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
+            raise ClientError(_bad_url(self.base_url, exc), EXIT_USAGE) from exc
+        except httpx.TransportError as exc:
+            raise ClientError(
+                f"cannot reach the xdpfw API at {self.base_url} ({_reason(exc)}): {START_HINT}",
+                EXIT_UNREACHABLE,
+            ) from exc
+        if r.status_code not in ok:
+            raise error_for(r, self.token, not_found)
+        return r
+
+    # --- endpoints ---------------------------------------------------------------------
+
+    def health(self) -> Health:
+        """GET /healthz; a degraded service (503 with a health body) is an answer, not an error."""
+        r = self._request("GET", "/healthz", ok=(200, 503))
+        body = r.json()
+        if r.status_code == 503 and not (isinstance(body, dict) and "status" in body):
+            raise error_for(r, self.token)
+        return cast(Health, body)
+
+    def interfaces(self) -> list[Interface]:
+        return cast(list[Interface], self._request("GET", "/v1/interfaces").json())
+
+    def metrics(self) -> str:
+        return self._request("GET", "/metrics").text
+
+    def table_usage(self) -> dict[str, tuple[int, int]]:
+        """{table: (entries, capacity)}, from /metrics (the API has no JSON field for it)."""
+        return parse_table_usage(self.metrics())
+
+    def add_rule(self, body: Mapping[str, object]) -> tuple[Rule, bool]:
+        """POST /v1/rules -> (rule, created). created is False for an identical existing rule."""
+        r = self._request("POST", "/v1/rules", json=dict(body), ok=(200, 201))
+        return cast(Rule, r.json()), r.status_code == 201
+
+    def rule_pages(self, page_size: int = 10_000) -> Iterator[RulePage]:
+        cursor: str | None = None
+        while True:
+            params: dict[str, str | int] = {"limit": page_size}
+            if cursor is not None:
+                params["cursor"] = cursor
+            page = cast(RulePage, self._request("GET", "/v1/rules", params=params).json())
+            yield page
+            cursor = page["next_cursor"]
+            if cursor is None:
+                return
+
+    def rules(self, page_size: int = 10_000) -> list[Rule]:
+        """Every rule, in id order (follows next_cursor)."""
+        out: list[Rule] = []
+        for page in self.rule_pages(page_size):
+            out.extend(page["rules"])
+        return out
+
+    def rule(self, rule_id: int) -> Rule:
+        """GET /v1/rules/{id}: one rule with its counters."""
+        r = self._request("GET", f"/v1/rules/{rule_id}", not_found=_no_rule(rule_id))
+        return cast(Rule, r.json())
+
+    def delete_rule(self, rule_id: int) -> None:
+        self._request("DELETE", f"/v1/rules/{rule_id}", ok=(204,), not_found=_no_rule(rule_id))
+
+    def bulk_text(
+        self,
+        text: str,
+        *,
+        action: str = "drop",
+        mode: str = "enforce",
+        comment: str = "",
+        ttl_seconds: int | None = None,
+        timeout: float = 300.0,
+    ) -> BulkResult:
+        """POST /v1/rules/bulk with one address/CIDR per line; all or nothing per call."""
+        params: dict[str, str | int] = {"action": action, "mode": mode}
+        if comment:
+            params["comment"] = comment
+        if ttl_seconds is not None:
+            params["ttl_seconds"] = ttl_seconds
+        r = self._request(
+            "POST",
+            "/v1/rules/bulk",
+            params=params,
+            content=text.encode(),
+            headers={"Content-Type": "text/plain"},
+            ok=(201,),
+            timeout=timeout,
+        )
+        return cast(BulkResult, r.json())
+
+    def stats(self, top: int | None = None) -> Stats:
+        params = {"top": top} if top is not None else {}
+        return cast(Stats, self._request("GET", "/v1/stats", params=params).json())
+
+
+def _no_rule(rule_id: int) -> str:
+    return f"no rule {rule_id} (list them with `xdpfw rule ls`)"
+
+
+def _bad_url(url: str, exc: Exception) -> str:
+    return f"bad API URL {url!r} ({exc}); use e.g. --api http://127.0.0.1:8000"
+
+
+def _reason(exc: httpx.TransportError) -> str:
+    """The innermost OS reason ('Connection refused'), else the exception's text."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    text = str(exc)
+    m = re.search(r"\[Errno -?\d+\] ([^'\]]+)", text)
+    return m.group(1) if m else (text or type(exc).__name__)
