@@ -21,6 +21,7 @@ __all__ = [
     "RuleOut",
     "RulePage",
     "StatsOut",
+    "TableUsage",
     "TotalsOut",
     "iso",
 ]
@@ -194,6 +195,11 @@ class InterfaceOut(BaseModel):
         return cls(name=a.ifname, attached=True, mode=a.mode, prog_id=a.prog_id, ifindex=a.ifindex)
 
 
+class TableUsage(BaseModel):
+    entries: int
+    capacity: int
+
+
 class HealthOut(BaseModel):
     status: Literal["ok", "degraded"]
     prog_id: int
@@ -201,3 +207,6 @@ class HealthOut(BaseModel):
     rules: int
     protected: list[str]
     interfaces: list[InterfaceOut]
+    capacity: dict[str, TableUsage] = Field(
+        description="entries and capacity per kernel table, plus `rules` and `xdpfw_sets`"
+    )

@@ -52,7 +52,7 @@ def load_token(settings: Settings) -> str:
     return token
 
 
-def serve(settings: Settings, *, demo: bool = False) -> int:
+def serve(settings: Settings, *, demo: bool = False, cleanup: bool = False) -> int:
     """Run the service until SIGTERM/SIGINT. Returns the process exit code."""
     import uvicorn
 
@@ -77,7 +77,8 @@ def serve(settings: Settings, *, demo: bool = False) -> int:
         except XdpfwError as exc:
             print(f"xdpfw serve: {exc}", file=sys.stderr)
             return 1
-        stack.callback(dp.close, cleanup=demo)
+        cleanup = cleanup or demo
+        stack.callback(dp.close, cleanup=cleanup)
         store = Store(settings.db_file)
         stack.callback(store.close)
         svc = FirewallService(dp, store, settings.protect)
@@ -127,8 +128,8 @@ def serve(settings: Settings, *, demo: bool = False) -> int:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        if demo:
-            log.info("stopped; removing the demo lab, the program and its pins")
+        if cleanup:
+            log.info("stopped; detaching and removing the program and its pins")
         else:
             log.info("stopped; the program stays attached and filtering (pins in %s)",
                      settings.bpffs_dir)

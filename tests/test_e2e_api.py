@@ -49,6 +49,7 @@ def test_rule_drops_traffic_and_counts_exactly(server: Server) -> None:
         health = c.get("/healthz").json()
         assert health["status"] == "ok"
         assert [i["name"] for i in health["interfaces"]] == [lab.host_if]
+        assert health["capacity"]["rules"] == {"entries": 0, "capacity": 8192}
         assert udp_roundtrip(lab, count=N) == N
 
         r = c.post("/v1/rules", json={"src": lab.peer_ip4, "comment": "e2e"})
@@ -166,7 +167,7 @@ def test_refuses_non_loopback_without_token(tmp_path: Path) -> None:
 
 def test_bulk_text_and_json_all_or_nothing(server: Server) -> None:
     with server.client() as c:
-        body = "# blocklist\n198.18.10.0/24\n\n198.18.11.5  # a host\n2001:db8:10::/48\n"
+        body = "# blocklist\n198.18.10.0/24 ; SBL1\n\n198.18.11.5  # a host\n2001:db8:10::/48\n"
         r = c.post("/v1/rules/bulk?comment=list&ttl_seconds=3600", content=body,
                    headers={"content-type": "text/plain"})
         assert r.status_code == 201, r.text

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import unique_pin_dir
+from tests.conftest import TEST_CAPS, unique_pin_dir
 from tests.server import Server, running_server
 from tests.traffic import udp_roundtrip
 from xdpfw import abi, bpfsys
@@ -255,3 +255,40 @@ def test_program_upgrade_swaps_without_gap(server: Server) -> None:
     assert f"prog/xdp id {health['prog_id']}" in out
     assert not server.bpffs_dir.with_name(server.bpffs_dir.name + "-retired").exists()
     assert not server.bpffs_dir.with_name(server.bpffs_dir.name + "-upgrading").exists()
+
+
+def test_detach_and_cleanup_remove_only_our_objects(server: Server) -> None:
+    from tests.server import XDPFW
+    from xdpfw import netlink
+    from xdpfw.datapath import Datapath, DatapathConfig
+
+    lab = server.lab
+    with server.client() as c:
+        c.post("/v1/rules", json={"src": lab.peer_ip4})
+    server.stop()
+    other_dir = unique_pin_dir("other")
+    with netlink.veth_lab(prefix="xfw") as other_lab, Datapath.open(
+        DatapathConfig(bpffs_dir=other_dir, caps=TEST_CAPS)
+    ) as other:
+        other.attach(other_lab.host_if)
+        r = subprocess.run([XDPFW, "detach", "--bpffs-dir", str(server.bpffs_dir), lab.host_if],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert netlink.xdp_state(lab.host_if).prog_id == 0
+        assert (server.bpffs_dir / "prog").exists()  # plain detach keeps the pins
+        assert udp_roundtrip(lab, count=5) == 5
+
+        server.start()  # re-attaches from the database, same pinned program
+        assert udp_roundtrip(lab, count=5) == 0
+        server.stop()
+        r = subprocess.run([XDPFW, "detach", "--cleanup", "--bpffs-dir", str(server.bpffs_dir)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert not server.bpffs_dir.exists()
+        assert netlink.xdp_state(lab.host_if).prog_id == 0
+        # The other instance is untouched.
+        assert netlink.xdp_state(other_lab.host_if).prog_id == other.prog_id
+        assert (other_dir / "prog").exists()
+        r = subprocess.run([XDPFW, "detach", "--bpffs-dir", str(server.bpffs_dir)],
+                           capture_output=True, text=True)
+        assert r.returncode == 1 and "nothing pinned" in r.stderr

@@ -47,6 +47,44 @@ XDPFW_STATE_DIR, XDPFW_BPFFS_DIR, XDPFW_XDP_MODE, XDPFW_TOKEN, XDPFW_MAX_RULES, 
 """
 
 
+DETACH_EPILOG = """examples:
+  xdpfw detach eth1                    # stop filtering eth1, keep the pins
+  xdpfw detach --cleanup               # detach everywhere, remove /sys/fs/bpf/xdpfw
+  xdpfw detach --cleanup --bpffs-dir /sys/fs/bpf/xdpfw-demo
+"""
+
+
+def _detach(args: argparse.Namespace) -> int:
+    from xdpfw.datapath import PROG_PIN, Datapath, DatapathConfig
+    from xdpfw.errors import XdpfwError
+
+    pin_dir = args.bpffs_dir or Path(os.environ.get("XDPFW_BPFFS_DIR", "/sys/fs/bpf/xdpfw"))
+    if not (pin_dir / PROG_PIN).exists():
+        print(f"xdpfw detach: nothing pinned under {pin_dir}", file=sys.stderr)
+        return 1
+    try:
+        dp = Datapath.open(DatapathConfig(bpffs_dir=pin_dir, upgrade=False))
+    except XdpfwError as exc:
+        print(f"xdpfw detach: {exc}", file=sys.stderr)
+        return 1
+    try:
+        if args.cleanup:
+            names = [a.ifname for a in dp.attachments()]
+            dp.close(cleanup=True)
+            print(f"detached from {', '.join(names) or 'no interface'}; removed {pin_dir}")
+            return 0
+        targets = args.iface or [a.ifname for a in dp.attachments()]
+        for name in targets:
+            dp.detach(name)
+            print(f"detached from {name}")
+        return 0
+    except XdpfwError as exc:
+        print(f"xdpfw detach: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        dp.close()
+
+
 def _serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -88,7 +126,7 @@ def _serve(args: argparse.Namespace) -> int:
         for err in exc.errors():
             print(f"xdpfw serve: {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
         return 2
-    return serve(settings, demo=demo)
+    return serve(settings, demo=demo, cleanup=args.cleanup)
 
 
 # --- client commands -----------------------------------------------------------------------
@@ -1078,7 +1116,30 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with no interface, start unattached instead of on a demo lab",
     )
+    p.add_argument(
+        "--cleanup",
+        action="store_true",
+        help="on stop, detach and remove the pins (default: keep filtering while down)",
+    )
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser(
+        "detach",
+        help="detach the program from interfaces; --cleanup also removes every pin",
+        description="Work on the kernel side directly (the service may be stopped). Detaches "
+        "only xdpfw's own program; a program xdpfw did not attach is never touched.",
+        epilog=DETACH_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("iface", nargs="*", help="interfaces (default: every one running it)")
+    p.add_argument("--bpffs-dir", type=Path, default=None, help="default /sys/fs/bpf/xdpfw")
+    p.add_argument(
+        "--cleanup",
+        action="store_true",
+        help="detach everywhere and remove the program and map pins (rules in the database "
+        "stay; the next `serve` loads them again)",
+    )
+    p.set_defaults(func=_detach)
 
     p = _sub(sub, "status", "show service health, interfaces, program and capacity",
              STATUS_EPILOG, _cmd_status)

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from api.deps import ServiceDep
-from api.models import HealthOut
+from api.models import HealthOut, TableUsage
 from api.routes.interfaces import interface_states
 
 __all__ = ["router"]
@@ -30,5 +30,9 @@ def healthz(svc: ServiceDep) -> JSONResponse:
         rules=len(svc.dp.compiler) - len(svc.protected),
         protected=[p.src.with_prefixlen for p in svc.protected if p.src is not None],
         interfaces=ifaces,
+        capacity={
+            name: TableUsage(entries=used, capacity=cap)
+            for name, (used, cap) in svc.dp.table_usage().items()
+        },
     )
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)

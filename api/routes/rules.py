@@ -136,7 +136,8 @@ async def bulk_add(
     """Many rules in one call, all or nothing.
 
     Either a JSON array of rule bodies, or `text/plain` with one address/CIDR per line
-    (`#` comments and blank lines ignored; `action`, `mode`, `comment`, `ttl_seconds` from the
+    (`#` and `;` comments and blank lines ignored, so FireHOL and Spamhaus DROP files load as
+    they are; `action`, `mode`, `comment`, `ttl_seconds` from the
     query). One bad line or element -> 422 naming every bad line, and nothing changes.
     Rules identical to existing ones are skipped and reported in `duplicate_ids`.
     """
@@ -167,7 +168,7 @@ def _parse_lines(
     items: list[NewRule] = []
     bad: list[tuple[int, str]] = []
     for lineno, line in enumerate(text.splitlines(), 1):
-        entry = line.split("#", 1)[0].strip()
+        entry = line.split("#", 1)[0].split(";", 1)[0].strip()
         if not entry:
             continue
         try:
