@@ -292,3 +292,75 @@ def test_detach_and_cleanup_remove_only_our_objects(server: Server) -> None:
         r = subprocess.run([XDPFW, "detach", "--bpffs-dir", str(server.bpffs_dir)],
                            capture_output=True, text=True)
         assert r.returncode == 1 and "nothing pinned" in r.stderr
+
+
+def test_16_clients_x_500_changes_while_traffic_flows(server: Server) -> None:
+    """Afterwards the database, the maps and GET /v1/rules agree exactly."""
+    import sqlite3
+    from random import Random
+
+    from xdpfw.datapath import Datapath, DatapathConfig
+
+    lab = server.lab
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            udp_roundtrip(lab, count=5, settle=0.02)
+
+    def client(seed: int) -> None:
+        rng = Random(seed)
+        mine: list[int] = []
+        with server.client() as c:
+            for _ in range(500):
+                if mine and rng.random() < 0.45:
+                    rid = mine.pop(rng.randrange(len(mine)))
+                    r = c.delete(f"/v1/rules/{rid}")
+                    if r.status_code != 204:
+                        errors.append(f"delete {rid}: {r.status_code} {r.text}")
+                    continue
+                plen = rng.choice([32, 32, 32, 24, 20, 16])
+                addr = f"198.18.{rng.randrange(128, 256)}.{rng.randrange(256)}"
+                net = f"{addr}/{plen}" if plen == 32 else str(
+                    __import__("ipaddress").ip_network(f"{addr}/{plen}", strict=False))
+                body: dict[str, object] = {"src": net, "action": rng.choice(["drop", "allow"])}
+                if rng.random() < 0.3:
+                    body |= {"proto": "udp", "dport": rng.randrange(1, 4)}
+                r = c.post("/v1/rules", json=body)
+                if r.status_code == 201:
+                    mine.append(r.json()["id"])
+                elif r.status_code not in (200, 507):
+                    errors.append(f"add {body}: {r.status_code} {r.text}")
+
+    tt = threading.Thread(target=traffic)
+    tt.start()
+    workers = [threading.Thread(target=client, args=(i,)) for i in range(16)]
+    try:
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    finally:
+        stop.set()
+        tt.join()
+    assert not errors, errors[:5]
+
+    with server.client() as c:
+        api = {r["id"]: (r["action"], r["src"], r["proto"], r["dport"])
+               for r in c.get("/v1/rules?limit=10000").json()["rules"]}
+    server.stop()
+    db = sqlite3.connect(server.state_dir / "rules.sqlite3")
+    stored = {row[0]: tuple(row[1:]) for row in db.execute(
+        "SELECT id, action, src, proto, dport FROM rules")}
+    db.close()
+    dp = Datapath.open(DatapathConfig(bpffs_dir=server.bpffs_dir, upgrade=False))
+    try:
+        maps = {r.id: (r.action.value, r.src.with_prefixlen if r.src else None,
+                       r.proto.value if r.proto else None,
+                       str(r.dport) if r.dport else None) for r in dp.rules()}
+        counters = set(dp.rule_counters())
+    finally:
+        dp.close()
+    assert api == stored == maps
+    assert counters == set(maps)
