@@ -138,10 +138,11 @@ class FirewallService:
 
     def add(self, new: NewRule) -> tuple[StoredRule, bool]:
         """Add a rule; an identical one (match, action, mode) is returned instead, created=False."""
-        result = self.bulk_add([new])
-        if result.added:
-            return result.added[0], True
-        existing = self.store.get(result.duplicates[0])
+        with self.lock:  # the duplicate must not vanish before we read it back
+            result = self.bulk_add([new])
+            if result.added:
+                return result.added[0], True
+            existing = self.store.get(result.duplicates[0])
         assert existing is not None
         return existing, False
 
@@ -151,7 +152,7 @@ class FirewallService:
             now = time.time()
             fresh: list[NewRule] = []
             dups: list[int] = []
-            seen: dict[tuple[object, ...], int] = {}
+            seen: dict[bytes, int] = {}
             for item in items:
                 if not item.force:
                     self.check_protected(item.spec)
@@ -192,7 +193,7 @@ class FirewallService:
     ) -> list[int]:
         by_key = {s.rule.match_key(): s.id for s in stored}
         out = [d for d in dups if d != -1]
-        first_seen: set[tuple[object, ...]] = set()
+        first_seen: set[bytes] = set()
         for item in items:
             key = item.spec.match_key()
             if key in first_seen and key in by_key:

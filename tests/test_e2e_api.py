@@ -271,6 +271,12 @@ def test_concurrent_writers_agree(server: Server) -> None:
     errors: list[str] = []
 
     def worker(seed: int) -> None:
+        try:
+            run_worker(seed)
+        except Exception as exc:  # a dead thread must fail the test, not vanish
+            errors.append(f"worker {seed}: {exc!r}")
+
+    def run_worker(seed: int) -> None:
         rng = Random(seed)
         mine: list[int] = []
         with server.client() as c:

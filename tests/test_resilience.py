@@ -310,6 +310,12 @@ def test_16_clients_x_500_changes_while_traffic_flows(server: Server) -> None:
             udp_roundtrip(lab, count=5, settle=0.02)
 
     def client(seed: int) -> None:
+        try:
+            run_client(seed)
+        except Exception as exc:  # a dead thread must fail the test, not vanish
+            errors.append(f"client {seed}: {exc!r}")
+
+    def run_client(seed: int) -> None:
         rng = Random(seed)
         mine: list[int] = []
         with server.client() as c:
@@ -344,7 +350,7 @@ def test_16_clients_x_500_changes_while_traffic_flows(server: Server) -> None:
     finally:
         stop.set()
         tt.join()
-    assert not errors, errors[:5]
+    assert not errors, (errors[:5], server.output()[-4000:])
 
     with server.client() as c:
         api = {r["id"]: (r["action"], r["src"], r["proto"], r["dport"])

@@ -123,11 +123,13 @@ class RuleCompiler:
         self.caps = caps
         self.rules: dict[int, Rule] = {}
         self._own: dict[TableKey, list[Rule]] = {}  # key -> its own rules, best first
-        self._compiled: dict[TableKey, tuple[Rule, ...]] = {}  # key -> slots in the map
+        # LPM key -> slots in the map (own + inherited). Exact and address-less keys inherit
+        # nothing, so their slots are their own rules and are not stored twice.
+        self._compiled: dict[TableKey, tuple[Rule, ...]] = {}
         # Per trie: keys ordered by (address, plen) so a prefix's descendants are a range.
         self._trie_keys: dict[Table, SortedList] = {t: SortedList() for t in LPM_TABLES}
         self._trie_plens: dict[Table, dict[int, int]] = {t: {} for t in LPM_TABLES}
-        self._by_match: dict[tuple[object, ...], int] = {}
+        self._by_match: dict[bytes, int] = {}
         self._counts = [0] * Table.MAX  # entries per table
         self._n_sets = 0  # entries holding more than one slot
 
@@ -137,10 +139,16 @@ class RuleCompiler:
         return len(self.rules)
 
     def entries(self) -> Iterator[tuple[TableKey, tuple[Rule, ...]]]:
-        return iter(self._compiled.items())
+        """Every entry in the maps with its slots, best first."""
+        for key, own in self._own.items():
+            if key.table not in LPM_TABLES:
+                yield key, tuple(own)
+        yield from self._compiled.items()
 
     def compiled(self, key: TableKey) -> tuple[Rule, ...]:
-        return self._compiled.get(key, ())
+        if key.table in LPM_TABLES:
+            return self._compiled.get(key, ())
+        return tuple(self._own.get(key, ()))
 
     def table_counts(self) -> list[int]:
         return list(self._counts)
@@ -159,7 +167,7 @@ class RuleCompiler:
         plan = Plan()
         new_own: dict[TableKey, list[Rule]] = {}
         seen_ids: set[int] = set()
-        seen_match: dict[tuple[object, ...], int] = {}
+        seen_match: dict[bytes, int] = {}
         for rule in rules:
             if rule.id in self.rules or rule.id in seen_ids:
                 raise RuleConflict(f"rule id {rule.id} already exists", rule.id)
@@ -233,7 +241,7 @@ class RuleCompiler:
             mine = own(key)
             if not mine:
                 plan.entries[key] = ()
-                if key in self._compiled:
+                if self._has_entry(key):
                     counts[key.table] -= 1
                 continue
             slots = list(mine)
@@ -249,7 +257,7 @@ class RuleCompiler:
                 )
             slots.sort(key=_rank_desc)
             plan.entries[key] = tuple(slots)
-            if key not in self._compiled:
+            if not self._has_entry(key):
                 counts[key.table] += 1
         for table in Table:
             if table is Table.MAX:
@@ -260,13 +268,16 @@ class RuleCompiler:
                 )
         sets = self._n_sets
         for key, new in plan.entries.items():
-            sets += (len(new) > 1) - (len(self._compiled.get(key, ())) > 1)
+            sets += (len(new) > 1) - (len(self.compiled(key)) > 1)
         if sets > self.caps.max_sets - 1:
             raise CapacityExceeded(
                 "xdpfw_sets (entries holding more than one rule)",
                 self.caps.max_sets - 1,
                 "raise --max-sets",
             )
+
+    def _has_entry(self, key: TableKey) -> bool:
+        return key in (self._compiled if key.table in LPM_TABLES else self._own)
 
     def _ancestors(self, key: TableKey, pending: set[TableKey]) -> Iterator[TableKey]:
         """Shorter prefixes in the same trie that cover `key` (existing or being added)."""
@@ -297,6 +308,7 @@ class RuleCompiler:
 
     def commit(self, plan: Plan) -> None:
         """Record a plan whose map writes succeeded."""
+        old_sizes = {key: len(self.compiled(key)) for key in plan.entries}
         for rule in plan.removed:
             del self.rules[rule.id]
             self._by_match.pop(rule.match_key(), None)
@@ -317,9 +329,11 @@ class RuleCompiler:
             else:
                 insort(mine, rule, key=_rank_desc)
         for key, slots in plan.entries.items():
-            old = self._compiled.get(key, ())
-            self._n_sets += (len(slots) > 1) - (len(old) > 1)
+            old = old_sizes[key]
+            self._n_sets += (len(slots) > 1) - (old > 1)
             self._counts[key.table] += bool(slots) - bool(old)
+            if key.table not in LPM_TABLES:
+                continue  # the own list is the entry
             if slots:
                 self._compiled[key] = slots
             else:

@@ -258,7 +258,7 @@ class Datapath:
         from xdpfw import loader  # bcc is only imported when a program must be compiled
 
         _ensure_bpffs(cfg.bpffs_dir)
-        loaded = loader.load(cfg.caps)
+        loaded = loader.load_isolated(cfg.caps, _staging(cfg.bpffs_dir))
         pinned: list[Path] = []
         try:
             maps = _wrap_maps(loaded)
@@ -345,7 +345,7 @@ class Datapath:
         retired = pin_dir.with_name(pin_dir.name + "-retired")
         for leftover in (staging, retired):
             _remove_pin_dir(leftover)
-        loaded = loader.load(self.caps)
+        loaded = loader.load_isolated(self.caps, _staging(pin_dir))
         try:
             new = Datapath(self.cfg, loaded.prog_fd, _wrap_maps(loaded), self.caps, adopted=True)
         except BaseException:
@@ -722,6 +722,11 @@ def _pin_all(loaded: LoadedProgram, pin_dir: Path) -> list[Path]:
             path.unlink(missing_ok=True)
         raise
     return pinned
+
+
+def _staging(pin_dir: Path) -> Path:
+    """Where the compiling child pins what it loaded (bpffs names may not contain dots)."""
+    return pin_dir.with_name(f"{pin_dir.name}-loading-{os.getpid()}")
 
 
 def _remove_pin_dir(path: Path) -> None:

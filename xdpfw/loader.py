@@ -14,17 +14,27 @@ import ctypes
 import hashlib
 import io
 import os
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from xdpfw import abi
 from xdpfw.compiler import Capacities
 from xdpfw.errors import CompileError, HeadersMissing
 from xdpfw.kheaders import KernelHeadersMissing, ensure_kernel_headers
 
-__all__ = ["MAP_NAMES", "LoadedProgram", "build_id", "cflags", "compile_types", "load"]
+__all__ = [
+    "MAP_NAMES",
+    "LoadedProgram",
+    "build_id",
+    "cflags",
+    "compile_types",
+    "load",
+    "load_isolated",
+]
 
 MAP_NAMES = (
     *(t.map_name for t in abi.Table if t is not abi.Table.MAX),
@@ -134,6 +144,79 @@ def load(caps: Capacities) -> LoadedProgram:
         return LoadedProgram(prog_fd, map_fds)
 
 
+def load_isolated(caps: Capacities, staging: Path, timeout: float = 300.0) -> LoadedProgram:
+    """`load`, but compiled in a child process so LLVM never enters this one.
+
+    bcc links LLVM and clang: importing it costs a long-running service ~180 MB of resident
+    memory for a compile it does once. The child compiles, loads and pins the program and
+    maps under `staging` (on bpffs); this process opens the pins and removes them.
+    """
+    from xdpfw import bpfsys
+
+    cmd = [
+        sys.executable, "-m", "xdpfw.loader", "--pin-dir", str(staging),
+        "--max-rules", str(caps.max_rules), "--max-prefixes", str(caps.max_prefixes),
+        "--max-sets", str(caps.max_sets),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    try:
+        if proc.returncode == 3:
+            raise HeadersMissing(proc.stderr.strip())
+        if proc.returncode != 0:
+            raise CompileError(
+                f"compiling {abi.PROGRAM.name} failed (exit {proc.returncode}):\n"
+                + proc.stderr[-4000:]
+            )
+        prog_fd = bpfsys.obj_get(str(staging / "prog"))
+        map_fds: dict[str, int] = {}
+        try:
+            for name in MAP_NAMES:
+                map_fds[name] = bpfsys.obj_get(str(staging / name))
+        except BaseException:
+            LoadedProgram(prog_fd, map_fds).close()
+            raise
+        return LoadedProgram(prog_fd, map_fds)
+    finally:
+        if staging.is_dir():
+            for child in staging.iterdir():
+                child.unlink()
+            staging.rmdir()
+
+
+def _child_main(argv: list[str] | None = None) -> int:
+    """python -m xdpfw.loader --pin-dir DIR [--max-...]: compile, load, pin, exit."""
+    import argparse
+
+    from xdpfw import bpfsys
+
+    ap = argparse.ArgumentParser(prog="python -m xdpfw.loader")
+    ap.add_argument("--pin-dir", type=Path, required=True)
+    ap.add_argument("--max-rules", type=int, required=True)
+    ap.add_argument("--max-prefixes", type=int, required=True)
+    ap.add_argument("--max-sets", type=int, required=True)
+    args = ap.parse_args(argv)
+    caps = Capacities(args.max_rules, args.max_prefixes, args.max_sets)
+    try:
+        loaded = load(caps)
+    except HeadersMissing as exc:
+        print(exc, file=sys.stderr)
+        return 3
+    except CompileError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    try:
+        args.pin_dir.mkdir(parents=True, exist_ok=True)
+        for name, fd in loaded.map_fds.items():
+            bpfsys.obj_pin(fd, str(args.pin_dir / name))
+        bpfsys.obj_pin(loaded.prog_fd, str(args.pin_dir / "prog"))
+    except OSError as exc:
+        print(f"pinning under {args.pin_dir}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        loaded.close()
+    return 0
+
+
 def compile_types(caps: Capacities) -> dict[str, tuple[type[ctypes._CData], type[ctypes._CData]]]:
     """bcc's generated (Key, Leaf) ctypes per map, for the ABI mirror test."""
     with _bcc_module(caps) as module:
@@ -142,3 +225,7 @@ def compile_types(caps: Capacities) -> dict[str, tuple[type[ctypes._CData], type
             table = module[name.encode()]  # type: ignore[index]
             out[name] = (table.Key, table.Leaf)
         return out
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main())

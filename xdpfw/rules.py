@@ -16,10 +16,10 @@ verdict class on top, in one 64-bit integer that the data plane compares.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+import struct
+from dataclasses import dataclass, field
 from enum import StrEnum
-from functools import cached_property
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from xdpfw import abi
 from xdpfw.errors import InvalidRule
@@ -135,7 +135,7 @@ def parse_port_range(value: int | str | PortRange, field: str = "dport") -> Port
     return PortRange(lo, hi)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RuleSpec:
     """A validated rule without an id: what a caller asks for."""
 
@@ -145,6 +145,8 @@ class RuleSpec:
     dst: Network | None = None
     proto: Proto | None = None
     dport: PortRange | None = None
+    # Memoised match key (slots keep a million rules small; no per-object __dict__).
+    _mk: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def parse(
@@ -198,23 +200,23 @@ class RuleSpec:
             return abi.VERDICT_ALLOW
         return abi.VERDICT_MONITOR if self.mode is Mode.MONITOR else abi.VERDICT_DROP
 
-    def match_key(self) -> tuple[Any, ...]:
-        """Identity of a rule's match, action and mode (for duplicate detection)."""
-        return self._match_key
+    def match_key(self) -> bytes:
+        """Identity of a rule's match, action and mode (for duplicate detection).
 
-    @cached_property
-    def _match_key(self) -> tuple[Any, ...]:
-        # Plain ints and bytes: hashed in C, unlike ipaddress objects (bulk loads hash a lot).
-        def net(n: Network | None) -> tuple[int, bytes, int] | None:
-            return None if n is None else (n.version, n.network_address.packed, n.prefixlen)
-
-        return (
-            self.verdict,
-            net(self.src),
-            net(self.dst),
-            self.proto.number if self.proto is not None else 0,
-            (self.dport.lo, self.dport.hi) if self.dport is not None else None,
-        )
+        Compact bytes rather than a tuple of ipaddress objects: bulk loads hash millions of
+        these, and bytes hash in C and take a few dozen bytes each.
+        """
+        mk = self._mk
+        if mk is None:
+            ports = self.dport
+            mk = (
+                bytes((self.verdict, self.proto.number if self.proto is not None else 0))
+                + _net_key(self.src)
+                + _net_key(self.dst)
+                + (b"" if ports is None else struct.pack("!HH", ports.lo, ports.hi))
+            )
+            object.__setattr__(self, "_mk", mk)
+        return mk
 
     def with_id(self, rule_id: int) -> Rule:
         return Rule(
@@ -240,11 +242,18 @@ class RuleSpec:
         return " ".join(parts)
 
 
-@dataclass(frozen=True)
+def _net_key(net: Network | None) -> bytes:
+    if net is None:
+        return b"\0"
+    return bytes((net.version, net.prefixlen)) + net.network_address.packed
+
+
+@dataclass(frozen=True, slots=True)
 class Rule(RuleSpec):
     """A rule with its id (1 .. MAX_RULE_ID; lower ids win ties)."""
 
     id: int = 0
+    _rank: int = field(default=0, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 1 <= self.id <= MAX_RULE_ID:
@@ -255,19 +264,19 @@ class Rule(RuleSpec):
 
     def rank(self) -> int:
         """The 64-bit priority the data plane compares (layout in bpf/xdpfw_abi.h)."""
-        return self._rank
-
-    @cached_property
-    def _rank(self) -> int:
-        narrow = 0 if self.dport is None else 65536 - self.dport.width
-        return (
-            (self.verdict << 62)
-            | ((self.src.prefixlen if self.src is not None else 0) << 54)
-            | ((self.dst.prefixlen if self.dst is not None else 0) << 46)
-            | ((1 if self.proto is not None else 0) << 45)
-            | (narrow << 29)
-            | (abi.RANK_ID_MASK - self.id)
-        )
+        rank = self._rank
+        if not rank:
+            narrow = 0 if self.dport is None else 65536 - self.dport.width
+            rank = (
+                (self.verdict << 62)
+                | ((self.src.prefixlen if self.src is not None else 0) << 54)
+                | ((self.dst.prefixlen if self.dst is not None else 0) << 46)
+                | ((1 if self.proto is not None else 0) << 45)
+                | (narrow << 29)
+                | (abi.RANK_ID_MASK - self.id)
+            )
+            object.__setattr__(self, "_rank", rank)
+        return rank
 
 
 E = TypeVar("E", bound=StrEnum)
