@@ -62,6 +62,11 @@ def serve(settings: Settings, *, demo: bool = False, cleanup: bool = False) -> i
     from xdpfw.datapath import Datapath, DatapathConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from xdpfw import privileges
+
+    report = privileges.check()
+    for level, line in privileges.report_lines(report):
+        log.log(level, "%s", line)
     try:
         token = load_token(settings)
     except (ServeError, OSError) as exc:
