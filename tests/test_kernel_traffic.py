@@ -406,3 +406,27 @@ def test_arp_from_blocked_source_passes(attached: Attached) -> None:
 
     dp.remove_rule(1)
     assert_passes(lab, 4)
+
+
+def test_one_program_on_two_interfaces(dp: Datapath) -> None:
+    """Several interfaces at once: one program, one rule set, counters summed over both."""
+    with netlink.veth_lab(prefix="xfw") as a, netlink.veth_lab(prefix="xfw") as b:
+        att_a = dp.attach(a.host_if, "native")
+        att_b = dp.attach(b.host_if, "generic")
+        try:
+            assert att_a.prog_id == att_b.prog_id == dp.prog_id
+            assert {x.ifname for x in dp.attachments()} >= {a.host_if, b.host_if}
+            assert dp.attach(a.host_if, "native") == att_a  # idempotent for our own program
+            rule = RuleSpec.parse(src="198.18.0.0/15").with_id(1)
+            dp.add_rule(rule)
+            assert udp_roundtrip(a, count=N, dport=PORT) == 0
+            assert udp_roundtrip(b, count=N, dport=PORT) == 0
+            assert dp.rule_counters([1])[1].packets == 2 * N
+            dp.remove_rule(1)
+            assert udp_roundtrip(a, count=N, dport=PORT) == N
+            assert udp_roundtrip(b, count=N, dport=PORT) == N
+        finally:
+            dp.detach(a.host_if)
+            dp.detach(b.host_if)
+        assert netlink.xdp_state(a.host_if).prog_id == 0
+        assert netlink.xdp_state(b.host_if).prog_id == 0
