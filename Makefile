@@ -8,7 +8,7 @@ PY          := $(VENV)/bin/python
 PYTEST_ARGS ?=
 ARGS        ?=
 
-.PHONY: all setup test lint run bench clean
+.PHONY: all setup test lint run bench soak soak-service clean
 
 all: test
 
@@ -24,6 +24,12 @@ lint: setup
 
 run: setup
 	$(VENV)/bin/xdpfw serve $(ARGS)
+
+soak: setup
+	$(PY) -m xdpfw.soak --frames 10000000 $(ARGS)
+
+soak-service: setup
+	$(PY) scripts/soak_service.py --minutes 30 $(ARGS)
 
 bench: setup
 	$(PY) -m bench $(ARGS)

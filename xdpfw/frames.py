@@ -88,7 +88,10 @@ class ExtHeader:
     kind: 0 hop-by-hop, 43 routing, 60 destination options, 51 AH, 44 fragment (any other
     number is encoded like an options header: hdrlen = length / 8 - 1).
     length: total bytes of the header, including its next-header and length bytes. Options
-    headers and routing: a multiple of 8, at least 8. AH: a multiple of 4, at least 8.
+    headers and routing: a multiple of 8, at least 8 (options headers are filled with PadN
+    options; a Linux receiver drops more than 7 bytes of padding in a row, so only the 8-byte
+    ones get past XDP to a socket). AH: a multiple of 4, at least 8 (8 is the short form: SPI,
+    no sequence number).
     Fragment: always 8.
     frag_offset (8-byte units), more_fragments, ident: fragment header fields (kind 44 only).
     """
@@ -126,6 +129,9 @@ class ExtHeader:
             return struct.pack("!BBHI", next_header, 0, frag, self.ident)
         if self.kind == EXT_AH:
             hdrlen = self.length // 4 - 2
+            if self.length == 8:
+                # the short form (payload len 0): next header, payload len, reserved, SPI
+                return struct.pack("!BBHI", next_header, hdrlen, 0, _AH_SPI)
             # next header, payload len, reserved, SPI, sequence number, ICV (zeros)
             head = struct.pack("!BBHII", next_header, hdrlen, 0, _AH_SPI, 1)
             return head + bytes(self.length - len(head))
@@ -134,9 +140,25 @@ class ExtHeader:
             # routing type, segments left 0: a receiver ignores the header and goes on
             head = struct.pack("!BBBB", next_header, hdrlen, _ROUTING_TYPE, 0)
             return head + bytes(self.length - len(head))
-        # hop-by-hop, destination options (and unknown kinds): one PadN option fills it
-        pad = self.length - 2
-        return struct.pack("!BBBB", next_header, hdrlen, 1, pad - 2) + bytes(pad - 2)
+        # hop-by-hop, destination options (and unknown kinds): PadN options fill it
+        return struct.pack("!BB", next_header, hdrlen) + _padding(self.length - 2)
+
+
+_PADN_MAX = 2 + 255  # a PadN option: type, length byte, up to 255 zero bytes
+
+
+def _padding(size: int) -> bytes:
+    """``size`` bytes of options: PadN options of at most 257 bytes (Pad1 only for size 1)."""
+    out = b""
+    while size > 0:
+        if size == 1:
+            return out + b"\x00"  # Pad1
+        chunk = min(size, _PADN_MAX)
+        if size - chunk == 1:
+            chunk -= 1  # leave two bytes, not one, for the last PadN
+        out += struct.pack("!BB", 1, chunk - 2) + bytes(chunk - 2)
+        size -= chunk
+    return out
 
 
 def internet_checksum(data: bytes) -> int:
