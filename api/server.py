@@ -14,11 +14,15 @@ import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from api.settings import Settings
 from xdpfw.compiler import Capacities
-from xdpfw.errors import XdpfwError
+from xdpfw.errors import InterfaceNotFound, XdpfwError
 from xdpfw.netlink import VethLab
+
+if TYPE_CHECKING:
+    from api.store import Store
 
 __all__ = ["ServeError", "load_token", "serve"]
 
@@ -86,6 +90,8 @@ def serve(settings: Settings, *, demo: bool = False, cleanup: bool = False) -> i
         stack.callback(dp.close, cleanup=cleanup)
         store = Store(settings.db_file)
         stack.callback(store.close)
+        if demo:
+            stack.callback(_forget_interfaces, store)  # the lab goes away with the demo
         svc = FirewallService(dp, store, settings.protect)
         if not settings.protect:
             log.warning(
@@ -95,11 +101,23 @@ def serve(settings: Settings, *, demo: bool = False, cleanup: bool = False) -> i
         try:
             summary = svc.reconcile()
             svc.expire_due()
-            wanted = dict(store.interfaces())
-            for name in settings.iface:
-                wanted[name] = settings.xdp_mode
+            stored = dict(store.interfaces())
+            if demo and stored:  # the lab of an earlier demo is gone; this one is new
+                with store.transaction():
+                    for name in stored:
+                        store.drop_interface(name)
+                stored = {}
+            wanted = stored | {name: settings.xdp_mode for name in settings.iface}
             for name, mode in wanted.items():
-                att = svc.attach(name, mode)
+                try:
+                    att = svc.attach(name, mode)
+                except InterfaceNotFound:
+                    if name in settings.iface:
+                        raise  # asked for on this command line: a real error
+                    # Attached earlier through the API, gone now (an unplugged NIC, a removed
+                    # veth): keep serving the other interfaces; /healthz reports it degraded.
+                    log.error("interface %s (attached earlier) does not exist now", name)
+                    continue
                 log.info("attached to %s (%s, prog id %d)", name, att.mode, att.prog_id)
         except XdpfwError as exc:
             print(f"xdpfw serve: {exc}", file=sys.stderr)
@@ -140,6 +158,12 @@ def serve(settings: Settings, *, demo: bool = False, cleanup: bool = False) -> i
                      settings.bpffs_dir)
         return 0 if server.started else 1
     return 0
+
+
+def _forget_interfaces(store: Store) -> None:
+    with store.transaction():
+        for name in store.interfaces():
+            store.drop_interface(name)
 
 
 class _Stop(Exception):

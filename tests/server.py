@@ -38,6 +38,7 @@ class Server:
     proc: subprocess.Popen[bytes] | None = None
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    with_iface: bool = True  # pass --iface lab.host_if (False: rely on the database)
 
     @property
     def url(self) -> str:
@@ -55,8 +56,7 @@ class Server:
         return [
             XDPFW,
             "serve",
-            "--iface",
-            self.lab.host_if,
+            *(["--iface", self.lab.host_if] if self.with_iface else ["--no-demo"]),
             "--listen",
             f"127.0.0.1:{self.port}",
             "--state-dir",

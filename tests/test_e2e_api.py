@@ -333,3 +333,45 @@ def test_sigterm_keeps_program_and_pins(server: Server) -> None:
     out = subprocess.run(["ip", "-d", "link", "show", server.lab.host_if],
                          capture_output=True, text=True).stdout
     assert f"prog/xdp id {prog_id}" in out
+
+
+def _demo(tmp_path: Path, port: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [XDPFW, "serve", "--listen", f"127.0.0.1:{port}", "--state-dir", str(tmp_path / "demo"),
+         "--bpffs-dir", str(tmp_path_pin(tmp_path))],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+
+
+def tmp_path_pin(tmp_path: Path) -> Path:
+    return Path("/sys/fs/bpf") / f"xdpfw-test-demo-{tmp_path.name[-12:].replace('.', '')}"
+
+
+def test_demo_lab_starts_twice_and_cleans_up(tmp_path: Path) -> None:
+    """`make run` with no interface: a demo lab, removed with the pins on Ctrl-C."""
+    from tests.server import free_port
+
+    for _ in range(2):  # the second start must not trip over the first lab's leftovers
+        port = free_port()
+        proc = _demo(tmp_path, port)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+                try:
+                    health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+                    break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.2)
+            assert health.status_code == 200, health.text
+            lab_if = health.json()["interfaces"][0]["name"]
+            assert lab_if.startswith("xfw-demo")
+        finally:
+            proc.send_signal(signal.SIGINT)
+            out = proc.communicate(timeout=30)[0].decode()
+        assert proc.returncode == 0, out
+        assert "ip netns exec" in out  # the printed walk-through
+        assert not tmp_path_pin(tmp_path).exists()
+        links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+        assert lab_if not in links

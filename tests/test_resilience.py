@@ -370,3 +370,24 @@ def test_16_clients_x_500_changes_while_traffic_flows(server: Server) -> None:
         dp.close()
     assert api == stored == maps
     assert counters == set(maps)
+
+
+def test_vanished_interface_degrades_instead_of_failing(server: Server) -> None:
+    """An interface attached earlier through the API that no longer exists: serve the rest."""
+    from xdpfw import netlink
+
+    with server.client() as c:
+        rid = c.post("/v1/rules", json={"src": "198.18.99.0/24"}).json()["id"]
+    server.stop()
+    netlink.link_remove(server.lab.host_if)  # the peer in the namespace goes with it
+    server.with_iface = False
+    server.start()
+    with server.client() as c:
+        health = c.get("/healthz")
+        assert health.status_code == 503
+        assert health.json()["interfaces"] == [
+            {"name": server.lab.host_if, "attached": False, "mode": "auto", "prog_id": 0,
+             "ifindex": 0}
+        ]
+        assert c.get(f"/v1/rules/{rid}").status_code == 200
+    assert "does not exist now" in server.output()
