@@ -58,6 +58,8 @@ __all__ = [
     "DatapathConfig",
     "GlobalCounters",
     "RuleCounters",
+    "decode_key",
+    "encode_key",
 ]
 
 PROG_PIN = "prog"
@@ -124,7 +126,7 @@ def _kernel(op: str, exc: OSError) -> KernelError:
     return KernelError(op, exc.errno or 0, os.strerror(exc.errno or 0) + f" ({exc})")
 
 
-def _encode_key(key: TableKey) -> bytes:
+def encode_key(key: TableKey) -> bytes:
     if key.table is Table.ANY:
         return struct.pack("=I", 0)
     if key.table in LPM_TABLES:
@@ -132,7 +134,7 @@ def _encode_key(key: TableKey) -> bytes:
     return key.addr
 
 
-def _decode_key(table: Table, raw: bytes) -> TableKey:
+def decode_key(table: Table, raw: bytes) -> TableKey:
     if table is Table.ANY:
         return TableKey(Table.ANY)
     if table in LPM_TABLES:
@@ -398,7 +400,7 @@ class Datapath:
                 continue
             m = self._maps[table.map_name]
             for raw_key, entry in m.items():
-                key = _decode_key(table, bytes(raw_key))
+                key = decode_key(table, bytes(raw_key))
                 slots = [entry.first]
                 if entry.set_id:
                     self._set_of[key] = entry.set_id
@@ -574,7 +576,7 @@ class Datapath:
         deletes: dict[Table, list[bytes]] = {}
         for key, slots in entries.items():
             if not slots:
-                deletes.setdefault(key.table, []).append(_encode_key(key))
+                deletes.setdefault(key.table, []).append(encode_key(key))
                 continue
             set_id = 0
             if len(slots) > 1:
@@ -583,7 +585,7 @@ class Datapath:
                 rest = b"".join(_slot_bytes(r) for r in slots[1:])
                 sets.update(_U32(set_id), rest.ljust(ctypes.sizeof(abi.Set), b"\0"))
             ks, vs = updates.setdefault(key.table, ([], []))
-            ks.append(_encode_key(key))
+            ks.append(encode_key(key))
             vs.append(_entry_bytes(slots[0], set_id))
         for table, (ks, vs) in updates.items():
             self._maps[table.map_name].update_batch(ks, vs)
@@ -602,9 +604,9 @@ class Datapath:
             m = self._maps[key.table.map_name]
             try:
                 if slots:
-                    m.update(_encode_key(key), _entry_bytes(slots[0], old_sets.get(key, 0)))
+                    m.update(encode_key(key), _entry_bytes(slots[0], old_sets.get(key, 0)))
                 else:
-                    m.delete(_encode_key(key))
+                    m.delete(encode_key(key))
             except OSError:
                 pass
         for set_id in new_sets.values():

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 from xdpfw import abi, bpfsys, model
 from xdpfw.abi import Stat, Table
 from xdpfw.compiler import RuleCompiler, TableKey
+from xdpfw.datapath import decode_key
 from xdpfw.errors import CapacityExceeded, KernelError
 from xdpfw.rules import Rule, RuleSpec
 
@@ -612,15 +613,6 @@ def table_snapshot(dp: Datapath) -> dict[str, list[tuple[bytes, bytes]]]:
     return snap
 
 
-def _decode_key(table: Table, raw: bytes) -> TableKey:
-    if table is Table.ANY:
-        return TableKey(Table.ANY)
-    if table in (Table.SRC4_LPM, Table.DST4_LPM, Table.SRC6_LPM, Table.DST6_LPM):
-        (plen,) = _U32.unpack_from(raw)
-        return TableKey(table, bytes(raw[4:]), plen)
-    return TableKey(table, bytes(raw), len(raw) * 8)
-
-
 def _slot_of(rule: Rule) -> tuple[int, int, int, int, int, int, int]:
     ports = rule.dport
     return (
@@ -659,7 +651,7 @@ def entry_mismatches(dp: Datapath, rules: Sequence[Rule] | None = None) -> list[
                     if not s[0]:
                         break
                     slots.append(s)
-            got[_decode_key(table, bytes(raw_key))] = tuple(tuple(s) for s in slots)
+            got[decode_key(table, bytes(raw_key))] = tuple(tuple(s) for s in slots)
     problems: list[str] = []
     for key in sorted(want.keys() | got.keys(), key=str):
         if key not in got:
