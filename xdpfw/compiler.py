@@ -15,7 +15,7 @@ the caller `commit` them; a plan that does not fit raises CapacityExceeded and c
 from __future__ import annotations
 
 import ipaddress
-from bisect import insort
+from bisect import bisect_left, insort
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -105,6 +105,23 @@ def key_of(rule: Rule) -> TableKey:
 
 def _rank_desc(rule: Rule) -> int:
     return -rule.rank()
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """Trie keys a plan touches, indexed for ancestor and descendant queries."""
+
+    keys: frozenset[TableKey]
+    plens: frozenset[int]
+    sorted: list[tuple[int, int, TableKey]]  # (address, plen, key), by address
+
+    @classmethod
+    def of(cls, keys: set[TableKey]) -> _Pending:
+        return cls(
+            frozenset(keys),
+            frozenset(k.plen for k in keys),
+            sorted((int.from_bytes(k.addr, "big"), k.plen, k) for k in keys),
+        )
 
 
 @dataclass
@@ -221,13 +238,15 @@ class RuleCompiler:
 
         # Keys whose compiled slots change: the changed keys plus, in tries, their descendants.
         affected: set[TableKey] = set(changed)
-        new_trie_keys: dict[Table, set[TableKey]] = {}
+        by_trie: dict[Table, set[TableKey]] = {}
         for key in changed:
             if key.table in LPM_TABLES:
-                new_trie_keys.setdefault(key.table, set()).add(key)
+                by_trie.setdefault(key.table, set()).add(key)
+        pending = {t: _Pending.of(keys) for t, keys in by_trie.items()}
+        none = _Pending.of(set())
         for key in changed:
             if key.table in LPM_TABLES:
-                affected.update(self._descendants(key, new_trie_keys.get(key.table, set())))
+                affected.update(self._descendants(key, pending[key.table]))
 
         own_cache: dict[TableKey, list[Rule]] = {}
 
@@ -246,7 +265,7 @@ class RuleCompiler:
                 continue
             slots = list(mine)
             if key.table in LPM_TABLES:
-                for anc in self._ancestors(key, new_trie_keys.get(key.table, set())):
+                for anc in self._ancestors(key, pending.get(key.table, none)):
                     slots.extend(own(anc))
             if len(slots) > MAX_SLOTS:
                 raise CapacityExceeded(
@@ -279,20 +298,20 @@ class RuleCompiler:
     def _has_entry(self, key: TableKey) -> bool:
         return key in (self._compiled if key.table in LPM_TABLES else self._own)
 
-    def _ancestors(self, key: TableKey, pending: set[TableKey]) -> Iterator[TableKey]:
+    def _ancestors(self, key: TableKey, pending: _Pending) -> Iterator[TableKey]:
         """Shorter prefixes in the same trie that cover `key` (existing or being added)."""
         plens = self._trie_plens[key.table]
         addr = int.from_bytes(key.addr, "big")
         bits = len(key.addr) * 8
-        for plen in sorted({*plens, *(k.plen for k in pending)}):
+        for plen in sorted(plens.keys() | pending.plens):
             if plen >= key.plen:
                 break
             masked = addr & ~((1 << (bits - plen)) - 1) if plen < bits else addr
             anc = TableKey(key.table, masked.to_bytes(len(key.addr), "big"), plen)
-            if anc in self._own or anc in pending:
+            if anc in self._own or anc in pending.keys:
                 yield anc
 
-    def _descendants(self, key: TableKey, pending: set[TableKey]) -> Iterator[TableKey]:
+    def _descendants(self, key: TableKey, pending: _Pending) -> Iterator[TableKey]:
         """Longer prefixes in the same trie inside `key` (existing or being added)."""
         bits = len(key.addr) * 8
         lo = int.from_bytes(key.addr, "big")
@@ -300,9 +319,13 @@ class RuleCompiler:
         for addr, plen in self._trie_keys[key.table].irange((lo, 0), (hi, bits + 1)):
             if plen > key.plen:
                 yield TableKey(key.table, addr.to_bytes(len(key.addr), "big"), plen)
-        for other in pending:
-            if other.plen > key.plen and lo <= int.from_bytes(other.addr, "big") <= hi:
+        # Pending keys sorted by address: a range, not a scan (bulk loads add many prefixes).
+        i = bisect_left(pending.sorted, (lo, 0))
+        while i < len(pending.sorted) and pending.sorted[i][0] <= hi:
+            _, plen, other = pending.sorted[i]
+            if plen > key.plen:
                 yield other
+            i += 1
 
     # -- committing ----------------------------------------------------------------------------
 
