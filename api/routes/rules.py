@@ -31,6 +31,12 @@ RuleId = Annotated[int, Path(ge=1, le=MAX_RULE_ID, description="rule id")]
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorOut, "description": "no rule with that id"}
 }
+# What adding rules can answer besides success, for the single and the bulk route.
+_ADD_ERRORS: dict[int | str, dict[str, Any]] = {
+    409: {"model": ErrorOut, "description": "overlaps a protected prefix (send force)"},
+    507: {"model": ErrorOut, "description": "a table is full"},
+    **BODY_RESPONSES,
+}
 
 
 @router.post(
@@ -40,9 +46,7 @@ _NOT_FOUND: dict[int | str, dict[str, Any]] = {
     dependencies=[WriteAccess],
     responses={
         200: {"model": RuleOut, "description": "an identical rule already existed; returned as is"},
-        409: {"model": ErrorOut, "description": "overlaps a protected prefix (send force)"},
-        507: {"model": ErrorOut, "description": "a table is full"},
-        **BODY_RESPONSES,
+        **_ADD_ERRORS,
     },
 )
 def add_rule(body: RuleIn, svc: ServiceDep, response: Response) -> RuleOut:
@@ -103,11 +107,7 @@ _BULK_EXAMPLE = "# blocklist\n198.18.7.0/24\n198.18.9.1\n2001:db8:bad::/48\n"
     status_code=status.HTTP_201_CREATED,
     response_model=BulkOut,
     dependencies=[WriteAccess],
-    responses={
-        409: {"model": ErrorOut, "description": "overlaps a protected prefix (send force)"},
-        507: {"model": ErrorOut, "description": "a table is full"},
-        **BODY_RESPONSES,
-    },
+    responses=_ADD_ERRORS,
     openapi_extra={
         "requestBody": {
             "content": {
