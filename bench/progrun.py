@@ -111,6 +111,7 @@ _BPF_PROG_LOAD = 5
 _BPF_PROG_TYPE_XDP = 6
 _BPF_FUNC_MAP_LOOKUP_ELEM = 1
 _BPF_FUNC_KTIME_GET_BOOT_NS = 125
+_BPF_FUNC_KTIME_GET_COARSE_NS = 160
 _BPF_PSEUDO_MAP_FD = 1
 
 
@@ -163,30 +164,40 @@ def empty_xdp_prog() -> int:
 
 
 def reference_progs(max_entries: int) -> dict[str, int]:
-    """Programs costing one piece of what xdpfw does on a hit, on top of the harness:
-    bpf_ktime_get_boot_ns() (the rule's last-hit time) and one lookup in a preallocated
-    per-CPU hash of ``max_entries`` (like xdpfw_rule_stats) holding the looked-up key."""
-    out = {"ktime_get_boot_ns": _load_xdp(
-        _insn(0x85, imm=_BPF_FUNC_KTIME_GET_BOOT_NS) + _RET_PASS, "xbn_ktime"
-    )}
-    mfd = bpfsys.map_create(bpfsys.BPF_MAP_TYPE_PERCPU_HASH, 4, 24, max_entries, name="xbn_ref")
-    try:
-        m: bpfsys.Map[Any, Any] = bpfsys.Map(
-            os.dup(mfd), "xbn_ref", ctypes.c_uint32, ctypes.c_uint8 * 24
-        )
-        with m:
-            m.update(struct.pack("=I", 1), bytes(24))
-        insns = (
-            _insn(0x18, dst=1, src=_BPF_PSEUDO_MAP_FD, imm=mfd) + _insn(0)  # r1 = map
-            + _insn(0x62, dst=10, off=-4, imm=1)  # *(u32 *)(r10 - 4) = 1
-            + _insn(0xBF, dst=2, src=10)  # r2 = r10
-            + _insn(0x07, dst=2, imm=-4)  # r2 += -4
-            + _insn(0x85, imm=_BPF_FUNC_MAP_LOOKUP_ELEM)
-            + _RET_PASS
-        )
-        out["percpu_hash_lookup"] = _load_xdp(insns, "xbn_lookup")
-    finally:
-        os.close(mfd)  # the program holds the map
+    """Programs costing one piece of crediting a rule, on top of the harness: the clock
+    reads (bpf_ktime_get_boot_ns(), which ABI 1 used for last-hit, and the
+    bpf_ktime_get_coarse_ns() xdpfw uses now) and one lookup of key 1 in a per-CPU map of
+    ``max_entries``: a preallocated hash (ABI 1's xdpfw_rule_stats) and an array (ABI 2's)."""
+    out = {
+        "ktime_get_boot_ns": _load_xdp(
+            _insn(0x85, imm=_BPF_FUNC_KTIME_GET_BOOT_NS) + _RET_PASS, "xbn_ktime"
+        ),
+        "ktime_get_coarse_ns": _load_xdp(
+            _insn(0x85, imm=_BPF_FUNC_KTIME_GET_COARSE_NS) + _RET_PASS, "xbn_coarse"
+        ),
+    }
+    for kind, map_type in (
+        ("percpu_hash_lookup", bpfsys.BPF_MAP_TYPE_PERCPU_HASH),
+        ("percpu_array_lookup", bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY),
+    ):
+        mfd = bpfsys.map_create(map_type, 4, 24, max_entries + 1, name="xbn_ref")
+        try:
+            m: bpfsys.Map[Any, Any] = bpfsys.Map(
+                os.dup(mfd), "xbn_ref", ctypes.c_uint32, ctypes.c_uint8 * 24
+            )
+            with m:
+                m.update(struct.pack("=I", 1), bytes(24))
+            insns = (
+                _insn(0x18, dst=1, src=_BPF_PSEUDO_MAP_FD, imm=mfd) + _insn(0)  # r1 = map
+                + _insn(0x62, dst=10, off=-4, imm=1)  # *(u32 *)(r10 - 4) = 1
+                + _insn(0xBF, dst=2, src=10)  # r2 = r10
+                + _insn(0x07, dst=2, imm=-4)  # r2 += -4
+                + _insn(0x85, imm=_BPF_FUNC_MAP_LOOKUP_ELEM)
+                + _RET_PASS
+            )
+            out[kind] = _load_xdp(insns, "xbn_lookup")
+        finally:
+            os.close(mfd)  # the program holds the map
     return out
 
 

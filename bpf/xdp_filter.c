@@ -6,7 +6,10 @@
  * in at most five tables (exact source, source prefixes, exact destination,
  * destination prefixes, address-less rules), keep the best-ranked matching
  * slot, credit that rule and leave through finish(), the only exit, which
- * records the global counters.
+ * records the global counters. An IPv4 trie is only walked when the prefix
+ * hint says a prefix covers or lies in the address's /24; crediting a rule
+ * is one per-CPU array element (the slot carries its index) and a coarse
+ * clock read.
  *
  * The rule contract (allow beats drop beats monitor, then most specific) is
  * encoded by the control plane in each slot's rank (see xdpfw_abi.h), so the
@@ -52,8 +55,10 @@ BPF_LPM_TRIE(xdpfw_dst6_lpm, struct xdpfw_lpm6_key, struct xdpfw_entry, XDPFW_MA
 BPF_F_TABLE("hash", __u32, struct xdpfw_entry, xdpfw_any, 1, BPF_F_NO_PREALLOC);
 /* Overflow slots of entries holding more than one rule; index 0 is never used. */
 BPF_ARRAY(xdpfw_sets, struct xdpfw_set, XDPFW_MAX_SETS);
-/* Per-rule packets/bytes/last hit, per CPU, keyed by rule id. */
-BPF_PERCPU_HASH(xdpfw_rule_stats, __u32, struct xdpfw_rule_stats, XDPFW_MAX_RULES);
+/* Per-rule packets/bytes/last hit, per CPU, indexed by the slot's counter (0 unused). */
+BPF_PERCPU_ARRAY(xdpfw_rule_stats, struct xdpfw_rule_stats, XDPFW_MAX_RULES + 1);
+/* Which /24s may hold an IPv4 prefix: a frame outside them skips that trie. */
+BPF_F_TABLE("array", __u32, __u64, xdpfw_lpm4_hint, 2 * XDPFW_HINT_WORDS, BPF_F_MMAPABLE);
 /* Global counters, per CPU, one element. */
 BPF_PERCPU_ARRAY(xdpfw_stats, struct xdpfw_global_stats, 1);
 /* ABI version, capacities and per-table entry counts, one element. */
@@ -77,7 +82,7 @@ struct pkt {
 /* Best slot so far. */
 struct best {
 	__u64 rank;
-	__u32 rule_id;
+	__u32 counter;
 	__u8 verdict;
 };
 
@@ -269,7 +274,7 @@ static __always_inline void take(struct best *b, const struct xdpfw_slot *s)
 {
 	if (s->rank > b->rank) {
 		b->rank = s->rank;
-		b->rule_id = s->rule_id;
+		b->counter = s->counter;
 		b->verdict = s->verdict;
 	}
 }
@@ -305,6 +310,16 @@ static __always_inline void eval_entry(const struct xdpfw_entry *e, const struct
 	}
 }
 
+/* May a prefix in the trie (0: source, 1: destination) hold this address (be)? */
+static __always_inline int lpm4_hint(__u32 trie, __u32 addr_be)
+{
+	__u32 a = bpf_ntohl(addr_be);
+	__u32 idx = trie * XDPFW_HINT_WORDS + (a >> 14);
+	__u64 *word = xdpfw_lpm4_hint.lookup(&idx);
+
+	return word && ((*word >> ((a >> 8) & 63)) & 1);
+}
+
 static __always_inline void lookup_v4(const struct xdpfw_config *cfg, const struct pkt *p,
 				      struct best *b)
 {
@@ -315,7 +330,7 @@ static __always_inline void lookup_v4(const struct xdpfw_config *cfg, const stru
 		addr = p->saddr4;
 		eval_entry(xdpfw_src4.lookup(&addr), p, b);
 	}
-	if (cfg->n_entries[XDPFW_TBL_SRC4_LPM]) {
+	if (cfg->n_entries[XDPFW_TBL_SRC4_LPM] && lpm4_hint(0, p->saddr4)) {
 		__builtin_memcpy(k.addr, &p->saddr4, 4);
 		eval_entry(xdpfw_src4_lpm.lookup(&k), p, b);
 	}
@@ -323,7 +338,7 @@ static __always_inline void lookup_v4(const struct xdpfw_config *cfg, const stru
 		addr = p->daddr4;
 		eval_entry(xdpfw_dst4.lookup(&addr), p, b);
 	}
-	if (cfg->n_entries[XDPFW_TBL_DST4_LPM]) {
+	if (cfg->n_entries[XDPFW_TBL_DST4_LPM] && lpm4_hint(1, p->daddr4)) {
 		__builtin_memcpy(k.addr, &p->daddr4, 4);
 		eval_entry(xdpfw_dst4_lpm.lookup(&k), p, b);
 	}
@@ -354,15 +369,16 @@ static __always_inline int finish(const struct pkt *p, const struct best *b, int
 	struct xdpfw_global_stats *g;
 	struct xdpfw_rule_stats *rs;
 	__u32 zero = 0;
-	__u32 rule_id = b->rule_id;
+	__u32 counter = b->counter;
 	int action = b->verdict == XDPFW_VERDICT_DROP ? XDP_DROP : XDP_PASS;
 
 	if (b->verdict != XDPFW_VERDICT_NONE) {
-		rs = xdpfw_rule_stats.lookup(&rule_id);
+		/* An array element, no hash walk; a coarse clock, no clocksource read. */
+		rs = xdpfw_rule_stats.lookup(&counter);
 		if (rs) {
 			rs->packets++;
 			rs->bytes += p->len;
-			rs->last_hit_ns = bpf_ktime_get_boot_ns();
+			rs->last_hit_ns = bpf_ktime_get_coarse_ns();
 		}
 	}
 	g = xdpfw_stats.lookup(&zero);

@@ -15,7 +15,7 @@
 #ifndef XDPFW_ABI_H
 #define XDPFW_ABI_H
 
-#define XDPFW_ABI_VERSION 1
+#define XDPFW_ABI_VERSION 2
 
 /* Bounds of the parser. */
 #define XDPFW_MAX_VLAN 2        /* 802.1Q / 802.1ad tags we look through */
@@ -80,13 +80,14 @@
 
 struct xdpfw_slot {
 	__u64 rank;      /* host; 0 = empty */
-	__u32 rule_id;   /* host; key of xdpfw_rule_stats */
+	__u32 rule_id;   /* host; the rule's id (the data plane does not read it) */
 	__u16 port_lo;   /* host; only when has_ports */
 	__u16 port_hi;   /* host; inclusive */
 	__u8 proto;      /* IPPROTO_*; 0 = any protocol */
 	__u8 verdict;    /* XDPFW_VERDICT_* */
 	__u8 has_ports;  /* 1: needs an L4 header with dport in range */
-	__u8 pad[5];
+	__u8 pad;
+	__u32 counter;   /* host; the rule's index in xdpfw_rule_stats, 1..max_rules */
 };
 
 /*
@@ -121,12 +122,27 @@ struct xdpfw_addr6 {
 	__u8 addr[16];   /* be */
 };
 
-/* Per-rule, per-CPU counters; the reader sums packets/bytes, maxes last_hit. */
+/*
+ * Per-rule, per-CPU counters: element `counter` of a per-CPU array, so crediting a
+ * rule costs no second hash lookup. The control plane hands out the indices (0 is
+ * never used) and zeroes an element before a new rule gets it. The reader sums
+ * packets/bytes and takes the latest last_hit over the CPUs.
+ */
 struct xdpfw_rule_stats {
 	__u64 packets;   /* host */
 	__u64 bytes;     /* host; whole frame, L2 header included */
-	__u64 last_hit_ns; /* host; bpf_ktime_get_boot_ns() (CLOCK_BOOTTIME) */
+	__u64 last_hit_ns; /* host; bpf_ktime_get_coarse_ns() (CLOCK_MONOTONIC, jiffy resolution) */
 };
+
+/*
+ * IPv4 prefix hint: one bit per /24 of the address space for each IPv4 trie, set when a
+ * prefix in that trie covers or lies inside the /24. A frame whose address falls in a /24
+ * with no bit set skips the trie walk (most of any blocklist's misses and host hits). Element
+ * trie * XDPFW_HINT_WORDS + (addr >> 14) of xdpfw_lpm4_hint holds the bit of /24 number
+ * (addr >> 8) at position (addr >> 8) % 64; trie 0 is the source trie, 1 the destination
+ * trie. The map is memory-mapped (BPF_F_MMAPABLE): the control plane writes words in place.
+ */
+#define XDPFW_HINT_WORDS 262144 /* 2^24 /24s / 64 bits */
 
 /* Single element of xdpfw_stats (per CPU); the reader sums the CPUs. */
 struct xdpfw_global_stats {

@@ -53,6 +53,7 @@ def _mirror(name: str) -> int | None:
         "MAX_VLAN": abi.MAX_VLAN,
         "MAX_IPV6_EXT": abi.MAX_IPV6_EXT,
         "SET_SLOTS": abi.SET_SLOTS,
+        "HINT_WORDS": abi.HINT_WORDS,
         "RANK_ID_MASK": abi.RANK_ID_MASK,
         # Default capacities: the loader overrides them with -D, from Capacities.
         "MAX_RULES": caps.max_rules,
@@ -80,7 +81,7 @@ def test_header_defines_are_found() -> None:
     defines = header_defines()
     # the parser sees the file: a few anchors
     assert defines["ABI_H"] is None  # include guard
-    assert defines["ABI_VERSION"] == 1
+    assert defines["ABI_VERSION"] == 2
     assert defines["RANK_ID_MASK"] == 0x1FFFFFFF
     assert len(defines) > 30
 

@@ -14,6 +14,7 @@ __all__ = [
     "ABI_VERSION",
     "BPF_DIR",
     "HEADER",
+    "HINT_WORDS",
     "MAX_IPV6_EXT",
     "MAX_VLAN",
     "PROGRAM",
@@ -42,10 +43,11 @@ HEADER = BPF_DIR / "xdpfw_abi.h"
 PROGRAM = BPF_DIR / "xdp_filter.c"
 PROG_NAME = "xdpfw_prog"
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 MAX_VLAN = 2
 MAX_IPV6_EXT = 8
 SET_SLOTS = 31
+HINT_WORDS = 262144
 RANK_ID_MASK = 0x1FFFFFFF
 
 VERDICT_NONE = 0
@@ -96,7 +98,8 @@ class Slot(ctypes.Structure):
         ("proto", ctypes.c_uint8),
         ("verdict", ctypes.c_uint8),
         ("has_ports", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8 * 5),
+        ("pad", ctypes.c_uint8),
+        ("counter", ctypes.c_uint32),
     ]
 
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 import ctypes
 import errno as _errno
 import functools
+import mmap
 import os
 import platform
+import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -25,6 +27,7 @@ __all__ = [
     "BPF_ANY",
     "BPF_EXIST",
     "BPF_F_LOCK",
+    "BPF_F_MMAPABLE",
     "BPF_F_NO_PREALLOC",
     "BPF_MAP_TYPE_ARRAY",
     "BPF_MAP_TYPE_HASH",
@@ -162,6 +165,7 @@ BPF_F_LOCK = 4
 
 # Map creation flags.
 BPF_F_NO_PREALLOC = 1
+BPF_F_MMAPABLE = 1 << 10
 
 # enum bpf_stats_type
 BPF_STATS_RUN_TIME = 0
@@ -962,6 +966,67 @@ class Map(Generic[K, V]):
                 return
             first = False
             tokens.reverse()
+
+    def read_array(self, count: int, chunk: int = 65536) -> bytes:
+        """Raw values of elements 0 .. count-1 of an array map, in index order.
+
+        BPF_MAP_LOOKUP_BATCH from the start, `chunk` elements per call. Per-CPU values hold
+        one 8-byte aligned slot per possible CPU, as in dump_raw. Not a snapshot.
+        """
+        if self.info.type not in (MapType.ARRAY, MapType.PERCPU_ARRAY):
+            raise TypeError(f"{self.name}: read_array needs an array map")
+        count = min(count, self.info.max_entries)
+        if count <= 0:
+            return b""
+        out: list[bytes] = []
+        tokens = [ctypes.create_string_buffer(8), ctypes.create_string_buffer(8)]
+        n = min(chunk, count)
+        kbuf = ctypes.create_string_buffer(self.key_size * n)
+        vbuf = ctypes.create_string_buffer(self._vsize * n)
+        done = 0
+        while done < count:
+            want = min(n, count - done)
+            attr = _BatchAttr(
+                in_batch=0 if done == 0 else ctypes.addressof(tokens[0]),
+                out_batch=ctypes.addressof(tokens[1]),
+                keys=ctypes.addressof(kbuf),
+                values=ctypes.addressof(vbuf),
+                count=want,
+                map_fd=self.fd,
+            )
+            ret, err = _raw_bpf(Cmd.MAP_LOOKUP_BATCH, attr)
+            if ret < 0 and err != _errno.ENOENT:
+                raise BpfError(err, op="BPF_MAP_LOOKUP_BATCH", target=self.name)
+            got = int(attr.count)
+            out.append(ctypes.string_at(vbuf, got * self._vsize))
+            done += got
+            if ret < 0 or got == 0:
+                break
+            tokens.reverse()
+        return b"".join(out)
+
+    def mmap_array(self) -> mmap.mmap:
+        """A shared, writable mapping of a BPF_F_MMAPABLE array's values (element i at
+        i * value_size). Stores to it are what the programs read: no syscall per update."""
+        if self.info.type != MapType.ARRAY or not self.info.map_flags & BPF_F_MMAPABLE:
+            raise TypeError(f"{self.name}: not a memory-mappable array")
+        size = self.value_size * self.info.max_entries
+        size = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+        return mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+
+    def update_array(self, indices: Sequence[int], value: bytes) -> None:
+        """Set elements `indices` of an array map to the same raw value (all CPUs)."""
+        if not indices:
+            return
+        blob = self._value_blob(value)
+        step = 65536
+        for i in range(0, len(indices), step):
+            part = indices[i : i + step]
+            kbuf = _cbuf(struct.pack(f"={len(part)}I", *part))
+            vbuf = _cbuf(blob * len(part))
+            if not self._batch(Cmd.MAP_UPDATE_BATCH, kbuf, vbuf, len(part), BPF_ANY):
+                for k in part:
+                    self._update_blob(struct.pack("=I", k), blob, BPF_ANY)
 
     def _dump_each(self) -> Iterator[tuple[bytes, bytes]]:
         for key in self.keys():

@@ -33,12 +33,16 @@ one (the rest go to fragments the program never sees), which the model cannot kn
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import json
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from xdpfw import abi, bpfsys, model
 from xdpfw.abi import Stat, Table
@@ -72,8 +76,8 @@ MIN_FRAME = model.ETH_HLEN
 MAX_FRAME = 4096 - 256 - 320
 
 _STATS = tuple(s for s in Stat if s is not Stat.MAX)
-_SLOT = struct.Struct("=QIHHBBB5x")  # struct xdpfw_slot
-_ENTRY = struct.Struct("=QIHHBBB5xII")  # struct xdpfw_entry
+_SLOT = struct.Struct("=QIHHBBBxI")  # struct xdpfw_slot (the last field: counter index)
+_ENTRY = struct.Struct("=QIHHBBBxIII")  # struct xdpfw_entry
 _U32 = struct.Struct("=I")
 
 
@@ -594,8 +598,8 @@ def check_batch(dp: Datapath, rules: Iterable[Rule], frames: Iterable[bytes]) ->
 
 
 def table_snapshot(dp: Datapath) -> dict[str, list[tuple[bytes, bytes]]]:
-    """Raw contents of every lookup table, the rule sets in use, the config and the counter
-    keys: what a refused change must leave alone."""
+    """Raw contents of every lookup table, the rule sets in use, the config and the IPv4
+    prefix hint: what a refused change must leave alone."""
     snap: dict[str, list[tuple[bytes, bytes]]] = {}
     for table in Table:
         if table is not Table.MAX:
@@ -609,7 +613,8 @@ def table_snapshot(dp: Datapath) -> dict[str, list[tuple[bytes, bytes]]]:
     )
     conf = dp.map("xdpfw_config").lookup_raw(_U32.pack(0))
     snap["xdpfw_config"] = [(b"", conf or b"")]
-    snap["xdpfw_rule_stats"] = sorted((k, b"") for k, _ in dp.map("xdpfw_rule_stats").dump_raw())
+    with contextlib.closing(dp.map("xdpfw_lpm4_hint").mmap_array()) as mem:
+        snap["xdpfw_lpm4_hint"] = [(b"", bytes(mem))]
     return snap
 
 
@@ -629,21 +634,24 @@ def _slot_of(rule: Rule) -> tuple[int, int, int, int, int, int, int]:
 def entry_mismatches(dp: Datapath, rules: Sequence[Rule] | None = None) -> list[str]:
     """Differences between dp's lookup tables and a fresh compile of ``rules`` (default: the
     rules dp says it holds): stale, missing or wrong entries, wrong slots, wrong per-table entry
-    counts in xdpfw_config. [] when the maps are exactly what the rules compile to."""
+    counts in xdpfw_config, counter indices that are missing, shared or differ between the
+    slots of one rule, and a wrong IPv4 prefix hint. [] when the maps are exactly what the
+    rules compile to."""
     rules = list(dp.rules()) if rules is None else list(rules)
     fresh = RuleCompiler(dp.caps)
     if rules:
         fresh.commit(fresh.plan_add(rules))
     want = {key: tuple(_slot_of(r) for r in slots) for key, slots in fresh.entries()}
     got: dict[TableKey, tuple[tuple[int, ...], ...]] = {}
+    counters: dict[int, set[int]] = {}  # rule id -> the counter indices its slots carry
     sets = dp.map("xdpfw_sets")
     for table in Table:
         if table is Table.MAX:
             continue
         for raw_key, raw in dp.map(table.map_name).dump_raw():
             fields = _ENTRY.unpack(raw)
-            slots = [fields[:7]]
-            set_id = fields[7]
+            slots = [fields[:8]]
+            set_id = fields[8]
             if set_id:
                 raw_set = sets.lookup_raw(_U32.pack(set_id)) or b""
                 for i in range(abi.SET_SLOTS):
@@ -651,7 +659,9 @@ def entry_mismatches(dp: Datapath, rules: Sequence[Rule] | None = None) -> list[
                     if not s[0]:
                         break
                     slots.append(s)
-            got[decode_key(table, bytes(raw_key))] = tuple(tuple(s) for s in slots)
+            for s in slots:
+                counters.setdefault(s[1], set()).add(s[7])
+            got[decode_key(table, bytes(raw_key))] = tuple(tuple(s[:7]) for s in slots)
     problems: list[str] = []
     for key in sorted(want.keys() | got.keys(), key=str):
         if key not in got:
@@ -667,10 +677,37 @@ def entry_mismatches(dp: Datapath, rules: Sequence[Rule] | None = None) -> list[
     counts = list(struct.unpack_from(f"={abi.Table.MAX}I", conf, 4)) if conf else []
     if counts != fresh.table_counts():
         problems.append(f"xdpfw_config.n_entries {counts}, want {fresh.table_counts()}")
-    stats_keys = {_U32.unpack(k)[0] for k, _ in dp.map("xdpfw_rule_stats").dump_raw()}
-    if stats_keys != {r.id for r in rules}:
-        problems.append(
-            f"xdpfw_rule_stats keys: extra {sorted(stats_keys - {r.id for r in rules})[:20]}, "
-            f"missing {sorted({r.id for r in rules} - stats_keys)[:20]}"
-        )
+    owners: dict[int, int] = {}
+    for rid, idx in sorted(counters.items()):
+        if len(idx) != 1:
+            problems.append(f"rule {rid}: its slots carry counter indices {sorted(idx)}")
+            continue
+        (one,) = idx
+        if not 1 <= one <= dp.caps.max_rules:
+            problems.append(f"rule {rid}: counter index {one} out of range")
+        elif one in owners:
+            problems.append(f"rules {owners[one]} and {rid} share counter index {one}")
+        owners[one] = rid
+    hint_want = np.zeros((2, abi.HINT_WORDS), dtype=np.uint64)
+    for key, _ in fresh.entries():
+        if key.table in (Table.SRC4_LPM, Table.DST4_LPM):
+            row = hint_want[0 if key.table is Table.SRC4_LPM else 1]
+            first = int.from_bytes(key.addr, "big") >> 8  # /24 number
+            span = 1 << (24 - key.plen) if key.plen < 24 else 1
+            if span >= 64:  # whole words (spans are aligned to their size)
+                row[first // 64 : (first + span) // 64] = np.uint64(2**64 - 1)
+            else:
+                row[first // 64] |= np.uint64(((1 << span) - 1) << (first % 64))
+    with contextlib.closing(dp.map("xdpfw_lpm4_hint").mmap_array()) as mem:
+        hint_got = np.frombuffer(mem, dtype="<u8", count=2 * abi.HINT_WORDS).reshape(2, -1).copy()
+    for trie, name in enumerate(("source", "destination")):
+        wrong = np.flatnonzero(hint_got[trie] != hint_want[trie])
+        if len(wrong):
+            w = int(wrong[0])
+            bit = (int(hint_got[trie, w]) ^ int(hint_want[trie, w])).bit_length() - 1
+            net = ipaddress.IPv4Network(((w * 64 + bit) << 8, 24))
+            problems.append(
+                f"xdpfw_lpm4_hint ({name} trie): {len(wrong)} words wrong, first at {net} "
+                f"(set: {bool(int(hint_got[trie, w]) >> bit & 1)})"
+            )
     return problems

@@ -28,10 +28,7 @@ def stats(
 ) -> StatsOut:
     """Totals and per-rule counters, busiest rule first (`top=N` keeps the first N)."""
     totals = svc.totals()
-    counters = svc.counters()
-    ranked = sorted(counters.items(), key=lambda kv: (-kv[1].packets, kv[0]))
-    if top is not None:
-        ranked = ranked[:top]
+    ranked = svc.dp.top_counters(top)
     return StatsOut(
         totals=TotalsOut.of(totals),
         rules=[
@@ -55,17 +52,6 @@ class _Collector(Collector):
         yield frames
         yield CounterMetricFamily("xdpfw_frames", "Frames seen in all", value=totals.packets)
         yield CounterMetricFamily("xdpfw_bytes", "Bytes of all frames seen", value=totals.bytes)
-        pk = CounterMetricFamily(
-            "xdpfw_rule_packets", "Packets credited to a rule", labels=["rule_id"]
-        )
-        by = CounterMetricFamily(
-            "xdpfw_rule_bytes", "Bytes credited to a rule", labels=["rule_id"]
-        )
-        for rid, c in sorted(self.svc.counters().items()):
-            pk.add_metric([str(rid)], c.packets)
-            by.add_metric([str(rid)], c.bytes)
-        yield pk
-        yield by
         usage = GaugeMetricFamily(
             "xdpfw_table_entries", "Entries in each table", labels=["table"]
         )
@@ -86,4 +72,28 @@ class _Collector(Collector):
 def metrics(svc: ServiceDep) -> Response:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector(svc))
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    body = generate_latest(registry) + _rule_metrics(svc)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+def _rule_metrics(svc: FirewallService) -> bytes:
+    """Per-rule counter families, by rule id, in the text format prometheus-client writes.
+
+    Written directly from the counter arrays: a million rules are two million samples, too
+    many to build as Python metric objects on every scrape.
+    """
+    ids, packets, nbytes, _ = svc.dp.counter_arrays()
+    order = ids.argsort(kind="stable")
+    labels = [f'{{rule_id="{rid}"}} ' for rid in ids[order].tolist()]
+    out = []
+    for name, doc, values in (
+        ("xdpfw_rule_packets", "Packets credited to a rule", packets),
+        ("xdpfw_rule_bytes", "Bytes credited to a rule", nbytes),
+    ):
+        out.append(f"# HELP {name}_total {doc}\n# TYPE {name}_total counter\n")
+        sample = f"{name}_total"
+        out.extend(
+            f"{sample}{label}{float(v)!r}\n"
+            for label, v in zip(labels, values[order].tolist(), strict=True)
+        )
+    return "".join(out).encode()

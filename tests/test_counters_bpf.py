@@ -1,0 +1,168 @@
+"""Per-rule counter indices, the counter readers and the IPv4 prefix hint, on the real program.
+
+Each slot carries its rule's index into the per-CPU counter array (ABI 2); the control plane
+hands the indices out, zeroes one before reuse and reads them back from the slots when it
+adopts pinned maps. The prefix hint lets an IPv4 frame skip a trie whose prefixes cannot
+cover it; `entry_mismatches` checks its bits against the rules, the frames check the verdicts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import TEST_CAPS, unique_pin_dir
+
+from xdpfw import abi, bpfsys
+from xdpfw.compiler import Capacities
+from xdpfw.datapath import COUNTER_QUARANTINE_S, Datapath, DatapathConfig, RuleCounters
+from xdpfw.frames import build_frame
+from xdpfw.harness import entry_mismatches
+from xdpfw.rules import Rule, RuleSpec
+
+pytestmark = pytest.mark.bpf
+
+XDP_DROP, XDP_PASS = 1, 2
+
+
+def rule(rule_id: int, **kwargs: str) -> Rule:
+    return RuleSpec.parse(**kwargs).with_id(rule_id)
+
+
+def frame(src: str, dst: str = "198.19.255.254") -> bytes:
+    return build_frame(src=src, dst=dst, proto="udp", dport=53)
+
+
+def hit(dp: Datapath, src: str, times: int = 1, dst: str = "198.19.255.254") -> int:
+    retval = 0
+    for _ in range(times):
+        retval = bpfsys.prog_test_run(dp.prog_fd, frame(src, dst)).retval
+    return retval
+
+
+def hint_words(dp: Datapath) -> np.ndarray[Any, np.dtype[np.uint64]]:
+    """The prefix hint as the kernel holds it (read with a batch lookup, not the mapping)."""
+    raw = dp.map("xdpfw_lpm4_hint").read_array(2 * abi.HINT_WORDS)
+    return np.frombuffer(raw, dtype="<u8").reshape(2, -1)
+
+
+def plain(counters: dict[int, RuleCounters]) -> dict[int, tuple[int, int, float | None]]:
+    """Counters with last_hit to the millisecond (wall-clock conversion jitters by ns)."""
+    return {
+        rid: (c.packets, c.bytes, None if c.last_hit is None else round(c.last_hit, 3))
+        for rid, c in counters.items()
+    }
+
+
+@pytest.fixture
+def small_dp() -> Iterator[Datapath]:
+    """A program of its own with room for four rules, so indices must be reused."""
+    caps = Capacities(max_rules=4, max_prefixes=16, max_sets=8)
+    with Datapath.open(DatapathConfig(bpffs_dir=unique_pin_dir("ctr"), caps=caps)) as dp:
+        yield dp
+
+
+def test_a_reused_counter_index_starts_from_zero(small_dp: Datapath) -> None:
+    dp = small_dp
+    hosts = [f"198.18.0.{i}" for i in range(1, 5)]
+    dp.add_rules([rule(i + 1, src=h) for i, h in enumerate(hosts)])
+    for i, h in enumerate(hosts):
+        assert hit(dp, h, times=i + 1) == XDP_DROP
+    assert {r: c.packets for r, c in dp.rule_counters().items()} == {1: 1, 2: 2, 3: 3, 4: 4}
+
+    dp.remove_rule(4)  # the busiest rule goes; its index is the only free one
+    freed = time.monotonic()
+    dp.add_rule(rule(9, src="198.18.0.9"))
+    assert time.monotonic() - freed >= COUNTER_QUARANTINE_S * 0.9, "reused before quarantine"
+    counters = dp.rule_counters()
+    assert counters[9].packets == 0 and counters[9].last_hit is None
+    assert hit(dp, "198.18.0.4") == XDP_PASS  # the removed rule no longer drops or counts
+    assert hit(dp, "198.18.0.9", times=2) == XDP_DROP
+    assert {r: c.packets for r, c in dp.rule_counters().items()} == {1: 1, 2: 2, 3: 3, 9: 2}
+    assert entry_mismatches(dp) == []
+
+
+def test_top_counters_rank_by_packets_then_id(dp: Datapath) -> None:
+    rules = [rule(10 + i, src=f"198.18.1.{i}") for i in range(8)]
+    dp.add_rules(rules)
+    # packets per rule id: ties at 3 and at 0 must come out lowest id first
+    plan = {10: 3, 11: 5, 12: 3, 13: 0, 14: 7, 15: 3, 16: 0, 17: 1}
+    for rid, n in plan.items():
+        hit(dp, f"198.18.1.{rid - 10}", times=n)
+    want = sorted(plan.items(), key=lambda kv: (-kv[1], kv[0]))
+    for n in range(1, len(plan) + 2):
+        got = [(rid, c.packets) for rid, c in dp.top_counters(n)]
+        assert got == want[:n], f"top {n}"
+    assert [(r, c.packets) for r, c in dp.top_counters()] == want
+    assert dp.top_counters(0) == []
+    everything = dict(dp.top_counters())
+    assert plain(dp.rule_counters()) == plain(everything)
+    assert plain(dp.rule_counters([11, 13, 999])) == plain({11: everything[11], 13: everything[13]})
+    assert everything[14].bytes == 7 * len(frame("198.18.1.4"))
+    assert everything[14].last_hit is not None and everything[13].last_hit is None
+    assert abs(everything[14].last_hit - time.time()) < 5  # coarse clock, converted to Unix time
+
+
+def test_prefix_hint_follows_the_tries(dp: Datapath) -> None:
+    # /15 spans two /16s; /18 sits inside one; a dst prefix uses the other half of the bitmap
+    wide = rule(1, src="198.18.0.0/15")
+    inner = rule(2, action="allow", src="198.18.64.0/18")
+    to = rule(3, dst="198.19.128.0/17")
+    dp.add_rules([inner])
+    assert entry_mismatches(dp) == []
+    assert hit(dp, "198.18.64.1") == XDP_PASS
+    assert dp.rule_counters([2])[2].packets == 1  # the trie was walked: the allow was credited
+    dp.add_rules([wide, to])
+    assert entry_mismatches(dp) == []
+    assert hit(dp, "198.19.3.3", dst="198.18.0.1") == XDP_DROP  # second /16 of the /15
+    assert hit(dp, "198.18.64.1", dst="198.18.0.1") == XDP_PASS  # the allow carve-out wins
+    assert hit(dp, "198.18.0.1", dst="198.19.200.1") == XDP_DROP  # src /15 (first /16)
+    counts = {r: c.packets for r, c in dp.rule_counters().items()}
+    assert counts == {1: 2, 2: 2, 3: 0}
+    dp.remove_rules([1])
+    assert entry_mismatches(dp) == []
+    assert hit(dp, "198.19.3.3", dst="198.19.200.1") == XDP_DROP  # now the dst rule
+    assert dp.rule_counters([3])[3].packets == 1
+    dp.remove_rules([2, 3])
+    assert entry_mismatches(dp) == []
+    assert not hint_words(dp).any(), "bits left after the last prefix"
+
+
+def test_a_default_route_prefix_sets_every_bit(dp: Datapath) -> None:
+    dp.add_rules([rule(1, src="0.0.0.0/0", proto="tcp"), rule(2, src="198.18.0.5")])
+    assert entry_mismatches(dp) == []
+    words = hint_words(dp)
+    assert (words[0] == 0xFFFF_FFFF_FFFF_FFFF).all()  # every /24 of the source trie
+    assert not words[1].any()
+    tcp = build_frame(src="198.19.7.7", dst="198.18.0.1", proto="tcp", dport=443)
+    assert bpfsys.prog_test_run(dp.prog_fd, tcp).retval == XDP_DROP
+
+
+def test_adoption_reads_indices_and_hint_back() -> None:
+    pin_dir = unique_pin_dir("adopt-ctr")
+    cfg = DatapathConfig(bpffs_dir=pin_dir, caps=TEST_CAPS)
+    first = Datapath.open(cfg)
+    try:
+        first.add_rules([rule(i, src=f"198.18.2.{i}") for i in range(1, 6)])
+        first.add_rules([rule(20, src="198.19.0.0/20")])
+        first.remove_rules([2, 3])  # leave holes among the indices
+        hit(first, "198.18.2.5", times=3)
+        hit(first, "198.19.0.9", times=2)
+        before = first.rule_counters()
+        first.close()  # pins stay: the kernel keeps filtering
+        second = Datapath.open(cfg)
+    except BaseException:
+        first.close(cleanup=True)
+        raise
+    with second:
+        assert second.adopted
+        assert plain(second.rule_counters()) == plain(before)
+        assert entry_mismatches(second) == []
+        second.add_rules([rule(30 + i, src=f"198.18.3.{i}") for i in range(4)])
+        assert entry_mismatches(second) == []  # new indices collide with no adopted one
+        hit(second, "198.18.3.0")
+        after = second.rule_counters()
+        assert after[30].packets == 1 and after[5].packets == 3 and after[20].packets == 2
