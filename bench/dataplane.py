@@ -222,16 +222,16 @@ def _ablation(
     ours.dp.remove_rules([2, 3])
     host = Rule(id=4, src=ipaddress.IPv4Network(master.entry(0)))
     prefix = Rule(id=5, src=ipaddress.IPv4Network((0x0B000000, 24)))
-    # In the hit frame's /16 (not covering it): the prefix hint sends that frame to the trie.
-    near = Rule(id=6, src=ipaddress.IPv4Network((master.entry(0)[0] | 0xFF00, 24)))
+    # In the hit frame's /24 (not covering it): the prefix hint sends that frame to the trie.
+    near = Rule(id=6, src=ipaddress.IPv4Network((master.entry(0)[0] | 0x10, 28)))
     port = Rule(id=3, proto=Proto.TCP, dport=PortRange(progrun.PORT, progrun.PORT))
     v6 = Rule(id=2, src=ipaddress.IPv6Network(progrun.V6_HIT))
     frames = {k: progrun.FRAMES[k] for k in ("ipv4_hit", "ipv4_miss")}
     xf.fill_ipv4(master.hosts_only(1))
     stages: list[tuple[str, list[Rule]]] = [
         ("1 exact IPv4 host rule", [host]),
-        ("+ 1 IPv4 prefix rule in another /16 (the hint skips the trie)", [prefix]),
-        ("+ 1 IPv4 prefix rule in the hit's /16 (its trie walk)", [near]),
+        ("+ 1 IPv4 prefix rule in another /24 (the hint skips the trie)", [prefix]),
+        ("+ 1 IPv4 prefix rule in the hit's /24 (the hit walks the trie)", [near]),
         ("+ 1 tcp/22 rule (address-less table looked up)", [port]),
         ("+ 1 IPv6 host rule", [v6]),
     ]

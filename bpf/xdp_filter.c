@@ -55,8 +55,10 @@ BPF_LPM_TRIE(xdpfw_dst6_lpm, struct xdpfw_lpm6_key, struct xdpfw_entry, XDPFW_MA
 BPF_F_TABLE("hash", __u32, struct xdpfw_entry, xdpfw_any, 1, BPF_F_NO_PREALLOC);
 /* Overflow slots of entries holding more than one rule; index 0 is never used. */
 BPF_ARRAY(xdpfw_sets, struct xdpfw_set, XDPFW_MAX_SETS);
-/* Per-rule packets/bytes/last hit, per CPU, indexed by the slot's counter (0 unused). */
+/* Per-rule packets/bytes, per CPU, indexed by the slot's counter (0 unused). */
 BPF_PERCPU_ARRAY(xdpfw_rule_stats, struct xdpfw_rule_stats, XDPFW_MAX_RULES + 1);
+/* Per-rule last hit (coarse ns, 0 = never), same index, shared by the CPUs. */
+BPF_F_TABLE("array", __u32, __u64, xdpfw_rule_seen, XDPFW_MAX_RULES + 1, BPF_F_MMAPABLE);
 /* Which /24s may hold an IPv4 prefix: a frame outside them skips that trie. */
 BPF_F_TABLE("array", __u32, __u64, xdpfw_lpm4_hint, 2 * XDPFW_HINT_WORDS, BPF_F_MMAPABLE);
 /* Global counters, per CPU, one element. */
@@ -368,6 +370,7 @@ static __always_inline int finish(const struct pkt *p, const struct best *b, int
 {
 	struct xdpfw_global_stats *g;
 	struct xdpfw_rule_stats *rs;
+	__u64 *seen;
 	__u32 zero = 0;
 	__u32 counter = b->counter;
 	int action = b->verdict == XDPFW_VERDICT_DROP ? XDP_DROP : XDP_PASS;
@@ -378,7 +381,13 @@ static __always_inline int finish(const struct pkt *p, const struct best *b, int
 		if (rs) {
 			rs->packets++;
 			rs->bytes += p->len;
-			rs->last_hit_ns = bpf_ktime_get_coarse_ns();
+		}
+		seen = xdpfw_rule_seen.lookup(&counter);
+		if (seen) {
+			__u64 now = bpf_ktime_get_coarse_ns();
+
+			if (*seen != now)
+				*seen = now;
 		}
 	}
 	g = xdpfw_stats.lookup(&zero);

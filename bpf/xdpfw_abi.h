@@ -125,15 +125,21 @@ struct xdpfw_addr6 {
 /*
  * Per-rule, per-CPU counters: element `counter` of a per-CPU array, so crediting a
  * rule costs no second hash lookup. The control plane hands out the indices (0 is
- * never used) and zeroes an element before a new rule gets it. The reader sums
- * packets/bytes and takes the latest last_hit over the CPUs.
+ * never used) and zeroes an element before a new rule gets it. The reader sums the CPUs.
  */
 struct xdpfw_rule_stats {
 	__u64 packets;   /* host */
 	__u64 bytes;     /* host; whole frame, L2 header included */
-	__u64 last_hit_ns; /* host; bpf_ktime_get_coarse_ns() (CLOCK_MONOTONIC, jiffy resolution) */
 };
 
+/*
+ * Last hit of each counter index, shared by the CPUs: element `counter` of
+ * xdpfw_rule_seen (a memory-mapped __u64 array, BPF_F_MMAPABLE) holds the
+ * bpf_ktime_get_coarse_ns() (CLOCK_MONOTONIC, jiffy resolution) of the rule's latest
+ * packet, 0 = none since the rule got the index. Stored only when it changes (once a
+ * jiffy at most), so a flood on one rule does not bounce the line between CPUs. Readers
+ * skip the per-CPU counters of every rule whose element is 0: they are zero.
+ */
 /*
  * IPv4 prefix hint: one bit per /24 of the address space for each IPv4 trie, set when a
  * prefix in that trie covers or lies inside the /24. A frame whose address falls in a /24

@@ -269,7 +269,7 @@ def test_struct_sizes_are_what_the_header_implies() -> None:
     assert ctypes.sizeof(abi.Set) == 24 * abi.SET_SLOTS
     assert ctypes.sizeof(abi.Lpm4Key) == 8
     assert ctypes.sizeof(abi.Lpm6Key) == 20
-    assert ctypes.sizeof(abi.RuleStats) == 24
+    assert ctypes.sizeof(abi.RuleStats) == 16
     assert ctypes.sizeof(abi.GlobalStats) == 8 * abi.Stat.MAX
     assert ctypes.sizeof(abi.Config) == 4 * (4 + abi.Table.MAX) + 8  # + build_id[8]
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import TEST_CAPS, unique_pin_dir
 
-from xdpfw import abi, bpfsys
+from xdpfw import abi, bpfsys, datapath
 from xdpfw.compiler import Capacities
 from xdpfw.datapath import COUNTER_QUARANTINE_S, Datapath, DatapathConfig, RuleCounters
 from xdpfw.frames import build_frame
@@ -166,3 +166,19 @@ def test_adoption_reads_indices_and_hint_back() -> None:
         hit(second, "198.18.3.0")
         after = second.rule_counters()
         assert after[30].packets == 1 and after[5].packets == 3 and after[20].packets == 2
+
+
+def test_counter_reads_agree_whether_few_or_many_rules_were_hit(
+    dp: Datapath, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Few hit rules are read one by one, many in one batch: the same numbers either way."""
+    dp.add_rules([rule(100 + i, src=f"198.18.4.{i}") for i in range(40)])
+    for i in range(0, 40, 3):
+        hit(dp, f"198.18.4.{i}", times=1 + i % 4)
+    few = dp.top_counters()
+    monkeypatch.setattr(datapath, "_FEW_HOT", 2)
+    many = dp.top_counters()
+    assert plain(dict(few)) == plain(dict(many))
+    assert [r for r, _ in few] == [r for r, _ in many]
+    assert sum(c.packets for _, c in many) == sum(1 + i % 4 for i in range(0, 40, 3))
+    assert {r for r, c in many if c.last_hit is not None} == {100 + i for i in range(0, 40, 3)}

@@ -127,7 +127,6 @@ class RuleStats(ctypes.Structure):
     _fields_ = [
         ("packets", ctypes.c_uint64),
         ("bytes", ctypes.c_uint64),
-        ("last_hit_ns", ctypes.c_uint64),
     ]
 
 

@@ -69,6 +69,7 @@ SET_QUARANTINE_S = 0.2  # a freed rule set is not rewritten while a packet may s
 # The same for a freed counter index: a packet that read the old slot may still credit it.
 COUNTER_QUARANTINE_S = SET_QUARANTINE_S
 _HINT_TRIES = {Table.SRC4_LPM: 0, Table.DST4_LPM: 1}  # xdpfw_lpm4_hint halves
+_FEW_HOT = 2048  # up to this many hit rules, counters are read one by one, not in one batch
 
 _MAP_TYPES: dict[str, tuple[type[Any], type[Any]]] = {
     "xdpfw_src4": (ctypes.c_uint32, abi.Entry),
@@ -82,6 +83,7 @@ _MAP_TYPES: dict[str, tuple[type[Any], type[Any]]] = {
     "xdpfw_any": (ctypes.c_uint32, abi.Entry),
     "xdpfw_sets": (ctypes.c_uint32, abi.Set),
     "xdpfw_rule_stats": (ctypes.c_uint32, abi.RuleStats),
+    "xdpfw_rule_seen": (ctypes.c_uint32, ctypes.c_uint64),
     "xdpfw_lpm4_hint": (ctypes.c_uint32, ctypes.c_uint64),
     "xdpfw_stats": (ctypes.c_uint32, abi.GlobalStats),
     "xdpfw_config": (ctypes.c_uint32, abi.Config),
@@ -249,6 +251,11 @@ class Datapath:
         self._rule_of = np.zeros(caps.max_rules + 1, dtype=np.uint32)
         self._next_ctr = 1
         self._free_ctrs: deque[tuple[int, float]] = deque()
+        # Last hit per counter index (xdpfw_rule_seen, memory-mapped): 0 = no packet yet.
+        self._seen_mem = maps["xdpfw_rule_seen"].mmap_array()
+        self._seen: np.ndarray[Any, np.dtype[np.uint64]] = np.frombuffer(
+            self._seen_mem, dtype=np.uint64, count=caps.max_rules + 1
+        )
         # IPv4 prefix hint (the map itself, memory-mapped: trie x 2^18 words of 64 /24s), and
         # the trie keys behind it: per /16, how many keys of length <= 16 cover it, and the
         # longer keys inside it (address << 6 | length).
@@ -423,6 +430,7 @@ class Datapath:
             if new_idx is not None and old_idx * size < len(blob):
                 keys.append(_U32(new_idx))
                 values.append(blob[old_idx * size : (old_idx + 1) * size])
+                self._seen[new_idx] = old._seen[old_idx]
         for i in range(0, len(keys), 8192):
             dst.update_batch(
                 keys[i : i + 8192],
@@ -486,8 +494,11 @@ class Datapath:
                     self.cfg.bpffs_dir.rmdir()
         finally:
             self._closed = True
-            self._hint = np.zeros((2, 0), dtype=np.uint64)  # drop the view, then the mapping
+            # drop the views, then the mappings
+            self._hint = np.zeros((2, 0), dtype=np.uint64)
+            self._seen = np.zeros(0, dtype=np.uint64)
             self._hint_mem.close()
+            self._seen_mem.close()
             for m in self._maps.values():
                 m.close()
             os.close(self._prog_fd)
@@ -696,6 +707,7 @@ class Datapath:
 
     def _zero_counters(self, indices: Sequence[int]) -> None:
         self._maps["xdpfw_rule_stats"].update_array(indices, bytes(ctypes.sizeof(abi.RuleStats)))
+        self._seen[indices] = 0
 
     def _hint_changes(
         self, plan: Plan, old_entries: dict[TableKey, tuple[Rule, ...]]
@@ -826,18 +838,22 @@ class Datapath:
                 )
             }
         stats = self._maps["xdpfw_rule_stats"]
-        unpack = struct.Struct("=" + "QQQ" * stats.ncpus).unpack  # xdpfw_rule_stats per CPU
+        unpack = struct.Struct("=" + "QQ" * stats.ncpus).unpack  # xdpfw_rule_stats per CPU
         offset = _mono_offset()
         out: dict[int, RuleCounters] = {}
         for rid in rule_ids:
             idx = self._ctr.get(rid)
-            raw = stats.lookup_raw(_U32_BYTES.pack(idx)) if idx is not None else None
+            if idx is None:
+                continue
+            t = int(self._seen[idx])
+            if not t:
+                out[rid] = RuleCounters(0, 0, None)
+                continue
+            raw = stats.lookup_raw(_U32_BYTES.pack(idx))
             if raw is None:
                 continue
             vals = unpack(raw)
-            t = max(vals[2::3])
-            hit = offset + t / 1e9 if t else None
-            out[rid] = RuleCounters(sum(vals[0::3]), sum(vals[1::3]), hit)
+            out[rid] = RuleCounters(sum(vals[0::2]), sum(vals[1::2]), offset + t / 1e9)
         return out
 
     def top_counters(self, n: int | None = None) -> list[tuple[int, RuleCounters]]:
@@ -881,20 +897,34 @@ class Datapath:
         np.ndarray[Any, np.dtype[np.uint64]],
         np.ndarray[Any, np.dtype[np.uint64]],
     ]:
-        """(rule ids, packets, bytes, last hit ns) of every rule, summed over CPUs."""
+        """(rule ids, packets, bytes, last hit ns) of every rule, summed over CPUs.
+
+        Only rules hit since they got their index (last hit != 0) have their per-CPU counters
+        read: one element at a time when they are few, the whole array in one batch else.
+        """
         stats = self._maps["xdpfw_rule_stats"]
         with self._lock:
-            owners = self._rule_of[: self._next_ctr].copy()
-            blob = stats.read_array(self._next_ctr)
-        per_cpu = np.frombuffer(blob, dtype="<u8").reshape(-1, stats.ncpus, 3)
-        live = np.flatnonzero(owners[: len(per_cpu)])
-        rows = per_cpu[live]
-        return (
-            owners[live],
-            rows[:, :, 0].sum(axis=1, dtype=np.uint64),
-            rows[:, :, 1].sum(axis=1, dtype=np.uint64),
-            rows[:, :, 2].max(axis=1, initial=0),
-        )
+            top = self._next_ctr
+            owners = self._rule_of[:top].copy()
+            live = np.flatnonzero(owners)
+            last = self._seen[live].copy()
+            hot = live[last != 0]
+            packets = np.zeros(len(live), dtype=np.uint64)
+            nbytes = np.zeros(len(live), dtype=np.uint64)
+            if len(hot):
+                if len(hot) <= _FEW_HOT:
+                    blob = b"".join(
+                        stats.lookup_raw(_U32_BYTES.pack(int(i))) or bytes(stats.ncpus * 16)
+                        for i in hot
+                    )
+                    per_cpu = np.frombuffer(blob, dtype="<u8").reshape(-1, stats.ncpus, 2)
+                else:
+                    whole = np.frombuffer(stats.read_array(top), dtype="<u8")
+                    per_cpu = whole.reshape(-1, stats.ncpus, 2)[hot]
+                where = last != 0
+                packets[where] = per_cpu[:, :, 0].sum(axis=1, dtype=np.uint64)
+                nbytes[where] = per_cpu[:, :, 1].sum(axis=1, dtype=np.uint64)
+        return owners[live], packets, nbytes, last
 
     def global_counters(self) -> GlobalCounters:
         per_cpu = self._maps["xdpfw_stats"].lookup_percpu(_U32(0)) or []

@@ -40,6 +40,7 @@ MAP_NAMES = (
     *(t.map_name for t in abi.Table if t is not abi.Table.MAX),
     "xdpfw_sets",
     "xdpfw_rule_stats",
+    "xdpfw_rule_seen",
     "xdpfw_lpm4_hint",
     "xdpfw_stats",
     "xdpfw_config",
