@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xdpfw.errors import CapacityExceeded
-from xdpfw.rules import MAX_RULE_ID, Rule, RuleSpec
+from xdpfw.rules import MAX_RULE_ID, Rule, RuleSpec, code_from_texts, code_texts
 
 __all__ = ["SCHEMA_VERSION", "Store", "StoredRule"]
 
@@ -132,6 +132,31 @@ class Store:
             " expires_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
             (_rule_row(r) for r in rules),
         )
+
+    def insert_codes(
+        self, rows: Iterable[tuple[int, int, str, float, float | None]]
+    ) -> None:
+        """Insert (id, code, comment, created_at, expires_at) rows: no Rule objects needed."""
+        self._db.executemany(
+            "INSERT INTO rules (id, action, mode, src, dst, proto, dport, comment, created_at,"
+            " expires_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            ((rid, *code_texts(code), comment, created, expires)
+             for rid, code, comment, created, expires in rows),
+        )
+
+    def codes(self) -> Iterator[tuple[int, int]]:
+        """(id, code) of every rule, in id order; for comparing a million rules cheaply."""
+        cur = self._db.cursor()
+        cur.row_factory = None
+        cur.execute("SELECT id, action, mode, src, dst, proto, dport FROM rules ORDER BY id")
+        for rid, action, mode, src, dst, proto, dport in cur:
+            yield rid, code_from_texts(action, mode, src, dst, proto, dport)
+
+    def ids(self) -> Iterator[int]:
+        cur = self._db.cursor()
+        cur.row_factory = None
+        for (rid,) in cur.execute("SELECT id FROM rules"):
+            yield rid
 
     def delete(self, rule_ids: Iterable[int]) -> None:
         self._db.executemany("DELETE FROM rules WHERE id=?", ((i,) for i in rule_ids))
