@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from xdpfw.errors import InvalidRule
-from xdpfw.rules import Network, parse_network
+from xdpfw.rules import Network, fast_ipv4, parse_network
 
 __all__ = [
     "Entry",
@@ -34,10 +34,16 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
+    """A valid line: its number and its network in canonical CIDR text (what is sent)."""
+
     lineno: int
-    network: Network
+    cidr: str
+
+    @property
+    def network(self) -> Network:
+        return ipaddress.ip_network(self.cidr)
 
 
 @dataclass(frozen=True)
@@ -129,7 +135,7 @@ def _note_kind(line: str, kinds: set[str]) -> None:
 def parse_blocklist(lines: Iterable[str]) -> ParsedList:
     """Parse a blocklist; never raises for bad content (bad lines land in `rejected`)."""
     out = ParsedList()
-    first: dict[Network, int] = {}
+    first: dict[str, int] = {}
     lineno = 0
     for lineno, raw in enumerate(lines, 1):
         line = raw.rstrip("\r\n")
@@ -141,17 +147,21 @@ def parse_blocklist(lines: Iterable[str]) -> ParsedList:
             continue
         if text is None:
             continue
-        try:
-            net = parse_network(text, "src")
-        except InvalidRule as exc:
-            out.rejected.append(Rejected(lineno, line.strip(), exc.problem))
-            continue
-        seen = first.get(net)
+        fast = fast_ipv4(text)  # most lines: no ipaddress object at all
+        if fast is not None:
+            cidr = f"{text.partition('/')[0]}/{fast[1]}"
+        else:
+            try:
+                cidr = parse_network(text, "src").with_prefixlen
+            except InvalidRule as exc:
+                out.rejected.append(Rejected(lineno, line.strip(), exc.problem))
+                continue
+        seen = first.get(cidr)
         if seen is not None:
             out.repeats.append((lineno, seen))
             continue
-        first[net] = lineno
-        out.entries.append(Entry(lineno, net))
+        first[cidr] = lineno
+        out.entries.append(Entry(lineno, cidr))
     out.lines = lineno
     return out
 
@@ -166,4 +176,4 @@ def chunks(entries: Sequence[Entry], size: int) -> Iterator[Sequence[Entry]]:
 
 def body(entries: Iterable[Entry]) -> str:
     """A text/plain body for POST /v1/rules/bulk: one canonical CIDR per line."""
-    return "".join(e.network.with_prefixlen + "\n" for e in entries)
+    return "".join(e.cidr + "\n" for e in entries)
