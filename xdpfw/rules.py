@@ -330,7 +330,10 @@ _VERDICT_OF_TEXT = {
     ("drop", "monitor"): abi.VERDICT_MONITOR,
     ("allow", "enforce"): abi.VERDICT_ALLOW,
 }
+_VERDICT_TEXTS = {v: (a.value, m.value) for v, (a, m) in _VERDICT_ACTION_MODE.items()}
+_PROTO_PORT_BITS = (1 << 41) - 1  # protocol and ports
 _PROTO_BY_NUMBER = {p.number: p for p in Proto}
+_inet_ntoa = socket.inet_ntoa
 
 
 def code_key(code: int) -> int:
@@ -399,16 +402,19 @@ def code_texts(
     """(action, mode, src, dst, proto, dport) as the database and the API spell them."""
     key = code >> CODE_SHIFT
     direction = key & 3
+    action, mode = _VERDICT_TEXTS[(code >> 41) & 3]
+    if direction == DIR_SRC and not code & _PROTO_PORT_BITS and not key & 4:  # a blocklist entry
+        src = f"{_inet_ntoa((key >> 11).to_bytes(4, 'big'))}/{(key >> 3) & 0xFF}"
+        return action, mode, src, None, None, None
     net = _network_text(key) if direction else None
-    action, mode = _VERDICT_ACTION_MODE[(code >> 41) & 3]
     proto = _PROTO_BY_NUMBER.get((code >> 33) & 0xFF)
     dport = None
     if (code >> 32) & 1:
         lo, hi = (code >> 16) & 0xFFFF, code & 0xFFFF
         dport = str(lo) if lo == hi else f"{lo}-{hi}"
     return (
-        action.value,
-        mode.value,
+        action,
+        mode,
         net if direction == DIR_SRC else None,
         net if direction == DIR_DST else None,
         proto.value if proto is not None else None,
