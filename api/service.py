@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from api.store import Store, StoredRule
 from xdpfw import abi
+from xdpfw.compiler import gc_paused
 from xdpfw.datapath import Attachment, Datapath, GlobalCounters, RuleCounters
 from xdpfw.errors import InterfaceNotFound, InvalidRule, RuleConflict, RuleNotFound
 from xdpfw.rules import (
@@ -93,7 +94,7 @@ class FirewallService:
         takes the maps' rules instead of wiping them: the kernel's state is not thrown away.
         Rules are compared as codes (ints), so a million of them cost seconds and no objects.
         """
-        with self.lock:
+        with self.lock, gc_paused():
             self._reconcile_protected()
             in_maps = self.dp.compiler.codes()
             n_user = sum(1 for rid in in_maps if not is_protected_id(rid))
@@ -220,7 +221,7 @@ class FirewallService:
         ttls: Sequence[int | None],
         forces: Sequence[bool],
     ) -> BulkResult:
-        with self.lock:
+        with self.lock, gc_paused():
             now = time.time()
             find = self.dp.compiler.find_code
             fresh: list[int] = []  # indexes into codes
@@ -262,7 +263,7 @@ class FirewallService:
             return BulkResult(stored, dups)
 
     def remove(self, rule_ids: Sequence[int]) -> list[Rule]:
-        with self.lock:
+        with self.lock, gc_paused():
             for rid in rule_ids:
                 if rid not in self.dp.compiler.rules or is_protected_id(rid):
                     raise RuleNotFound(rid)

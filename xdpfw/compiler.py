@@ -21,9 +21,11 @@ that ask (`rules`, `compiled`, `entries`).
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -49,6 +51,7 @@ __all__ = [
     "RuleCompiler",
     "RuleView",
     "TableKey",
+    "gc_paused",
     "key_of",
 ]
 
@@ -105,6 +108,25 @@ class TableKey(NamedTuple):
         return f"{self.table.map_name}[{'*' if net is None else net.with_prefixlen}]"
 
 
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a bulk change runs (re-enabled by whoever paused it).
+
+    A bulk change makes a few objects per rule (rules, networks, plan entries), none of them in
+    a cycle, so reference counting frees them all; but every 700 allocations CPython's
+    collector runs, and its older generations walk every tracked object of the process: a
+    quarter of a bulk load's time.
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 def key_of(rule: Rule) -> TableKey:
     """The one key a rule lives under."""
     if rule.src is not None:
@@ -144,6 +166,10 @@ def _table_of(k: int) -> Table:
     if not k:
         return Table.ANY
     return _TABLE_BY_BITS[(k & 7) | (_is_exact(k) << 3)]
+
+
+_ANY_KEY = TableKey(Table.ANY)
+_tuple_new = tuple.__new__
 
 
 def _table_key(k: int) -> TableKey:
@@ -351,15 +377,22 @@ class RuleCompiler:
         entries = plan.entries
         tries: dict[Table, list[int]] = {}
         own = self._own
+        slow: list[int] = []  # keys of the exact and address-less tables to plan in full
         for k, extra in added.items():
             if k not in own and k not in removed and len(extra) == 1:
                 # The common case, a new entry holding one rule: no list to merge or sort.
                 own_after[k] = extra
                 plen = (k >> 3) & 0xFF
-                if not k or plen == (128 if k & 4 else 32):
-                    key = _table_key(k)
-                    entries[key] = (batch[extra[0]],)
-                    counts[key.table] += 1
+                if not k:
+                    entries[_ANY_KEY] = (batch[extra[0]],)
+                    counts[Table.ANY] += 1
+                elif plen == (128 if k & 4 else 32):
+                    table = _TABLE_BY_BITS[(k & 7) | 8]
+                    addr = (k >> 11).to_bytes(16 if k & 4 else 4, "big")
+                    entries[_tuple_new(TableKey, (table, addr, plen))] = (batch[extra[0]],)
+                    counts[table] += 1
+                else:
+                    tries.setdefault(_TABLE_BY_BITS[k & 7], []).append(k)
                 continue
             cur = self._own_ids(k)
             drop = removed.get(k)
@@ -369,16 +402,14 @@ class RuleCompiler:
             if len(cur) > 1:
                 cur.sort(key=rank_desc)
             own_after[k] = cur
+            self._route(k, slow, tries)
         for k, drop in removed.items():
             if k not in added:
                 own_after[k] = [r for r in self._own_ids(k) if r not in drop]
+                self._route(k, slow, tries)
 
-        for k, ids in own_after.items():
-            if _is_lpm(k):
-                tries.setdefault(_table_of(k), []).append(k)
-                continue
-            if len(ids) == 1 and k not in own:
-                continue  # planned above
+        for k in slow:
+            ids = own_after[k]
             key = _table_key(k)
             old = own.get(k)
             old_n = 0 if old is None else 1 if isinstance(old, int) else len(old)
@@ -462,6 +493,13 @@ class RuleCompiler:
             counts[table] += not had
             sets += (len(ids) > 1) - (old_n > 1)
         return sets
+
+    @staticmethod
+    def _route(k: int, slow: list[int], tries: dict[Table, list[int]]) -> None:
+        if _is_lpm(k):
+            tries.setdefault(_table_of(k), []).append(k)
+        else:
+            slow.append(k)
 
     @staticmethod
     def _too_many(key: TableKey) -> CapacityExceeded:

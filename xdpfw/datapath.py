@@ -37,6 +37,7 @@ from xdpfw.compiler import (
     Plan,
     RuleCompiler,
     TableKey,
+    gc_paused,
 )
 from xdpfw.errors import (
     AbiMismatch,
@@ -398,7 +399,8 @@ class Datapath:
         (see `_adopted_entries`); nothing is planned again, and no Rule object is made.
         """
         used_sets: set[int] = set()
-        self.compiler.adopt(self._adopted_entries(used_sets))
+        with gc_paused():
+            self.compiler.adopt(self._adopted_entries(used_sets))
         self._next_set = max(used_sets, default=0) + 1
         now = time.monotonic() - SET_QUARANTINE_S
         self._free_sets.extend(
