@@ -218,3 +218,23 @@ def test_duplicates_and_slot_limit_are_refused() -> None:
     with pytest.raises(CapacityExceeded, match=r"rules covering 198\.18\.0\.0/24"):
         c.plan_add(ports)
     assert len(c) == 1
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["198.18.0.1", "198.18.0.0/15", "198.18.0.0/015", "198.18.0.1/31", "198.018.0.1",
+     "2001:db8::/32", "198.18.0.0/24 # note", "  198.18.0.9\r", "\ufeff198.18.0.7"],
+)  # fmt: skip
+def test_importer_fast_lines_agree_with_ipaddress(text: str) -> None:
+    from xdpfw import importers
+
+    parsed = importers.parse_blocklist([text])
+    entry, _ = importers.entry_text(text)
+    assert entry is not None
+    try:
+        want = parse_network(entry, "src").with_prefixlen
+    except InvalidRule as exc:
+        assert [r.reason for r in parsed.rejected] == [exc.problem]
+        return
+    assert [e.cidr for e in parsed.entries] == [want]
+    assert parsed.entries[0].network == ipaddress.ip_network(want)

@@ -19,6 +19,7 @@ import ipaddress
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from xdpfw.errors import InvalidRule
 from xdpfw.rules import Network, fast_ipv4, parse_network
@@ -34,8 +35,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+class Entry(NamedTuple):
     """A valid line: its number and its network in canonical CIDR text (what is sent)."""
 
     lineno: int
@@ -139,17 +139,29 @@ def parse_blocklist(lines: Iterable[str]) -> ParsedList:
     lineno = 0
     for lineno, raw in enumerate(lines, 1):
         line = raw.rstrip("\r\n")
-        if lineno <= 200:
-            _note_kind(line, out.kinds)
-        text, reason = entry_text(line)
-        if reason is not None:
-            out.rejected.append(Rejected(lineno, line.strip(), reason))
-            continue
-        if text is None:
-            continue
-        fast = fast_ipv4(text)  # most lines: no ipaddress object at all
+        # Most lines are a bare IPv4 address or CIDR: no comment, no format hint, and no
+        # ipaddress object needed to check and spell them.
+        text = line.strip()
+        fast = fast_ipv4(text)
+        if fast is None:
+            if lineno <= 200:
+                _note_kind(line, out.kinds)
+            found, reason = entry_text(line)
+            if reason is not None:
+                out.rejected.append(Rejected(lineno, line.strip(), reason))
+                continue
+            if found is None:
+                continue
+            text = found
+            fast = fast_ipv4(text)
         if fast is not None:
-            cidr = f"{text.partition('/')[0]}/{fast[1]}"
+            addr, _, plen = text.partition("/")
+            if not plen:
+                cidr = text + "/32"
+            elif plen == str(fast[1]):
+                cidr = text
+            else:  # a prefix length with a leading zero
+                cidr = f"{addr}/{fast[1]}"
         else:
             try:
                 cidr = parse_network(text, "src").with_prefixlen
