@@ -260,7 +260,10 @@ class RuleCompiler:
             yield _table_key(k), self._rules(self._slot_ids(k))
 
     def compiled(self, key: TableKey) -> tuple[Rule, ...]:
-        return self._rules(self._slot_ids(_compact(key)))
+        k = _compact(key)
+        if k not in self._own:  # a new entry (the datapath asks for each before writing it)
+            return ()
+        return self._rules(self._slot_ids(k))
 
     def table_counts(self) -> list[int]:
         return list(self._counts)
