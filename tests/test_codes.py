@@ -159,6 +159,7 @@ def _adopted(c: RuleCompiler) -> RuleCompiler:
     fresh = RuleCompiler(c.caps)
     fresh.adopt(
         (
+            key.table,
             _compact(key),
             [(r.id, r.code() if key_of(r) == key else -1) for r in slots],
         )

@@ -572,32 +572,38 @@ class RuleCompiler:
             self._counts = list(plan.counts)
         self._n_sets = plan.n_sets if plan.counts else self._n_sets
 
-    def adopt(self, entries: Iterable[tuple[int, list[tuple[int, int]]]]) -> None:
+    def adopt(self, entries: Iterable[tuple[Table, int, list[tuple[int, int]]]]) -> None:
         """Take over entries that are in the maps already, without planning them again.
 
-        Each entry is (compact key, slots best first), a slot being (rule id, code) for the
-        entry's own rules and (rule id, -1) for a rule inherited from a covering prefix: what
-        a map entry holds. The compiler must be empty.
+        Each entry is (table, compact key, slots best first), a slot being (rule id, code) for
+        the entry's own rules and (rule id, -1) for a rule inherited from a covering prefix:
+        what a map entry holds. The compiler must be empty.
         """
         if self._codes:
             raise ValueError("adopt() needs an empty compiler")
-        codes, own = self._codes, self._own
+        codes, own, counts = self._codes, self._own, self._counts
         trie: dict[Table, list[int]] = {t: [] for t in LPM_TABLES}
-        for k, slots in entries:
-            mine = []
-            for rid, code in slots:
-                if code >= 0:
-                    codes[rid] = code
-                    mine.append(rid)
-            if not mine:
-                continue
-            own[k] = mine[0] if len(mine) == 1 else mine
-            table = _table_of(k)
-            self._counts[table] += 1
-            self._n_sets += len(slots) > 1
-            if len(mine) != len(slots):
-                self._inherit[k] = tuple(rid for rid, _ in slots)
-            if table in LPM_TABLES:
+        for table, k, slots in entries:
+            if len(slots) == 1:  # most entries: one rule, its own
+                rid, code = slots[0]
+                if code < 0:
+                    continue
+                codes[rid] = code
+                own[k] = rid
+            else:
+                mine = []
+                for rid, code in slots:
+                    if code >= 0:
+                        codes[rid] = code
+                        mine.append(rid)
+                if not mine:
+                    continue
+                own[k] = mine[0] if len(mine) == 1 else mine
+                self._n_sets += 1
+                if len(mine) != len(slots):
+                    self._inherit[k] = tuple(rid for rid, _ in slots)
+            counts[table] += 1
+            if table in trie:
                 trie[table].append(_trie_int(k))
         for table, ints in trie.items():
             self._trie_keys[table] = SortedList(ints)

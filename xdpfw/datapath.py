@@ -692,8 +692,8 @@ class Datapath:
 
     def _adopted_entries(
         self, used_sets: set[int]
-    ) -> Iterator[tuple[int, list[tuple[int, int]]]]:
-        """Every lookup-table entry as (compact key, slots) for `RuleCompiler.adopt`.
+    ) -> Iterator[tuple[Table, int, list[tuple[int, int]]]]:
+        """Every lookup-table entry as (table, compact key, slots) for `RuleCompiler.adopt`.
 
         A slot is (rule id, code) when the rule is the entry's own, (rule id, -1) when it is
         inherited from a covering prefix. Records each entry's set in `_set_of`/`used_sets`.
@@ -727,7 +727,7 @@ class Datapath:
                     for off in range(0, len(rest) - slot_size + 1, slot_size):
                         if _SLOT.unpack_from(rest, off)[0]:  # rank 0: an unused slot
                             slots.append(_adopted_slot(k, plen, is_src, rest, off))
-                yield k, slots
+                yield table, k, slots
 
 
 def _wrap_maps(loaded: LoadedProgram) -> dict[str, bpfsys.Map[Any, Any]]:
