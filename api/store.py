@@ -65,22 +65,6 @@ def _row_to_rule(row: sqlite3.Row) -> StoredRule:
     return StoredRule(spec.with_id(row["id"]), row["comment"], row["created_at"], row["expires_at"])
 
 
-def _rule_row(r: StoredRule) -> tuple[object, ...]:
-    rule = r.rule
-    return (
-        rule.id,
-        rule.action.value,
-        rule.mode.value,
-        rule.src.with_prefixlen if rule.src is not None else None,
-        rule.dst.with_prefixlen if rule.dst is not None else None,
-        rule.proto.value if rule.proto is not None else None,
-        str(rule.dport) if rule.dport is not None else None,
-        r.comment,
-        r.created_at,
-        r.expires_at,
-    )
-
-
 class Store:
     """SQLite access. Not thread-safe by itself: the service serialises writers."""
 
@@ -127,10 +111,8 @@ class Store:
         return list(range(start, start + count))
 
     def insert(self, rules: Iterable[StoredRule]) -> None:
-        self._db.executemany(
-            "INSERT INTO rules (id, action, mode, src, dst, proto, dport, comment, created_at,"
-            " expires_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
-            (_rule_row(r) for r in rules),
+        self.insert_codes(
+            (r.id, r.rule.code(), r.comment, r.created_at, r.expires_at) for r in rules
         )
 
     def insert_codes(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
+from pathlib import Path
 
 import pytest
 
@@ -239,3 +240,23 @@ def test_importer_fast_lines_agree_with_ipaddress(text: str) -> None:
         return
     assert [e.cidr for e in parsed.entries] == [want]
     assert parsed.entries[0].network == ipaddress.ip_network(want)
+
+
+def test_store_round_trips_every_kind_of_rule(tmp_path: Path) -> None:
+    from api.store import Store, StoredRule
+
+    rng = random.Random(11)
+    specs = {_random_spec(rng) for _ in range(400)}
+    rules = [s.with_id(i) for i, s in enumerate(sorted(specs, key=lambda s: s.code()), 1)]
+    store = Store(tmp_path / "rules.db")
+    try:
+        with store.transaction():
+            store.insert(StoredRule(r, f"c{r.id}", 1.5, None) for r in rules[:200])
+            store.insert_codes((r.id, r.code(), "", 2.5, 9.5) for r in rules[200:])
+        assert [s.rule for s in store.all()] == rules
+        assert list(store.codes()) == [(r.id, r.code()) for r in rules]
+        assert sorted(store.ids()) == [r.id for r in rules]
+        got = store.get(rules[0].id)
+        assert got is not None and (got.comment, got.created_at) == ("c1", 1.5)
+    finally:
+        store.close()
