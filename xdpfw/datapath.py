@@ -699,7 +699,8 @@ class Datapath:
         inherited from a covering prefix. Records each entry's set in `_set_of`/`used_sets`.
         """
         sets = self._maps["xdpfw_sets"]
-        slot_size = _SLOT.size
+        slot_size = ctypes.sizeof(abi.Slot)
+        first = abi.Entry.first.offset
         for table in Table:
             if table is Table.MAX:
                 continue
@@ -718,14 +719,14 @@ class Datapath:
                         | ((len(addr) == 16) << 2)
                         | direction
                     )
-                set_id = _ENTRY_TAIL.unpack_from(raw, slot_size)[0]
-                slots = [_adopted_slot(k, plen, is_src, raw, 0)]
+                set_id = _ADOPT_SET_ID.unpack_from(raw, abi.Entry.set_id.offset)[0]
+                slots = [_adopted_slot(k, plen, is_src, raw, first)]
                 if set_id:
                     self._set_of[_decode_adopted_key(table, k)] = set_id
                     used_sets.add(set_id)
                     rest = sets.lookup_raw(_U32_BYTES.pack(set_id)) or b""
                     for off in range(0, len(rest) - slot_size + 1, slot_size):
-                        if _SLOT.unpack_from(rest, off)[0]:  # rank 0: an unused slot
+                        if _ADOPT_SLOT.unpack_from(rest, off)[0]:  # rank 0: an unused slot
                             slots.append(_adopted_slot(k, plen, is_src, rest, off))
                 yield table, k, slots
 
@@ -809,9 +810,28 @@ def _ensure_bpffs(path: Path) -> None:
 # -- adopting pinned maps (helpers of Datapath._adopted_entries) -----------------------------
 
 
+def _slot_reader(names: tuple[str, ...]) -> struct.Struct:
+    """Reads the named fields of struct xdpfw_slot, in that order, wherever abi.Slot puts them
+    (so a slot that gains fields, or moves them, is still read right)."""
+    fmt, pos = "=", 0
+    for name in names:
+        f = getattr(abi.Slot, name)
+        if f.offset < pos:
+            raise AssertionError(f"abi.Slot.{name} is not after the fields before it in {names}")
+        fmt += "x" * (f.offset - pos) + {1: "B", 2: "H", 4: "I", 8: "Q"}[f.size]
+        pos = f.offset + f.size
+    return struct.Struct(fmt)
+
+
+_ADOPT_SLOT = _slot_reader(
+    ("rank", "rule_id", "port_lo", "port_hi", "proto", "verdict", "has_ports")
+)
+_ADOPT_SET_ID = struct.Struct("=" + {4: "I", 8: "Q"}[abi.Entry.set_id.size])
+
+
 def _adopted_slot(k: int, plen: int, is_src: bool, raw: bytes, off: int) -> tuple[int, int]:
     """(rule id, code) of the slot at raw[off:], or (rule id, -1) when it is inherited."""
-    rank, rule_id, lo, hi, proto, verdict, has_ports = _SLOT.unpack_from(raw, off)
+    rank, rule_id, lo, hi, proto, verdict, has_ports = _ADOPT_SLOT.unpack_from(raw, off)
     src_len = (rank >> 54) & 0xFF
     dst_len = (rank >> 46) & 0xFF
     if k == 0:
