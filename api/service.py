@@ -15,11 +15,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from api.store import Store, StoredRule
+from xdpfw import abi
+from xdpfw.compiler import gc_paused
 from xdpfw.datapath import Attachment, Datapath, GlobalCounters, RuleCounters
 from xdpfw.errors import InterfaceNotFound, InvalidRule, RuleConflict, RuleNotFound
-from xdpfw.rules import MAX_RULE_ID, Action, Mode, Rule, RuleSpec
+from xdpfw.rules import (
+    CODE_SHIFT,
+    DIR_SRC,
+    MAX_RULE_ID,
+    Action,
+    Rule,
+    RuleSpec,
+    rule_from_code,
+)
 
-__all__ = ["BulkResult", "FirewallService", "NewRule"]
+__all__ = ["BulkResult", "FirewallService", "NewCodes", "NewRule"]
 
 log = logging.getLogger("xdpfw.service")
 
@@ -27,6 +37,17 @@ log = logging.getLogger("xdpfw.service")
 @dataclass(frozen=True)
 class NewRule:
     spec: RuleSpec
+    comment: str = ""
+    ttl_seconds: int | None = None
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class NewCodes:
+    """Many rules with one comment, TTL and force, as codes (`RuleSpec.code()`): the fast
+    form of a bulk load, which makes no RuleSpec per rule."""
+
+    codes: Sequence[int]
     comment: str = ""
     ttl_seconds: int | None = None
     force: bool = False
@@ -71,22 +92,38 @@ class FirewallService:
 
         A brand-new database next to maps that already hold rules (the database was lost)
         takes the maps' rules instead of wiping them: the kernel's state is not thrown away.
+        Rules are compared as codes (ints), so a million of them cost seconds and no objects.
         """
-        with self.lock:
+        with self.lock, gc_paused():
             self._reconcile_protected()
-            in_maps = {r.id: r for r in self.dp.rules() if not is_protected_id(r.id)}
-            if self.store.created and in_maps and self.store.count() == 0:
+            in_maps = self.dp.compiler.codes()
+            n_user = sum(1 for rid in in_maps if not is_protected_id(rid))
+            if self.store.created and n_user and self.store.count() == 0:
                 now = time.time()
                 with self.store.transaction():
-                    self.store.insert(
-                        StoredRule(r, "adopted from pinned maps", now, None)
-                        for r in in_maps.values()
+                    self.store.insert_codes(
+                        (rid, code, "adopted from pinned maps", now, None)
+                        for rid, code in sorted(in_maps.items())
+                        if not is_protected_id(rid)
                     )
-                log.warning("new database: adopted %d rules from the pinned maps", len(in_maps))
-                return {"adopted": len(in_maps), "added": 0, "removed": 0}
-            wanted = {s.id: s.rule for s in self.store.all()}
-            remove = [rid for rid, r in in_maps.items() if wanted.get(rid) != r]
-            add = [r for rid, r in wanted.items() if in_maps.get(rid) != r]
+                log.warning("new database: adopted %d rules from the pinned maps", n_user)
+                return {"adopted": n_user, "added": 0, "removed": 0}
+            remove: list[int] = []
+            add: list[Rule] = []
+            agree = 0
+            for rid, code in self.store.codes():
+                have = in_maps.get(rid)
+                if have == code:
+                    agree += 1
+                    continue
+                if have is not None:
+                    remove.append(rid)
+                add.append(rule_from_code(rid, code))
+            if agree + len(remove) < n_user:  # rules in the maps that the database lacks
+                known = set(self.store.ids())
+                remove.extend(
+                    rid for rid in in_maps if rid not in known and not is_protected_id(rid)
+                )
             if remove:
                 self.dp.remove_rules(remove)
             if add:
@@ -95,7 +132,8 @@ class FirewallService:
 
     def _reconcile_protected(self) -> None:
         """Protected prefixes as allow rules, first: the one thing that must never be missing."""
-        have = {r.id: r for r in self.dp.rules() if is_protected_id(r.id)}
+        rules = self.dp.compiler.rules
+        have = {rid: rules[rid] for rid in range(PROTECT_BASE, MAX_RULE_ID + 1) if rid in rules}
         want = {r.id: r for r in self.protected}
         stale = [rid for rid, r in have.items() if want.get(rid) != r]
         if stale:
@@ -115,17 +153,31 @@ class FirewallService:
 
     def check_protected(self, spec: RuleSpec) -> None:
         """Refuse an enforcing drop rule that covers or overlaps a protected prefix."""
-        if spec.action is not Action.DROP or spec.mode is not Mode.ENFORCE:
+        self._check_protected_code(spec.code())
+
+    def _check_protected_code(self, code: int) -> None:
+        if (code >> 41) & 3 != abi.VERDICT_DROP or not self.protected:
             return
+        key = code >> CODE_SHIFT
+        direction = key & 3
+        if direction and direction != DIR_SRC:
+            return
+        v6 = bool(key & 4)
+        bits = 128 if v6 else 32
+        plen = (key >> 3) & 0xFF
+        addr = key >> 11
         for p in self.protected:
             net = p.src
             assert net is not None
-            if spec.src is None and spec.dst is None:
+            if not direction:
                 hit = "matches every source, including"
-            elif spec.src is not None and spec.src.version == net.version and spec.src.overlaps(
-                net
+            elif (net.version == 6) == v6 and (
+                addr >> (bits - (m := min(plen, net.prefixlen)))
+                == int(net.network_address) >> (bits - m)
             ):
-                hit = f"source {spec.src.with_prefixlen} overlaps"
+                src = rule_from_code(1, code).src
+                assert src is not None
+                hit = f"source {src.with_prefixlen} overlaps"
             else:
                 continue
             raise RuleConflict(
@@ -148,61 +200,70 @@ class FirewallService:
 
     def bulk_add(self, items: Sequence[NewRule]) -> BulkResult:
         """All or nothing. Duplicates of existing rules (or within the batch) are skipped."""
-        with self.lock:
+        return self._add_codes(
+            [item.spec.code() for item in items],
+            [item.comment for item in items],
+            [item.ttl_seconds for item in items],
+            [item.force for item in items],
+        )
+
+    def bulk_add_codes(self, batch: NewCodes) -> BulkResult:
+        """`bulk_add` for rules given as codes, sharing one comment, TTL and force."""
+        n = len(batch.codes)
+        return self._add_codes(
+            batch.codes, [batch.comment] * n, [batch.ttl_seconds] * n, [batch.force] * n
+        )
+
+    def _add_codes(
+        self,
+        codes: Sequence[int],
+        comments: Sequence[str],
+        ttls: Sequence[int | None],
+        forces: Sequence[bool],
+    ) -> BulkResult:
+        with self.lock, gc_paused():
             now = time.time()
-            fresh: list[NewRule] = []
-            dups: list[int] = []
-            seen: dict[bytes, int] = {}
-            for item in items:
-                if not item.force:
-                    self.check_protected(item.spec)
-                key = item.spec.match_key()
-                probe = item.spec.with_id(1)
-                existing = self.dp.compiler.find_duplicate(probe)
+            find = self.dp.compiler.find_code
+            fresh: list[int] = []  # indexes into codes
+            dups: list[int] = []  # ids of existing identical rules
+            again: list[int] = []  # codes repeated within the batch
+            seen: dict[int, int] = {}  # code -> position in fresh
+            for i, code in enumerate(codes):
+                if not forces[i]:
+                    self._check_protected_code(code)
+                existing = find(code)
                 if existing is not None and is_protected_id(existing):
                     raise RuleConflict(
-                        f"{item.spec.describe()} is a protected prefix: it is allowed already"
+                        f"{rule_from_code(1, code).describe()} is a protected prefix: "
+                        "it is allowed already"
                     )
                 if existing is not None:
                     dups.append(existing)
-                elif key in seen:
-                    dups.append(-1)  # resolved below, once ids are known
+                elif code in seen:
+                    again.append(code)
                 else:
-                    seen[key] = len(fresh)
-                    fresh.append(item)
+                    seen[code] = len(fresh)
+                    fresh.append(i)
             with self.store.transaction():
                 ids = self.store.next_ids(len(fresh))
-                stored = [
-                    StoredRule(
-                        item.spec.with_id(rid),
-                        item.comment,
-                        now,
-                        now + item.ttl_seconds if item.ttl_seconds else None,
-                    )
-                    for item, rid in zip(fresh, ids, strict=True)
+                expiry = [
+                    now + ttl if (ttl := ttls[i]) else None for i in fresh
                 ]
-                self.store.insert(stored)
-                self.dp.add_rules([s.rule for s in stored])
-            if -1 in dups:
-                dups = self._resolve_batch_dups(items, stored, dups)
+                self.store.insert_codes(
+                    (rid, codes[i], comments[i], now, exp)
+                    for i, rid, exp in zip(fresh, ids, expiry, strict=True)
+                )
+                rules = [rule_from_code(rid, codes[i]) for i, rid in zip(fresh, ids, strict=True)]
+                self.dp.add_rules(rules)
+            stored = [
+                StoredRule(rule, comments[i], now, exp)
+                for rule, i, exp in zip(rules, fresh, expiry, strict=True)
+            ]
+            dups.extend(ids[seen[code]] for code in again)
             return BulkResult(stored, dups)
 
-    @staticmethod
-    def _resolve_batch_dups(
-        items: Sequence[NewRule], stored: list[StoredRule], dups: list[int]
-    ) -> list[int]:
-        by_key = {s.rule.match_key(): s.id for s in stored}
-        out = [d for d in dups if d != -1]
-        first_seen: set[bytes] = set()
-        for item in items:
-            key = item.spec.match_key()
-            if key in first_seen and key in by_key:
-                out.append(by_key[key])
-            first_seen.add(key)
-        return out
-
     def remove(self, rule_ids: Sequence[int]) -> list[Rule]:
-        with self.lock:
+        with self.lock, gc_paused():
             for rid in rule_ids:
                 if rid not in self.dp.compiler.rules or is_protected_id(rid):
                     raise RuleNotFound(rid)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xdpfw.errors import CapacityExceeded
-from xdpfw.rules import MAX_RULE_ID, Rule, RuleSpec
+from xdpfw.rules import MAX_RULE_ID, Rule, RuleSpec, code_from_texts, code_texts
 
 __all__ = ["SCHEMA_VERSION", "Store", "StoredRule"]
 
@@ -65,22 +65,6 @@ def _row_to_rule(row: sqlite3.Row) -> StoredRule:
     return StoredRule(spec.with_id(row["id"]), row["comment"], row["created_at"], row["expires_at"])
 
 
-def _rule_row(r: StoredRule) -> tuple[object, ...]:
-    rule = r.rule
-    return (
-        rule.id,
-        rule.action.value,
-        rule.mode.value,
-        rule.src.with_prefixlen if rule.src is not None else None,
-        rule.dst.with_prefixlen if rule.dst is not None else None,
-        rule.proto.value if rule.proto is not None else None,
-        str(rule.dport) if rule.dport is not None else None,
-        r.comment,
-        r.created_at,
-        r.expires_at,
-    )
-
-
 class Store:
     """SQLite access. Not thread-safe by itself: the service serialises writers."""
 
@@ -127,11 +111,34 @@ class Store:
         return list(range(start, start + count))
 
     def insert(self, rules: Iterable[StoredRule]) -> None:
+        self.insert_codes(
+            (r.id, r.rule.code(), r.comment, r.created_at, r.expires_at) for r in rules
+        )
+
+    def insert_codes(
+        self, rows: Iterable[tuple[int, int, str, float, float | None]]
+    ) -> None:
+        """Insert (id, code, comment, created_at, expires_at) rows: no Rule objects needed."""
         self._db.executemany(
             "INSERT INTO rules (id, action, mode, src, dst, proto, dport, comment, created_at,"
             " expires_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
-            (_rule_row(r) for r in rules),
+            ((rid, *code_texts(code), comment, created, expires)
+             for rid, code, comment, created, expires in rows),
         )
+
+    def codes(self) -> Iterator[tuple[int, int]]:
+        """(id, code) of every rule, in id order; for comparing a million rules cheaply."""
+        cur = self._db.cursor()
+        cur.row_factory = None
+        cur.execute("SELECT id, action, mode, src, dst, proto, dport FROM rules ORDER BY id")
+        for rid, action, mode, src, dst, proto, dport in cur:
+            yield rid, code_from_texts(action, mode, src, dst, proto, dport)
+
+    def ids(self) -> Iterator[int]:
+        cur = self._db.cursor()
+        cur.row_factory = None
+        for (rid,) in cur.execute("SELECT id FROM rules"):
+            yield rid
 
     def delete(self, rule_ids: Iterable[int]) -> None:
         self._db.executemany("DELETE FROM rules WHERE id=?", ((i,) for i in rule_ids))

@@ -10,13 +10,22 @@ or port while a covering prefix's rule does.
 `RuleCompiler` keeps that derived state incrementally. `plan_add`/`plan_remove` compute the
 new slot lists of every entry a change touches, check the capacity limits, and only then let
 the caller `commit` them; a plan that does not fit raises CapacityExceeded and changes nothing.
+
+A million rules must stay cheap, so the compiler keeps no objects per rule: a rule is its id
+and its code (`RuleSpec.code()`, one int), an entry is the key part of its rules' codes (one
+int) mapped to its own rule ids (an int, or a list when several rules share the entry), and a
+trie key is one int (address << 8 | prefix length) in a sorted list per trie. `Rule` and
+`TableKey` objects are made only at the edges: for the entries a plan writes and for callers
+that ask (`rules`, `compiled`, `entries`).
 """
 
 from __future__ import annotations
 
+import gc
 import ipaddress
-from bisect import bisect_left, insort
-from collections.abc import Iterable, Iterator
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -25,14 +34,24 @@ from sortedcontainers import SortedList
 from xdpfw import abi
 from xdpfw.abi import Table
 from xdpfw.errors import CapacityExceeded, RuleConflict, RuleNotFound
-from xdpfw.rules import Network, Rule
+from xdpfw.rules import (
+    CODE_SHIFT,
+    DIR_DST,
+    DIR_SRC,
+    Network,
+    Rule,
+    code_rank,
+    rule_from_code,
+)
 
 __all__ = [
     "MAX_SLOTS",
     "Capacities",
     "Plan",
     "RuleCompiler",
+    "RuleView",
     "TableKey",
+    "gc_paused",
     "key_of",
 ]
 
@@ -89,6 +108,25 @@ class TableKey(NamedTuple):
         return f"{self.table.map_name}[{'*' if net is None else net.with_prefixlen}]"
 
 
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a bulk change runs (re-enabled by whoever paused it).
+
+    A bulk change makes a few objects per rule (rules, networks, plan entries), none of them in
+    a cycle, so reference counting frees them all; but every 700 allocations CPython's
+    collector runs, and its older generations walk every tracked object of the process: a
+    quarter of a bulk load's time.
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 def key_of(rule: Rule) -> TableKey:
     """The one key a rule lives under."""
     if rule.src is not None:
@@ -103,25 +141,75 @@ def key_of(rule: Rule) -> TableKey:
     return TableKey(table, net.network_address.packed, net.prefixlen)
 
 
-def _rank_desc(rule: Rule) -> int:
-    return -rule.rank()
+# -- compact keys -------------------------------------------------------------------------------
+# An entry's compact key is the key part of its rules' codes (code >> CODE_SHIFT):
+# address << 11 | prefix length << 3 | IPv6 << 2 | direction, and 0 for the address-less table.
+
+_SRC_TABLES = frozenset((Table.SRC4, Table.SRC6, Table.SRC4_LPM, Table.SRC6_LPM))
+# (direction | IPv6 << 2 | exact << 3) -> table
+_TABLE_BY_BITS: dict[int, Table] = {}
+for (_dir, _fam), _t in _LPM_TABLES.items():
+    _TABLE_BY_BITS[(DIR_SRC if _dir == "src" else DIR_DST) | ((_fam == 6) << 2)] = _t
+for (_dir, _fam), _t in _EXACT_TABLES.items():
+    _TABLE_BY_BITS[(DIR_SRC if _dir == "src" else DIR_DST) | ((_fam == 6) << 2) | 8] = _t
 
 
-@dataclass(frozen=True)
-class _Pending:
-    """Trie keys a plan touches, indexed for ancestor and descendant queries."""
+def _is_exact(k: int) -> bool:
+    return ((k >> 3) & 0xFF) == (128 if k & 4 else 32)
 
-    keys: frozenset[TableKey]
-    plens: frozenset[int]
-    sorted: list[tuple[int, int, TableKey]]  # (address, plen, key), by address
 
-    @classmethod
-    def of(cls, keys: set[TableKey]) -> _Pending:
-        return cls(
-            frozenset(keys),
-            frozenset(k.plen for k in keys),
-            sorted((int.from_bytes(k.addr, "big"), k.plen, k) for k in keys),
-        )
+def _is_lpm(k: int) -> bool:
+    return k != 0 and ((k >> 3) & 0xFF) != (128 if k & 4 else 32)
+
+
+def _table_of(k: int) -> Table:
+    if not k:
+        return Table.ANY
+    return _TABLE_BY_BITS[(k & 7) | (_is_exact(k) << 3)]
+
+
+_ANY_KEY = TableKey(Table.ANY)
+_tuple_new = tuple.__new__
+
+
+def _table_key(k: int) -> TableKey:
+    if not k:
+        return TableKey(Table.ANY)
+    return TableKey(_table_of(k), (k >> 11).to_bytes(16 if k & 4 else 4, "big"), (k >> 3) & 0xFF)
+
+
+def _compact(key: TableKey) -> int:
+    if key.table is Table.ANY:
+        return 0
+    direction = DIR_SRC if key.table in _SRC_TABLES else DIR_DST
+    v6 = len(key.addr) == 16
+    return (int.from_bytes(key.addr, "big") << 11) | (key.plen << 3) | (v6 << 2) | direction
+
+
+def _trie_int(k: int) -> int:
+    """A trie key in its sorted list: address << 8 | prefix length (address order)."""
+    return ((k >> 11) << 8) | ((k >> 3) & 0xFF)
+
+
+class RuleView(Mapping[int, Rule]):
+    """Rule id -> Rule, made on demand from the compiler's codes (read only)."""
+
+    __slots__ = ("_codes",)
+
+    def __init__(self, codes: dict[int, int]) -> None:
+        self._codes = codes
+
+    def __getitem__(self, rule_id: int) -> Rule:
+        return rule_from_code(rule_id, self._codes[rule_id])
+
+    def __contains__(self, rule_id: object) -> bool:
+        return rule_id in self._codes
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._codes)
+
+    def __len__(self) -> int:
+        return len(self._codes)
 
 
 @dataclass
@@ -131,6 +219,12 @@ class Plan:
     entries: dict[TableKey, tuple[Rule, ...]] = field(default_factory=dict)
     added: list[Rule] = field(default_factory=list)
     removed: list[Rule] = field(default_factory=list)
+    # The same change in the compiler's compact terms, for `commit`.
+    codes: dict[int, int] = field(default_factory=dict, repr=False)  # added id -> code
+    own: dict[int, list[int]] = field(default_factory=dict, repr=False)  # key -> own ids after
+    inherit: dict[int, tuple[int, ...]] = field(default_factory=dict, repr=False)  # LPM keys
+    counts: list[int] = field(default_factory=list, repr=False)
+    n_sets: int = field(default=0, repr=False)
 
 
 class RuleCompiler:
@@ -138,34 +232,38 @@ class RuleCompiler:
 
     def __init__(self, caps: Capacities) -> None:
         self.caps = caps
-        self.rules: dict[int, Rule] = {}
-        self._own: dict[TableKey, list[Rule]] = {}  # key -> its own rules, best first
-        # LPM key -> slots in the map (own + inherited). Exact and address-less keys inherit
-        # nothing, so their slots are their own rules and are not stored twice.
-        self._compiled: dict[TableKey, tuple[Rule, ...]] = {}
-        # Per trie: keys ordered by (address, plen) so a prefix's descendants are a range.
+        self._codes: dict[int, int] = {}  # rule id -> code
+        self.rules: Mapping[int, Rule] = RuleView(self._codes)
+        # compact key -> its own rule ids, best first (one int for a single rule: most entries)
+        self._own: dict[int, int | list[int]] = {}
+        # LPM compact key -> slot ids (own + inherited, best first), for entries that inherit
+        # from a covering prefix; any other entry's slots are its own rules.
+        self._inherit: dict[int, tuple[int, ...]] = {}
+        # Per trie: keys as address << 8 | prefix length, so a prefix's descendants are a range.
         self._trie_keys: dict[Table, SortedList] = {t: SortedList() for t in LPM_TABLES}
         self._trie_plens: dict[Table, dict[int, int]] = {t: {} for t in LPM_TABLES}
-        self._by_match: dict[bytes, int] = {}
         self._counts = [0] * Table.MAX  # entries per table
         self._n_sets = 0  # entries holding more than one slot
 
     # -- queries -------------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        return len(self.rules)
+        return len(self._codes)
+
+    def codes(self) -> Mapping[int, int]:
+        """Rule id -> code, for callers that compare many rules (read only)."""
+        return self._codes
 
     def entries(self) -> Iterator[tuple[TableKey, tuple[Rule, ...]]]:
         """Every entry in the maps with its slots, best first."""
-        for key, own in self._own.items():
-            if key.table not in LPM_TABLES:
-                yield key, tuple(own)
-        yield from self._compiled.items()
+        for k in list(self._own):
+            yield _table_key(k), self._rules(self._slot_ids(k))
 
     def compiled(self, key: TableKey) -> tuple[Rule, ...]:
-        if key.table in LPM_TABLES:
-            return self._compiled.get(key, ())
-        return tuple(self._own.get(key, ()))
+        k = _compact(key)
+        if k not in self._own:  # a new entry (the datapath asks for each before writing it)
+            return ()
+        return self._rules(self._slot_ids(k))
 
     def table_counts(self) -> list[int]:
         return list(self._counts)
@@ -175,109 +273,161 @@ class RuleCompiler:
         return self._n_sets
 
     def find_duplicate(self, rule: Rule) -> int | None:
-        return self._by_match.get(rule.match_key())
+        return self.find_code(rule.code())
+
+    def find_code(self, code: int) -> int | None:
+        """The id of the rule with this code, if any."""
+        own = self._own.get(code >> CODE_SHIFT)
+        if own is None:
+            return None
+        if isinstance(own, int):
+            return own if self._codes[own] == code else None
+        for rid in own:
+            if self._codes[rid] == code:
+                return rid
+        return None
+
+    def _own_ids(self, k: int) -> list[int]:
+        own = self._own.get(k)
+        if own is None:
+            return []
+        return [own] if isinstance(own, int) else list(own)
+
+    def _slot_ids(self, k: int) -> tuple[int, ...]:
+        inherited = self._inherit.get(k)
+        return inherited if inherited is not None else tuple(self._own_ids(k))
+
+    def _rules(self, ids: Iterable[int]) -> tuple[Rule, ...]:
+        codes = self._codes
+        return tuple(rule_from_code(rid, codes[rid]) for rid in ids)
 
     # -- planning ------------------------------------------------------------------------------
 
     def plan_add(self, rules: Iterable[Rule]) -> Plan:
         """Entries after adding `rules` (all or nothing). Raises before anything changes."""
         plan = Plan()
-        new_own: dict[TableKey, list[Rule]] = {}
-        seen_ids: set[int] = set()
-        seen_match: dict[bytes, int] = {}
+        codes, new_codes, own = self._codes, plan.codes, self._own
+        batch: dict[int, Rule] = {}
+        added: dict[int, list[int]] = {}  # compact key -> new ids
         for rule in rules:
-            if rule.id in self.rules or rule.id in seen_ids:
-                raise RuleConflict(f"rule id {rule.id} already exists", rule.id)
-            dup = self._by_match.get(rule.match_key(), seen_match.get(rule.match_key()))
+            rid = rule.id
+            if rid in codes or rid in new_codes:
+                raise RuleConflict(f"rule id {rid} already exists", rid)
+            code = rule.code()
+            k = code >> CODE_SHIFT
+            dup = self.find_code(code) if k in own else None
+            ids = added.get(k)
+            if ids is None:
+                added[k] = [rid]
+            else:
+                if dup is None:
+                    dup = next((other for other in ids if new_codes[other] == code), None)
+                ids.append(rid)
             if dup is not None:
                 raise RuleConflict(
                     f"an identical rule already exists (id {dup}): {rule.describe()}", dup
                 )
-            seen_ids.add(rule.id)
-            seen_match[rule.match_key()] = rule.id
-            new_own.setdefault(key_of(rule), []).append(rule)
-            plan.added.append(rule)
-        if len(self.rules) + len(plan.added) > self.caps.max_rules:
+            new_codes[rid] = code
+            batch[rid] = rule
+        plan.added = list(batch.values())
+        if len(codes) + len(plan.added) > self.caps.max_rules:
             raise CapacityExceeded(
                 "rule table", self.caps.max_rules, "raise --max-rules or remove rules"
             )
-        self._plan_keys(plan, new_own, {})
+        self._plan_keys(plan, added, {}, batch)
         return plan
 
     def plan_remove(self, rule_ids: Iterable[int]) -> Plan:
         plan = Plan()
-        gone: dict[TableKey, set[int]] = {}
+        gone: dict[int, set[int]] = {}
+        batch: dict[int, Rule] = {}
         for rid in rule_ids:
-            rule = self.rules.get(rid)
-            if rule is None:
+            code = self._codes.get(rid)
+            if code is None:
                 raise RuleNotFound(rid)
-            if rid in gone.get(key_of(rule), set()):
+            ids = gone.setdefault(code >> CODE_SHIFT, set())
+            if rid in ids:
                 continue
-            gone.setdefault(key_of(rule), set()).add(rid)
+            ids.add(rid)
+            rule = rule_from_code(rid, code)
+            batch[rid] = rule
             plan.removed.append(rule)
-        self._plan_keys(plan, {}, gone)
+        self._plan_keys(plan, {}, gone, batch)
         return plan
 
     def _plan_keys(
         self,
         plan: Plan,
-        added: dict[TableKey, list[Rule]],
-        removed: dict[TableKey, set[int]],
+        added: dict[int, list[int]],
+        removed: dict[int, set[int]],
+        batch: dict[int, Rule],
     ) -> None:
-        changed = set(added) | set(removed)
+        codes, new_codes = self._codes, plan.codes
 
-        def own_after(key: TableKey) -> list[Rule]:
-            cur = list(self._own.get(key, ()))
-            drop = removed.get(key)
-            if drop:
-                cur = [r for r in cur if r.id not in drop]
-            extra = added.get(key)
-            if extra:
-                cur.extend(extra)
-            return cur
+        def rank_desc(rid: int) -> int:
+            code = new_codes.get(rid)
+            return -code_rank(codes[rid] if code is None else code, rid)
 
-        # Keys whose compiled slots change: the changed keys plus, in tries, their descendants.
-        affected: set[TableKey] = set(changed)
-        by_trie: dict[Table, set[TableKey]] = {}
-        for key in changed:
-            if key.table in LPM_TABLES:
-                by_trie.setdefault(key.table, set()).add(key)
-        pending = {t: _Pending.of(keys) for t, keys in by_trie.items()}
-        none = _Pending.of(set())
-        for key in changed:
-            if key.table in LPM_TABLES:
-                affected.update(self._descendants(key, pending[key.table]))
+        def rule(rid: int) -> Rule:
+            r = batch.get(rid)
+            if r is None:
+                r = batch[rid] = rule_from_code(rid, codes[rid])
+            return r
 
-        own_cache: dict[TableKey, list[Rule]] = {}
-
-        def own(key: TableKey) -> list[Rule]:
-            if key not in own_cache:
-                own_cache[key] = own_after(key) if key in changed else list(self._own.get(key, ()))
-            return own_cache[key]
-
+        own_after = plan.own
         counts = self.table_counts()
-        for key in affected:
-            mine = own(key)
-            if not mine:
-                plan.entries[key] = ()
-                if self._has_entry(key):
-                    counts[key.table] -= 1
+        sets = self._n_sets
+        entries = plan.entries
+        tries: dict[Table, list[int]] = {}
+        own = self._own
+        slow: list[int] = []  # keys of the exact and address-less tables to plan in full
+        for k, extra in added.items():
+            if k not in own and k not in removed and len(extra) == 1:
+                # The common case, a new entry holding one rule: no list to merge or sort.
+                own_after[k] = extra
+                plen = (k >> 3) & 0xFF
+                if not k:
+                    entries[_ANY_KEY] = (batch[extra[0]],)
+                    counts[Table.ANY] += 1
+                elif plen == (128 if k & 4 else 32):
+                    table = _TABLE_BY_BITS[(k & 7) | 8]
+                    addr = (k >> 11).to_bytes(16 if k & 4 else 4, "big")
+                    entries[_tuple_new(TableKey, (table, addr, plen))] = (batch[extra[0]],)
+                    counts[table] += 1
+                else:
+                    tries.setdefault(_TABLE_BY_BITS[k & 7], []).append(k)
                 continue
-            slots = list(mine)
-            if key.table in LPM_TABLES:
-                for anc in self._ancestors(key, pending.get(key.table, none)):
-                    slots.extend(own(anc))
-            if len(slots) > MAX_SLOTS:
-                raise CapacityExceeded(
-                    f"rules covering {key.network}",
-                    MAX_SLOTS,
-                    "a prefix and the prefixes covering it can hold that many rules in all; "
-                    "merge port rules into ranges",
-                )
-            slots.sort(key=_rank_desc)
-            plan.entries[key] = tuple(slots)
-            if not self._has_entry(key):
-                counts[key.table] += 1
+            cur = self._own_ids(k)
+            drop = removed.get(k)
+            if drop:
+                cur = [r for r in cur if r not in drop]
+            cur.extend(extra)
+            if len(cur) > 1:
+                cur.sort(key=rank_desc)
+            own_after[k] = cur
+            self._route(k, slow, tries)
+        for k, drop in removed.items():
+            if k not in added:
+                own_after[k] = [r for r in self._own_ids(k) if r not in drop]
+                self._route(k, slow, tries)
+
+        for k in slow:
+            ids = own_after[k]
+            key = _table_key(k)
+            old = own.get(k)
+            old_n = 0 if old is None else 1 if isinstance(old, int) else len(old)
+            if not ids:
+                entries[key] = ()
+                counts[key.table] -= bool(old_n)
+                sets -= old_n > 1
+                continue
+            if len(ids) > MAX_SLOTS:
+                raise self._too_many(key)
+            entries[key] = tuple(rule(r) for r in ids)
+            counts[key.table] += not old_n
+            sets += (len(ids) > 1) - (old_n > 1)
+        for table, changed in tries.items():
+            sets += self._plan_trie(plan, table, changed, counts, rank_desc, rule)
         for table in Table:
             if table is Table.MAX:
                 continue
@@ -285,93 +435,194 @@ class RuleCompiler:
                 raise CapacityExceeded(
                     table.map_name, self.caps.limit(table), "raise the capacity at load time"
                 )
-        sets = self._n_sets
-        for key, new in plan.entries.items():
-            sets += (len(new) > 1) - (len(self.compiled(key)) > 1)
         if sets > self.caps.max_sets - 1:
             raise CapacityExceeded(
                 "xdpfw_sets (entries holding more than one rule)",
                 self.caps.max_sets - 1,
                 "raise --max-sets",
             )
+        plan.counts = counts
+        plan.n_sets = sets
 
-    def _has_entry(self, key: TableKey) -> bool:
-        return key in (self._compiled if key.table in LPM_TABLES else self._own)
+    def _plan_trie(
+        self,
+        plan: Plan,
+        table: Table,
+        changed: list[int],
+        counts: list[int],
+        rank_desc: Callable[[int], int],
+        rule: Callable[[int], Rule],
+    ) -> int:
+        """Plan the entries of one trie whose keys `changed`; returns the change in sets.
 
-    def _ancestors(self, key: TableKey, pending: _Pending) -> Iterator[TableKey]:
-        """Shorter prefixes in the same trie that cover `key` (existing or being added)."""
-        plens = self._trie_plens[key.table]
-        addr = int.from_bytes(key.addr, "big")
-        bits = len(key.addr) * 8
-        for plen in sorted(plens.keys() | pending.plens):
-            if plen >= key.plen:
+        A changed prefix changes its own entry and the entries of every longer prefix inside
+        it (they inherit its rules); each entry's slots are its own rules plus those of every
+        shorter prefix covering it. Pending keys are sorted once, so a bulk load of P prefixes
+        costs O(P log P), not O(P^2).
+        """
+        own_after = plan.own
+        pending = set(changed)
+        pending_sorted = sorted(_trie_int(k) for k in changed)
+        plens = sorted(self._trie_plens[table].keys() | {(k >> 3) & 0xFF for k in changed})
+        affected = set(changed)
+        for k in changed:
+            affected.update(self._descendants(k, table, pending_sorted))
+        sets = 0
+        for k in affected:
+            mine = own_after[k] if k in own_after else self._own_ids(k)
+            key = _table_key(k)
+            had = k in self._own
+            old_n = len(self._slot_ids(k)) if had else 0
+            if not mine:
+                plan.entries[key] = ()
+                plan.inherit[k] = ()
+                counts[table] -= had
+                sets -= old_n > 1
+                continue
+            slots = list(mine)
+            inherits = False
+            for anc in self._ancestors(k, plens, pending):
+                anc_ids = own_after[anc] if anc in own_after else self._own_ids(anc)
+                if anc_ids:
+                    slots.extend(anc_ids)
+                    inherits = True
+            if len(slots) > MAX_SLOTS:
+                raise self._too_many(key)
+            if inherits:
+                slots.sort(key=rank_desc)
+            ids = tuple(slots)
+            plan.inherit[k] = ids if inherits else ()
+            plan.entries[key] = tuple(rule(r) for r in ids)
+            counts[table] += not had
+            sets += (len(ids) > 1) - (old_n > 1)
+        return sets
+
+    @staticmethod
+    def _route(k: int, slow: list[int], tries: dict[Table, list[int]]) -> None:
+        if _is_lpm(k):
+            tries.setdefault(_table_of(k), []).append(k)
+        else:
+            slow.append(k)
+
+    @staticmethod
+    def _too_many(key: TableKey) -> CapacityExceeded:
+        return CapacityExceeded(
+            f"rules covering {key.network}",
+            MAX_SLOTS,
+            "a prefix and the prefixes covering it can hold that many rules in all; "
+            "merge port rules into ranges",
+        )
+
+    def _ancestors(self, k: int, plens: list[int], pending: set[int]) -> Iterator[int]:
+        """Shorter prefixes in the same trie that cover `k` (existing or being added)."""
+        plen = (k >> 3) & 0xFF
+        addr = k >> 11
+        bits = 128 if k & 4 else 32
+        low = k & 7
+        own = self._own
+        for p in plens:
+            if p >= plen:
                 break
-            masked = addr & ~((1 << (bits - plen)) - 1) if plen < bits else addr
-            anc = TableKey(key.table, masked.to_bytes(len(key.addr), "big"), plen)
-            if anc in self._own or anc in pending.keys:
+            anc = (((addr >> (bits - p)) << (bits - p)) << 11) | (p << 3) | low
+            if anc in own or anc in pending:
                 yield anc
 
-    def _descendants(self, key: TableKey, pending: _Pending) -> Iterator[TableKey]:
-        """Longer prefixes in the same trie inside `key` (existing or being added)."""
-        bits = len(key.addr) * 8
-        lo = int.from_bytes(key.addr, "big")
-        hi = lo | ((1 << (bits - key.plen)) - 1)
-        for addr, plen in self._trie_keys[key.table].irange((lo, 0), (hi, bits + 1)):
-            if plen > key.plen:
-                yield TableKey(key.table, addr.to_bytes(len(key.addr), "big"), plen)
+    def _descendants(self, k: int, table: Table, pending_sorted: list[int]) -> Iterator[int]:
+        """Longer prefixes in the same trie inside `k` (existing or being added)."""
+        plen = (k >> 3) & 0xFF
+        bits = 128 if k & 4 else 32
+        lo = k >> 11
+        hi = lo | ((1 << (bits - plen)) - 1)
+        low = k & 7
+        for v in self._trie_keys[table].irange(lo << 8, (hi << 8) | 0xFF):
+            if (v & 0xFF) > plen:
+                yield ((v >> 8) << 11) | ((v & 0xFF) << 3) | low
         # Pending keys sorted by address: a range, not a scan (bulk loads add many prefixes).
-        i = bisect_left(pending.sorted, (lo, 0))
-        while i < len(pending.sorted) and pending.sorted[i][0] <= hi:
-            _, plen, other = pending.sorted[i]
-            if plen > key.plen:
-                yield other
+        i = bisect_left(pending_sorted, lo << 8)
+        while i < len(pending_sorted) and pending_sorted[i] <= ((hi << 8) | 0xFF):
+            v = pending_sorted[i]
+            if (v & 0xFF) > plen:
+                yield ((v >> 8) << 11) | ((v & 0xFF) << 3) | low
             i += 1
 
     # -- committing ----------------------------------------------------------------------------
 
     def commit(self, plan: Plan) -> None:
-        """Record a plan whose map writes succeeded."""
-        old_sizes = {key: len(self.compiled(key)) for key in plan.entries}
-        for rule in plan.removed:
-            del self.rules[rule.id]
-            self._by_match.pop(rule.match_key(), None)
-            key = key_of(rule)
-            own = self._own[key]
-            own.remove(rule)
-            if not own:
-                del self._own[key]
-                self._forget_trie_key(key)
-        for rule in plan.added:
-            self.rules[rule.id] = rule
-            self._by_match[rule.match_key()] = rule.id
-            key = key_of(rule)
-            mine = self._own.get(key)
-            if mine is None:
-                self._own[key] = [rule]
-                self._remember_trie_key(key)
-            else:
-                insort(mine, rule, key=_rank_desc)
-        for key, slots in plan.entries.items():
-            old = old_sizes[key]
-            self._n_sets += (len(slots) > 1) - (old > 1)
-            self._counts[key.table] += bool(slots) - bool(old)
-            if key.table not in LPM_TABLES:
-                continue  # the own list is the entry
+        """Record a plan whose map writes succeeded (the last plan made: nothing in between)."""
+        codes, own = self._codes, self._own
+        for r in plan.removed:
+            del codes[r.id]
+        codes.update(plan.codes)
+        for k, ids in plan.own.items():
+            had = k in own
+            if ids:
+                own[k] = ids[0] if len(ids) == 1 else ids
+                if not had and k and ((k >> 3) & 0xFF) != (128 if k & 4 else 32):
+                    self._remember_trie_key(k)
+            elif had:
+                del own[k]
+                if _is_lpm(k):
+                    self._forget_trie_key(k)
+        for k, slots in plan.inherit.items():
             if slots:
-                self._compiled[key] = slots
+                self._inherit[k] = slots
             else:
-                self._compiled.pop(key, None)
+                self._inherit.pop(k, None)
+        if plan.counts:
+            self._counts = list(plan.counts)
+        self._n_sets = plan.n_sets if plan.counts else self._n_sets
 
-    def _remember_trie_key(self, key: TableKey) -> None:
-        if key.table in LPM_TABLES:
-            self._trie_keys[key.table].add((int.from_bytes(key.addr, "big"), key.plen))
-            plens = self._trie_plens[key.table]
-            plens[key.plen] = plens.get(key.plen, 0) + 1
+    def adopt(self, entries: Iterable[tuple[Table, int, list[tuple[int, int]]]]) -> None:
+        """Take over entries that are in the maps already, without planning them again.
 
-    def _forget_trie_key(self, key: TableKey) -> None:
-        if key.table in LPM_TABLES:
-            self._trie_keys[key.table].remove((int.from_bytes(key.addr, "big"), key.plen))
-            plens = self._trie_plens[key.table]
-            plens[key.plen] -= 1
-            if not plens[key.plen]:
-                del plens[key.plen]
+        Each entry is (table, compact key, slots best first), a slot being (rule id, code) for
+        the entry's own rules and (rule id, -1) for a rule inherited from a covering prefix:
+        what a map entry holds. The compiler must be empty.
+        """
+        if self._codes:
+            raise ValueError("adopt() needs an empty compiler")
+        codes, own, counts = self._codes, self._own, self._counts
+        trie: dict[Table, list[int]] = {t: [] for t in LPM_TABLES}
+        for table, k, slots in entries:
+            if len(slots) == 1:  # most entries: one rule, its own
+                rid, code = slots[0]
+                if code < 0:
+                    continue
+                codes[rid] = code
+                own[k] = rid
+            else:
+                mine = []
+                for rid, code in slots:
+                    if code >= 0:
+                        codes[rid] = code
+                        mine.append(rid)
+                if not mine:
+                    continue
+                own[k] = mine[0] if len(mine) == 1 else mine
+                self._n_sets += 1
+                if len(mine) != len(slots):
+                    self._inherit[k] = tuple(rid for rid, _ in slots)
+            counts[table] += 1
+            if table in trie:
+                trie[table].append(_trie_int(k))
+        for table, ints in trie.items():
+            self._trie_keys[table] = SortedList(ints)
+            plens = self._trie_plens[table]
+            for v in ints:
+                plens[v & 0xFF] = plens.get(v & 0xFF, 0) + 1
+
+    def _remember_trie_key(self, k: int) -> None:
+        table = _table_of(k)
+        self._trie_keys[table].add(_trie_int(k))
+        plens = self._trie_plens[table]
+        plen = (k >> 3) & 0xFF
+        plens[plen] = plens.get(plen, 0) + 1
+
+    def _forget_trie_key(self, k: int) -> None:
+        table = _table_of(k)
+        self._trie_keys[table].remove(_trie_int(k))
+        plens = self._trie_plens[table]
+        plen = (k >> 3) & 0xFF
+        plens[plen] -= 1
+        if not plens[plen]:
+            del plens[plen]

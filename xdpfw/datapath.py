@@ -22,7 +22,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -39,6 +39,7 @@ from xdpfw.compiler import (
     Plan,
     RuleCompiler,
     TableKey,
+    gc_paused,
 )
 from xdpfw.errors import (
     AbiMismatch,
@@ -49,7 +50,7 @@ from xdpfw.errors import (
     KernelError,
     RuleNotFound,
 )
-from xdpfw.rules import Action, Mode, PortRange, Proto, Rule
+from xdpfw.rules import CODE_SHIFT, DIR_DST, DIR_SRC, Action, Mode, PortRange, Proto, Rule
 
 if TYPE_CHECKING:
     from xdpfw.loader import LoadedProgram
@@ -439,28 +440,14 @@ class Datapath:
             )
 
     def _rebuild_from_maps(self) -> None:
-        """Read the rules back from the lookup tables and recompute the derived state."""
-        rules: dict[int, Rule] = {}
+        """Take the rules and the compiled entries back from the lookup tables, unplanned.
+
+        The maps hold exactly what the compiler wrote, so the compiler adopts them as they are
+        (see `_adopted_entries`); nothing is planned again, and no Rule object is made.
+        """
         used_sets: set[int] = set()
-        for table in Table:
-            if table is Table.MAX:
-                continue
-            m = self._maps[table.map_name]
-            for raw_key, entry in m.items():
-                key = decode_key(table, bytes(raw_key))
-                slots = [entry.first]
-                if entry.set_id:
-                    self._set_of[key] = entry.set_id
-                    used_sets.add(entry.set_id)
-                    st = self._maps["xdpfw_sets"].lookup(_U32(entry.set_id))
-                    if st is not None:
-                        slots.extend(s for s in st.slot if s.rank)
-                for s in slots:
-                    rule = _rule_from_slot(key, s)
-                    if rule is not None:
-                        rules[rule.id] = rule
-        plan = self.compiler.plan_add(sorted(rules.values(), key=lambda r: r.id))
-        self.compiler.commit(plan)
+        with gc_paused():
+            self.compiler.adopt(self._adopted_entries(used_sets))
         self._next_set = max(used_sets, default=0) + 1
         now = time.monotonic() - SET_QUARANTINE_S
         self._free_sets.extend(
@@ -556,7 +543,8 @@ class Datapath:
 
     def rules(self) -> list[Rule]:
         with self._lock:
-            return sorted(self.compiler.rules.values(), key=lambda r: r.id)
+            rules = self.compiler.rules
+            return [rules[rid] for rid in sorted(rules)]
 
     def get_rule(self, rule_id: int) -> Rule:
         rule = self.compiler.rules.get(rule_id)
@@ -954,6 +942,48 @@ class Datapath:
         """A map by name (tests and diagnostics)."""
         return self._maps[name]
 
+    # -- adopting ------------------------------------------------------------------------------
+
+    def _adopted_entries(
+        self, used_sets: set[int]
+    ) -> Iterator[tuple[Table, int, list[tuple[int, int]]]]:
+        """Every lookup-table entry as (table, compact key, slots) for `RuleCompiler.adopt`.
+
+        A slot is (rule id, code) when the rule is the entry's own, (rule id, -1) when it is
+        inherited from a covering prefix. Records each entry's set in `_set_of`/`used_sets`.
+        """
+        sets = self._maps["xdpfw_sets"]
+        slot_size = ctypes.sizeof(abi.Slot)
+        first = abi.Entry.first.offset
+        for table in Table:
+            if table is Table.MAX:
+                continue
+            lpm = table in LPM_TABLES
+            is_src = table in (Table.SRC4, Table.SRC6, Table.SRC4_LPM, Table.SRC6_LPM)
+            direction = DIR_SRC if is_src else DIR_DST
+            for raw_key, raw in self._maps[table.map_name].dump_raw():
+                if table is Table.ANY:
+                    k, plen = 0, 0
+                else:
+                    addr = raw_key[4:] if lpm else raw_key
+                    plen = _U32_BYTES.unpack_from(raw_key)[0] if lpm else len(addr) * 8
+                    k = (
+                        (int.from_bytes(addr, "big") << 11)
+                        | (plen << 3)
+                        | ((len(addr) == 16) << 2)
+                        | direction
+                    )
+                set_id = _ADOPT_SET_ID.unpack_from(raw, abi.Entry.set_id.offset)[0]
+                slots = [_adopted_slot(k, plen, is_src, raw, first)]
+                if set_id:
+                    self._set_of[_decode_adopted_key(table, k)] = set_id
+                    used_sets.add(set_id)
+                    rest = sets.lookup_raw(_U32_BYTES.pack(set_id)) or b""
+                    for off in range(0, len(rest) - slot_size + 1, slot_size):
+                        if _ADOPT_SLOT.unpack_from(rest, off)[0]:  # rank 0: an unused slot
+                            slots.append(_adopted_slot(k, plen, is_src, rest, off))
+                yield table, k, slots
+
 
 def _wrap_maps(loaded: LoadedProgram) -> dict[str, bpfsys.Map[Any, Any]]:
     maps: dict[str, bpfsys.Map[Any, Any]] = {}
@@ -1029,6 +1059,50 @@ def _ensure_bpffs(path: Path) -> None:
             f"{path} is not on a bpf filesystem (it is on {best[0]}, type {best[1]}). Mount one: "
             f"`mount -t bpf bpf /sys/fs/bpf` (make setup does this), or pick --bpffs-dir on bpffs."
         )
+
+
+# -- adopting pinned maps (helpers of Datapath._adopted_entries) -----------------------------
+
+
+def _slot_reader(names: tuple[str, ...]) -> struct.Struct:
+    """Reads the named fields of struct xdpfw_slot, in that order, wherever abi.Slot puts them
+    (so a slot that gains fields, or moves them, is still read right)."""
+    fmt, pos = "=", 0
+    for name in names:
+        f = getattr(abi.Slot, name)
+        if f.offset < pos:
+            raise AssertionError(f"abi.Slot.{name} is not after the fields before it in {names}")
+        fmt += "x" * (f.offset - pos) + {1: "B", 2: "H", 4: "I", 8: "Q"}[f.size]
+        pos = f.offset + f.size
+    return struct.Struct(fmt)
+
+
+_ADOPT_SLOT = _slot_reader(
+    ("rank", "rule_id", "port_lo", "port_hi", "proto", "verdict", "has_ports")
+)
+_ADOPT_SET_ID = struct.Struct("=" + {4: "I", 8: "Q"}[abi.Entry.set_id.size])
+
+
+def _adopted_slot(k: int, plen: int, is_src: bool, raw: bytes, off: int) -> tuple[int, int]:
+    """(rule id, code) of the slot at raw[off:], or (rule id, -1) when it is inherited."""
+    rank, rule_id, lo, hi, proto, verdict, has_ports = _ADOPT_SLOT.unpack_from(raw, off)
+    src_len = (rank >> 54) & 0xFF
+    dst_len = (rank >> 46) & 0xFF
+    if k == 0:
+        if src_len or dst_len:
+            return rule_id, -1
+    elif (is_src and src_len != plen) or (not is_src and dst_len != plen):
+        return rule_id, -1
+    code = (k << CODE_SHIFT) | (verdict << 41) | (proto << 33)
+    if has_ports:
+        code |= (1 << 32) | (lo << 16) | hi
+    return rule_id, code
+
+
+def _decode_adopted_key(table: Table, k: int) -> TableKey:
+    if table is Table.ANY:
+        return TableKey(Table.ANY)
+    return TableKey(table, (k >> 11).to_bytes(16 if k & 4 else 4, "big"), (k >> 3) & 0xFF)
 
 
 __all__ += ["EXACT_TABLES"]

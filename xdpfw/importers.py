@@ -19,9 +19,10 @@ import ipaddress
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from xdpfw.errors import InvalidRule
-from xdpfw.rules import Network, parse_network
+from xdpfw.rules import Network, fast_ipv4, parse_network
 
 __all__ = [
     "Entry",
@@ -34,10 +35,15 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
+    """A valid line: its number and its network in canonical CIDR text (what is sent)."""
+
     lineno: int
-    network: Network
+    cidr: str
+
+    @property
+    def network(self) -> Network:
+        return ipaddress.ip_network(self.cidr)
 
 
 @dataclass(frozen=True)
@@ -129,29 +135,45 @@ def _note_kind(line: str, kinds: set[str]) -> None:
 def parse_blocklist(lines: Iterable[str]) -> ParsedList:
     """Parse a blocklist; never raises for bad content (bad lines land in `rejected`)."""
     out = ParsedList()
-    first: dict[Network, int] = {}
+    first: dict[str, int] = {}
     lineno = 0
     for lineno, raw in enumerate(lines, 1):
         line = raw.rstrip("\r\n")
-        if lineno <= 200:
-            _note_kind(line, out.kinds)
-        text, reason = entry_text(line)
-        if reason is not None:
-            out.rejected.append(Rejected(lineno, line.strip(), reason))
-            continue
-        if text is None:
-            continue
-        try:
-            net = parse_network(text, "src")
-        except InvalidRule as exc:
-            out.rejected.append(Rejected(lineno, line.strip(), exc.problem))
-            continue
-        seen = first.get(net)
+        # Most lines are a bare IPv4 address or CIDR: no comment, no format hint, and no
+        # ipaddress object needed to check and spell them.
+        text = line.strip()
+        fast = fast_ipv4(text)
+        if fast is None:
+            if lineno <= 200:
+                _note_kind(line, out.kinds)
+            found, reason = entry_text(line)
+            if reason is not None:
+                out.rejected.append(Rejected(lineno, line.strip(), reason))
+                continue
+            if found is None:
+                continue
+            text = found
+            fast = fast_ipv4(text)
+        if fast is not None:
+            addr, _, plen = text.partition("/")
+            if not plen:
+                cidr = text + "/32"
+            elif plen == str(fast[1]):
+                cidr = text
+            else:  # a prefix length with a leading zero
+                cidr = f"{addr}/{fast[1]}"
+        else:
+            try:
+                cidr = parse_network(text, "src").with_prefixlen
+            except InvalidRule as exc:
+                out.rejected.append(Rejected(lineno, line.strip(), exc.problem))
+                continue
+        seen = first.get(cidr)
         if seen is not None:
             out.repeats.append((lineno, seen))
             continue
-        first[net] = lineno
-        out.entries.append(Entry(lineno, net))
+        first[cidr] = lineno
+        out.entries.append(Entry(lineno, cidr))
     out.lines = lineno
     return out
 
@@ -166,4 +188,4 @@ def chunks(entries: Sequence[Entry], size: int) -> Iterator[Sequence[Entry]]:
 
 def body(entries: Iterable[Entry]) -> str:
     """A text/plain body for POST /v1/rules/bulk: one canonical CIDR per line."""
-    return "".join(e.network.with_prefixlen + "\n" for e in entries)
+    return "".join(e.cidr + "\n" for e in entries)

@@ -16,7 +16,7 @@ verdict class on top, in one 64-bit integer that the data plane compares.
 from __future__ import annotations
 
 import ipaddress
-import struct
+import socket
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TypeVar
@@ -25,6 +25,9 @@ from xdpfw import abi
 from xdpfw.errors import InvalidRule
 
 __all__ = [
+    "CODE_SHIFT",
+    "DIR_DST",
+    "DIR_SRC",
     "MAX_RULE_ID",
     "Action",
     "Mode",
@@ -33,13 +36,31 @@ __all__ = [
     "Proto",
     "Rule",
     "RuleSpec",
+    "code_from_texts",
+    "code_key",
+    "code_rank",
+    "code_texts",
+    "fast_ipv4",
+    "host_code",
     "parse_network",
     "parse_port_range",
+    "parse_src_code",
+    "rule_from_code",
 ]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 MAX_RULE_ID = int(abi.RANK_ID_MASK)
+
+# A rule's spec as one int, its "code" (RuleSpec.code()); what the compiler and the service keep
+# per rule instead of objects. From bit 0 up:
+#   0-15 port hi, 16-31 port lo, 32 has ports, 33-40 protocol number, 41-42 verdict,
+#   then, from CODE_SHIFT, the key: 2 bits direction (0 none, DIR_SRC, DIR_DST),
+#   1 bit IPv6, 8 bits prefix length, then the network address.
+# Equal codes <=> same match, action and mode; code >> CODE_SHIFT names the rule's table entry.
+CODE_SHIFT = 43
+DIR_SRC = 1
+DIR_DST = 2
 
 
 class Action(StrEnum):
@@ -145,8 +166,8 @@ class RuleSpec:
     dst: Network | None = None
     proto: Proto | None = None
     dport: PortRange | None = None
-    # Memoised match key (slots keep a million rules small; no per-object __dict__).
-    _mk: bytes | None = field(default=None, init=False, repr=False, compare=False)
+    # Memoised code (see `code()`; slots keep rules small: no per-object __dict__).
+    _code: int = field(default=-1, init=False, repr=False, compare=False)
 
     @classmethod
     def parse(
@@ -200,23 +221,32 @@ class RuleSpec:
             return abi.VERDICT_ALLOW
         return abi.VERDICT_MONITOR if self.mode is Mode.MONITOR else abi.VERDICT_DROP
 
-    def match_key(self) -> bytes:
-        """Identity of a rule's match, action and mode (for duplicate detection).
+    def match_key(self) -> int:
+        """Identity of a rule's match, action and mode (for duplicate detection): its code."""
+        return self.code()
 
-        Compact bytes rather than a tuple of ipaddress objects: bulk loads hash millions of
-        these, and bytes hash in C and take a few dozen bytes each.
-        """
-        mk = self._mk
-        if mk is None:
+    def code(self) -> int:
+        """The whole spec as one int (layout at `CODE_SHIFT`): compact, hashed in C."""
+        code = self._code
+        if code < 0:
+            net, direction = (self.src, DIR_SRC) if self.src is not None else (self.dst, DIR_DST)
+            key = 0
+            if net is not None:
+                key = (
+                    (int(net.network_address) << 11)
+                    | (net.prefixlen << 3)
+                    | ((net.version == 6) << 2)
+                    | direction
+                )
             ports = self.dport
-            mk = (
-                bytes((self.verdict, self.proto.number if self.proto is not None else 0))
-                + _net_key(self.src)
-                + _net_key(self.dst)
-                + (b"" if ports is None else struct.pack("!HH", ports.lo, ports.hi))
+            code = (
+                (key << CODE_SHIFT)
+                | (self.verdict << 41)
+                | ((self.proto.number if self.proto is not None else 0) << 33)
+                | (0 if ports is None else (1 << 32) | (ports.lo << 16) | ports.hi)
             )
-            object.__setattr__(self, "_mk", mk)
-        return mk
+            object.__setattr__(self, "_code", code)
+        return code
 
     def with_id(self, rule_id: int) -> Rule:
         return Rule(
@@ -240,12 +270,6 @@ class RuleSpec:
         if self.dport is not None:
             parts.append(f"dport {self.dport}")
         return " ".join(parts)
-
-
-def _net_key(net: Network | None) -> bytes:
-    if net is None:
-        return b"\0"
-    return bytes((net.version, net.prefixlen)) + net.network_address.packed
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,3 +316,180 @@ def _enum(kind: type[E], value: object, field: str) -> E:
             pass
     allowed = "|".join(m.value for m in kind)
     raise InvalidRule(field, f"{value!r} is not one of {allowed}")
+
+
+# -- codes: rules as ints ----------------------------------------------------------------------
+
+_VERDICT_ACTION_MODE = {
+    abi.VERDICT_ALLOW: (Action.ALLOW, Mode.ENFORCE),
+    abi.VERDICT_DROP: (Action.DROP, Mode.ENFORCE),
+    abi.VERDICT_MONITOR: (Action.DROP, Mode.MONITOR),
+}
+_VERDICT_OF_TEXT = {
+    ("drop", "enforce"): abi.VERDICT_DROP,
+    ("drop", "monitor"): abi.VERDICT_MONITOR,
+    ("allow", "enforce"): abi.VERDICT_ALLOW,
+}
+_VERDICT_TEXTS = {v: (a.value, m.value) for v, (a, m) in _VERDICT_ACTION_MODE.items()}
+_PROTO_PORT_BITS = (1 << 41) - 1  # protocol and ports
+_PROTO_BY_NUMBER = {p.number: p for p in Proto}
+_inet_ntoa = socket.inet_ntoa
+
+
+def code_key(code: int) -> int:
+    """The key part of a code: direction, family, prefix length and address (0: none)."""
+    return code >> CODE_SHIFT
+
+
+def host_code(addr: int, plen: int, *, v6: bool, direction: int, verdict: int) -> int:
+    """The code of a rule naming only a network (a blocklist entry)."""
+    return ((((addr << 8) | plen) << 3 | (v6 << 2) | direction) << CODE_SHIFT) | (verdict << 41)
+
+
+def code_rank(code: int, rule_id: int) -> int:
+    """`Rule.rank()` of the rule with this code and id, without building the rule."""
+    key = code >> CODE_SHIFT
+    plen = (key >> 3) & 0xFF
+    direction = key & 3
+    narrow = 0
+    if (code >> 32) & 1:
+        narrow = 65536 - ((code & 0xFFFF) - ((code >> 16) & 0xFFFF) + 1)
+    return (
+        (((code >> 41) & 3) << 62)
+        | ((plen if direction == DIR_SRC else 0) << 54)
+        | ((plen if direction == DIR_DST else 0) << 46)
+        | ((1 if (code >> 33) & 0xFF else 0) << 45)
+        | (narrow << 29)
+        | (abi.RANK_ID_MASK - rule_id)
+    )
+
+
+def _code_network(key: int) -> Network:
+    addr, plen = key >> 11, (key >> 3) & 0xFF
+    if key & 4:
+        return ipaddress.IPv6Network((addr, plen))
+    return ipaddress.IPv4Network((addr, plen))
+
+
+def rule_from_code(rule_id: int, code: int) -> Rule:
+    """The Rule a code stands for (the code must come from `RuleSpec.code()`).
+
+    Bulk loads make one per rule, so this fills the slots directly instead of going through
+    the dataclass __init__ (the same object, about half the time).
+    """
+    if not 1 <= rule_id <= MAX_RULE_ID:
+        raise InvalidRule("id", f"rule id {rule_id} is out of range 1-{MAX_RULE_ID}")
+    key = code >> CODE_SHIFT
+    direction = key & 3
+    net = _code_network(key) if direction else None
+    action, mode = _VERDICT_ACTION_MODE[(code >> 41) & 3]
+    rule = _new(Rule)
+    _set(rule, "action", action)
+    _set(rule, "mode", mode)
+    _set(rule, "src", net if direction == DIR_SRC else None)
+    _set(rule, "dst", net if direction == DIR_DST else None)
+    _set(rule, "proto", _PROTO_BY_NUMBER.get((code >> 33) & 0xFF))
+    _set(
+        rule,
+        "dport",
+        PortRange((code >> 16) & 0xFFFF, code & 0xFFFF) if (code >> 32) & 1 else None,
+    )
+    _set(rule, "_code", code)
+    _set(rule, "id", rule_id)
+    _set(rule, "_rank", 0)
+    return rule
+
+
+_new = object.__new__
+_set = object.__setattr__
+
+
+def _network_text(key: int) -> str:
+    if key & 4:
+        return _code_network(key).with_prefixlen
+    return f"{socket.inet_ntoa((key >> 11).to_bytes(4, 'big'))}/{(key >> 3) & 0xFF}"
+
+
+def code_texts(
+    code: int,
+) -> tuple[str, str, str | None, str | None, str | None, str | None]:
+    """(action, mode, src, dst, proto, dport) as the database and the API spell them."""
+    key = code >> CODE_SHIFT
+    direction = key & 3
+    action, mode = _VERDICT_TEXTS[(code >> 41) & 3]
+    if direction == DIR_SRC and not code & _PROTO_PORT_BITS and not key & 4:  # a blocklist entry
+        src = f"{_inet_ntoa((key >> 11).to_bytes(4, 'big'))}/{(key >> 3) & 0xFF}"
+        return action, mode, src, None, None, None
+    net = _network_text(key) if direction else None
+    proto = _PROTO_BY_NUMBER.get((code >> 33) & 0xFF)
+    dport = None
+    if (code >> 32) & 1:
+        lo, hi = (code >> 16) & 0xFFFF, code & 0xFFFF
+        dport = str(lo) if lo == hi else f"{lo}-{hi}"
+    return (
+        action,
+        mode,
+        net if direction == DIR_SRC else None,
+        net if direction == DIR_DST else None,
+        proto.value if proto is not None else None,
+        dport,
+    )
+
+
+def fast_ipv4(text: str) -> tuple[int, int] | None:
+    """(address, prefix length) of a plain, valid IPv4 address or CIDR; None: ask ipaddress.
+
+    None for anything unusual (IPv6, a netmask, host bits set, a malformed text): the slow
+    path then gives the same answer or the same error as before.
+    """
+    addr_text, slash, plen_text = text.partition("/")
+    try:
+        packed = socket.inet_pton(socket.AF_INET, addr_text)
+    except (OSError, ValueError):  # ValueError: an embedded NUL
+        return None
+    plen = 32
+    if slash:
+        if not (0 < len(plen_text) <= 2 and plen_text.isascii() and plen_text.isdigit()):
+            return None
+        plen = int(plen_text)
+        if plen > 32:
+            return None
+    addr = int.from_bytes(packed, "big")
+    if addr & ((1 << (32 - plen)) - 1):
+        return None
+    return addr, plen
+
+
+def parse_src_code(text: str, verdict: int) -> int:
+    """The code of a source-network rule, from text; raises InvalidRule like parse_network."""
+    fast = fast_ipv4(text.strip())
+    if fast is not None:
+        return host_code(fast[0], fast[1], v6=False, direction=DIR_SRC, verdict=verdict)
+    net = parse_network(text, "src")
+    return host_code(
+        int(net.network_address),
+        net.prefixlen,
+        v6=net.version == 6,
+        direction=DIR_SRC,
+        verdict=verdict,
+    )
+
+
+def code_from_texts(
+    action: str,
+    mode: str,
+    src: str | None,
+    dst: str | None,
+    proto: str | None,
+    dport: str | None,
+) -> int:
+    """The code of a rule spelled as in the database; raises InvalidRule for a bad one."""
+    if dst is None and proto is None and dport is None and src is not None:
+        verdict = _VERDICT_OF_TEXT.get((action, mode))
+        fast = fast_ipv4(src) if verdict is not None else None
+        if fast is not None:
+            assert verdict is not None
+            return host_code(fast[0], fast[1], v6=False, direction=DIR_SRC, verdict=verdict)
+    return RuleSpec.parse(
+        action=action, mode=mode, src=src, dst=dst, proto=proto, dport=dport
+    ).code()
