@@ -182,3 +182,28 @@ def test_counter_reads_agree_whether_few_or_many_rules_were_hit(
     assert [r for r, _ in few] == [r for r, _ in many]
     assert sum(c.packets for _, c in many) == sum(1 + i % 4 for i in range(0, 40, 3))
     assert {r for r, c in many if c.last_hit is not None} == {100 + i for i in range(0, 40, 3)}
+
+
+def test_ids_that_share_a_home_index_get_their_own_and_survive_adoption() -> None:
+    """Counter indices are direct-mapped from rule ids (1 + (id - 1) % max_rules); ids that
+    collide are moved elsewhere, and adoption reads every index back from the slots."""
+    caps = Capacities(max_rules=4, max_prefixes=16, max_sets=8)
+    cfg = DatapathConfig(bpffs_dir=unique_pin_dir("home"), caps=caps)
+    dp = Datapath.open(cfg)
+    try:
+        dp.add_rules([rule(1, src="198.18.5.1"), rule(5, src="198.18.5.5")])  # both home 1
+        dp.add_rules([rule(13, src="198.18.5.13")])  # home 1 as well
+        assert entry_mismatches(dp) == []
+        for n, rid in enumerate((1, 5, 13), start=1):
+            hit(dp, f"198.18.5.{rid}", times=n)
+        assert {r: c.packets for r, c in dp.rule_counters().items()} == {1: 1, 5: 2, 13: 3}
+        dp.close()
+        dp = Datapath.open(cfg)
+        assert {r: c.packets for r, c in dp.rule_counters().items()} == {1: 1, 5: 2, 13: 3}
+        dp.remove_rules([5])
+        dp.add_rules([rule(2, src="198.18.5.2"), rule(6, src="198.18.5.6")])
+        assert entry_mismatches(dp) == []
+        hit(dp, "198.18.5.6")
+        assert {r: c.packets for r, c in dp.rule_counters().items()} == {1: 1, 2: 0, 6: 1, 13: 3}
+    finally:
+        dp.close(cleanup=True)

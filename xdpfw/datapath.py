@@ -21,6 +21,7 @@ import os
 import struct
 import threading
 import time
+from array import array
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -225,6 +226,108 @@ def _mono_offset() -> float:
     return time.time() - time.clock_gettime(time.CLOCK_MONOTONIC)
 
 
+class _CounterIndex:
+    """Rule id -> index into xdpfw_rule_stats and xdpfw_rule_seen (1 .. size).
+
+    Direct-mapped, so a million rules cost no Python object each: a rule's index is its
+    "home" 1 + (id - 1) % size whenever that is free, and only the others (the home was
+    taken or is in quarantine) are remembered in a dict. `owner` is the reverse map (0 =
+    free). A freed index is held back for COUNTER_QUARANTINE_S, since a packet that read the
+    old slot may still credit it; an index is zeroed by the caller before it is handed out.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.owner = array("I", bytes(4 * (size + 1)))
+        self.view: np.ndarray[Any, np.dtype[np.uint32]] = np.frombuffer(
+            self.owner, dtype=np.uint32
+        )
+        self.moved: dict[int, int] = {}
+        self._held = bytearray(size + 1)
+        self._quarantine: deque[tuple[int, float]] = deque()
+        self._spare: deque[int] = deque()  # free indices found by the last scan
+        self._scan = 1
+        self.high = 1  # indices from here on were never handed out
+
+    def get(self, rule_id: int) -> int | None:
+        home = 1 + (rule_id - 1) % self.size
+        if self.owner[home] == rule_id:
+            return home
+        return self.moved.get(rule_id)
+
+    def __getitem__(self, rule_id: int) -> int:
+        idx = self.get(rule_id)
+        if idx is None:
+            raise KeyError(rule_id)
+        return idx
+
+    def alloc(self, rule_ids: Iterable[int]) -> list[int]:
+        now = time.monotonic()
+        while self._quarantine and now - self._quarantine[0][1] >= COUNTER_QUARANTINE_S:
+            self._held[self._quarantine.popleft()[0]] = 0
+        out: list[int] = []
+        try:
+            for rid in rule_ids:
+                home = 1 + (rid - 1) % self.size
+                if not self.owner[home] and not self._held[home]:
+                    idx = home
+                else:
+                    idx = self._any_free()
+                    self.moved[rid] = idx
+                self.owner[idx] = rid
+                self.high = max(self.high, idx + 1)
+                out.append(idx)
+        except BaseException:
+            self.release(self.owner[i] for i in out)
+            raise
+        return out
+
+    def _any_free(self) -> int:
+        while self._spare:
+            idx = self._spare.popleft()
+            if not self.owner[idx] and not self._held[idx]:
+                return idx
+        held = np.frombuffer(self._held, dtype=np.uint8)
+        for _ in range(2):  # from where the last scan stopped, then from the start
+            while self._scan <= self.size:
+                end = min(self._scan + 65536, self.size + 1)
+                window = slice(self._scan, end)
+                free = np.flatnonzero((self.view[window] == 0) & (held[window] == 0))
+                start, self._scan = self._scan, end
+                if len(free):
+                    self._spare.extend((free + start).tolist())
+                    return self._spare.popleft()
+            self._scan = 1
+        if not self._quarantine:  # the compiler's capacity check makes this unreachable
+            raise CapacityExceeded("xdpfw_rule_stats", self.size, "raise --max-rules")
+        idx, freed = self._quarantine.popleft()  # all in use or held: wait for the oldest
+        time.sleep(max(0.0, COUNTER_QUARANTINE_S - (time.monotonic() - freed)))
+        self._held[idx] = 0
+        return idx
+
+    def release(self, rule_ids: Iterable[int]) -> list[int]:
+        now = time.monotonic()
+        out = []
+        for rid in rule_ids:
+            idx = self.get(rid)
+            if idx is None:
+                continue
+            self.owner[idx] = 0
+            self.moved.pop(rid, None)
+            self._held[idx] = 1
+            self._quarantine.append((idx, now))
+            out.append(idx)
+        return out
+
+    def adopt(self, pairs: dict[int, int]) -> None:
+        """Take (rule id -> index) as read back from the slots of adopted maps."""
+        for rid, idx in pairs.items():
+            self.owner[idx] = rid
+            if idx != 1 + (rid - 1) % self.size:
+                self.moved[rid] = idx
+            self.high = max(self.high, idx + 1)
+
+
 class Datapath:
     """The loaded (or adopted) program, its maps and the rules compiled into them."""
 
@@ -247,11 +350,8 @@ class Datapath:
         self._set_of: dict[TableKey, int] = {}
         self._next_set = 1
         self._free_sets: deque[tuple[int, float]] = deque()
-        # Counter indices (elements of xdpfw_rule_stats): rule id -> index, index -> rule id.
-        self._ctr: dict[int, int] = {}
-        self._rule_of = np.zeros(caps.max_rules + 1, dtype=np.uint32)
-        self._next_ctr = 1
-        self._free_ctrs: deque[tuple[int, float]] = deque()
+        # Counter indices (elements of xdpfw_rule_stats and xdpfw_rule_seen) of the rules.
+        self._ctrs = _CounterIndex(caps.max_rules)
         # Last hit per counter index (xdpfw_rule_seen, memory-mapped): 0 = no packet yet.
         self._seen_mem = maps["xdpfw_rule_seen"].mmap_array()
         self._seen: np.ndarray[Any, np.dtype[np.uint64]] = np.frombuffer(
@@ -422,12 +522,12 @@ class Datapath:
             dst.update(k, [v[c * stride : c * stride + dst.value_size] for c in range(dst.ncpus)])
         src, dst = old._maps["xdpfw_rule_stats"], self._maps["xdpfw_rule_stats"]
         stride = (src.value_size + 7) // 8 * 8
-        blob = src.read_array(old._next_ctr)
+        blob = src.read_array(old._ctrs.high)
         size = stride * src.ncpus
         keys: list[ctypes.c_uint32] = []
         values: list[bytes] = []
-        for rid, old_idx in old._ctr.items():
-            new_idx = self._ctr.get(rid)
+        for old_idx in np.flatnonzero(old._ctrs.view[: old._ctrs.high]).tolist():
+            new_idx = self._ctrs.get(old._ctrs.owner[old_idx])
             if new_idx is not None and old_idx * size < len(blob):
                 keys.append(_U32(new_idx))
                 values.append(blob[old_idx * size : (old_idx + 1) * size])
@@ -575,9 +675,7 @@ class Datapath:
         old_sets = {k: self._set_of.get(k, 0) for k in plan.entries}
         new_sets: dict[TableKey, int] = {}
         # New rules get zeroed counter indices before any slot points at them.
-        ctrs = self._alloc_counters(len(plan.added))
-        for rule, ctr in zip(plan.added, ctrs, strict=True):
-            self._ctr[rule.id] = ctr
+        ctrs = self._ctrs.alloc(r.id for r in plan.added)
         hint = self._hint_changes(plan, old_entries)
         try:
             self._zero_counters(ctrs)
@@ -588,9 +686,7 @@ class Datapath:
             self.compiler.commit(plan)
         except OSError as exc:
             self._rollback(old_entries, old_sets, new_sets)
-            for rule in plan.added:
-                self._ctr.pop(rule.id, None)
-            self._release_counters(ctrs)
+            self._ctrs.release(r.id for r in plan.added)
             self._hint_redo(hint)  # back to what the committed keys need
             if exc.errno in (errno.E2BIG, errno.ENOSPC, errno.ENOMEM):
                 raise CapacityExceeded(
@@ -598,11 +694,7 @@ class Datapath:
                 ) from exc
             raise _kernel("updating rule maps", exc) from exc
         # Committed: publish the counts, then retire what is no longer referenced.
-        for rule, ctr in zip(plan.added, ctrs, strict=True):
-            self._rule_of[ctr] = rule.id
-        gone = [self._ctr.pop(rule.id) for rule in plan.removed]
-        self._rule_of[gone] = 0
-        self._release_counters(gone)
+        self._ctrs.release(r.id for r in plan.removed)
         for key in plan.entries:
             old = old_sets.get(key, 0)
             if key in new_sets:
@@ -620,7 +712,7 @@ class Datapath:
         self, entries: dict[TableKey, tuple[Rule, ...]], new_sets: dict[TableKey, int]
     ) -> None:
         sets = self._maps["xdpfw_sets"]
-        ctr = self._ctr
+        ctr = self._ctrs
         updates: dict[Table, tuple[list[bytes], list[bytes]]] = {}
         deletes: dict[Table, list[bytes]] = {}
         for key, slots in entries.items():
@@ -655,7 +747,7 @@ class Datapath:
                     first = slots[0]
                     m.update(
                         encode_key(key),
-                        _entry_bytes(first, self._ctr[first.id], old_sets.get(key, 0)),
+                        _entry_bytes(first, self._ctrs[first.id], old_sets.get(key, 0)),
                     )
                 else:
                     m.delete(encode_key(key))
@@ -665,33 +757,6 @@ class Datapath:
             self._release_set(set_id)
 
     # -- counter indices and the IPv4 prefix hint ---------------------------------------------
-
-    def _alloc_counters(self, n: int) -> list[int]:
-        """n free indices of xdpfw_rule_stats: freed ones past their quarantine first (so the
-        never-used ones last), then never-used ones, then freed ones once their quarantine ends.
-        """
-        out: list[int] = []
-        free = self._free_ctrs
-        now = time.monotonic()
-        while len(out) < n and free and now - free[0][1] >= COUNTER_QUARANTINE_S:
-            out.append(free.popleft()[0])
-        fresh = min(n - len(out), self.caps.max_rules + 1 - self._next_ctr)
-        out.extend(range(self._next_ctr, self._next_ctr + fresh))
-        self._next_ctr += fresh
-        while len(out) < n and free:
-            idx, freed = free.popleft()
-            wait = COUNTER_QUARANTINE_S - (time.monotonic() - freed)
-            if wait > 0:
-                time.sleep(wait)
-            out.append(idx)
-        if len(out) < n:  # the compiler's capacity check makes this unreachable
-            self._release_counters(out)
-            raise CapacityExceeded("xdpfw_rule_stats", self.caps.max_rules, "raise --max-rules")
-        return out
-
-    def _release_counters(self, indices: Iterable[int]) -> None:
-        now = time.monotonic()
-        self._free_ctrs.extend((i, now) for i in indices)
 
     def _zero_counters(self, indices: Sequence[int]) -> None:
         self._maps["xdpfw_rule_stats"].update_array(indices, bytes(ctypes.sizeof(abi.RuleStats)))
@@ -773,12 +838,7 @@ class Datapath:
                 f"pinned slots carry no counter index for rules {missing[:5]}: the maps were "
                 "not written by this ABI"
             )
-        self._ctr = {rid: owner[rid] for rid in self.compiler.rules}
-        used = np.fromiter(self._ctr.values(), dtype=np.uint32, count=len(self._ctr))
-        self._rule_of[used] = np.fromiter(self._ctr.keys(), dtype=np.uint32, count=len(self._ctr))
-        self._next_ctr = int(used.max()) + 1 if len(used) else 1
-        free = np.flatnonzero(self._rule_of[1 : self._next_ctr] == 0) + 1
-        self._free_ctrs.extend((int(i), 0.0) for i in free)
+        self._ctrs.adopt({rid: owner[rid] for rid in self.compiler.rules})
         self._hint_account(hint)
         for trie in (0, 1):
             self._hint_redo_range(trie, 0, 1 << 16)
@@ -830,7 +890,7 @@ class Datapath:
         offset = _mono_offset()
         out: dict[int, RuleCounters] = {}
         for rid in rule_ids:
-            idx = self._ctr.get(rid)
+            idx = self._ctrs.get(rid)
             if idx is None:
                 continue
             t = int(self._seen[idx])
@@ -892,8 +952,8 @@ class Datapath:
         """
         stats = self._maps["xdpfw_rule_stats"]
         with self._lock:
-            top = self._next_ctr
-            owners = self._rule_of[:top].copy()
+            top = self._ctrs.high
+            owners = self._ctrs.view[:top].copy()
             live = np.flatnonzero(owners)
             last = self._seen[live].copy()
             hot = live[last != 0]
