@@ -49,6 +49,8 @@ def load_token(settings: Settings) -> str:
         )
     settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     token = secrets.token_urlsafe(32)
+    while token.startswith("-"):  # `--token -abc` would read as an option on a command line
+        token = secrets.token_urlsafe(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(token + "\n")

@@ -138,7 +138,7 @@ class Server:
 
 def _import(srv: Server, path: Path, chunk: int) -> dict[str, Any]:
     """`xdpfw import FILE` (the CLI), timed."""
-    argv = [XDPFW, "--api", srv.url, "--token", srv.token, "--timeout", "900", "import",
+    argv = [XDPFW, "--api", srv.url, f"--token={srv.token}", "--timeout", "900", "import",
             str(path), "--chunk", str(chunk), "--json"]
     t0 = time.perf_counter()
     proc = run(argv, timeout=3600, check=False)
