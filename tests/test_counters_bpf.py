@@ -19,6 +19,7 @@ from conftest import TEST_CAPS, unique_pin_dir
 from xdpfw import abi, bpfsys, datapath
 from xdpfw.compiler import Capacities
 from xdpfw.datapath import COUNTER_QUARANTINE_S, Datapath, DatapathConfig, RuleCounters
+from xdpfw.errors import CapacityExceeded
 from xdpfw.frames import build_frame
 from xdpfw.harness import entry_mismatches
 from xdpfw.rules import Rule, RuleSpec
@@ -207,3 +208,23 @@ def test_ids_that_share_a_home_index_get_their_own_and_survive_adoption() -> Non
         assert {r: c.packets for r, c in dp.rule_counters().items()} == {1: 1, 2: 0, 6: 1, 13: 3}
     finally:
         dp.close(cleanup=True)
+
+
+def test_a_change_refused_half_way_leaves_no_counter_index_behind() -> None:
+    """A multi-rule entry rewritten needs a fresh rule set while the old one is in use: with
+    a single set that fails in the datapath (CapacityExceeded, not a kernel error), after the
+    counter indices were handed out. Nothing may stay allocated, and the maps stay as they were."""
+    caps = Capacities(max_rules=8, max_prefixes=16, max_sets=2)
+    with Datapath.open(DatapathConfig(bpffs_dir=unique_pin_dir("refuse"), caps=caps)) as dp:
+        dp.add_rules([rule(1, src="198.18.6.1", proto="tcp"), rule(2, src="198.18.6.1")])
+        assert entry_mismatches(dp) == []
+        with pytest.raises(CapacityExceeded):
+            dp.add_rules([rule(3, src="198.18.6.1", proto="udp")])
+        assert sorted(r.id for r in dp.rules()) == [1, 2]
+        assert entry_mismatches(dp) == []  # also: exactly two counter indices in use
+        assert dp.counter_index(3) is None
+        dp.remove_rules([1])
+        dp.add_rules([rule(3, src="198.18.6.1", proto="udp")])  # the retry works
+        assert entry_mismatches(dp) == []
+        assert hit(dp, "198.18.6.1") == XDP_DROP
+        assert {r: c.packets for r, c in dp.rule_counters().items()} == {2: 0, 3: 1}

@@ -967,8 +967,8 @@ class Map(Generic[K, V]):
             first = False
             tokens.reverse()
 
-    def read_array(self, count: int, chunk: int = 65536) -> bytes:
-        """Raw values of elements 0 .. count-1 of an array map, in index order.
+    def read_array(self, count: int, chunk: int = 65536, start: int = 0) -> bytes:
+        """Raw values of elements start .. count-1 of an array map, in index order.
 
         BPF_MAP_LOOKUP_BATCH from the start, `chunk` elements per call. Per-CPU values hold
         one 8-byte aligned slot per possible CPU, as in dump_raw. Not a snapshot.
@@ -976,14 +976,16 @@ class Map(Generic[K, V]):
         if self.info.type not in (MapType.ARRAY, MapType.PERCPU_ARRAY):
             raise TypeError(f"{self.name}: read_array needs an array map")
         count = min(count, self.info.max_entries)
-        if count <= 0:
+        if count <= start:
             return b""
         out: list[bytes] = []
         tokens = [ctypes.create_string_buffer(8), ctypes.create_string_buffer(8)]
-        n = min(chunk, count)
+        if start:  # the batch resumes after the key in in_batch
+            tokens[0].raw = struct.pack("=I", start - 1).ljust(8, b"\0")
+        n = min(chunk, count - start)
         kbuf = ctypes.create_string_buffer(self.key_size * n)
         vbuf = ctypes.create_string_buffer(self._vsize * n)
-        done = 0
+        done = start
         while done < count:
             want = min(n, count - done)
             attr = _BatchAttr(

@@ -269,6 +269,8 @@ class _CounterIndex:
         try:
             for rid in rule_ids:
                 home = 1 + (rid - 1) % self.size
+                if self.get(rid) is not None:  # callers never ask twice; do not leak if they do
+                    raise DatapathError(f"rule {rid} already has a counter index")
                 if not self.owner[home] and not self._held[home]:
                     idx = home
                 else:
@@ -322,6 +324,11 @@ class _CounterIndex:
     def adopt(self, pairs: dict[int, int]) -> None:
         """Take (rule id -> index) as read back from the slots of adopted maps."""
         for rid, idx in pairs.items():
+            if not 1 <= idx <= self.size or self.owner[idx]:
+                raise DatapathError(
+                    f"pinned slots give rule {rid} counter index {idx}, which is out of range "
+                    f"1-{self.size} or also rule {self.owner[idx] if idx <= self.size else '-'}'s"
+                )
             self.owner[idx] = rid
             if idx != 1 + (rid - 1) % self.size:
                 self.moved[rid] = idx
@@ -580,15 +587,16 @@ class Datapath:
                 with contextlib.suppress(OSError):
                     self.cfg.bpffs_dir.rmdir()
         finally:
-            self._closed = True
-            # drop the views, then the mappings
-            self._hint = np.zeros((2, 0), dtype=np.uint64)
-            self._seen = np.zeros(0, dtype=np.uint64)
-            self._hint_mem.close()
-            self._seen_mem.close()
-            for m in self._maps.values():
-                m.close()
-            os.close(self._prog_fd)
+            with self._lock:  # no reader holds a view of the mappings past this point
+                self._closed = True
+                self._hint = np.zeros((2, 0), dtype=np.uint64)
+                self._seen = np.zeros(0, dtype=np.uint64)
+                for mem in (self._hint_mem, self._seen_mem):
+                    with contextlib.suppress(BufferError):  # a view escaped: GC unmaps it
+                        mem.close()
+                for m in self._maps.values():
+                    m.close()
+                os.close(self._prog_fd)
 
     @property
     def prog_fd(self) -> int:
@@ -684,16 +692,22 @@ class Datapath:
                     _set_bits(self._hint[trie], *_span(key, 24))
             self._write_entries(plan.entries, new_sets)
             self.compiler.commit(plan)
-        except OSError as exc:
+        except BaseException as exc:  # CapacityExceeded from _alloc_set, too
             self._rollback(old_entries, old_sets, new_sets)
             self._ctrs.release(r.id for r in plan.added)
             self._hint_redo(hint)  # back to what the committed keys need
+            if not isinstance(exc, OSError):
+                raise
             if exc.errno in (errno.E2BIG, errno.ENOSPC, errno.ENOMEM):
                 raise CapacityExceeded(
                     "a kernel map", self.caps.max_rules, f"the kernel said: {exc}"
                 ) from exc
             raise _kernel("updating rule maps", exc) from exc
-        # Committed: publish the counts, then retire what is no longer referenced.
+        # Committed. The hint first (nothing below may leave it narrower than the tries),
+        # then publish the counts and retire what is no longer referenced.
+        if hint:  # the entries are in (or gone): record the keys, narrow the hint
+            self._hint_account(hint)
+            self._hint_redo(hint)
         self._ctrs.release(r.id for r in plan.removed)
         for key in plan.entries:
             old = old_sets.get(key, 0)
@@ -704,9 +718,6 @@ class Datapath:
             if old and self._set_of.get(key) != old:
                 self._release_set(old)
         self._write_config()
-        if hint:  # the entries are in (or gone): record the keys, narrow the hint
-            self._hint_account(hint)
-            self._hint_redo(hint)
 
     def _write_entries(
         self, entries: dict[TableKey, tuple[Rule, ...]], new_sets: dict[TableKey, int]
@@ -789,12 +800,25 @@ class Datapath:
                     del self._inner[trie][addr >> 16]
 
     def _hint_redo(self, changes: Iterable[tuple[int, TableKey, int]]) -> None:
-        """Rewrite the hint words of every /16 the changed keys touch, from the recorded keys."""
+        """Rewrite the hint words of every /16 the changed keys touch, from the recorded keys:
+        each /16 once, however many of the changed keys lie in it."""
+        spans: tuple[list[tuple[int, int]], list[tuple[int, int]]] = ([], [])
         for trie, key, _ in changes:
-            self._hint_redo_range(trie, *_span(key, 16))
+            spans[trie].append(_span(key, 16))
+        for trie, ranges in enumerate(spans):
+            ranges.sort()
+            merged: list[list[int]] = []
+            for lo, hi in ranges:
+                if merged and lo <= merged[-1][1]:
+                    merged[-1][1] = max(merged[-1][1], hi)
+                else:
+                    merged.append([lo, hi])
+            for lo, hi in merged:
+                self._hint_redo_range(trie, lo, hi)
 
-    def _hint_redo_range(self, trie: int, lo: int, hi: int) -> None:
-        """Recompute the words of /16s lo .. hi-1 of one trie; store only those that differ."""
+    def _hint_redo_range(self, trie: int, lo: int, hi: int, widen_only: bool = False) -> None:
+        """Recompute the words of /16s lo .. hi-1 of one trie; store only those that differ.
+        With widen_only, set missing bits but clear none (another process may be adding)."""
         cover = self._cover[trie, lo:hi] > 0
         fresh = np.where(np.repeat(cover, 4), np.uint64(0xFFFF_FFFF_FFFF_FFFF), np.uint64(0))
         inner = self._inner[trie]
@@ -809,6 +833,8 @@ class Datapath:
                 first = (packed >> 14) & 0xFF  # the key's first /24 inside the /16
                 _set_bits(part, first, first + (1 << (24 - plen) if plen < 24 else 1))
         words = self._hint[trie, lo * 4 : hi * 4]
+        if widen_only:
+            fresh |= words
         changed = np.flatnonzero(words != fresh)
         words[changed] = fresh[changed]
 
@@ -840,8 +866,8 @@ class Datapath:
             )
         self._ctrs.adopt({rid: owner[rid] for rid in self.compiler.rules})
         self._hint_account(hint)
-        for trie in (0, 1):
-            self._hint_redo_range(trie, 0, 1 << 16)
+        for trie in (0, 1):  # adoption may run beside a live service (`xdpfw detach`)
+            self._hint_redo_range(trie, 0, 1 << 16, widen_only=True)
 
     def _alloc_set(self) -> int:
         if self._free_sets and time.monotonic() - self._free_sets[0][1] >= SET_QUARANTINE_S:
@@ -875,7 +901,7 @@ class Datapath:
     # -- counters ------------------------------------------------------------------------------
 
     def rule_counters(self, rule_ids: Iterable[int] | None = None) -> dict[int, RuleCounters]:
-        """Per-rule counters summed over CPUs (last hit: the latest over CPUs)."""
+        """Per-rule counters: packets and bytes summed over CPUs, last hit as Unix time."""
         if rule_ids is None:
             ids, packets, nbytes, last = self.counter_arrays()
             offset = _mono_offset()
@@ -903,6 +929,13 @@ class Datapath:
             vals = unpack(raw)
             out[rid] = RuleCounters(sum(vals[0::2]), sum(vals[1::2]), offset + t / 1e9)
         return out
+
+    def counter_index(self, rule_id: int) -> int | None:
+        """The rule's index in xdpfw_rule_stats / xdpfw_rule_seen (verification, diagnostics)."""
+        return self._ctrs.get(rule_id)
+
+    def counter_indices_in_use(self) -> int:
+        return int(np.count_nonzero(self._ctrs.view))
 
     def top_counters(self, n: int | None = None) -> list[tuple[int, RuleCounters]]:
         """Rules by packets, most first (ties: lower id first); the first n, or all.
@@ -948,7 +981,9 @@ class Datapath:
         """(rule ids, packets, bytes, last hit ns) of every rule, summed over CPUs.
 
         Only rules hit since they got their index (last hit != 0) have their per-CPU counters
-        read: one element at a time when they are few, the whole array in one batch else.
+        read: one element at a time when they are few, else in batches of 65,536 elements
+        (only the hit rows of each kept). The lock covers the copy of who owns which index,
+        not the reads: a rule change meanwhile only shifts which packets a reader sees.
         """
         stats = self._maps["xdpfw_rule_stats"]
         with self._lock:
@@ -956,22 +991,30 @@ class Datapath:
             owners = self._ctrs.view[:top].copy()
             live = np.flatnonzero(owners)
             last = self._seen[live].copy()
-            hot = live[last != 0]
-            packets = np.zeros(len(live), dtype=np.uint64)
-            nbytes = np.zeros(len(live), dtype=np.uint64)
-            if len(hot):
-                if len(hot) <= _FEW_HOT:
-                    blob = b"".join(
-                        stats.lookup_raw(_U32_BYTES.pack(int(i))) or bytes(stats.ncpus * 16)
-                        for i in hot
-                    )
-                    per_cpu = np.frombuffer(blob, dtype="<u8").reshape(-1, stats.ncpus, 2)
-                else:
-                    whole = np.frombuffer(stats.read_array(top), dtype="<u8")
-                    per_cpu = whole.reshape(-1, stats.ncpus, 2)[hot]
-                where = last != 0
-                packets[where] = per_cpu[:, :, 0].sum(axis=1, dtype=np.uint64)
-                nbytes[where] = per_cpu[:, :, 1].sum(axis=1, dtype=np.uint64)
+        hot = live[last != 0]
+        packets = np.zeros(len(live), dtype=np.uint64)
+        nbytes = np.zeros(len(live), dtype=np.uint64)
+        if len(hot):
+            width = stats.ncpus * 2  # u64s per element: packets and bytes per CPU
+            if len(hot) <= _FEW_HOT:
+                blob = b"".join(
+                    stats.lookup_raw(_U32_BYTES.pack(int(i))) or bytes(width * 8) for i in hot
+                )
+                rows = np.frombuffer(blob, dtype="<u8").reshape(-1, stats.ncpus, 2)
+            else:
+                step = 65536
+                parts = []
+                for lo in range(int(hot[0]) // step * step, int(hot[-1]) + 1, step):
+                    want = hot[(hot >= lo) & (hot < lo + step)]
+                    if not len(want):
+                        continue
+                    hi = int(want[-1]) + 1
+                    chunk = np.frombuffer(stats.read_array(hi, start=lo), dtype="<u8")
+                    parts.append(chunk.reshape(-1, stats.ncpus, 2)[want - lo])
+                rows = np.concatenate(parts)
+            where = last != 0
+            packets[where] = rows[:, :, 0].sum(axis=1, dtype=np.uint64)
+            nbytes[where] = rows[:, :, 1].sum(axis=1, dtype=np.uint64)
         return owners[live], packets, nbytes, last
 
     def global_counters(self) -> GlobalCounters:

@@ -687,7 +687,16 @@ def entry_mismatches(dp: Datapath, rules: Sequence[Rule] | None = None) -> list[
             problems.append(f"rule {rid}: counter index {one} out of range")
         elif one in owners:
             problems.append(f"rules {owners[one]} and {rid} share counter index {one}")
+        elif dp.counter_index(rid) != one:
+            problems.append(
+                f"rule {rid}: slots carry counter index {one}, the datapath says "
+                f"{dp.counter_index(rid)}"
+            )
         owners[one] = rid
+    if dp.counter_indices_in_use() != len(rules):
+        problems.append(
+            f"{dp.counter_indices_in_use()} counter indices in use for {len(rules)} rules"
+        )
     hint_want = np.zeros((2, abi.HINT_WORDS), dtype=np.uint64)
     for key, _ in fresh.entries():
         if key.table in (Table.SRC4_LPM, Table.DST4_LPM):
