@@ -68,17 +68,7 @@ def v6(src: str = H6, dst: str = OTHER6, proto: int | str = "udp", dport: int = 
 
 
 def _globals(dp: Datapath) -> dict[Stat, int]:
-    g = dp.global_counters()
-    return {
-        Stat.PACKETS: g.packets,
-        Stat.PASSED: g.passed,
-        Stat.DROPPED: g.dropped,
-        Stat.MONITORED: g.monitored,
-        Stat.MALFORMED: g.malformed,
-        Stat.NON_IP: g.non_ip,
-        Stat.FRAGMENTS: g.fragments,
-        Stat.BYTES: g.bytes,
-    }
+    return dp.global_counters().by_stat()
 
 
 def _repro(rules: Sequence[Rule], frame: bytes) -> str:

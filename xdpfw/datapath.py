@@ -51,7 +51,7 @@ from xdpfw.errors import (
     KernelError,
     RuleNotFound,
 )
-from xdpfw.rules import CODE_SHIFT, DIR_DST, DIR_SRC, Action, Mode, PortRange, Proto, Rule
+from xdpfw.rules import CODE_SHIFT, DIR_DST, DIR_SRC, Rule
 
 if TYPE_CHECKING:
     from xdpfw.loader import LoadedProgram
@@ -93,7 +93,6 @@ _MAP_TYPES: dict[str, tuple[type[Any], type[Any]]] = {
 
 _U32 = ctypes.c_uint32
 _U32_BYTES = struct.Struct("=I")
-_PROTO_BY_NUMBER = {p.number: p for p in Proto}
 
 
 @dataclass(frozen=True)
@@ -130,6 +129,10 @@ class GlobalCounters:
     non_ip: int
     fragments: int
     bytes: int
+
+    def by_stat(self) -> dict[abi.Stat, int]:
+        """The same numbers keyed by XDPFW_STAT_* (what the model and the harness compare)."""
+        return {stat: getattr(self, stat.name.lower()) for stat in abi.Stat if stat < abi.Stat.MAX}
 
 
 def _kernel(op: str, exc: OSError) -> KernelError:
@@ -197,33 +200,25 @@ def _set_bits(words: np.ndarray[Any, np.dtype[np.uint64]], lo: int, hi: int) -> 
         lo = word * 64 + top
 
 
-def _rule_from_slot(key: TableKey, s: abi.Slot) -> Rule | None:
-    """The rule a slot stands for, if the slot is the key's own (not inherited)."""
-    src_len = (s.rank >> 54) & 0xFF
-    dst_len = (s.rank >> 46) & 0xFF
-    is_src = key.table in (Table.SRC4, Table.SRC6, Table.SRC4_LPM, Table.SRC6_LPM)
-    net = key.network
-    if net is None:
-        if src_len or dst_len:
-            return None
-    elif (is_src and src_len != key.plen) or (not is_src and dst_len != key.plen):
-        return None
-    action = Action.ALLOW if s.verdict == abi.VERDICT_ALLOW else Action.DROP
-    mode = Mode.MONITOR if s.verdict == abi.VERDICT_MONITOR else Mode.ENFORCE
-    return Rule(
-        id=s.rule_id,
-        action=action,
-        mode=mode,
-        src=net if is_src else None,
-        dst=None if is_src else net,
-        proto=_PROTO_BY_NUMBER.get(s.proto) if s.proto else None,
-        dport=PortRange(s.port_lo, s.port_hi) if s.has_ports else None,
-    )
-
-
 def _mono_offset() -> float:
     """Unix time minus CLOCK_MONOTONIC, to turn bpf_ktime_get_coarse_ns() into wall time."""
     return time.time() - time.clock_gettime(time.CLOCK_MONOTONIC)
+
+
+def _as_counters(
+    ids: np.ndarray[Any, np.dtype[np.uint32]],
+    packets: np.ndarray[Any, np.dtype[np.uint64]],
+    nbytes: np.ndarray[Any, np.dtype[np.uint64]],
+    last: np.ndarray[Any, np.dtype[np.uint64]],
+) -> list[tuple[int, RuleCounters]]:
+    """Counter arrays (see Datapath.counter_arrays) as (rule id, RuleCounters), in order."""
+    offset = _mono_offset()
+    return [
+        (rid, RuleCounters(p, b, offset + t / 1e9 if t else None))
+        for rid, p, b, t in zip(
+            ids.tolist(), packets.tolist(), nbytes.tolist(), last.tolist(), strict=True
+        )
+    ]
 
 
 class _CounterIndex:
@@ -467,7 +462,6 @@ class Datapath:
         dp = cls(cfg, prog_fd, maps, caps, adopted=True)
         dp.build_id = bytes(conf.build_id)
         dp._rebuild_from_maps()
-        dp._rebuild_counters()
         if cfg.upgrade:
             from xdpfw import loader
 
@@ -553,8 +547,11 @@ class Datapath:
         (see `_adopted_entries`); nothing is planned again, and no Rule object is made.
         """
         used_sets: set[int] = set()
+        counters: dict[int, int] = {}
+        trie_keys: list[tuple[int, TableKey, int]] = []
         with gc_paused():
-            self.compiler.adopt(self._adopted_entries(used_sets))
+            self.compiler.adopt(self._adopted_entries(used_sets, counters, trie_keys))
+            self._adopt_counters_and_hint(counters, trie_keys)
         self._next_set = max(used_sets, default=0) + 1
         now = time.monotonic() - SET_QUARANTINE_S
         self._free_sets.extend(
@@ -838,26 +835,11 @@ class Datapath:
         changed = np.flatnonzero(words != fresh)
         words[changed] = fresh[changed]
 
-    def _rebuild_counters(self) -> None:
-        """Counter indices and the prefix hint of adopted maps, read back from the slots."""
-        owner: dict[int, int] = {}
-        hint: list[tuple[int, TableKey, int]] = []
-        sets = self._maps["xdpfw_sets"]
-        for table in Table:
-            if table is Table.MAX:
-                continue
-            m = self._maps[table.map_name]
-            for raw_key, value in m.dump_raw():
-                entry = abi.Entry.from_buffer_copy(value)
-                slots = [entry.first]
-                if entry.set_id:
-                    st = sets.lookup(_U32(entry.set_id))
-                    if st is not None:
-                        slots.extend(x for x in st.slot if x.rank)
-                for x in slots:
-                    owner[x.rule_id] = x.counter
-                if table in _HINT_TRIES:
-                    hint.append((_HINT_TRIES[table], decode_key(table, raw_key), 1))
+    def _adopt_counters_and_hint(
+        self, owner: dict[int, int], trie_keys: list[tuple[int, TableKey, int]]
+    ) -> None:
+        """Counter indices and prefix-hint keys of adopted maps, as `_adopted_entries` read
+        them from the slots and the IPv4 tries."""
         missing = [rid for rid in self.compiler.rules if not owner.get(rid)]
         if missing:
             raise DatapathError(
@@ -865,7 +847,7 @@ class Datapath:
                 "not written by this ABI"
             )
         self._ctrs.adopt({rid: owner[rid] for rid in self.compiler.rules})
-        self._hint_account(hint)
+        self._hint_account(trie_keys)
         for trie in (0, 1):  # adoption may run beside a live service (`xdpfw detach`)
             self._hint_redo_range(trie, 0, 1 << 16, widen_only=True)
 
@@ -903,14 +885,7 @@ class Datapath:
     def rule_counters(self, rule_ids: Iterable[int] | None = None) -> dict[int, RuleCounters]:
         """Per-rule counters: packets and bytes summed over CPUs, last hit as Unix time."""
         if rule_ids is None:
-            ids, packets, nbytes, last = self.counter_arrays()
-            offset = _mono_offset()
-            return {
-                rid: RuleCounters(p, b, offset + t / 1e9 if t else None)
-                for rid, p, b, t in zip(
-                    ids.tolist(), packets.tolist(), nbytes.tolist(), last.tolist(), strict=True
-                )
-            }
+            return dict(_as_counters(*self.counter_arrays()))
         stats = self._maps["xdpfw_rule_stats"]
         unpack = struct.Struct("=" + "QQ" * stats.ncpus).unpack  # xdpfw_rule_stats per CPU
         offset = _mono_offset()
@@ -958,17 +933,7 @@ class Datapath:
         else:
             sel = np.arange(len(ids))
         sel = sel[np.lexsort((ids[sel], ~packets[sel]))]
-        offset = _mono_offset()
-        return [
-            (rid, RuleCounters(p, b, offset + t / 1e9 if t else None))
-            for rid, p, b, t in zip(
-                ids[sel].tolist(),
-                packets[sel].tolist(),
-                nbytes[sel].tolist(),
-                last[sel].tolist(),
-                strict=True,
-            )
-        ]
+        return _as_counters(ids[sel], packets[sel], nbytes[sel], last[sel])
 
     def counter_arrays(
         self,
@@ -1048,16 +1013,19 @@ class Datapath:
     # -- adopting ------------------------------------------------------------------------------
 
     def _adopted_entries(
-        self, used_sets: set[int]
+        self,
+        used_sets: set[int],
+        counters: dict[int, int],
+        trie_keys: list[tuple[int, TableKey, int]],
     ) -> Iterator[tuple[Table, int, list[tuple[int, int]]]]:
         """Every lookup-table entry as (table, compact key, slots) for `RuleCompiler.adopt`.
 
         A slot is (rule id, code) when the rule is the entry's own, (rule id, -1) when it is
-        inherited from a covering prefix. Records each entry's set in `_set_of`/`used_sets`.
+        inherited from a covering prefix. Records each entry's set in `_set_of`/`used_sets`,
+        each rule's counter index in `counters` and each IPv4 trie key in `trie_keys`.
         """
         sets = self._maps["xdpfw_sets"]
-        slot_size = ctypes.sizeof(abi.Slot)
-        first = abi.Entry.first.offset
+        slot_size = _SLOT.size
         for table in Table:
             if table is Table.MAX:
                 continue
@@ -1076,15 +1044,21 @@ class Datapath:
                         | ((len(addr) == 16) << 2)
                         | direction
                     )
-                set_id = _ADOPT_SET_ID.unpack_from(raw, abi.Entry.set_id.offset)[0]
-                slots = [_adopted_slot(k, plen, is_src, raw, first)]
+                set_id = _ENTRY_TAIL.unpack_from(raw, slot_size)[0]
+                found = [_adopted_slot(k, plen, is_src, raw, 0)]
                 if set_id:
                     self._set_of[_decode_adopted_key(table, k)] = set_id
                     used_sets.add(set_id)
                     rest = sets.lookup_raw(_U32_BYTES.pack(set_id)) or b""
                     for off in range(0, len(rest) - slot_size + 1, slot_size):
-                        if _ADOPT_SLOT.unpack_from(rest, off)[0]:  # rank 0: an unused slot
-                            slots.append(_adopted_slot(k, plen, is_src, rest, off))
+                        if _SLOT.unpack_from(rest, off)[0]:  # rank 0: an unused slot
+                            found.append(_adopted_slot(k, plen, is_src, rest, off))
+                if table in _HINT_TRIES:
+                    trie_keys.append((_HINT_TRIES[table], _decode_adopted_key(table, k), 1))
+                slots = []
+                for rule_id, code, counter in found:
+                    counters[rule_id] = counter
+                    slots.append((rule_id, code))
                 yield table, k, slots
 
 
@@ -1167,39 +1141,22 @@ def _ensure_bpffs(path: Path) -> None:
 # -- adopting pinned maps (helpers of Datapath._adopted_entries) -----------------------------
 
 
-def _slot_reader(names: tuple[str, ...]) -> struct.Struct:
-    """Reads the named fields of struct xdpfw_slot, in that order, wherever abi.Slot puts them
-    (so a slot that gains fields, or moves them, is still read right)."""
-    fmt, pos = "=", 0
-    for name in names:
-        f = getattr(abi.Slot, name)
-        if f.offset < pos:
-            raise AssertionError(f"abi.Slot.{name} is not after the fields before it in {names}")
-        fmt += "x" * (f.offset - pos) + {1: "B", 2: "H", 4: "I", 8: "Q"}[f.size]
-        pos = f.offset + f.size
-    return struct.Struct(fmt)
-
-
-_ADOPT_SLOT = _slot_reader(
-    ("rank", "rule_id", "port_lo", "port_hi", "proto", "verdict", "has_ports")
-)
-_ADOPT_SET_ID = struct.Struct("=" + {4: "I", 8: "Q"}[abi.Entry.set_id.size])
-
-
-def _adopted_slot(k: int, plen: int, is_src: bool, raw: bytes, off: int) -> tuple[int, int]:
-    """(rule id, code) of the slot at raw[off:], or (rule id, -1) when it is inherited."""
-    rank, rule_id, lo, hi, proto, verdict, has_ports = _ADOPT_SLOT.unpack_from(raw, off)
+def _adopted_slot(
+    k: int, plen: int, is_src: bool, raw: bytes, off: int
+) -> tuple[int, int, int]:
+    """(rule id, code, counter index) of the slot at raw[off:]; code -1 when inherited."""
+    rank, rule_id, lo, hi, proto, verdict, has_ports, counter = _SLOT.unpack_from(raw, off)
     src_len = (rank >> 54) & 0xFF
     dst_len = (rank >> 46) & 0xFF
     if k == 0:
         if src_len or dst_len:
-            return rule_id, -1
+            return rule_id, -1, counter
     elif (is_src and src_len != plen) or (not is_src and dst_len != plen):
-        return rule_id, -1
+        return rule_id, -1, counter
     code = (k << CODE_SHIFT) | (verdict << 41) | (proto << 33)
     if has_ports:
         code |= (1 << 32) | (lo << 16) | hi
-    return rule_id, code
+    return rule_id, code, counter
 
 
 def _decode_adopted_key(table: Table, k: int) -> TableKey:

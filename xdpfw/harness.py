@@ -371,17 +371,7 @@ class Differ:
         return {rid: (c.packets, c.bytes) for rid, c in self.dp.rule_counters().items()}
 
     def _global_counts(self) -> dict[Stat, int]:
-        g = self.dp.global_counters()
-        return {
-            Stat.PACKETS: g.packets,
-            Stat.PASSED: g.passed,
-            Stat.DROPPED: g.dropped,
-            Stat.MONITORED: g.monitored,
-            Stat.MALFORMED: g.malformed,
-            Stat.NON_IP: g.non_ip,
-            Stat.FRAGMENTS: g.fragments,
-            Stat.BYTES: g.bytes,
-        }
+        return self.dp.global_counters().by_stat()
 
     def _run_counted(
         self, frames: Sequence[bytes]
