@@ -4,7 +4,7 @@
 #
 # The layout mirrors `make setup` (scripts/setup.sh): Debian's python3-bpfcc, a venv made with
 # --system-site-packages so it sees bcc, the project installed into it, and kernel headers for
-# bcc's run-time compile found or assembled by `python -m xdpfw.kheaders`.
+# bcc's run-time compile found or assembled by `python -m xdpfw.kernel.kheaders`.
 FROM debian:bookworm-slim
 
 ARG DEBIAN_FRONTEND=noninteractive
@@ -31,13 +31,13 @@ RUN /usr/bin/python3 -m venv --system-site-packages /opt/xdpfw/venv \
     && /opt/xdpfw/venv/bin/python -c 'import bcc' \
     && /opt/xdpfw/venv/bin/python -m compileall -q /opt/xdpfw/src /opt/xdpfw/healthcheck.py
 
-# Kernel headers: the host's kernel has none in the image, so xdpfw.kheaders merges Debian's
+# Kernel headers: the host's kernel has none in the image, so xdpfw.kernel.kheaders merges Debian's
 # -common and arch directories into one tree under /var/cache/xdpfw, now, at build time. The
 # build host's own kernel must not matter (were it Debian's, kheaders would settle for
 # /lib/modules/<release>/build and build nothing), hence LIB_MODULES pointed at nothing. At run
 # time the same lookup finds the finished tree and only reads it: the root fs stays read-only.
 ENV XDPFW_KHEADERS_CACHE=/var/cache/xdpfw/kernel-headers
-RUN /opt/xdpfw/venv/bin/python -c 'import sys, xdpfw.kheaders as k; k.LIB_MODULES = "/nonexistent"; sys.exit(k.main())'
+RUN /opt/xdpfw/venv/bin/python -c 'import sys, xdpfw.kernel.kheaders as k; k.LIB_MODULES = "/nonexistent"; sys.exit(k.main())'
 
 # Service defaults; compose/Kubernetes set XDPFW_IFACE and may override the rest.
 ENV XDPFW_STATE_DIR=/var/lib/xdpfw \

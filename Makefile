@@ -26,7 +26,7 @@ run: setup
 	$(VENV)/bin/xdpfw serve $(ARGS)
 
 soak: setup
-	$(PY) -m xdpfw.soak --frames 10000000 $(ARGS)
+	$(PY) -m xdpfw.verify.soak --frames 10000000 $(ARGS)
 
 soak-service: setup
 	$(PY) scripts/soak_service.py --minutes 30 $(ARGS)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from api.settings import Settings
 from xdpfw.compiler import Capacities
 from xdpfw.errors import InterfaceNotFound, XdpfwError
-from xdpfw.netlink import VethLab
+from xdpfw.kernel.netlink import VethLab
 
 if TYPE_CHECKING:
     from api.store import Store
@@ -68,7 +68,7 @@ def serve(settings: Settings, *, demo: bool = False, cleanup: bool = False) -> i
     from xdpfw.datapath import Datapath, DatapathConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    from xdpfw import privileges
+    from xdpfw.kernel import privileges
 
     report = privileges.check()
     for level, line in privileges.report_lines(report):
@@ -182,7 +182,7 @@ def _raise_stop(signum: int, frame: object) -> None:
 @contextmanager
 def _demo_lab(settings: Settings) -> Iterator[str]:
     """A namespace with a veth pair to filter, so a first run touches no real NIC."""
-    from xdpfw import netlink
+    from xdpfw.kernel import netlink
 
     stale = netlink.cleanup_stale("xfw-demo")
     if stale:

@@ -32,8 +32,8 @@ from bench.ours import pin_dir
 from bench.profiles import Profile
 from bench.rivals import IptablesIpset, NftSet
 from bench.sysutil import log, proc_status_kib, run, stats
-from xdpfw import netlink
 from xdpfw.compiler import Capacities
+from xdpfw.kernel import netlink
 
 __all__ = ["run_control"]
 

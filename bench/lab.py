@@ -32,7 +32,7 @@ from pathlib import Path
 from types import TracebackType
 
 from bench.sysutil import CommandError, log, run
-from xdpfw import netlink
+from xdpfw.kernel import netlink
 
 __all__ = [
     "HOLDER_LIFETIME_S",

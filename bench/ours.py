@@ -19,9 +19,9 @@ from types import TracebackType
 
 from bench.lists import Entry
 from bench.sysutil import log
-from xdpfw import netlink
 from xdpfw.compiler import Capacities
 from xdpfw.datapath import Datapath, DatapathConfig
+from xdpfw.kernel import netlink
 from xdpfw.rules import PortRange, Proto, Rule
 
 __all__ = ["FIXTURE_IDS", "Ours", "entry_rules", "pin_dir"]

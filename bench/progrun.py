@@ -20,8 +20,8 @@ from typing import Any
 
 from bench.lists import PFX_POOL_BASE, POOL_BASE, addr_text
 from bench.sysutil import Stats, stats
-from xdpfw import bpfsys
-from xdpfw.frames import build_frame
+from xdpfw.kernel import bpfsys
+from xdpfw.verify.frames import build_frame
 
 __all__ = [
     "EXPECTED",

@@ -32,7 +32,7 @@ from typing import Any
 from bench.lab import Pair, TrafficLab, detach_any
 from bench.lists import Entry, addr_text, entry_text
 from bench.sysutil import CommandError, log
-from xdpfw import bpfsys, netlink
+from xdpfw.kernel import bpfsys, netlink
 
 __all__ = ["IptablesIpset", "NftSet", "XdpFilter"]
 

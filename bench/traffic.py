@@ -26,7 +26,7 @@ from typing import Any
 from bench.lab import Pair, TrafficLab
 from bench.lists import PFX_POOL_MAX, POOL_MAX, PREFIX_EVERY
 from bench.sysutil import run, stats
-from xdpfw import bpfsys
+from xdpfw.kernel import bpfsys
 
 __all__ = [
     "live_prog_cost",

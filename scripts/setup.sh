@@ -77,7 +77,7 @@ else
 fi
 
 # --- kernel headers for bcc ------------------------------------------------------------
-kh_out=$("$VENV/bin/python" -m xdpfw.kheaders </dev/null) || die "kernel headers: see above"
+kh_out=$("$VENV/bin/python" -m xdpfw.kernel.kheaders </dev/null) || die "kernel headers: see above"
 kh_path=$(sed -n 's/^kernel headers: //p' <<<"$kh_out")
 
 log "ok: $("$VENV/bin/python" -c 'import sys; print("python", sys.version.split()[0])')," \

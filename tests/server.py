@@ -15,8 +15,8 @@ from pathlib import Path
 
 import httpx
 
-from xdpfw import netlink
-from xdpfw.netlink import VethLab
+from xdpfw.kernel import netlink
+from xdpfw.kernel.netlink import VethLab
 
 __all__ = ["Server", "free_port", "running_server"]
 

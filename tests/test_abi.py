@@ -16,10 +16,11 @@ from typing import Any
 import pytest
 from conftest import TEST_CAPS
 
-from xdpfw import abi, bpfsys
+from xdpfw import abi
 from xdpfw.compiler import Capacities
 from xdpfw.datapath import _MAP_TYPES
-from xdpfw.loader import MAP_NAMES
+from xdpfw.kernel import bpfsys
+from xdpfw.kernel.loader import MAP_NAMES
 from xdpfw.rules import MAX_RULE_ID, RuleSpec
 
 pytestmark = pytest.mark.bpf
@@ -147,7 +148,7 @@ def test_map_names_agree_with_the_program() -> None:
 
 @pytest.fixture(scope="module")
 def bcc_types() -> dict[str, tuple[type[Any], type[Any]]]:
-    from xdpfw import loader
+    from xdpfw.kernel import loader
 
     return loader.compile_types(TEST_CAPS)
 

@@ -1,4 +1,4 @@
-"""Tests for xdpfw.bpfsys against the real kernel (root only)."""
+"""Tests for xdpfw.kernel.bpfsys against the real kernel (root only)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from xdpfw import bpfsys
-from xdpfw.bpfsys import (
+from xdpfw.kernel import bpfsys
+from xdpfw.kernel.bpfsys import (
     BPF_EXIST,
     BPF_F_NO_PREALLOC,
     BPF_MAP_TYPE_ARRAY,

@@ -15,10 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from xdpfw import humanize as hz
 from xdpfw import importers
-from xdpfw.cli import build_parser, main
-from xdpfw.client import (
+from xdpfw.cli import humanize as hz
+from xdpfw.cli.client import (
     EXIT_AUTH,
     EXIT_ERROR,
     EXIT_UNREACHABLE,
@@ -29,6 +28,7 @@ from xdpfw.client import (
     find_token,
     parse_table_usage,
 )
+from xdpfw.cli.main import build_parser, main
 
 pytestmark = pytest.mark.pure
 
@@ -424,7 +424,7 @@ def test_import_validates_locally_before_any_call(
 
 def test_client_commands_do_not_import_the_service() -> None:
     code = (
-        "import sys; from xdpfw.cli import main\n"
+        "import sys; from xdpfw.cli.main import main\n"
         "main(['--api', 'http://127.0.0.1:9', 'rule', 'ls'])\n"
         "bad = [m for m in ('bcc', 'pyroute2', 'fastapi', 'uvicorn', 'api.server') "
         "if m in sys.modules]\n"
@@ -440,7 +440,7 @@ def test_shell_completion_through_argcomplete(tmp_path: Path) -> None:
     out = tmp_path / "completions"
     line = "xdpfw rule add --proto "
     subprocess.run(
-        [sys.executable, "-c", "import sys; from xdpfw.cli import main; sys.exit(main())"],
+        [sys.executable, "-c", "import sys; from xdpfw.cli.main import main; sys.exit(main())"],
         env={**os.environ, "_ARGCOMPLETE": "1", "_ARGCOMPLETE_IFS": "\n",
              "COMP_LINE": line, "COMP_POINT": str(len(line)), "COMP_TYPE": "9",
              "_ARGCOMPLETE_STDOUT_FILENAME": str(out)},

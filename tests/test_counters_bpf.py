@@ -16,13 +16,14 @@ import numpy as np
 import pytest
 from conftest import TEST_CAPS, unique_pin_dir
 
-from xdpfw import abi, bpfsys, datapath
+from xdpfw import abi, datapath
 from xdpfw.compiler import Capacities
 from xdpfw.datapath import COUNTER_QUARANTINE_S, Datapath, DatapathConfig, RuleCounters
 from xdpfw.errors import CapacityExceeded
-from xdpfw.frames import build_frame
-from xdpfw.harness import entry_mismatches
+from xdpfw.kernel import bpfsys
 from xdpfw.rules import Rule, RuleSpec
+from xdpfw.verify.frames import build_frame
+from xdpfw.verify.harness import entry_mismatches
 
 pytestmark = pytest.mark.bpf
 

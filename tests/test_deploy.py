@@ -3,7 +3,7 @@
 * docker-compose.yml against the Compose Specification JSON schema (vendored by the
   check-jsonschema package), Kubernetes manifests against the Kubernetes JSON schemas (shipped
   by kubernetes-validate), the systemd unit with `systemd-analyze verify`;
-* the privileges in all three are exactly xdpfw.privileges.REQUIREMENTS, nothing privileged,
+* the privileges in all three are exactly xdpfw.kernel.privileges.REQUIREMENTS, nothing privileged,
   bpffs from the host, the API on loopback, every XDPFW_* name a real setting;
 * the container's own command lines (ENTRYPOINT/CMD, the kernel header step, the health check)
   run here with the repository's venv in place of the image's.
@@ -32,7 +32,7 @@ import pytest
 import yaml
 
 from api.settings import Settings, split_listen
-from xdpfw.privileges import REQUIREMENTS
+from xdpfw.kernel.privileges import REQUIREMENTS
 
 pytestmark = pytest.mark.pure
 
@@ -44,7 +44,7 @@ IMAGE_VENV_BIN = "/opt/xdpfw/venv/bin/"
 # The documented capability list, in the spelling of compose and Kubernetes.
 CAPS = {r.cap.name for r in REQUIREMENTS}
 # Settings read outside api/settings.py.
-EXTRA_ENV = {"XDPFW_KHEADERS_CACHE"}  # xdpfw.kheaders
+EXTRA_ENV = {"XDPFW_KHEADERS_CACHE"}  # xdpfw.kernel.kheaders
 K8S_VERSIONS = ["1.30.0", kubernetes_validate.utils.latest_version()]
 
 
@@ -274,7 +274,7 @@ def test_container_command_runs_here() -> None:
     reason="no Debian kernel headers here (make setup installs them)",
 )
 def test_kernel_header_build_step_runs_here(tmp_path: Path) -> None:
-    runs = [a for i, a in dockerfile_instructions() if i == "RUN" and "xdpfw.kheaders" in a]
+    runs = [a for i, a in dockerfile_instructions() if i == "RUN" and "xdpfw.kernel.kheaders" in a]
     assert len(runs) == 1
     env_lines = [a for i, a in dockerfile_instructions() if i == "ENV"]
     assert any("XDPFW_KHEADERS_CACHE=/var/cache/xdpfw/kernel-headers" in e for e in env_lines)

@@ -1,17 +1,18 @@
 """Differential tests: the real XDP program against the reference model, on many rule sets.
 
-Every frame goes through xdpfw.harness.Differ: the program's verdict (BPF_PROG_TEST_RUN's return
-value) must be the model's, XDP_ABORTED never occurs, the frame is not modified, and per batch
-the per-rule counter deltas (packets and bytes, every rule) and the global counter deltas equal
-the sums of the model's outcomes; a disagreeing batch is bisected to its first offending frame.
+Every frame goes through xdpfw.verify.harness.Differ: the program's verdict (BPF_PROG_TEST_RUN's
+return value) must be the model's, XDP_ABORTED never occurs, the frame is not modified, and per
+batch the per-rule counter deltas (packets and bytes, every rule) and the global counter deltas
+equal the sums of the model's outcomes; a disagreeing batch is bisected to its first bad frame.
 
 - property tests (Hypothesis, derandomized): random rule sets x random frames; rule churn as a
   state machine, with the maps compared to a fresh compile after every step;
-- the seeded soak loop of xdpfw.soak (rule sets of up to thousands of rules, churn) for volume;
+- the seeded soak loop of xdpfw.verify.soak (rule sets of up to thousands of rules, churn) for
+  volume;
 - the regression corpus in tests/corpus/*.json, checked frame by frame, exactly.
 
-The CI part checks well over 100k frames; `python -m xdpfw.soak --frames 10000000` is the long
-soak (docs/verification.md).
+The CI part checks well over 100k frames; `python -m xdpfw.verify.soak --frames 10000000` is the
+long soak (docs/verification.md).
 """
 
 from __future__ import annotations
@@ -36,10 +37,11 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from xdpfw import harness, model
 from xdpfw.abi import Table
 from xdpfw.datapath import Datapath, DatapathConfig
-from xdpfw.frames import (
+from xdpfw.rules import Network, Rule, RuleSpec
+from xdpfw.verify import harness, model
+from xdpfw.verify.frames import (
     ETH_P_8021AD,
     ETH_P_8021Q,
     EXT_AH,
@@ -50,9 +52,8 @@ from xdpfw.frames import (
     ExtHeader,
     build_frame,
 )
-from xdpfw.harness import MAX_FRAME, MIN_FRAME, Differ, Mismatch, Verdict
-from xdpfw.rules import Network, Rule, RuleSpec
-from xdpfw.soak import SOAK_CAPS, RuleGen, fit, soak
+from xdpfw.verify.harness import MAX_FRAME, MIN_FRAME, Differ, Mismatch, Verdict
+from xdpfw.verify.soak import SOAK_CAPS, RuleGen, fit, soak
 
 pytestmark = pytest.mark.bpf
 
@@ -365,7 +366,7 @@ def test_run_returns_the_verdict_and_the_time_per_packet(dp: Datapath) -> None:
 def test_max_frame_is_what_the_program_sees(dp: Datapath) -> None:
     """MAX_FRAME bytes reach the program whole; beyond that BPF_PROG_TEST_RUN hands a program
     without multi-buffer support only the first MAX_FRAME bytes (so the harness refuses)."""
-    from xdpfw import bpfsys
+    from xdpfw.kernel import bpfsys
 
     for size, seen in ((MAX_FRAME, MAX_FRAME), (MAX_FRAME + 1, MAX_FRAME)):
         before = dp.global_counters().bytes
@@ -477,7 +478,7 @@ def test_thousands_of_rules_with_covering_prefix_removal(differ: Differ) -> None
     """3000 seeded rules, then the covering prefixes go one batch at a time."""
     import random
 
-    from xdpfw.soak import FrameGen
+    from xdpfw.verify.soak import FrameGen
 
     rng = random.Random(0xD1FF)
     rgen, fgen = RuleGen(rng), FrameGen(rng, sweep=0.005)
@@ -567,7 +568,7 @@ def test_rule_churn_state_machine(differ: Differ) -> None:
 
 @pytest.mark.parametrize("seed", [1, 2, 3, 4])
 def test_seeded_soak_with_churn(differ: Differ, seed: int) -> None:
-    """The loop of `python -m xdpfw.soak`, 26k frames per seed (rule sets up to 3000 rules)."""
+    """The loop of `python -m xdpfw.verify.soak`: 26k frames a seed, rule sets up to 3000 rules."""
     report = soak(differ, frames=26_000, seed=seed, max_rules=3000)
     TALLY["rule_sets"] += report.rule_sets
     TALLY["churn"] += report.rules_added + report.rules_removed

@@ -21,10 +21,11 @@ from typing import Any
 import pytest
 
 from tests.traffic import send_raw, udp_roundtrip
-from xdpfw import frames, netlink
 from xdpfw.datapath import Datapath, GlobalCounters
-from xdpfw.netlink import VethLab
+from xdpfw.kernel import netlink
+from xdpfw.kernel.netlink import VethLab
 from xdpfw.rules import RuleSpec
+from xdpfw.verify import frames
 
 pytestmark = pytest.mark.kernel
 

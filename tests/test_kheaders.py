@@ -1,4 +1,4 @@
-"""Tests for xdpfw.kheaders: where bcc gets its kernel headers from.
+"""Tests for xdpfw.kernel.kheaders: where bcc gets its kernel headers from.
 
 The pure tests run against fake /usr/src and /lib/modules trees in tmp dirs (the
 module's path constants are monkeypatched), so they do not depend on this machine.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from xdpfw import kheaders as kh
+from xdpfw.kernel import kheaders as kh
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -249,7 +249,7 @@ class TestMissing:
         assert f"kernel headers: {fake / 'cache' / '6.1.0-9-amd64'}" in out
 
     def test_module_does_not_import_bcc(self) -> None:
-        code = "import sys, xdpfw.kheaders; sys.exit('bcc' in sys.modules)"
+        code = "import sys, xdpfw.kernel.kheaders; sys.exit('bcc' in sys.modules)"
         subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 

@@ -1,4 +1,4 @@
-"""The reference model (xdpfw.model) and the frame builder (xdpfw.frames), without a kernel.
+"""The reference model (xdpfw.verify.model) and the frame builder (verify.frames), no kernel.
 
 Hand-written cases from the rule contract and from the parser in bpf/xdp_filter.c. The model is
 the oracle of the differential tests, so these tests pin it down independently of the C.
@@ -14,7 +14,8 @@ from typing import TypedDict
 import pytest
 
 from xdpfw import abi
-from xdpfw.frames import (
+from xdpfw.rules import Rule, RuleSpec
+from xdpfw.verify.frames import (
     ETH_P_8021AD,
     ETH_P_8021Q,
     ExtHeader,
@@ -24,7 +25,7 @@ from xdpfw.frames import (
     l3_offset,
     raw_ethertype_frame,
 )
-from xdpfw.model import (
+from xdpfw.verify.model import (
     Outcome,
     Parsed,
     evaluate,
@@ -33,7 +34,6 @@ from xdpfw.model import (
     specificity,
     total_stats,
 )
-from xdpfw.rules import Rule, RuleSpec
 
 pytestmark = pytest.mark.pure
 

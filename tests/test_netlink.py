@@ -1,4 +1,4 @@
-"""Kernel tests for xdpfw.netlink: namespaces, veth labs, real UDP, XDP attach/detach.
+"""Kernel tests for xdpfw.kernel.netlink: namespaces, veth labs, real UDP, XDP attach/detach.
 
 Everything runs on interfaces and namespaces created here (prefix "xfwt"), with
 addresses from 198.18.0.0/15 and 2001:db8::/32, and is removed afterwards.
@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from xdpfw import netlink as nl
+from xdpfw.kernel import netlink as nl
 
 pytestmark = [
     pytest.mark.kernel,

@@ -1,4 +1,4 @@
-"""xdpfw.privileges: parsing /proc, naming what is missing; and the same against the real kernel.
+"""xdpfw.kernel.privileges: parsing /proc, naming what is missing; and against the real kernel.
 
 The pure tests feed fake /proc files. The root ones drop capabilities with setpriv(1) and look
 at what a child process reports, and run deploy/prove-capabilities.sh, the experiment behind
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from xdpfw.privileges import (
+from xdpfw.kernel.privileges import (
     CAP_BPF_SINCE,
     REQUIREMENTS,
     Capability,
@@ -266,7 +266,7 @@ def test_this_process_can_be_checked() -> None:
 
 SETPRIV = shutil.which("setpriv")
 CHILD = (
-    "import json; from xdpfw.privileges import check, format_report; r = check(); "
+    "import json; from xdpfw.kernel.privileges import check, format_report; r = check(); "
     "print(json.dumps({'missing': list(r.missing_names), 'ok': r.ok, "
     "'effective': sorted(r.effective or ()), 'text': format_report(r)}))"
 )
@@ -326,7 +326,7 @@ def test_the_deployed_capability_set_is_necessary_and_sufficient() -> None:
 
     If the no-perfmon case starts passing, the program no longer needs CAP_PERFMON: drop it
     from docker-compose.yml, deploy/systemd and deploy/kubernetes (tests/test_deploy.py keeps
-    them in step) and from xdpfw.privileges.
+    them in step) and from xdpfw.kernel.privileges.
     """
     env = {**os.environ, "XDPFW": str(Path(sys.executable).with_name("xdpfw"))}
     proc = subprocess.run(

@@ -16,8 +16,9 @@ import pytest
 from tests.conftest import TEST_CAPS, unique_pin_dir
 from tests.server import Server, running_server
 from tests.traffic import udp_roundtrip
-from xdpfw import abi, bpfsys
+from xdpfw import abi
 from xdpfw.datapath import _MAP_TYPES
+from xdpfw.kernel import bpfsys
 
 pytestmark = pytest.mark.e2e
 
@@ -258,8 +259,8 @@ def test_program_upgrade_swaps_without_gap(server: Server) -> None:
 
 def test_detach_and_cleanup_remove_only_our_objects(server: Server) -> None:
     from tests.server import XDPFW
-    from xdpfw import netlink
     from xdpfw.datapath import Datapath, DatapathConfig
+    from xdpfw.kernel import netlink
 
     lab = server.lab
     with server.client() as c:
@@ -373,7 +374,7 @@ def test_16_clients_x_500_changes_while_traffic_flows(server: Server) -> None:
 
 def test_vanished_interface_degrades_instead_of_failing(server: Server) -> None:
     """An interface attached earlier through the API that no longer exists: serve the rest."""
-    from xdpfw import netlink
+    from xdpfw.kernel import netlink
 
     with server.client() as c:
         rid = c.post("/v1/rules", json={"src": "198.18.99.0/24"}).json()["id"]

@@ -15,8 +15,8 @@ from tests.conftest import TEST_CAPS, unique_pin_dir
 from xdpfw import abi
 from xdpfw.datapath import Datapath, DatapathConfig
 from xdpfw.errors import InvalidRule, RuleConflict
-from xdpfw.harness import entry_mismatches
 from xdpfw.rules import Rule, RuleSpec, parse_src_code
+from xdpfw.verify.harness import entry_mismatches
 
 pytestmark = pytest.mark.bpf
 

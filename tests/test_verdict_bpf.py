@@ -20,12 +20,15 @@ from typing import Any
 
 import pytest
 
-from xdpfw import abi, bpfsys, model
+from xdpfw import abi
 from xdpfw.abi import Stat, Table
 from xdpfw.compiler import MAX_SLOTS
 from xdpfw.datapath import _MAP_TYPES, Datapath
 from xdpfw.errors import CapacityExceeded, RuleConflict
-from xdpfw.frames import (
+from xdpfw.kernel import bpfsys
+from xdpfw.rules import Rule, RuleSpec
+from xdpfw.verify import model
+from xdpfw.verify.frames import (
     ETH_P_8021AD,
     ETH_P_8021Q,
     ETH_P_ARP,
@@ -40,7 +43,6 @@ from xdpfw.frames import (
     l3_offset,
     raw_ethertype_frame,
 )
-from xdpfw.rules import Rule, RuleSpec
 
 pytestmark = pytest.mark.bpf
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import socket
 import time
 
-from xdpfw import netlink
-from xdpfw.netlink import VethLab
+from xdpfw.kernel import netlink
+from xdpfw.kernel.netlink import VethLab
 
 __all__ = ["send_raw", "udp_roundtrip"]
 

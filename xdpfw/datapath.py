@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from xdpfw import abi, bpfsys, netlink
+from xdpfw import abi
 from xdpfw.abi import Table
 from xdpfw.compiler import (
     EXACT_TABLES,
@@ -51,10 +51,11 @@ from xdpfw.errors import (
     KernelError,
     RuleNotFound,
 )
+from xdpfw.kernel import bpfsys, netlink
 from xdpfw.rules import CODE_SHIFT, DIR_DST, DIR_SRC, Rule
 
 if TYPE_CHECKING:
-    from xdpfw.loader import LoadedProgram
+    from xdpfw.kernel.loader import LoadedProgram
 
 __all__ = [
     "Attachment",
@@ -395,7 +396,7 @@ class Datapath:
 
     @classmethod
     def _load(cls, cfg: DatapathConfig) -> Datapath:
-        from xdpfw import loader  # bcc is only imported when a program must be compiled
+        from xdpfw.kernel import loader  # bcc is only imported when a program must be compiled
 
         _ensure_bpffs(cfg.bpffs_dir)
         loaded = loader.load_isolated(cfg.caps, _staging(cfg.bpffs_dir))
@@ -463,7 +464,7 @@ class Datapath:
         dp.build_id = bytes(conf.build_id)
         dp._rebuild_from_maps()
         if cfg.upgrade:
-            from xdpfw import loader
+            from xdpfw.kernel import loader
 
             if dp.build_id != loader.build_id(caps):
                 return dp._upgrade()
@@ -477,7 +478,7 @@ class Datapath:
         no program. Packets the old program counts between the counter copy and the swap (a few
         milliseconds) are not carried over. Then the new pins replace the old ones.
         """
-        from xdpfw import loader
+        from xdpfw.kernel import loader
 
         pin_dir = self.cfg.bpffs_dir
         # bpffs refuses names with a dot, hence no ".new"/".old".

@@ -13,8 +13,9 @@
         ├── AbiMismatch             pinned maps were made by another ABI version
         └── ForeignProgram          an XDP program we did not attach is in the way
 
-Kernel and netlink errors are translated into this tree at the door (xdpfw.bpfsys users,
-xdpfw.netlink users, xdpfw.loader), so callers above never see OSError or NetlinkError.
+Kernel and netlink errors are translated into this tree at the door (users of
+xdpfw.kernel.bpfsys and xdpfw.kernel.netlink, xdpfw.kernel.loader), so callers above never see
+OSError or NetlinkError.
 """
 
 from __future__ import annotations

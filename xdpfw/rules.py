@@ -1,7 +1,7 @@
 """The rule model: what a rule is, how it is parsed and validated, and how rules are ranked.
 
 A rule names at least one of src, dst, proto, dport. It matches a packet when every field it
-names matches. The verdict for a packet (see xdpfw.model for the executable reference):
+names matches. The verdict for a packet (see xdpfw.verify.model for the executable reference):
 
 1. any matching allow rule -> PASS, credited to the most specific matching allow rule;
 2. else any matching enforce drop rule -> DROP, credited to the most specific one;

@@ -1,14 +1,14 @@
 """Long differential soak: random rule sets, rule churn and random frames, program vs model.
 
-    sudo .venv/bin/python -m xdpfw.soak --frames 10000000            # ~10M frames, random seed
-    sudo .venv/bin/python -m xdpfw.soak --frames 300000 --seed 7     # replay a run exactly
-    sudo .venv/bin/python -m xdpfw.soak --frames 1000000 --rules 5000 --json
+    sudo .venv/bin/python -m xdpfw.verify.soak --frames 10000000         # ~10M frames, random seed
+    sudo .venv/bin/python -m xdpfw.verify.soak --frames 300000 --seed 7  # replay a run exactly
+    sudo .venv/bin/python -m xdpfw.verify.soak --frames 1000000 --rules 5000 --json
 
 It loads its own copy of the program into a unique bpffs directory (removed on exit, also on
 Ctrl-C / SIGTERM), then loops: build a random rule set (0 to --rules rules: exact hosts and
 prefixes of every length, nested and overlapping, ports and ranges, allow/drop/monitor), then
 alternate batches of random frames with rule churn (adds, removes, removal of covering
-prefixes), checking every frame with xdpfw.harness.Differ and the map contents with
+prefixes), checking every frame with xdpfw.verify.harness.Differ and the map contents with
 harness.entry_mismatches. It stops at the first disagreement, prints a minimal reproducer (rules
 + frame hex, also as a tests/corpus/ entry) and exits 1. The same loop, with fixed seeds, is what
 tests/test_differential.py runs in CI.
@@ -37,7 +37,8 @@ from typing import Any
 
 from xdpfw.compiler import Capacities, RuleCompiler
 from xdpfw.errors import CapacityExceeded, XdpfwError
-from xdpfw.frames import (
+from xdpfw.rules import Network, Rule, RuleSpec
+from xdpfw.verify.frames import (
     ETH_P_8021AD,
     ETH_P_8021Q,
     ETH_P_ARP,
@@ -54,8 +55,7 @@ from xdpfw.frames import (
     l3_offset,
     raw_ethertype_frame,
 )
-from xdpfw.harness import MAX_FRAME, MIN_FRAME, Differ, Mismatch
-from xdpfw.rules import Network, Rule, RuleSpec
+from xdpfw.verify.harness import MAX_FRAME, MIN_FRAME, Differ, Mismatch
 
 __all__ = [
     "SOAK_CAPS",
@@ -674,14 +674,14 @@ def _print_progress(report: SoakReport, total: int) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m xdpfw.soak",
+        prog="python -m xdpfw.verify.soak",
         description="Differential soak of the XDP program against the reference model "
         "(needs root and bpffs).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
-        "  python -m xdpfw.soak --frames 10000000\n"
-        "  python -m xdpfw.soak --frames 300000 --seed 42 --rules 500\n"
-        "  python -m xdpfw.soak --frames 1000000 --json --reproducer /tmp/repro.json\n",
+        "  python -m xdpfw.verify.soak --frames 10000000\n"
+        "  python -m xdpfw.verify.soak --frames 300000 --seed 42 --rules 500\n"
+        "  python -m xdpfw.verify.soak --frames 1000000 --json --reproducer /tmp/repro.json\n",
     )
     p.add_argument("--frames", type=int, default=10_000_000, help="frames to check (10M)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")

@@ -395,7 +395,7 @@ def ensure_kernel_headers() -> HeaderChoice:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m xdpfw.kheaders``: print the choice (exit 0) or the error (exit 1)."""
+    """``python -m xdpfw.kernel.kheaders``: print the choice (exit 0) or the error (exit 1)."""
     del argv
     try:
         choice = find_kernel_headers()

@@ -6,12 +6,12 @@
     differ = Differ(dp)                               # the rules installed in dp
     mismatches = differ.check(frames)                 # [] when program and model agree
 
-`run` drives BPF_PROG_TEST_RUN through xdpfw.bpfsys (the bpf(2) syscall via ctypes; bcc 0.26
+`run` drives BPF_PROG_TEST_RUN through xdpfw.kernel.bpfsys (the bpf(2) syscall via ctypes; bcc 0.26
 has no wrapper and this module never imports bcc).
 
 `Differ.check` compares, for every frame, the program's verdict (its return value) with
-`xdpfw.model.evaluate`, checks that the program never returns XDP_ABORTED nor modifies the frame,
-and checks the counters per batch: it reads the per-rule counters (one batch syscall) and the
+`xdpfw.verify.model.evaluate`, checks that the program never returns XDP_ABORTED nor modifies the
+frame, and checks the counters per batch: it reads the per-rule counters (one batch syscall) and the
 global counters before and after a batch of frames, and requires the per-rule deltas (packets
 and bytes, for every rule) and the global deltas to equal the sums of the model's outcomes.
 When a batch disagrees it bisects (re-running halves of the batch) down to the first offending
@@ -44,12 +44,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from xdpfw import abi, bpfsys, model
+from xdpfw import abi
 from xdpfw.abi import Stat, Table
 from xdpfw.compiler import RuleCompiler, TableKey
 from xdpfw.datapath import decode_key
 from xdpfw.errors import CapacityExceeded, KernelError
+from xdpfw.kernel import bpfsys
 from xdpfw.rules import Rule, RuleSpec
+from xdpfw.verify import model
 
 if TYPE_CHECKING:
     from xdpfw.datapath import Datapath

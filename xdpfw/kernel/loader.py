@@ -1,10 +1,10 @@
 """The only module that imports bcc: compile bpf/xdp_filter.c, load it, hand back file descriptors.
 
-bcc compiles the C source at run time with the kernel headers that xdpfw.kheaders finds (or
+bcc compiles the C source at run time with the kernel headers that xdpfw.kernel.kheaders finds (or
 builds). Capacities reach the C code as validated integer -D flags; nothing a user typed is ever
 spliced into the source. The loader duplicates the program and map file descriptors it needs and
-then releases bcc's module, so the rest of xdpfw works with plain fds (xdpfw.bpfsys) whether the
-program was just loaded or adopted from pins.
+then releases bcc's module, so the rest of xdpfw works with plain fds (xdpfw.kernel.bpfsys)
+whether the program was just loaded or adopted from pins.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 from xdpfw import abi
 from xdpfw.compiler import Capacities
 from xdpfw.errors import CompileError, HeadersMissing
-from xdpfw.kheaders import KernelHeadersMissing, ensure_kernel_headers
+from xdpfw.kernel.kheaders import KernelHeadersMissing, ensure_kernel_headers
 
 __all__ = [
     "MAP_NAMES",
@@ -153,10 +153,10 @@ def load_isolated(caps: Capacities, staging: Path, timeout: float = 300.0) -> Lo
     memory for a compile it does once. The child compiles, loads and pins the program and
     maps under `staging` (on bpffs); this process opens the pins and removes them.
     """
-    from xdpfw import bpfsys
+    from xdpfw.kernel import bpfsys
 
     cmd = [
-        sys.executable, "-m", "xdpfw.loader", "--pin-dir", str(staging),
+        sys.executable, "-m", "xdpfw.kernel.loader", "--pin-dir", str(staging),
         "--max-rules", str(caps.max_rules), "--max-prefixes", str(caps.max_prefixes),
         "--max-sets", str(caps.max_sets),
     ]  # fmt: skip
@@ -186,12 +186,12 @@ def load_isolated(caps: Capacities, staging: Path, timeout: float = 300.0) -> Lo
 
 
 def _child_main(argv: list[str] | None = None) -> int:
-    """python -m xdpfw.loader --pin-dir DIR [--max-...]: compile, load, pin, exit."""
+    """python -m xdpfw.kernel.loader --pin-dir DIR [--max-...]: compile, load, pin, exit."""
     import argparse
 
-    from xdpfw import bpfsys
+    from xdpfw.kernel import bpfsys
 
-    ap = argparse.ArgumentParser(prog="python -m xdpfw.loader")
+    ap = argparse.ArgumentParser(prog="python -m xdpfw.kernel.loader")
     ap.add_argument("--pin-dir", type=Path, required=True)
     ap.add_argument("--max-rules", type=int, required=True)
     ap.add_argument("--max-prefixes", type=int, required=True)

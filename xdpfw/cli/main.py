@@ -26,12 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, cast
 
-from xdpfw import humanize as hz
+from xdpfw.cli import humanize as hz
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
 
-    from xdpfw.client import BulkResult, Client, Health, Rule, Stats
+    from xdpfw.cli.client import BulkResult, Client, Health, Rule, Stats
     from xdpfw.importers import ParsedList
 
 __all__ = ["build_parser", "main"]
@@ -295,7 +295,7 @@ def _client_command(handler: Handler) -> Callable[[argparse.Namespace], int]:
     """Wrap a handler: build the Client from the connection options, map errors to exits."""
 
     def run(args: argparse.Namespace) -> int:
-        from xdpfw.client import DEFAULT_API, Client, ClientError, find_token
+        from xdpfw.cli.client import DEFAULT_API, Client, ClientError, find_token
 
         api_url = getattr(args, "api", None) or os.environ.get("XDPFW_API") or DEFAULT_API
         token = find_token(getattr(args, "token", None), getattr(args, "client_state_dir", None))
@@ -340,7 +340,7 @@ def _match(rule: Rule) -> str:
 
 
 def _cmd_status(args: argparse.Namespace, api: Client) -> int:
-    from xdpfw.client import ClientError
+    from xdpfw.cli.client import ClientError
 
     health = api.health()
     capacity: dict[str, tuple[int, int]] = {}
@@ -422,7 +422,7 @@ _FLAGS = {
 
 
 def _cmd_rule_add(args: argparse.Namespace, api: Client) -> int:
-    from xdpfw.client import ClientError
+    from xdpfw.cli.client import ClientError
 
     body: dict[str, object] = {"action": args.action}
     if args.monitor:
@@ -452,7 +452,7 @@ def _cmd_rule_add(args: argparse.Namespace, api: Client) -> int:
 
 
 def _cmd_rule_rm(args: argparse.Namespace, api: Client) -> int:
-    from xdpfw.client import ClientError
+    from xdpfw.cli.client import ClientError
 
     removed: list[int] = []
     rc = 0
@@ -536,7 +536,7 @@ PROGRESS_MIN = 10_000  # entries; smaller imports finish before a bar is worth d
 
 
 def _read_input(name: str) -> str:
-    from xdpfw.client import EXIT_USAGE, ClientError
+    from xdpfw.cli.client import EXIT_USAGE, ClientError
 
     try:
         raw = sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
@@ -555,7 +555,7 @@ def _lines(text: str) -> list[str]:
 
 def _cmd_import(args: argparse.Namespace, api: Client) -> int:
     from xdpfw import importers
-    from xdpfw.client import EXIT_USAGE, ClientError
+    from xdpfw.cli.client import EXIT_USAGE, ClientError
     from xdpfw.errors import InvalidRule
     from xdpfw.rules import RuleSpec
 
@@ -781,7 +781,7 @@ class _RuleCache:
         self.rules: dict[int, Rule | None] = {}
 
     def fetch(self, ids: Iterable[int], list_all_above: int = 50) -> None:
-        from xdpfw.client import ClientError
+        from xdpfw.cli.client import ClientError
 
         missing = [i for i in ids if i not in self.rules]
         if len(missing) > list_all_above:
@@ -927,7 +927,7 @@ def _cmd_top(args: argparse.Namespace, api: Client) -> int:
     from rich.console import Console
     from rich.live import Live
 
-    from xdpfw.client import ClientError
+    from xdpfw.cli.client import ClientError
 
     console = Console(highlight=False)
     cache = _RuleCache(api)

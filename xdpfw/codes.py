@@ -1,0 +1,327 @@
+"""The rule wire format: a rule as one int (its *code*), its entry key, and its rank.
+
+The control plane keeps a million rules as ints, not objects, so the format of those ints is
+a contract: this module names every field once (shift and width, like the kernel's
+``GENMASK``/``FIELD_PREP``/``FIELD_GET``) and everyone else calls its functions.
+
+A **code** is a rule's match, action and mode (not its id). Equal codes mean the same rule;
+``key(code)`` names the lookup-table entry the rule lives in. From bit 0 up::
+
+    0-15   PORT_HI    inclusive upper port          (only with HAS_PORTS)
+    16-31  PORT_LO    lower port
+    32     HAS_PORTS  the rule names a dport range
+    33-40  PROTO      IP protocol number, 0 = any
+    41-42  VERDICT    abi.VERDICT_* (monitor 1, drop 2, allow 3)
+    43-    KEY        the entry key, below
+
+A **key** (``code >> KEY.shift``; 0 = the address-less table)::
+
+    0-1    DIR        0 none, DIR_SRC, DIR_DST
+    2      V6         IPv6 address
+    3-10   PLEN       prefix length
+    11-    ADDR       the network address (32 or 128 bits)
+
+``key & TABLE_BITS`` (direction and family) with "exact or prefix" picks the table.
+
+A **trie position** orders a trie's keys by address, then length (``ADDR << 8 | PLEN``), so
+a prefix's descendants are one contiguous range of positions.
+
+The **rank** is the 64-bit priority the data plane compares (bpf/xdpfw_abi.h, struct
+xdpfw_slot), the rule contract's "most specific" order with the verdict class on top::
+
+    0-28   ID_INV     RANK_ID_MASK - rule id (the lower id wins a tie)
+    29-44  NARROW     65536 - port range width, 0 = no ports
+    45     PROTO_NAMED
+    46-53  DST_PLEN
+    54-61  SRC_PLEN
+    62-63  VERDICT
+
+Hot loops (bulk loads) bind a field's ``shift``/``bits`` to locals instead of calling the
+accessors; they still never spell a number.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from xdpfw import abi
+
+__all__ = [
+    "ADDR",
+    "CODE_FIELDS",
+    "DIR",
+    "DIR_DST",
+    "DIR_NONE",
+    "DIR_SRC",
+    "HAS_PORTS",
+    "KEY",
+    "KEY_FIELDS",
+    "MAX_RULE_ID",
+    "PLEN",
+    "PORT_HI",
+    "PORT_LO",
+    "PROTO",
+    "RANK_DST_PLEN",
+    "RANK_FIELDS",
+    "RANK_ID",
+    "RANK_NARROW",
+    "RANK_PROTO",
+    "RANK_SRC_PLEN",
+    "RANK_VERDICT",
+    "TABLE_BITS",
+    "TRIE_ADDR",
+    "TRIE_PLEN",
+    "V6",
+    "VERDICT",
+    "Field",
+    "Unpacked",
+    "code_of_key",
+    "from_slot",
+    "is_plain",
+    "key",
+    "key_addr",
+    "key_bits",
+    "key_dir",
+    "key_is_exact",
+    "key_is_prefix",
+    "key_plen",
+    "key_v6",
+    "net_code",
+    "pack",
+    "pack_key",
+    "ports",
+    "proto",
+    "rank",
+    "rank_plens",
+    "trie_key",
+    "trie_position",
+    "unpack",
+    "verdict",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    """``width`` bits at ``shift``; width 0 is an open-ended top field (an address)."""
+
+    name: str
+    shift: int
+    width: int
+
+    @property
+    def bits(self) -> int:
+        """The unshifted mask (-1, all bits, for an open field)."""
+        return (1 << self.width) - 1 if self.width else -1
+
+    @property
+    def mask(self) -> int:
+        """The field's bits in place (open fields: up to bit 255)."""
+        width = self.width or 256 - self.shift
+        return ((1 << width) - 1) << self.shift
+
+    def get(self, value: int) -> int:
+        return (value >> self.shift) & self.bits
+
+    def put(self, v: int) -> int:
+        if v < 0 or (self.width and v >> self.width):
+            raise ValueError(f"{self.name}: {v} does not fit in {self.width} bits")
+        return v << self.shift
+
+
+# -- a code ------------------------------------------------------------------------------------
+PORT_HI = Field("port_hi", 0, 16)
+PORT_LO = Field("port_lo", 16, 16)
+HAS_PORTS = Field("has_ports", 32, 1)
+PROTO = Field("proto", 33, 8)
+VERDICT = Field("verdict", 41, 2)
+KEY = Field("key", 43, 0)
+CODE_FIELDS = (PORT_HI, PORT_LO, HAS_PORTS, PROTO, VERDICT, KEY)
+
+# -- a key -------------------------------------------------------------------------------------
+DIR = Field("dir", 0, 2)
+V6 = Field("v6", 2, 1)
+PLEN = Field("plen", 3, 8)
+ADDR = Field("addr", 11, 0)
+KEY_FIELDS = (DIR, V6, PLEN, ADDR)
+TABLE_BITS = DIR.mask | V6.mask  # direction and family: with exact/prefix, the table
+
+DIR_NONE = 0
+DIR_SRC = 1
+DIR_DST = 2
+
+# -- a trie position ---------------------------------------------------------------------------
+TRIE_PLEN = Field("plen", 0, 8)
+TRIE_ADDR = Field("addr", 8, 0)
+
+# -- a rank (bpf/xdpfw_abi.h) ------------------------------------------------------------------
+RANK_ID = Field("id_inv", 0, 29)
+RANK_NARROW = Field("narrow", 29, 16)
+RANK_PROTO = Field("proto_named", 45, 1)
+RANK_DST_PLEN = Field("dst_plen", 46, 8)
+RANK_SRC_PLEN = Field("src_plen", 54, 8)
+RANK_VERDICT = Field("verdict", 62, 2)
+RANK_FIELDS = (RANK_ID, RANK_NARROW, RANK_PROTO, RANK_DST_PLEN, RANK_SRC_PLEN, RANK_VERDICT)
+
+MAX_RULE_ID = RANK_ID.bits
+assert MAX_RULE_ID == abi.RANK_ID_MASK
+
+_PORTS_ALL = PORT_HI.mask | PORT_LO.mask | HAS_PORTS.mask
+
+
+# -- keys --------------------------------------------------------------------------------------
+
+
+def pack_key(addr: int, plen: int, *, v6: bool, direction: int) -> int:
+    """The key of a network in a direction (DIR_SRC or DIR_DST)."""
+    return (addr << ADDR.shift) | (plen << PLEN.shift) | (v6 << V6.shift) | direction
+
+
+def key_dir(k: int) -> int:
+    return k & DIR.bits
+
+
+def key_v6(k: int) -> bool:
+    return bool(k & V6.mask)
+
+
+def key_plen(k: int) -> int:
+    return (k >> PLEN.shift) & PLEN.bits
+
+
+def key_addr(k: int) -> int:
+    return k >> ADDR.shift
+
+
+def key_bits(k: int) -> int:
+    """Address width of the key's family: 32 or 128."""
+    return 128 if k & V6.mask else 32
+
+
+def key_is_exact(k: int) -> bool:
+    """A host (/32, /128): lives in a hash table, not a trie."""
+    return k != 0 and key_plen(k) == key_bits(k)
+
+
+def key_is_prefix(k: int) -> bool:
+    """A shorter prefix: lives in an LPM trie."""
+    return k != 0 and key_plen(k) != key_bits(k)
+
+
+def trie_position(k: int) -> int:
+    """The key's place in its trie's sorted list (address order, then length)."""
+    return ((k >> ADDR.shift) << TRIE_ADDR.shift) | ((k >> PLEN.shift) & PLEN.bits)
+
+
+def trie_key(position: int, table_bits: int) -> int:
+    """The key back from a trie position and the trie's ``key & TABLE_BITS``."""
+    return (
+        ((position >> TRIE_ADDR.shift) << ADDR.shift)
+        | ((position & TRIE_PLEN.bits) << PLEN.shift)
+        | table_bits
+    )
+
+
+# -- codes -------------------------------------------------------------------------------------
+
+
+class Unpacked(NamedTuple):
+    key: int
+    verdict: int
+    proto: int
+    ports: tuple[int, int] | None
+
+
+def pack(k: int, verdict: int, proto: int = 0, ports: tuple[int, int] | None = None) -> int:
+    """The code of a rule: entry key, verdict class, protocol number (0 any), dport range."""
+    code = (k << KEY.shift) | (verdict << VERDICT.shift) | (proto << PROTO.shift)
+    if ports is not None:
+        code |= HAS_PORTS.mask | (ports[0] << PORT_LO.shift) | ports[1]
+    return code
+
+
+def unpack(code: int) -> Unpacked:
+    return Unpacked(key(code), verdict(code), proto(code), ports(code))
+
+
+def key(code: int) -> int:
+    return code >> KEY.shift
+
+
+def code_of_key(k: int) -> int:
+    """The key in its place in a code (the code's other fields zero)."""
+    return k << KEY.shift
+
+
+def verdict(code: int) -> int:
+    return (code >> VERDICT.shift) & VERDICT.bits
+
+
+def proto(code: int) -> int:
+    return (code >> PROTO.shift) & PROTO.bits
+
+
+def ports(code: int) -> tuple[int, int] | None:
+    if not code & HAS_PORTS.mask:
+        return None
+    return (code >> PORT_LO.shift) & PORT_LO.bits, code & PORT_HI.bits
+
+
+def is_plain(code: int) -> bool:
+    """A network and a verdict only (no protocol or ports): a blocklist entry."""
+    return not code & (_PORTS_ALL | PROTO.mask)
+
+
+def net_code(addr: int, plen: int, *, v6: bool, direction: int, verdict: int) -> int:
+    """The code of a rule naming only a network (a blocklist entry)."""
+    return pack_key(addr, plen, v6=v6, direction=direction) << KEY.shift | (
+        verdict << VERDICT.shift
+    )
+
+
+# -- ranks -------------------------------------------------------------------------------------
+
+
+def rank(code: int, rule_id: int) -> int:
+    """The data plane's priority of the rule with this code and id (layout above)."""
+    k = code >> KEY.shift
+    plen = (k >> PLEN.shift) & PLEN.bits
+    direction = k & DIR.bits
+    narrow = 0
+    if code & HAS_PORTS.mask:
+        lo = (code >> PORT_LO.shift) & PORT_LO.bits
+        hi = code & PORT_HI.bits
+        narrow = 65536 - (hi - lo + 1)
+    return (
+        (((code >> VERDICT.shift) & VERDICT.bits) << RANK_VERDICT.shift)
+        | ((plen if direction == DIR_SRC else 0) << RANK_SRC_PLEN.shift)
+        | ((plen if direction == DIR_DST else 0) << RANK_DST_PLEN.shift)
+        | ((1 if code & PROTO.mask else 0) << RANK_PROTO.shift)
+        | (narrow << RANK_NARROW.shift)
+        | (RANK_ID.bits - rule_id)
+    )
+
+
+def rank_plens(r: int) -> tuple[int, int]:
+    """(source, destination) prefix lengths a rank carries."""
+    return RANK_SRC_PLEN.get(r), RANK_DST_PLEN.get(r)
+
+
+def from_slot(
+    k: int, r: int, *, verdict: int, proto: int, ports: tuple[int, int] | None
+) -> int | None:
+    """The code of a slot found in the entry with key ``k``; None when the slot is inherited.
+
+    A trie entry also carries the slots of the shorter prefixes that cover it; the rank's
+    prefix length tells a slot of the entry's own rule from one of a covering rule.
+    """
+    src_len, dst_len = rank_plens(r)
+    direction = k & DIR.bits
+    if direction == DIR_NONE:
+        if src_len or dst_len:
+            return None
+    else:
+        own = src_len if direction == DIR_SRC else dst_len
+        if own != key_plen(k):
+            return None
+    return pack(k, verdict, proto, ports)
