@@ -151,6 +151,9 @@ class BulkOut(BaseModel):
 
 
 class TotalsOut(BaseModel):
+    """The global counters; one field per ``abi.Stat`` counter, named by ``Stat.field``, in
+    index order (tests/test_contracts.py checks it: a counter added to the ABI fails there)."""
+
     packets: int
     passed: int
     dropped: int
@@ -162,7 +165,7 @@ class TotalsOut(BaseModel):
 
     @classmethod
     def of(cls, g: GlobalCounters) -> TotalsOut:
-        return cls(**g.__dict__)
+        return cls(**{stat.field: value for stat, value in g.by_stat().items()})
 
 
 class RuleStatOut(BaseModel):

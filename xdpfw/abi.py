@@ -69,6 +69,17 @@ class Stat(IntEnum):
     BYTES = 7
     MAX = 8
 
+    @property
+    def field(self) -> str:
+        """The counter's name everywhere above the ABI: Python attributes, the JSON of
+        /v1/stats "totals", the `outcome` label of /metrics (packets, non_ip, ...)."""
+        return self.name.lower()
+
+    @classmethod
+    def counters(cls) -> tuple[Stat, ...]:
+        """Every counter in index order (every member but MAX): the one list of them."""
+        return tuple(s for s in cls if s is not cls.MAX)
+
 
 class Table(IntEnum):
     """Lookup tables (XDPFW_TBL_*); the value is the index in Config.n_entries."""

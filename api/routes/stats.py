@@ -13,13 +13,20 @@ from prometheus_client.registry import Collector
 from api.deps import AUTH_RESPONSES, ERROR_RESPONSES, ReadAccess, ServiceDep
 from api.models import RuleStatOut, StatsOut, TotalsOut, iso
 from api.service import FirewallService
+from xdpfw import abi
 
-__all__ = ["metrics_router", "router"]
+__all__ = ["OUTCOMES", "metrics_router", "router"]
 
 router = APIRouter(
     prefix="/v1/stats", tags=["stats"], responses={**AUTH_RESPONSES, **ERROR_RESPONSES}
 )
 metrics_router = APIRouter(tags=["stats"], responses={**AUTH_RESPONSES, **ERROR_RESPONSES})
+
+# The `outcome` label values of xdpfw_packets_total: every counter but the two that have a
+# family of their own (PACKETS is xdpfw_frames_total, BYTES is xdpfw_bytes_total).
+OUTCOMES = tuple(
+    s for s in abi.Stat.counters() if s not in (abi.Stat.PACKETS, abi.Stat.BYTES)
+)
 
 
 @router.get("", response_model=StatsOut, dependencies=[ReadAccess])
@@ -47,11 +54,16 @@ class _Collector(Collector):
         frames = CounterMetricFamily(
             "xdpfw_packets", "Frames seen by the XDP program, by outcome", labels=["outcome"]
         )
-        for outcome in ("passed", "dropped", "monitored", "malformed", "non_ip", "fragments"):
-            frames.add_metric([outcome], getattr(totals, outcome))
+        counters = totals.by_stat()
+        for stat in OUTCOMES:
+            frames.add_metric([stat.field], counters[stat])
         yield frames
-        yield CounterMetricFamily("xdpfw_frames", "Frames seen in all", value=totals.packets)
-        yield CounterMetricFamily("xdpfw_bytes", "Bytes of all frames seen", value=totals.bytes)
+        yield CounterMetricFamily(
+            "xdpfw_frames", "Frames seen in all", value=counters[abi.Stat.PACKETS]
+        )
+        yield CounterMetricFamily(
+            "xdpfw_bytes", "Bytes of all frames seen", value=counters[abi.Stat.BYTES]
+        )
         usage = GaugeMetricFamily(
             "xdpfw_table_entries", "Entries in each table", labels=["table"]
         )

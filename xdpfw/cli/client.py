@@ -9,7 +9,8 @@ message says what to do (start the service, where the token comes from, which fi
         exit_code EXIT_USAGE        422 (each field and problem), or a malformed --api URL
         exit_code EXIT_ERROR        404, 409, 507, 5xx: the API's own words
 
-Response bodies are typed as the API's shapes (api/models.py) but not re-validated here.
+Response bodies are typed as the API's shapes (api/models.py) but not re-validated here;
+tests/test_contracts.py checks each TypedDict below against the API's OpenAPI schema.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ __all__ = [
     "RulePage",
     "RuleStat",
     "Stats",
+    "TableUsage",
     "Token",
     "Totals",
     "error_for",
@@ -100,6 +102,8 @@ class BulkResult(TypedDict):
 
 
 class Totals(TypedDict):
+    """TotalsOut: one field per abi.Stat counter, named by Stat.field, in index order."""
+
     packets: int
     passed: int
     dropped: int
@@ -130,12 +134,19 @@ class Interface(TypedDict):
     ifindex: int
 
 
+class TableUsage(TypedDict):
+    entries: int
+    capacity: int
+
+
 class Health(TypedDict):
     status: str
     prog_id: int
     adopted: bool
     rules: int
+    protected: list[str]
     interfaces: list[Interface]
+    capacity: dict[str, TableUsage]  # per kernel table, plus "rules" and "xdpfw_sets"
 
 
 # --- errors --------------------------------------------------------------------------------
@@ -372,10 +383,6 @@ class Client:
 
     def metrics(self) -> str:
         return self._request("GET", "/metrics").text
-
-    def table_usage(self) -> dict[str, tuple[int, int]]:
-        """{table: (entries, capacity)}, from /metrics (the API has no JSON field for it)."""
-        return parse_table_usage(self.metrics())
 
     def add_rule(self, body: Mapping[str, object]) -> tuple[Rule, bool]:
         """POST /v1/rules -> (rule, created). created is False for an identical existing rule."""

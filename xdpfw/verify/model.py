@@ -251,22 +251,14 @@ class Outcome:
     parsed: Parsed | None = field(default=None, compare=False)
 
     def stats(self) -> dict[abi.Stat, int]:
-        """The increments indexed like GlobalStats.counter (every Stat but MAX)."""
-        return {
-            abi.Stat.PACKETS: self.packets,
-            abi.Stat.PASSED: self.passed,
-            abi.Stat.DROPPED: self.dropped,
-            abi.Stat.MONITORED: self.monitored,
-            abi.Stat.MALFORMED: self.malformed,
-            abi.Stat.NON_IP: self.non_ip,
-            abi.Stat.FRAGMENTS: self.fragments,
-            abi.Stat.BYTES: self.bytes,
-        }
+        """The increments indexed like GlobalStats.counter (every Stat but MAX); the counter
+        fields above are named by ``abi.Stat.field`` (tests/test_contracts.py checks it)."""
+        return {stat: getattr(self, stat.field) for stat in abi.Stat.counters()}
 
 
 def total_stats(outcomes: Iterable[Outcome]) -> dict[abi.Stat, int]:
     """The global counters after the frames of ``outcomes`` (starting from zero)."""
-    total: dict[abi.Stat, int] = {stat: 0 for stat in abi.Stat if stat is not abi.Stat.MAX}
+    total: dict[abi.Stat, int] = dict.fromkeys(abi.Stat.counters(), 0)
     for outcome in outcomes:
         for stat, value in outcome.stats().items():
             total[stat] += value

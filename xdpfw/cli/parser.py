@@ -1,0 +1,253 @@
+"""The argument parser of `xdpfw`: every command, its flags and examples; shell completion."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from xdpfw.cli import humanize as hz
+from xdpfw.cli.connection import Handler, add_client_options, client_command
+from xdpfw.cli.importing import IMPORT_EPILOG, cmd_import
+from xdpfw.cli.rules import (
+    RULE_ADD_EPILOG,
+    RULE_LS_EPILOG,
+    RULE_RM_EPILOG,
+    RULE_SHOW_EPILOG,
+    cmd_rule_add,
+    cmd_rule_ls,
+    cmd_rule_rm,
+    cmd_rule_show,
+)
+from xdpfw.cli.serve import DETACH_EPILOG, SERVE_EPILOG, cmd_detach, cmd_serve
+from xdpfw.cli.stats import STATS_EPILOG, cmd_stats
+from xdpfw.cli.status import STATUS_EPILOG, cmd_status
+from xdpfw.cli.top import TOP_EPILOG, cmd_top
+
+__all__ = ["MAIN_EPILOG", "build_parser", "completion", "package_version"]
+
+MAIN_EPILOG = """examples:
+  xdpfw status                                  # is it up, where, how full
+  xdpfw rule add --src 198.18.7.0/24 --ttl 2h --comment "abuse ticket 4711"
+  xdpfw rule ls
+  xdpfw import firehol_level1.netset --comment firehol
+  xdpfw stats --top 10
+  xdpfw top                                     # live; q quits
+  xdpfw COMMAND --help                          # more examples per command
+
+The connection options work before or after the command. The token is --token, else
+XDPFW_TOKEN, else read from <state-dir>/token (/var/lib/xdpfw, or the demo's /run/xdpfw-demo).
+Reads need no token when the API listens on loopback only; changes always do, so run them as
+root (to read the token file) or pass the token.
+
+exit codes: 0 ok; 1 the API refused or failed, or an import was partial; 2 invalid input;
+  3 the service cannot be reached; 4 missing or wrong token.
+
+shell completion (bash/zsh, needs argcomplete): eval "$(register-python-argcomplete xdpfw)"
+"""
+
+
+def package_version() -> str:
+    """The installed xdpfw's version (package metadata), or "unknown" when not installed."""
+    try:
+        return metadata.version("xdpfw")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _ttl(text: str) -> int:
+    try:
+        return hz.parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
+    return value
+
+
+def _sub(
+    sub: Any, name: str, help: str, epilog: str, handler: Handler, cmd_name: str | None = None
+) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = sub.add_parser(
+        name,
+        help=help,
+        description=help[:1].upper() + help[1:] + ".",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.set_defaults(func=client_command(handler), cmd_name=cmd_name or name)
+    _CLIENT_PARSERS.append(p)
+    return p
+
+
+_CLIENT_PARSERS: list[argparse.ArgumentParser] = []
+
+
+def _json_flag(p: argparse.ArgumentParser, what: str = "print the API's JSON, not a table") -> None:
+    p.add_argument("--json", action="store_true", help=what)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xdpfw",
+        description="XDP firewall driven live over a REST API.",
+        epilog=MAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"xdpfw {package_version()}")
+    _CLIENT_PARSERS.clear()
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser(
+        "serve",
+        help="run the firewall service (datapath + REST API)",
+        epilog=SERVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--iface", action="append", metavar="NAME", help="interface (repeatable)")
+    p.add_argument("--xdp-mode", choices=["auto", "native", "generic"], default=None)
+    p.add_argument("--listen", metavar="HOST:PORT", default=None)
+    p.add_argument("--state-dir", type=Path, default=None)
+    p.add_argument("--bpffs-dir", type=Path, default=None)
+    p.add_argument("--max-rules", type=int, default=None)
+    p.add_argument("--max-prefixes", type=int, default=None)
+    p.add_argument("--max-sets", type=int, default=None)
+    p.add_argument(
+        "--protect",
+        action="append",
+        metavar="CIDR",
+        help="source prefix that can never be dropped, e.g. your management network "
+        "(repeatable)",
+    )
+    p.add_argument(
+        "--no-demo",
+        action="store_true",
+        help="with no interface, start unattached instead of on a demo lab",
+    )
+    p.add_argument(
+        "--cleanup",
+        action="store_true",
+        help="on stop, detach and remove the pins (default: keep filtering while down)",
+    )
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "detach",
+        help="detach the program from interfaces; --cleanup also removes every pin",
+        description="Work on the kernel side directly (the service may be stopped). Detaches "
+        "only xdpfw's own program; a program xdpfw did not attach is never touched.",
+        epilog=DETACH_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("iface", nargs="*", help="interfaces (default: every one running it)")
+    p.add_argument("--bpffs-dir", type=Path, default=None, help="default /sys/fs/bpf/xdpfw")
+    p.add_argument(
+        "--cleanup",
+        action="store_true",
+        help="detach everywhere and remove the program and map pins (rules in the database "
+        "stay; the next `serve` loads them again)",
+    )
+    p.set_defaults(func=cmd_detach)
+
+    p = _sub(sub, "status", "show service health, interfaces, program and capacity",
+             STATUS_EPILOG, cmd_status)
+    _json_flag(p, "print health and capacity as JSON")
+
+    rule = sub.add_parser(
+        "rule",
+        help="add, remove, list and show rules",
+        description="Add, remove, list and show rules.",
+        epilog="examples:\n  xdpfw rule add --src 198.18.7.0/24\n  xdpfw rule ls\n"
+        "  xdpfw rule show 12\n  xdpfw rule rm 12\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    rsub = rule.add_subparsers(dest="rule_command", metavar="ACTION")
+    rsub.required = True
+
+    p = _sub(rsub, "add", "add a rule (enforced when this returns)", RULE_ADD_EPILOG,
+             cmd_rule_add, "rule add")
+    m = p.add_argument_group("match (at least one)")
+    m.add_argument("--src", metavar="CIDR", help="source address or CIDR")
+    m.add_argument("--dst", metavar="CIDR", help="destination address or CIDR")
+    m.add_argument("--proto", choices=["tcp", "udp", "icmp", "icmpv6"], help="protocol")
+    m.add_argument("--dport", metavar="N|LO-HI", help="destination port or range (tcp/udp)")
+    p.add_argument("--action", choices=["drop", "allow"], default="drop", help="default: drop")
+    p.add_argument("--monitor", action="store_true", help="count matches but let them pass")
+    p.add_argument("--ttl", type=_ttl, metavar="DURATION", help="expire after 30s, 10m, 2h, 1d")
+    p.add_argument("--comment", default="", metavar="TEXT", help="free text (max 256)")
+    _json_flag(p, "print the new rule as JSON, not just its id")
+
+    p = _sub(rsub, "rm", "remove rules by id", RULE_RM_EPILOG, cmd_rule_rm, "rule rm")
+    p.add_argument("ids", nargs="+", type=_positive_int, metavar="ID")
+
+    p = _sub(rsub, "ls", "list all rules", RULE_LS_EPILOG, cmd_rule_ls, "rule ls")
+    _json_flag(p, 'print the API\'s page shape {"rules": [...], "next_cursor": null}')
+
+    p = _sub(rsub, "show", "show one rule and its counters", RULE_SHOW_EPILOG,
+             cmd_rule_show, "rule show")
+    p.add_argument("id", type=_positive_int, metavar="ID")
+    _json_flag(p, "print the rule as JSON")
+
+    p = _sub(sub, "import", "bulk load a blocklist file", IMPORT_EPILOG, cmd_import)
+    p.add_argument("file", metavar="FILE|-", help="the list; - reads standard input")
+    p.add_argument("--action", choices=["drop", "allow"], default="drop", help="default: drop")
+    p.add_argument("--monitor", action="store_true", help="count matches but let them pass")
+    p.add_argument("--ttl", type=_ttl, metavar="DURATION", help="expire after 30s, 10m, 2h, 1d")
+    p.add_argument("--comment", default="", metavar="TEXT", help="comment for every rule")
+    p.add_argument("--chunk", type=_positive_int, default=50_000, metavar="N",
+                   help="entries per API call (default 50000; each call is all or nothing)")
+    p.add_argument("--strict", action="store_true", help="send nothing if any line is bad")
+    p.add_argument("--dry-run", action="store_true", help="validate and summarise; send nothing")
+    p.add_argument("--show-rejected", type=int, default=20, metavar="N",
+                   help="bad lines to describe on stderr (default 20; --json has them all)")
+    _json_flag(p, "print the summary as JSON")
+
+    p = _sub(sub, "stats", "per-rule counters and totals", STATS_EPILOG, cmd_stats)
+    p.add_argument("--top", type=_positive_int, metavar="N", help="only the N busiest rules")
+    p.add_argument("--interval", type=_positive_float, metavar="S",
+                   help="sample twice, S seconds apart, to show rates")
+    _json_flag(p)
+
+    p = _sub(sub, "top", "live view of the busiest rules", TOP_EPILOG, cmd_top)
+    p.add_argument("--interval", type=_positive_float, default=1.0, metavar="S",
+                   help="seconds between refreshes (default 1)")
+    p.add_argument("--rows", type=_positive_int, metavar="N",
+                   help="rules to show (default: what fits the terminal)")
+    p.add_argument("-n", "--iterations", type=_positive_int, metavar="N",
+                   help="exit after N refreshes")
+    for client_parser in (parser, *_CLIENT_PARSERS):
+        add_client_options(client_parser)
+    return parser
+
+
+def completion(parser: argparse.ArgumentParser) -> None:
+    """Shell completion through argcomplete, when it is installed and the shell asks."""
+    if "_ARGCOMPLETE" not in os.environ:
+        return
+    import importlib
+
+    try:
+        argcomplete = importlib.import_module("argcomplete")
+    except ImportError:
+        return
+    argcomplete.autocomplete(parser)

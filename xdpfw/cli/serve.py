@@ -1,0 +1,106 @@
+"""`xdpfw serve` (start the service) and `xdpfw detach` (work on the pins directly).
+
+The one module of the CLI that may import `api`, and only inside cmd_serve, so that client
+commands never load the service (fastapi, bcc, pyroute2); tests/test_layers.py checks it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["DETACH_EPILOG", "SERVE_EPILOG", "cmd_detach", "cmd_serve"]
+
+SERVE_EPILOG = """examples:
+  xdpfw serve --iface eth1                      # filter eth1, API on 127.0.0.1:8000
+  xdpfw serve --iface eth1 --iface eth2 --xdp-mode generic
+  xdpfw serve                                   # no interface: a demo namespace lab
+  XDPFW_TOKEN=... xdpfw serve --iface eth1 --listen 0.0.0.0:8000
+
+Every flag also has an XDPFW_* environment variable (XDPFW_IFACE=eth1,eth2, XDPFW_LISTEN,
+XDPFW_STATE_DIR, XDPFW_BPFFS_DIR, XDPFW_XDP_MODE, XDPFW_TOKEN, XDPFW_MAX_RULES, ...).
+"""
+
+
+DETACH_EPILOG = """examples:
+  xdpfw detach eth1                    # stop filtering eth1, keep the pins
+  xdpfw detach --cleanup               # detach everywhere, remove /sys/fs/bpf/xdpfw
+  xdpfw detach --cleanup --bpffs-dir /sys/fs/bpf/xdpfw-demo
+"""
+
+
+def cmd_detach(args: argparse.Namespace) -> int:
+    from xdpfw.datapath import PROG_PIN, Datapath, DatapathConfig
+    from xdpfw.errors import XdpfwError
+
+    pin_dir = args.bpffs_dir or Path(os.environ.get("XDPFW_BPFFS_DIR", "/sys/fs/bpf/xdpfw"))
+    if not (pin_dir / PROG_PIN).exists():
+        print(f"xdpfw detach: nothing pinned under {pin_dir}", file=sys.stderr)
+        return 1
+    try:
+        dp = Datapath.open(DatapathConfig(bpffs_dir=pin_dir, upgrade=False))
+    except XdpfwError as exc:
+        print(f"xdpfw detach: {exc}", file=sys.stderr)
+        return 1
+    try:
+        if args.cleanup:
+            names = [a.ifname for a in dp.attachments()]
+            dp.close(cleanup=True)
+            print(f"detached from {', '.join(names) or 'no interface'}; removed {pin_dir}")
+            return 0
+        targets = args.iface or [a.ifname for a in dp.attachments()]
+        for name in targets:
+            dp.detach(name)
+            print(f"detached from {name}")
+        return 0
+    except XdpfwError as exc:
+        print(f"xdpfw detach: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        dp.close()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from api.server import serve
+    from api.settings import get_settings
+
+    demo = False
+    try:
+        settings = get_settings(
+            iface=args.iface or None,
+            xdp_mode=args.xdp_mode,
+            listen=args.listen,
+            state_dir=args.state_dir,
+            bpffs_dir=args.bpffs_dir,
+            max_rules=args.max_rules,
+            max_prefixes=args.max_prefixes,
+            max_sets=args.max_sets,
+            protect=args.protect or None,
+        )
+        if not settings.iface and not args.no_demo:
+            from api.store import Store
+
+            db = settings.db_file
+            known = Store(db).interfaces() if db.exists() else {}
+            if not known:
+                demo = True
+                settings = get_settings(
+                    iface=[],
+                    xdp_mode=args.xdp_mode,
+                    listen=args.listen,
+                    state_dir=args.state_dir or Path("/run/xdpfw-demo"),
+                    bpffs_dir=args.bpffs_dir or Path("/sys/fs/bpf/xdpfw-demo"),
+                    max_rules=args.max_rules or 65536,
+                    max_prefixes=args.max_prefixes or 16384,
+                    max_sets=args.max_sets or 1024,
+                    protect=args.protect or None,
+                )
+    except ValidationError as exc:
+        for err in exc.errors():
+            print(f"xdpfw serve: {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
+        return 2
+    return serve(settings, demo=demo, cleanup=args.cleanup)
