@@ -447,3 +447,65 @@ def test_shell_completion_through_argcomplete(tmp_path: Path) -> None:
         capture_output=True, timeout=60, cwd=Path(__file__).resolve().parent.parent,
     )
     assert out.read_text().split("\n") == ["tcp", "udp", "icmp", "icmpv6"]
+
+
+# --- --version and status -------------------------------------------------------------------
+
+
+def test_version(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from importlib import metadata
+
+    from xdpfw.cli import parser
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out == f"xdpfw {metadata.version('xdpfw')}\n"
+
+    def missing(name: str) -> str:
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(parser.metadata, "version", missing)
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out == "xdpfw unknown\n"
+
+
+HEALTH = {
+    "status": "ok", "prog_id": 7, "adopted": True, "rules": 3, "protected": ["10.0.0.0/8"],
+    "interfaces": [
+        {"name": "eth1", "attached": True, "mode": "native", "prog_id": 7, "ifindex": 4}
+    ],
+    "capacity": {
+        "rules": {"entries": 3, "capacity": 8192},
+        "xdpfw_src4": {"entries": 2, "capacity": 1048576},
+    },
+}
+
+
+def test_status_reads_only_healthz(capsys: pytest.CaptureFixture[str]) -> None:
+    from xdpfw.cli.status import cmd_status
+
+    seen: list[str] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        if request.url.path != "/healthz":
+            return httpx.Response(500, json={"detail": "status must read only /healthz"})
+        return httpx.Response(200, json=HEALTH)
+
+    args = build_parser().parse_args(["status"])
+    assert cmd_status(args, mock(server)) == 0
+    out = capsys.readouterr().out
+    assert "program     id 7  (adopted from a previous run)" in out
+    assert "rules       3" in out and "native" in out
+    lines = out.splitlines()
+    rules = next(i for i, line in enumerate(lines) if line.startswith("rules "))
+    table = lines.index(next(line for line in lines if line.startswith("TABLE")))
+    assert table > rules and lines[table + 1].split() == ["rules", "3", "8.2k", "0.0%"]
+    assert lines[table + 2].split() == ["src4", "2", "1.0M", "0.0%"]
+    args = build_parser().parse_args(["status", "--json"])
+    assert cmd_status(args, mock(server)) == 0
+    body = json.loads(capsys.readouterr().out)
+    assert body == {"api": "http://xdpfw.test", "health": HEALTH, "capacity": HEALTH["capacity"]}
+    assert seen == ["/healthz", "/healthz"]
