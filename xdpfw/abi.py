@@ -14,6 +14,8 @@ __all__ = [
     "ABI_VERSION",
     "BPF_DIR",
     "HEADER",
+    "HINT_DST",
+    "HINT_SRC",
     "HINT_WORDS",
     "MAX_IPV6_EXT",
     "MAX_VLAN",
@@ -48,6 +50,8 @@ MAX_VLAN = 2
 MAX_IPV6_EXT = 8
 SET_SLOTS = 31
 HINT_WORDS = 262144
+HINT_SRC = 0  # which half of xdpfw_lpm4_hint: the source trie's
+HINT_DST = 1  # the destination trie's
 RANK_ID_MASK = 0x1FFFFFFF
 
 VERDICT_NONE = 0
