@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 from enum import IntEnum
+from importlib import resources
 from pathlib import Path
 
 __all__ = [
@@ -40,7 +41,21 @@ __all__ = [
     "Table",
 ]
 
-BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+
+def _find_bpf_dir() -> Path:
+    """Where bpf/xdp_filter.c and bpf/xdpfw_abi.h are.
+
+    An installed wheel ships them as the package data xdpfw/_bpf (setup.py maps it onto the
+    repository's bpf/); a checkout, also one installed in editable mode, has bpf/ next to
+    the package. A zipped install has no real file for bcc to compile, so it is not looked in.
+    """
+    shipped = resources.files("xdpfw").joinpath("_bpf")
+    if isinstance(shipped, Path) and shipped.joinpath("xdp_filter.c").is_file():
+        return shipped
+    return Path(__file__).resolve().parent.parent / "bpf"
+
+
+BPF_DIR = _find_bpf_dir()
 HEADER = BPF_DIR / "xdpfw_abi.h"
 PROGRAM = BPF_DIR / "xdp_filter.c"
 PROG_NAME = "xdpfw_prog"
