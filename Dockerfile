@@ -17,9 +17,10 @@ RUN apt-get update \
         python3 python3-venv python3-bpfcc "linux-headers-$(dpkg --print-architecture)" \
     && rm -rf /var/lib/apt/lists/*
 
-# The source keeps bpf/ next to xdpfw/ (xdpfw.abi finds the C program at <package>/../bpf), so
-# the package is installed from this tree in editable mode, as `make setup` does.
-COPY pyproject.toml /opt/xdpfw/src/
+# A regular (not editable) install: the package carries the C program as package data
+# (setup.py maps bpf/ to xdpfw/_bpf, where xdpfw.abi finds it), so the sources are removed
+# once it is installed.
+COPY pyproject.toml setup.py /opt/xdpfw/src/
 COPY bpf/ /opt/xdpfw/src/bpf/
 COPY xdpfw/ /opt/xdpfw/src/xdpfw/
 COPY api/ /opt/xdpfw/src/api/
@@ -27,9 +28,10 @@ COPY deploy/docker/healthcheck.py /opt/xdpfw/healthcheck.py
 
 RUN /usr/bin/python3 -m venv --system-site-packages /opt/xdpfw/venv \
     && /opt/xdpfw/venv/bin/python -m pip install --no-cache-dir --disable-pip-version-check \
-        -e /opt/xdpfw/src \
-    && /opt/xdpfw/venv/bin/python -c 'import bcc' \
-    && /opt/xdpfw/venv/bin/python -m compileall -q /opt/xdpfw/src /opt/xdpfw/healthcheck.py
+        /opt/xdpfw/src \
+    && rm -rf /opt/xdpfw/src \
+    && /opt/xdpfw/venv/bin/python -c 'import bcc; from xdpfw import abi; assert abi.PROGRAM.is_file()' \
+    && /opt/xdpfw/venv/bin/python -m compileall -q /opt/xdpfw/healthcheck.py
 
 # Kernel headers: the host's kernel has none in the image, so xdpfw.kernel.kheaders merges Debian's
 # -common and arch directories into one tree under /var/cache/xdpfw, now, at build time. The

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from api.settings import Settings
 from xdpfw.compiler import Capacities
 from xdpfw.errors import InterfaceNotFound, XdpfwError
-from xdpfw.kernel.netlink import VethLab
+from xdpfw.lab import VethLab
 
 if TYPE_CHECKING:
     from api.store import Store
@@ -182,12 +182,12 @@ def _raise_stop(signum: int, frame: object) -> None:
 @contextmanager
 def _demo_lab(settings: Settings) -> Iterator[str]:
     """A namespace with a veth pair to filter, so a first run touches no real NIC."""
-    from xdpfw.kernel import netlink
+    from xdpfw import lab
 
-    stale = netlink.cleanup_stale("xfw-demo")
+    stale = lab.cleanup_stale("xfw-demo")
     if stale:
         log.info("removed a stale demo lab: %s", ", ".join(stale))
-    with netlink.veth_lab(prefix="xfw-demo") as vl:
+    with lab.veth_lab(prefix="xfw-demo") as vl:
         settings.iface[:] = [vl.host_if]
         yield _demo_text(settings, vl)
 

@@ -1,6 +1,6 @@
 """Item 4: the control plane, through the real service, against `ipset restore` and `nft -f`.
 
-A real `xdpfw serve` (default capacities) runs on a netlink.veth_lab of its own (the way the
+A real `xdpfw serve` (default capacities) runs on an xdpfw.lab.veth_lab of its own (the way the
 end-to-end tests run it), with its own state directory and pin directory, both removed at
 the end. The list is the master list (exact hosts and prefixes); it is loaded with the real
 CLI, `xdpfw import FILE` (chunks of 50,000 per POST /v1/rules/bulk, the CLI's default), first
@@ -33,7 +33,7 @@ from bench.profiles import Profile
 from bench.rivals import IptablesIpset, NftSet
 from bench.sysutil import log, proc_status_kib, run, stats
 from xdpfw.compiler import Capacities
-from xdpfw.kernel import netlink
+from xdpfw.lab import veth_lab
 
 __all__ = ["run_control"]
 
@@ -180,7 +180,7 @@ def run_control(p: Profile, lab: TrafficLab, master: MasterList, res: dict[str, 
         if total > stage:
             (tmp / "stage2.txt").write_text("\n".join(master.lines(total, stage)) + "\n")
         _rivals_bulk(p, lab, master, res4)
-        with netlink.veth_lab(prefix=SERVER_LAB_PREFIX) as vlab:
+        with veth_lab(prefix=SERVER_LAB_PREFIX) as vlab:
             srv = Server(vlab.host_if, tmp / "state", pins, p.server_caps)
             try:
                 _with_server(p, srv, tmp, stage, total, res4)

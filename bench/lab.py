@@ -32,6 +32,7 @@ from pathlib import Path
 from types import TracebackType
 
 from bench.sysutil import CommandError, log, run
+from xdpfw import lab as veth_labs
 from xdpfw.kernel import netlink
 
 __all__ = [
@@ -43,7 +44,7 @@ __all__ = [
     "detach_any",
 ]
 
-SERVER_LAB_PREFIX = "xbs"  # netlink.veth_lab prefix of item 4 (distinct from "xbn": see below)
+SERVER_LAB_PREFIX = "xbs"  # xdpfw.lab.veth_lab prefix of item 4 (distinct from "xbn": see below)
 HOLDER_LIFETIME_S = 3600  # the holder exits on its own after this, whatever happens to us
 _NS_RE = re.compile(r"^xbn-(\d+)-(rx|tx)$")
 _PIN_RE = re.compile(r"^xdpfw-bench-(?:[a-z]+-)?(\d+)-[0-9a-f]+$")
@@ -252,8 +253,8 @@ def cleanup_stale() -> list[str]:
                 child.unlink()
             d.rmdir()
             removed.append(f"pins {d}")
-    # The control-plane item runs its server on a netlink.veth_lab named with this prefix.
-    removed += [f"lab {x}" for x in netlink.cleanup_stale(SERVER_LAB_PREFIX)]
+    # The control-plane item runs its server on an xdpfw.lab.veth_lab named with this prefix.
+    removed += [f"lab {x}" for x in veth_labs.cleanup_stale(SERVER_LAB_PREFIX)]
     if removed:
         log(f"removed leftovers of earlier runs: {', '.join(removed)}")
     return removed

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -106,28 +105,10 @@ def prog_sizes(fd: int) -> dict[str, Any]:
 
 # --- reference programs: the harness alone, one helper call, one map lookup ---------------
 
-_SYS_BPF = {"x86_64": 321, "aarch64": 280}
-_BPF_PROG_LOAD = 5
-_BPF_PROG_TYPE_XDP = 6
 _BPF_FUNC_MAP_LOOKUP_ELEM = 1
 _BPF_FUNC_KTIME_GET_BOOT_NS = 125
 _BPF_FUNC_KTIME_GET_COARSE_NS = 160
 _BPF_PSEUDO_MAP_FD = 1
-
-
-class _ProgLoadAttr(ctypes.Structure):
-    _fields_ = (
-        ("prog_type", ctypes.c_uint32),
-        ("insn_cnt", ctypes.c_uint32),
-        ("insns", ctypes.c_uint64),
-        ("license", ctypes.c_uint64),
-        ("log_level", ctypes.c_uint32),
-        ("log_size", ctypes.c_uint32),
-        ("log_buf", ctypes.c_uint64),
-        ("kern_version", ctypes.c_uint32),
-        ("prog_flags", ctypes.c_uint32),
-        ("prog_name", ctypes.c_char * 16),
-    )
 
 
 def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
@@ -138,24 +119,7 @@ _RET_PASS = _insn(0xB7, 0, imm=XDP_PASS) + _insn(0x95)  # r0 = XDP_PASS; exit
 
 
 def _load_xdp(insns: bytes, name: str) -> int:
-    nr = _SYS_BPF.get(platform.machine())
-    if nr is None:
-        raise OSError(f"no bpf syscall number for {platform.machine()}")
-    ibuf = ctypes.create_string_buffer(insns, len(insns))
-    lic = ctypes.create_string_buffer(b"GPL")
-    attr = _ProgLoadAttr(
-        prog_type=_BPF_PROG_TYPE_XDP,
-        insn_cnt=len(insns) // 8,
-        insns=ctypes.addressof(ibuf),
-        license=ctypes.addressof(lic),
-        prog_name=name.encode(),
-    )
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = int(libc.syscall(nr, _BPF_PROG_LOAD, ctypes.byref(attr), ctypes.sizeof(attr)))
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"BPF_PROG_LOAD of {name}: {os.strerror(err)}")
-    return fd
+    return bpfsys.prog_load(bpfsys.BPF_PROG_TYPE_XDP, insns, name)
 
 
 def empty_xdp_prog() -> int:

@@ -35,6 +35,14 @@
 #define XDPFW_IP_MF 0x2000
 #define XDPFW_IP_OFFSET 0x1fff
 
+/*
+ * Fragment offset of an IPv6 fragment header's frag_off (host order): the top 13 bits,
+ * in units of 8 bytes, above 2 reserved bits and the M flag (RFC 8200 4.5; IP6_OFFSET in
+ * include/net/ipv6.h). Non-zero means a non-first fragment, whose bytes are payload: the
+ * M flag alone (a first fragment) still carries the upper-layer header.
+ */
+#define XDPFW_IP6_OFFSET 0xfff8
+
 #ifndef ETH_P_8021AD
 #define ETH_P_8021AD 0x88A8
 #endif
@@ -198,6 +206,17 @@ struct ipv6_opt_hdr_min {
 	__be16 frag_off; /* only meaningful in a fragment header */
 };
 
+/*
+ * The extension headers the parser walks (hop-by-hop, routing, destination options,
+ * AH, fragment); any other next header is the upper layer (TCP, UDP, ICMPv6, ESP,
+ * no next header...), whose rules apply from here.
+ */
+static __always_inline int ipv6_is_ext(__u8 nexthdr)
+{
+	return nexthdr == IPPROTO_HOPOPTS || nexthdr == IPPROTO_ROUTING ||
+	       nexthdr == IPPROTO_DSTOPTS || nexthdr == IPPROTO_AH || nexthdr == IPPROTO_FRAGMENT;
+}
+
 static __always_inline int parse_ipv6(struct cursor *c, struct pkt *p)
 {
 	struct ipv6hdr *ip6 = c->pos;
@@ -222,9 +241,7 @@ static __always_inline int parse_ipv6(struct cursor *c, struct pkt *p)
 	for (int i = 0; i < XDPFW_MAX_IPV6_EXT; i++) {
 		__u32 len;
 
-		if (nexthdr != IPPROTO_HOPOPTS && nexthdr != IPPROTO_ROUTING &&
-		    nexthdr != IPPROTO_DSTOPTS && nexthdr != IPPROTO_AH &&
-		    nexthdr != IPPROTO_FRAGMENT)
+		if (!ipv6_is_ext(nexthdr))
 			goto upper;
 		eh = c->pos;
 		if ((void *)(eh + 1) > c->end)
@@ -233,7 +250,7 @@ static __always_inline int parse_ipv6(struct cursor *c, struct pkt *p)
 			len = 8;
 			p->fragment = 1;
 			/* Non-first fragment: what follows is payload, not a header. */
-			if (bpf_ntohs(eh->frag_off) & 0xfff8) {
+			if (bpf_ntohs(eh->frag_off) & XDPFW_IP6_OFFSET) {
 				if (c->pos + len > c->end)
 					return PARSE_MALFORMED;
 				p->proto = eh->nexthdr;
@@ -249,9 +266,8 @@ static __always_inline int parse_ipv6(struct cursor *c, struct pkt *p)
 		nexthdr = eh->nexthdr;
 		c->pos += len;
 	}
-	if (nexthdr == IPPROTO_HOPOPTS || nexthdr == IPPROTO_ROUTING ||
-	    nexthdr == IPPROTO_DSTOPTS || nexthdr == IPPROTO_AH || nexthdr == IPPROTO_FRAGMENT)
-		return PARSE_MALFORMED;
+	if (ipv6_is_ext(nexthdr))
+		return PARSE_MALFORMED; /* still a header after the bound: cannot be judged */
 upper:
 	p->proto = nexthdr;
 	parse_l4(c, p);
@@ -312,7 +328,7 @@ static __always_inline void eval_entry(const struct xdpfw_entry *e, const struct
 	}
 }
 
-/* May a prefix in the trie (0: source, 1: destination) hold this address (be)? */
+/* May a prefix in the trie (XDPFW_HINT_SRC or XDPFW_HINT_DST) hold this address (be)? */
 static __always_inline int lpm4_hint(__u32 trie, __u32 addr_be)
 {
 	__u32 a = bpf_ntohl(addr_be);
@@ -332,7 +348,7 @@ static __always_inline void lookup_v4(const struct xdpfw_config *cfg, const stru
 		addr = p->saddr4;
 		eval_entry(xdpfw_src4.lookup(&addr), p, b);
 	}
-	if (cfg->n_entries[XDPFW_TBL_SRC4_LPM] && lpm4_hint(0, p->saddr4)) {
+	if (cfg->n_entries[XDPFW_TBL_SRC4_LPM] && lpm4_hint(XDPFW_HINT_SRC, p->saddr4)) {
 		__builtin_memcpy(k.addr, &p->saddr4, 4);
 		eval_entry(xdpfw_src4_lpm.lookup(&k), p, b);
 	}
@@ -340,7 +356,7 @@ static __always_inline void lookup_v4(const struct xdpfw_config *cfg, const stru
 		addr = p->daddr4;
 		eval_entry(xdpfw_dst4.lookup(&addr), p, b);
 	}
-	if (cfg->n_entries[XDPFW_TBL_DST4_LPM] && lpm4_hint(1, p->daddr4)) {
+	if (cfg->n_entries[XDPFW_TBL_DST4_LPM] && lpm4_hint(XDPFW_HINT_DST, p->daddr4)) {
 		__builtin_memcpy(k.addr, &p->daddr4, 4);
 		eval_entry(xdpfw_dst4_lpm.lookup(&k), p, b);
 	}

@@ -145,10 +145,13 @@ struct xdpfw_rule_stats {
  * prefix in that trie covers or lies inside the /24. A frame whose address falls in a /24
  * with no bit set skips the trie walk (most of any blocklist's misses and host hits). Element
  * trie * XDPFW_HINT_WORDS + (addr >> 14) of xdpfw_lpm4_hint holds the bit of /24 number
- * (addr >> 8) at position (addr >> 8) % 64; trie 0 is the source trie, 1 the destination
- * trie. The map is memory-mapped (BPF_F_MMAPABLE): the control plane writes words in place.
+ * (addr >> 8) at position (addr >> 8) % 64; trie is XDPFW_HINT_SRC for the source trie,
+ * XDPFW_HINT_DST for the destination trie. The map is memory-mapped (BPF_F_MMAPABLE): the
+ * control plane writes words in place.
  */
 #define XDPFW_HINT_WORDS 262144 /* 2^24 /24s / 64 bits */
+#define XDPFW_HINT_SRC 0        /* words 0 .. XDPFW_HINT_WORDS-1: xdpfw_src4_lpm */
+#define XDPFW_HINT_DST 1        /* the next XDPFW_HINT_WORDS: xdpfw_dst4_lpm */
 
 /* Single element of xdpfw_stats (per CPU); the reader sums the CPUs. */
 struct xdpfw_global_stats {

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import httpx
 
-from xdpfw.kernel import netlink
-from xdpfw.kernel.netlink import VethLab
+from xdpfw.lab import VethLab, veth_lab
 
 __all__ = ["Server", "free_port", "running_server"]
 
@@ -130,7 +129,7 @@ def _remove_pins(bpffs_dir: Path) -> None:
 
 @contextmanager
 def running_server(tmp: Path, bpffs_dir: Path, start: bool = True) -> Iterator[Server]:
-    with netlink.veth_lab(prefix="xfw") as lab:
+    with veth_lab(prefix="xfw") as lab:
         srv = Server(lab=lab, state_dir=tmp / "state", bpffs_dir=bpffs_dir)
         try:
             if start:

@@ -55,6 +55,8 @@ def _mirror(name: str) -> int | None:
         "MAX_IPV6_EXT": abi.MAX_IPV6_EXT,
         "SET_SLOTS": abi.SET_SLOTS,
         "HINT_WORDS": abi.HINT_WORDS,
+        "HINT_SRC": abi.HINT_SRC,
+        "HINT_DST": abi.HINT_DST,
         "RANK_ID_MASK": abi.RANK_ID_MASK,
         # Default capacities: the loader overrides them with -D, from Capacities.
         "MAX_RULES": caps.max_rules,

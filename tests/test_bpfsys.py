@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import struct
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from xdpfw.kernel.bpfsys import (
     BpfError,
     Map,
 )
+from xdpfw.kernel.kheaders import ensure_kernel_headers
 
 pytestmark = [
     pytest.mark.bpf,
@@ -101,8 +103,7 @@ def bpffs() -> str:
 
 @pytest.fixture(scope="module")
 def xdp_drop_fd() -> Iterator[int]:
-    if not os.path.exists(f"/lib/modules/{os.uname().release}/build"):
-        os.environ.setdefault("BCC_KERNEL_SOURCE", "/tmp/kh/merged")
+    ensure_kernel_headers()  # as xdpfw.kernel.loader does before bcc compiles anything
     bcc = pytest.importorskip("bcc")
     b = bcc.BPF(text=b"int f(struct xdp_md *c) { return XDP_DROP; }")
     try:
@@ -447,6 +448,33 @@ def test_prog_info_and_stats(xdp_drop_fd: int) -> None:
         os.close(stats_fd)
     assert after.run_cnt >= info.run_cnt + 100
     assert after.run_time_ns >= info.run_time_ns
+
+
+def _insn(code: int, imm: int = 0) -> bytes:
+    return struct.pack("<BBhi", code, 0, 0, imm)  # dst = src = r0, no offset
+
+
+def test_prog_load_raw_instructions() -> None:
+    insns = _insn(0xB7, imm=2) + _insn(0x95)  # r0 = XDP_PASS; exit
+    fd = bpfsys.prog_load(bpfsys.BPF_PROG_TYPE_XDP, insns, "t_pass")
+    try:
+        info = bpfsys.prog_info(fd)
+        assert (info.type, info.name) == (bpfsys.BPF_PROG_TYPE_XDP, "t_pass")
+        assert info.gpl_compatible
+        assert bpfsys.prog_test_run(fd, bytes(64)).retval == 2
+    finally:
+        os.close(fd)
+
+
+def test_prog_load_refusals() -> None:
+    with pytest.raises(BpfError) as ei:  # exit without setting r0: the verifier says no
+        bpfsys.prog_load(bpfsys.BPF_PROG_TYPE_XDP, _insn(0x95), "t_bad")
+    assert ei.value.errno == errno.EACCES
+    assert ei.value.op == "BPF_PROG_LOAD" and "t_bad" in str(ei.value)
+    with pytest.raises(ValueError):
+        bpfsys.prog_load(bpfsys.BPF_PROG_TYPE_XDP, _insn(0x95)[:5])
+    with pytest.raises(ValueError):
+        bpfsys.prog_load(bpfsys.BPF_PROG_TYPE_XDP, _insn(0x95), "x" * 16)
 
 
 def test_nothing_left_pinned(bpffs: str) -> None:

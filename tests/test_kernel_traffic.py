@@ -23,7 +23,7 @@ import pytest
 from tests.traffic import send_raw, udp_roundtrip
 from xdpfw.datapath import Datapath, GlobalCounters
 from xdpfw.kernel import netlink
-from xdpfw.kernel.netlink import VethLab
+from xdpfw.lab import VethLab, veth_lab
 from xdpfw.rules import RuleSpec
 from xdpfw.verify import frames
 
@@ -46,7 +46,7 @@ Attached = tuple[Datapath, VethLab]
 
 @pytest.fixture
 def lab() -> Iterator[VethLab]:
-    with netlink.veth_lab(prefix="xfw") as lab:
+    with veth_lab(prefix="xfw") as lab:
         yield lab
 
 
@@ -411,7 +411,7 @@ def test_arp_from_blocked_source_passes(attached: Attached) -> None:
 
 def test_one_program_on_two_interfaces(dp: Datapath) -> None:
     """Several interfaces at once: one program, one rule set, counters summed over both."""
-    with netlink.veth_lab(prefix="xfw") as a, netlink.veth_lab(prefix="xfw") as b:
+    with veth_lab(prefix="xfw") as a, veth_lab(prefix="xfw") as b:
         att_a = dp.attach(a.host_if, "native")
         att_b = dp.attach(b.host_if, "generic")
         try:

@@ -261,13 +261,14 @@ def test_detach_and_cleanup_remove_only_our_objects(server: Server) -> None:
     from tests.server import XDPFW
     from xdpfw.datapath import Datapath, DatapathConfig
     from xdpfw.kernel import netlink
+    from xdpfw.lab import veth_lab
 
     lab = server.lab
     with server.client() as c:
         c.post("/v1/rules", json={"src": lab.peer_ip4})
     server.stop()
     other_dir = unique_pin_dir("other")
-    with netlink.veth_lab(prefix="xfw") as other_lab, Datapath.open(
+    with veth_lab(prefix="xfw") as other_lab, Datapath.open(
         DatapathConfig(bpffs_dir=other_dir, caps=TEST_CAPS)
     ) as other:
         other.attach(other_lab.host_if)

@@ -7,13 +7,14 @@ bound in the root namespace; a dropped one does not.
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 
 from xdpfw.kernel import netlink
-from xdpfw.kernel.netlink import VethLab
+from xdpfw.lab import VethLab
 
-__all__ = ["send_raw", "udp_roundtrip"]
+__all__ = ["send_raw", "udp_arrives", "udp_roundtrip"]
 
 
 def udp_roundtrip(
@@ -60,3 +61,29 @@ def send_raw(lab: VethLab, frames: list[bytes]) -> None:
             s.send(f)
     finally:
         s.close()
+
+
+def udp_arrives(lab: VethLab, family: int = socket.AF_INET, timeout: float = 2.0) -> bool:
+    """Send one datagram from the lab namespace to the root namespace; True if it arrived.
+
+    Asserts that what arrived is what was sent, from the peer's address.
+    """
+    host_ip, peer_ip = (
+        (lab.host_ip4, lab.peer_ip4) if family == socket.AF_INET else (lab.host_ip6, lab.peer_ip6)
+    )
+    with (
+        socket.socket(family, socket.SOCK_DGRAM) as rx,
+        netlink.socket_in_netns(lab.netns, family, socket.SOCK_DGRAM) as tx,
+    ):
+        rx.bind((host_ip, 0))
+        rx.settimeout(timeout)
+        tx.bind((peer_ip, 0))
+        payload = os.urandom(16)
+        tx.sendto(payload, (host_ip, rx.getsockname()[1]))
+        try:
+            data, src = rx.recvfrom(2048)
+        except TimeoutError:
+            return False
+        assert data == payload
+        assert src[0] == peer_ip
+        return True

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import ctypes
 from enum import IntEnum
+from importlib import resources
 from pathlib import Path
 
 __all__ = [
     "ABI_VERSION",
     "BPF_DIR",
     "HEADER",
+    "HINT_DST",
+    "HINT_SRC",
     "HINT_WORDS",
     "MAX_IPV6_EXT",
     "MAX_VLAN",
@@ -38,7 +41,21 @@ __all__ = [
     "Table",
 ]
 
-BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+
+def _find_bpf_dir() -> Path:
+    """Where bpf/xdp_filter.c and bpf/xdpfw_abi.h are.
+
+    An installed wheel ships them as the package data xdpfw/_bpf (setup.py maps it onto the
+    repository's bpf/); a checkout, also one installed in editable mode, has bpf/ next to
+    the package. A zipped install has no real file for bcc to compile, so it is not looked in.
+    """
+    shipped = resources.files("xdpfw").joinpath("_bpf")
+    if isinstance(shipped, Path) and shipped.joinpath("xdp_filter.c").is_file():
+        return shipped
+    return Path(__file__).resolve().parent.parent / "bpf"
+
+
+BPF_DIR = _find_bpf_dir()
 HEADER = BPF_DIR / "xdpfw_abi.h"
 PROGRAM = BPF_DIR / "xdp_filter.c"
 PROG_NAME = "xdpfw_prog"
@@ -48,6 +65,8 @@ MAX_VLAN = 2
 MAX_IPV6_EXT = 8
 SET_SLOTS = 31
 HINT_WORDS = 262144
+HINT_SRC = 0  # which half of xdpfw_lpm4_hint: the source trie's
+HINT_DST = 1  # the destination trie's
 RANK_ID_MASK = 0x1FFFFFFF
 
 VERDICT_NONE = 0

@@ -632,7 +632,7 @@ class Datapath:
                     return
                 if state.prog_id != self.prog_id:
                     raise ForeignProgram(ifname, state.prog_id, _prog_name(state.prog_id))
-                netlink.xdp_detach(ifname, state.mode, expected_prog_id=self.prog_id)
+                netlink.xdp_detach(ifname, state.mode, expected_prog_fd=self._prog_fd)
             except netlink.NetlinkOpError as exc:
                 if exc.errno == errno.ENODEV:
                     raise InterfaceNotFound(ifname) from exc

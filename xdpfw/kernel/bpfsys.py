@@ -38,6 +38,7 @@ __all__ = [
     "BPF_MAP_TYPE_PERCPU_HASH",
     "BPF_NOEXIST",
     "BPF_OBJ_NAME_LEN",
+    "BPF_PROG_TYPE_XDP",
     "BPF_STATS_RUN_TIME",
     "ENOTSUPP",
     "BpfError",
@@ -58,6 +59,7 @@ __all__ = [
     "prog_get_fd_by_id",
     "prog_ids",
     "prog_info",
+    "prog_load",
     "prog_test_run",
 ]
 
@@ -157,6 +159,9 @@ _PERCPU_TYPES = frozenset(
     }
 )
 
+# enum bpf_prog_type (the one xdpfw loads itself; bcc loads the real program).
+BPF_PROG_TYPE_XDP = 6
+
 # Update flags (BPF_MAP_UPDATE_ELEM / elem_flags).
 BPF_ANY = 0
 BPF_NOEXIST = 1
@@ -180,15 +185,19 @@ ENOTSUPP = 524
 
 _BATCH_UNSUPPORTED = frozenset({_errno.EINVAL, ENOTSUPP, _errno.EOPNOTSUPP})
 
+# __NR_bpf by `platform.machine()` (lower-cased): the one table of xdpfw.
 _SYS_BPF_BY_MACHINE = {
     "x86_64": 321,
     "amd64": 321,
     "aarch64": 280,
     "arm64": 280,
     "riscv64": 280,
+    "loongarch64": 280,
     "i386": 357,
     "i686": 357,
+    "armv7l": 386,
     "ppc64le": 361,
+    "ppc64": 361,
     "s390x": 351,
 }
 
@@ -321,6 +330,21 @@ class _ObjAttr(ctypes.Structure):
         ("pathname", _u64),
         ("bpf_fd", _u32),
         ("file_flags", _u32),
+    )
+
+
+class _ProgLoadAttr(ctypes.Structure):
+    _fields_ = (
+        ("prog_type", _u32),
+        ("insn_cnt", _u32),
+        ("insns", _u64),
+        ("license", _u64),
+        ("log_level", _u32),
+        ("log_size", _u32),
+        ("log_buf", _u64),
+        ("kern_version", _u32),
+        ("prog_flags", _u32),
+        ("prog_name", ctypes.c_char * BPF_OBJ_NAME_LEN),
     )
 
 
@@ -508,8 +532,32 @@ def obj_get(path: str) -> int:
     return _bpf(Cmd.OBJ_GET, attr, path)
 
 
+def prog_load(prog_type: int, insns: bytes, name: str = "", license: str = "GPL") -> int:
+    """BPF_PROG_LOAD of raw instructions (8 bytes each, ``struct bpf_insn``); returns the fd.
+
+    For small hand-assembled programs (the benchmarks' reference programs); the
+    firewall itself is compiled and loaded by bcc (xdpfw.kernel.loader).  No
+    verifier log is requested: a refusal surfaces as BpfError with the errno.
+    """
+    if not insns or len(insns) % 8:
+        raise ValueError(f"{len(insns)} bytes of instructions: not a whole number of bpf_insn")
+    raw_name = name.encode("ascii")
+    if len(raw_name) >= BPF_OBJ_NAME_LEN:
+        raise ValueError(f"program name {name!r} longer than {BPF_OBJ_NAME_LEN - 1} characters")
+    ibuf = _cbuf(insns)
+    lic = ctypes.create_string_buffer(license.encode("ascii"))
+    attr = _ProgLoadAttr(
+        prog_type=prog_type,
+        insn_cnt=len(insns) // 8,
+        insns=ctypes.addressof(ibuf),
+        license=ctypes.addressof(lic),
+    )
+    attr.prog_name = raw_name
+    return _bpf(Cmd.PROG_LOAD, attr, name or f"prog type {prog_type}")
+
+
 def prog_get_fd_by_id(prog_id: int) -> int:
-    """BPF_PROG_GET_FD_BY_ID; returns a new fd."""
+    """BPF_PROG_GET_FD_BY_ID; returns a new fd (the kernel wants CAP_SYS_ADMIN for it)."""
     return _bpf(Cmd.PROG_GET_FD_BY_ID, _IdAttr(start_id=prog_id), f"prog id {prog_id}")
 
 

@@ -1,8 +1,11 @@
-"""Netlink plumbing: XDP attach/detach, network namespaces, veth labs.
+"""Netlink plumbing: XDP attach/detach, interfaces, addresses, network namespaces.
 
 This is the only module of xdpfw that imports pyroute2 (which ships no type
 stubs, so everything coming from it is treated as ``Any``).  It never imports
-bcc: programs are handed in as already loaded file descriptors.
+bcc: programs are handed in as already loaded file descriptors.  The one bpf(2)
+call it needs (an fd for the program an atomic detach expects) goes through
+xdpfw.kernel.bpfsys.  The namespace/veth test lab built on these functions is
+xdpfw.lab, not part of this module.
 
 Every failure is raised as :class:`NetlinkOpError` carrying ``.errno`` (the
 kernel's errno, e.g. ``errno.EBUSY``) and ``.op`` (which operation failed), so
@@ -21,9 +24,7 @@ import contextlib
 import ctypes
 import errno
 import ipaddress
-import itertools
 import os
-import platform
 import re
 import socket
 import threading
@@ -35,18 +36,22 @@ from pyroute2 import IPRoute
 from pyroute2 import netns as _pr_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
+from xdpfw.kernel import bpfsys
+
 __all__ = [
+    "IFNAMSIZ",
     "XDP_FLAGS_DRV_MODE",
     "XDP_FLAGS_REPLACE",
     "XDP_FLAGS_SKB_MODE",
     "XDP_FLAGS_UPDATE_IF_NOEXIST",
     "NetlinkOpError",
-    "VethLab",
     "XdpState",
     "addr_add",
-    "cleanup_stale",
+    "addr_list",
     "disable_ipv6_noise",
     "ifindex",
+    "link_exists",
+    "link_list",
     "link_mac",
     "link_remove",
     "link_up",
@@ -56,7 +61,6 @@ __all__ = [
     "netns_remove",
     "socket_in_netns",
     "veth_create",
-    "veth_lab",
     "xdp_attach",
     "xdp_detach",
     "xdp_find",
@@ -94,24 +98,9 @@ _ATTACHED_NAMES: Final[dict[object, str]] = {
 _IFA_F_NODAD: Final = 0x02
 _NUD_PERMANENT: Final = 0x80
 _CLONE_NEWNET: Final = 0x40000000
-_IFNAMSIZ: Final = 16
+IFNAMSIZ: Final = 16  # interface names are at most IFNAMSIZ - 1 bytes
 _NETNS_RUN_DIR: Final = "/var/run/netns"
 _IPV6_NOISE_KNOBS: Final = ("accept_ra", "autoconf", "dad_transmits", "router_solicitations")
-
-# bpf(2) syscall numbers, used only for BPF_PROG_GET_FD_BY_ID (atomic detach).
-_NR_BPF: Final[dict[str, int]] = {
-    "x86_64": 321,
-    "aarch64": 280,
-    "riscv64": 280,
-    "loongarch64": 280,
-    "s390x": 351,
-    "ppc64le": 361,
-    "ppc64": 361,
-    "i686": 357,
-    "i386": 357,
-    "armv7l": 386,
-}
-_BPF_PROG_GET_FD_BY_ID: Final = 13
 
 
 class NetlinkOpError(Exception):
@@ -147,21 +136,6 @@ class XdpState:
     mode: str  # "none" | "native" | "generic" | "offload" | "multi"
 
 
-@dataclass(frozen=True)
-class VethLab:
-    """A veth pair: ``host_if`` in the root namespace, ``peer_if`` in ``netns``."""
-
-    netns: str
-    host_if: str
-    peer_if: str
-    host_ip4: str
-    peer_ip4: str
-    host_ip6: str
-    peer_ip6: str
-    host_mac: str
-    peer_mac: str
-
-
 # --------------------------------------------------------------------------
 # helpers: names, namespaces, pyroute2 sockets, error wrapping
 # --------------------------------------------------------------------------
@@ -174,7 +148,7 @@ def _where(netns: str | None) -> str:
 def _check_ifname(name: str, op: str) -> None:
     if (
         not name
-        or len(name.encode()) >= _IFNAMSIZ
+        or len(name.encode()) >= IFNAMSIZ
         or name in (".", "..")
         or any(c in name for c in "/:")
         or any(c.isspace() for c in name)
@@ -522,14 +496,36 @@ def _attach_replace(
         ) from exc
 
 
-def _prog_fd_by_id(prog_id: int) -> int | None:
-    """fd for a loaded BPF program id, or None where that is unavailable."""
-    nr = _NR_BPF.get(platform.machine())
-    if nr is None:
-        return None
-    attr = (ctypes.c_uint32 * 4)(prog_id, 0, 0, 0)  # prog_id, next_id, open_flags
-    fd = int(_get_libc().syscall(nr, _BPF_PROG_GET_FD_BY_ID, ctypes.byref(attr), 12))
-    return fd if fd >= 0 else None
+def _expected_fd(prog_id: int, name: str, netns: str | None, op: str) -> int:
+    """A new fd for program ``prog_id``, which an atomic detach names as the expected one.
+
+    Never None: without the fd the detach could not be atomic, and a silent plain
+    detach might remove a program swapped in meanwhile, so a failure raises.
+    """
+    try:
+        return bpfsys.prog_get_fd_by_id(prog_id)
+    except bpfsys.BpfError as exc:
+        code = exc.errno or errno.EIO
+        raise NetlinkOpError(
+            code,
+            op,
+            f"cannot open XDP program id {prog_id} (BPF_PROG_GET_FD_BY_ID: {exc.strerror}) "
+            f"to detach it atomically from {name!r} in {_where(netns)}, so nothing was "
+            "detached; "
+            + (
+                "that needs CAP_SYS_ADMIN, or pass expected_prog_fd"
+                if code == errno.EPERM
+                else "the program may have been replaced or unloaded meanwhile; re-read "
+                "xdp_state and decide"
+            ),
+        ) from exc
+    except OSError as exc:  # no bpf(2) syscall number for this machine
+        raise NetlinkOpError(
+            exc.errno or errno.ENOSYS,
+            op,
+            f"cannot open XDP program id {prog_id} for an atomic detach from {name!r} in "
+            f"{_where(netns)}: {exc}; nothing was detached",
+        ) from exc
 
 
 def xdp_detach(
@@ -537,6 +533,8 @@ def xdp_detach(
     mode: str,
     netns: str | None = None,
     expected_prog_id: int | None = None,
+    *,
+    expected_prog_fd: int | None = None,
 ) -> None:
     """Detach the XDP program attached to ``name`` in ``mode``.
 
@@ -546,10 +544,25 @@ def xdp_detach(
     different one; the detach itself is then atomic (XDP_FLAGS_REPLACE with the
     expected program), so a program swapped in concurrently is never removed.
     Also EBUSY when a program is attached only in a mode other than ``mode``.
+
+    The atomic detach needs an fd of the expected program: pass it as
+    ``expected_prog_fd`` when you hold one (its id is then the expected id, and
+    ``expected_prog_id`` may be left out); otherwise it is opened by id with
+    BPF_PROG_GET_FD_BY_ID, which the kernel allows only with CAP_SYS_ADMIN.  If
+    that fails the call raises NetlinkOpError (with the errno, naming the id) and
+    detaches nothing: it never falls back to a non-atomic detach.
     """
     op = "xdp_detach"
     if mode not in _ATTACH_MODES:
         raise ValueError(f"xdp_detach mode must be one of {_ATTACH_MODES}, not {mode!r}")
+    if expected_prog_fd is not None:
+        fd_id = bpfsys.prog_info(expected_prog_fd).id
+        if expected_prog_id is not None and expected_prog_id != fd_id:
+            raise ValueError(
+                f"expected_prog_fd {expected_prog_fd} is program id {fd_id}, "
+                f"not expected_prog_id {expected_prog_id}"
+            )
+        expected_prog_id = fd_id
     with _rtnl(netns, op) as ipr:
         idx, raw = _read_xdp(ipr, name, netns, op)
         if raw.prog_id == 0 and not raw.attached_modes():
@@ -572,8 +585,16 @@ def xdp_detach(
                 f"no {wanted} is attached in {mode} mode, so nothing was detached "
                 "(a program we did not attach is never removed)",
             )
-        for target in targets:
-            _detach_one(ipr, idx, name, netns, target, expected_prog_id, op)
+        if expected_prog_id is None or expected_prog_fd is not None:
+            for target in targets:
+                _detach_one(ipr, idx, name, netns, target, expected_prog_id, expected_prog_fd, op)
+            return
+        fd = _expected_fd(expected_prog_id, name, netns, op)
+        try:
+            for target in targets:
+                _detach_one(ipr, idx, name, netns, target, expected_prog_id, fd, op)
+        finally:
+            os.close(fd)
 
 
 def _detach_one(
@@ -583,10 +604,10 @@ def _detach_one(
     netns: str | None,
     mode: str,
     expected_prog_id: int | None,
+    expected_fd: int | None,
     op: str,
 ) -> None:
     flags = _MODE_FLAGS[mode]
-    expected_fd = None if expected_prog_id is None else _prog_fd_by_id(expected_prog_id)
     try:
         if expected_fd is None:
             _set_xdp(ipr, idx, -1, flags)
@@ -608,9 +629,6 @@ def _detach_one(
         raise _nl_error(
             exc, op, f"detaching the {mode} XDP program from {name!r} in {_where(netns)} failed"
         ) from exc
-    finally:
-        if expected_fd is not None:
-            os.close(expected_fd)
 
 
 # --------------------------------------------------------------------------
@@ -701,7 +719,8 @@ def veth_create(
                 f"cannot create veth {host_name!r} in {_where(host_netns)} with peer "
                 f"{peer_name!r} in {_where(peer_netns)}",
                 "an interface with one of these names probably exists already; "
-                "remove it (link_remove / cleanup_stale) or pick other names",
+                "remove it (link_remove; lab leftovers: xdpfw.lab.cleanup_stale) "
+                "or pick other names",
             ) from exc
     if up:
         link_up(host_name, host_netns)
@@ -744,6 +763,51 @@ def link_mac(name: str, netns: str | None = None) -> str:
             errno.EADDRNOTAVAIL, op, f"interface {name!r} in {_where(netns)} has no MAC address"
         )
     return str(mac).lower()
+
+
+def link_exists(name: str, netns: str | None = None) -> bool:
+    """Whether interface ``name`` exists in ``netns`` (other failures raise)."""
+    try:
+        ifindex(name, netns)
+    except NetlinkOpError as exc:
+        if exc.errno == errno.ENODEV:
+            return False
+        raise
+    return True
+
+
+def link_list(kind: str | None = None, netns: str | None = None) -> list[str]:
+    """Names of the interfaces in ``netns``; with ``kind`` (e.g. "veth") only those of that kind."""
+    op = "link_list"
+    with _rtnl(netns, op) as ipr:
+        try:
+            links = ipr.get_links()
+        except NetlinkError as exc:
+            raise _nl_error(exc, op, f"cannot list interfaces in {_where(netns)}") from exc
+    return [
+        str(msg.get_attr("IFLA_IFNAME"))
+        for msg in links
+        if kind is None or _link_kind(msg) == kind
+    ]
+
+
+def _link_kind(msg: Any) -> str | None:
+    info = msg.get_attr("IFLA_LINKINFO")
+    if info is None:
+        return None
+    kind = info.get_attr("IFLA_INFO_KIND")
+    return None if kind is None else str(kind)
+
+
+def addr_list(netns: str | None = None) -> list[str]:
+    """Every address configured in ``netns`` (IPv4 and IPv6, any interface), as text."""
+    op = "addr_list"
+    with _rtnl(netns, op) as ipr:
+        try:
+            msgs = ipr.get_addr()
+        except NetlinkError as exc:
+            raise _nl_error(exc, op, f"cannot list addresses in {_where(netns)}") from exc
+    return [str(a) for a in (msg.get_attr("IFA_ADDRESS") for msg in msgs) if a]
 
 
 def addr_add(name: str, cidr: str, netns: str | None = None) -> None:
@@ -852,205 +916,3 @@ def socket_in_netns(netns: str, family: int, type: int, proto: int = 0) -> socke
             raise NetlinkOpError(
                 exc.errno or errno.EIO, op, f"cannot create a socket in {_where(netns)}: {exc}"
             ) from exc
-
-
-# --------------------------------------------------------------------------
-# veth labs
-# --------------------------------------------------------------------------
-
-_lab_counter = itertools.count()
-_lab_lock = threading.Lock()
-_SUBNETS: Final = 512  # 198.18.0.0/15 = 512 x /24
-
-
-def _lab_names(prefix: str, pid: int, n: int) -> tuple[str, str, str]:
-    return f"{prefix}-{pid}-{n}", f"{prefix}{pid:x}h{n}", f"{prefix}{pid:x}p{n}"
-
-
-def _used_lab_subnets() -> set[int]:
-    used: set[int] = set()
-    net4 = ipaddress.ip_network("198.18.0.0/15")
-    net6 = ipaddress.ip_network("2001:db8::/32")
-    with _rtnl(None, "veth_lab") as ipr:
-        for msg in ipr.get_addr():
-            try:
-                addr = ipaddress.ip_address(msg.get_attr("IFA_ADDRESS"))
-            except ValueError:
-                continue
-            if addr.version == 4 and addr in net4:
-                used.add((int(addr) - int(net4.network_address)) >> 8)
-            elif addr.version == 6 and addr in net6:
-                y = (int(addr) >> 80) & 0xFFFF
-                if y < _SUBNETS:
-                    used.add(y)
-    return used
-
-
-def _lab_addresses(y: int) -> tuple[str, str, str, str]:
-    base4 = f"198.{18 + y // 256}.{y % 256}"
-    base6 = f"2001:db8:{y:x}"
-    return f"{base4}.1", f"{base4}.2", f"{base6}::1", f"{base6}::2"
-
-
-@contextlib.contextmanager
-def veth_lab(prefix: str = "xfw") -> Iterator[VethLab]:
-    """A veth pair between the root namespace and a fresh namespace, fully configured.
-
-    ``host_if`` (root namespace, where the service and its XDP program live)
-    has ``host_ip4``/24 and ``host_ip6``/64; ``peer_if`` (inside ``netns``, the
-    traffic source) has ``peer_ip4``/``peer_ip6``.  Both sides get permanent
-    neighbour entries (no ARP/NDP needed) and have IPv6 RA/DAD noise disabled.
-    Subnets 198.18.0.0/15 and 2001:db8::/32 are chosen so concurrent labs (also
-    of other processes) do not collide.  Everything is removed on exit, also
-    when the body raises or creation failed half way.
-    """
-    pid = os.getpid()
-    with _lab_lock:
-        existing = set(netns_list())
-        while True:
-            n = next(_lab_counter)
-            ns, host_if, peer_if = _lab_names(prefix, pid, n)
-            if len(host_if.encode()) >= _IFNAMSIZ:
-                raise ValueError(f"veth_lab prefix {prefix!r} is too long for interface names")
-            if ns not in existing and not _link_exists(host_if):
-                break
-    created_ns = created_veth = False
-
-    def cleanup() -> list[BaseException]:
-        errors: list[BaseException] = []
-        if created_veth:
-            try:
-                link_remove(host_if)  # takes peer_if with it
-            except Exception as exc:
-                errors.append(exc)
-        if created_ns:
-            try:
-                netns_remove(ns)
-            except Exception as exc:
-                errors.append(exc)
-        return errors
-
-    try:
-        netns_create(ns)
-        created_ns = True
-        with _lab_lock:
-            used = _used_lab_subnets()
-            start = hash((pid, n)) % _SUBNETS
-            candidates = ((start + i) % _SUBNETS for i in range(_SUBNETS))
-            y = next((c for c in candidates if c not in used), None)
-            if y is None:
-                raise NetlinkOpError(
-                    errno.EADDRINUSE,
-                    "veth_lab",
-                    "all 512 lab subnets of 198.18.0.0/15 are in use; run cleanup_stale()",
-                )
-            host4, peer4, host6, peer6 = _lab_addresses(y)
-            veth_create(host_if, peer_if, ns, up=False)
-            created_veth = True
-            # Silence IPv6 before the links come up, then address them.
-            disable_ipv6_noise(host_if)
-            disable_ipv6_noise(peer_if, ns)
-            addr_add(host_if, f"{host4}/24")
-            addr_add(host_if, f"{host6}/64")
-            addr_add(peer_if, f"{peer4}/24", ns)
-            addr_add(peer_if, f"{peer6}/64", ns)
-        link_up(host_if)
-        link_up(peer_if, ns)
-        link_up("lo", ns)
-        host_mac = link_mac(host_if)
-        peer_mac = link_mac(peer_if, ns)
-        neigh_add(host_if, peer4, peer_mac)
-        neigh_add(host_if, peer6, peer_mac)
-        neigh_add(peer_if, host4, host_mac, ns)
-        neigh_add(peer_if, host6, host_mac, ns)
-        lab = VethLab(
-            netns=ns,
-            host_if=host_if,
-            peer_if=peer_if,
-            host_ip4=host4,
-            peer_ip4=peer4,
-            host_ip6=host6,
-            peer_ip6=peer6,
-            host_mac=host_mac,
-            peer_mac=peer_mac,
-        )
-        yield lab
-    except BaseException as exc:
-        for err in cleanup():
-            exc.add_note(f"veth_lab cleanup also failed: {err}")
-        raise
-    else:
-        errors = cleanup()
-        if errors:
-            raise errors[0]
-
-
-def _link_exists(name: str, netns: str | None = None) -> bool:
-    try:
-        ifindex(name, netns)
-    except NetlinkOpError as exc:
-        if exc.errno == errno.ENODEV:
-            return False
-        raise
-    return True
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _owner_pid(prefix: str, name: str, kind: str) -> int | None:
-    rest = name[len(prefix) :]
-    if kind == "netns":
-        m = re.fullmatch(r"-(\d+)-\d+", rest)
-        return int(m.group(1)) if m else None
-    m = re.fullmatch(r"([0-9a-f]+)[hp]\d+", rest)
-    return int(m.group(1), 16) if m else None
-
-
-def cleanup_stale(prefix: str, *, keep_live: bool = True) -> list[str]:
-    """Remove namespaces and root-namespace veths whose name starts with ``prefix``.
-
-    Meant for a test session start.  With ``keep_live`` (default) resources of
-    a veth_lab whose owning process is still alive (e.g. a parallel pytest
-    worker, or this very process) are left alone; names that carry no owner
-    pid are always removed.  Returns the removed names.
-    """
-    op = "cleanup_stale"
-    if not prefix:
-        raise ValueError("cleanup_stale needs a non-empty prefix")
-
-    def stale(name: str, kind: str) -> bool:
-        if not name.startswith(prefix):
-            return False
-        pid = _owner_pid(prefix, name, kind) if keep_live else None
-        return pid is None or not _pid_alive(pid)
-
-    removed: list[str] = []
-    with _rtnl(None, op) as ipr:
-        veths = [
-            str(msg.get_attr("IFLA_IFNAME")) for msg in ipr.get_links() if _link_kind(msg) == "veth"
-        ]
-    for name in veths:
-        if stale(name, "veth"):
-            link_remove(name)
-            removed.append(name)
-    for ns in netns_list():
-        if stale(ns, "netns"):
-            netns_remove(ns)
-            removed.append(ns)
-    return removed
-
-
-def _link_kind(msg: Any) -> str | None:
-    info = msg.get_attr("IFLA_LINKINFO")
-    if info is None:
-        return None
-    kind = info.get_attr("IFLA_INFO_KIND")
-    return None if kind is None else str(kind)
