@@ -63,7 +63,7 @@ if ! venv_ok; then
 fi
 
 # --- project + dev dependencies -------------------------------------------------------
-if [[ ! -e "$STAMP" || "$ROOT/pyproject.toml" -nt "$STAMP" ]]; then
+if [[ ! -e "$STAMP" || "$ROOT/pyproject.toml" -nt "$STAMP" || "$ROOT/setup.py" -nt "$STAMP" ]]; then
     log "pip install -e '.[dev]'"
     pip_log="$VENV/pip-install.log"
     if ! PIP_DISABLE_PIP_VERSION_CHECK=1 "$VENV/bin/python" -m pip install -e '.[dev]' \
