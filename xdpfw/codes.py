@@ -30,7 +30,7 @@ The **rank** is the 64-bit priority the data plane compares (bpf/xdpfw_abi.h, st
 xdpfw_slot), the rule contract's "most specific" order with the verdict class on top::
 
     0-28   ID_INV     RANK_ID_MASK - rule id (the lower id wins a tie)
-    29-44  NARROW     65536 - port range width, 0 = no ports
+    29-44  NARROW     PORT_SPAN (65536) - port range width, 0 = no ports
     45     PROTO_NAMED
     46-53  DST_PLEN
     54-61  SRC_PLEN
@@ -49,6 +49,8 @@ from xdpfw import abi
 
 __all__ = [
     "ADDR",
+    "ADDR_BITS_V4",
+    "ADDR_BITS_V6",
     "CODE_FIELDS",
     "DIR",
     "DIR_DST",
@@ -61,6 +63,7 @@ __all__ = [
     "PLEN",
     "PORT_HI",
     "PORT_LO",
+    "PORT_SPAN",
     "PROTO",
     "RANK_DST_PLEN",
     "RANK_FIELDS",
@@ -86,6 +89,7 @@ __all__ = [
     "key_is_exact",
     "key_is_prefix",
     "key_plen",
+    "key_table",
     "key_v6",
     "net_code",
     "pack",
@@ -150,6 +154,9 @@ DIR_NONE = 0
 DIR_SRC = 1
 DIR_DST = 2
 
+ADDR_BITS_V4 = 32  # address width per family: a prefix this long is a host (exact table)
+ADDR_BITS_V6 = 128
+
 # -- a trie position ---------------------------------------------------------------------------
 TRIE_PLEN = Field("plen", 0, 8)
 TRIE_ADDR = Field("addr", 8, 0)
@@ -166,6 +173,7 @@ RANK_FIELDS = (RANK_ID, RANK_NARROW, RANK_PROTO, RANK_DST_PLEN, RANK_SRC_PLEN, R
 MAX_RULE_ID = RANK_ID.bits
 assert MAX_RULE_ID == abi.RANK_ID_MASK
 
+PORT_SPAN = PORT_HI.bits + 1  # ports 0-65535: RANK_NARROW is PORT_SPAN - a range's width
 _PORTS_ALL = PORT_HI.mask | PORT_LO.mask | HAS_PORTS.mask
 
 
@@ -193,9 +201,14 @@ def key_addr(k: int) -> int:
     return k >> ADDR.shift
 
 
+def key_table(k: int) -> int:
+    """The key's ``TABLE_BITS`` (direction and family)."""
+    return k & TABLE_BITS
+
+
 def key_bits(k: int) -> int:
     """Address width of the key's family: 32 or 128."""
-    return 128 if k & V6.mask else 32
+    return ADDR_BITS_V6 if k & V6.mask else ADDR_BITS_V4
 
 
 def key_is_exact(k: int) -> bool:
@@ -291,7 +304,7 @@ def rank(code: int, rule_id: int) -> int:
     if code & HAS_PORTS.mask:
         lo = (code >> PORT_LO.shift) & PORT_LO.bits
         hi = code & PORT_HI.bits
-        narrow = 65536 - (hi - lo + 1)
+        narrow = PORT_SPAN - (hi - lo + 1)
     return (
         (((code >> VERDICT.shift) & VERDICT.bits) << RANK_VERDICT.shift)
         | ((plen if direction == DIR_SRC else 0) << RANK_SRC_PLEN.shift)
