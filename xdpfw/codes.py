@@ -42,7 +42,7 @@ accessors; they still never spell a number.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from xdpfw import abi
@@ -65,6 +65,7 @@ __all__ = [
     "PORT_LO",
     "PORT_SPAN",
     "PROTO",
+    "PROTO_PORTS",
     "RANK_DST_PLEN",
     "RANK_FIELDS",
     "RANK_ID",
@@ -112,17 +113,15 @@ class Field:
     name: str
     shift: int
     width: int
+    # Derived once (hot loops read them): the unshifted mask (-1, all bits, for an open field)
+    # and the field's bits in place (open fields: up to bit 255).
+    bits: int = field(init=False, repr=False, compare=False)
+    mask: int = field(init=False, repr=False, compare=False)
 
-    @property
-    def bits(self) -> int:
-        """The unshifted mask (-1, all bits, for an open field)."""
-        return (1 << self.width) - 1 if self.width else -1
-
-    @property
-    def mask(self) -> int:
-        """The field's bits in place (open fields: up to bit 255)."""
+    def __post_init__(self) -> None:
         width = self.width or 256 - self.shift
-        return ((1 << width) - 1) << self.shift
+        object.__setattr__(self, "bits", (1 << self.width) - 1 if self.width else -1)
+        object.__setattr__(self, "mask", ((1 << width) - 1) << self.shift)
 
     def get(self, value: int) -> int:
         return (value >> self.shift) & self.bits
@@ -174,7 +173,7 @@ MAX_RULE_ID = RANK_ID.bits
 assert MAX_RULE_ID == abi.RANK_ID_MASK
 
 PORT_SPAN = PORT_HI.bits + 1  # ports 0-65535: RANK_NARROW is PORT_SPAN - a range's width
-_PORTS_ALL = PORT_HI.mask | PORT_LO.mask | HAS_PORTS.mask
+PROTO_PORTS = PORT_HI.mask | PORT_LO.mask | HAS_PORTS.mask | PROTO.mask  # zero: is_plain
 
 
 # -- keys --------------------------------------------------------------------------------------
@@ -254,7 +253,20 @@ def pack(k: int, verdict: int, proto: int = 0, ports: tuple[int, int] | None = N
 
 
 def unpack(code: int) -> Unpacked:
-    return Unpacked(key(code), verdict(code), proto(code), ports(code))
+    """All of a code's fields in one call (bulk loads unpack every rule)."""
+    has_ports = code & HAS_PORTS.mask
+    return _tuple_new(
+        Unpacked,
+        (
+            code >> KEY.shift,
+            (code >> VERDICT.shift) & VERDICT.bits,
+            (code >> PROTO.shift) & PROTO.bits,
+            ((code >> PORT_LO.shift) & PORT_LO.bits, code & PORT_HI.bits) if has_ports else None,
+        ),
+    )
+
+
+_tuple_new = tuple.__new__
 
 
 def key(code: int) -> int:
@@ -282,14 +294,13 @@ def ports(code: int) -> tuple[int, int] | None:
 
 def is_plain(code: int) -> bool:
     """A network and a verdict only (no protocol or ports): a blocklist entry."""
-    return not code & (_PORTS_ALL | PROTO.mask)
+    return not code & PROTO_PORTS
 
 
 def net_code(addr: int, plen: int, *, v6: bool, direction: int, verdict: int) -> int:
     """The code of a rule naming only a network (a blocklist entry)."""
-    return pack_key(addr, plen, v6=v6, direction=direction) << KEY.shift | (
-        verdict << VERDICT.shift
-    )
+    k = (addr << ADDR.shift) | (plen << PLEN.shift) | (v6 << V6.shift) | direction
+    return (k << KEY.shift) | (verdict << VERDICT.shift)
 
 
 # -- ranks -------------------------------------------------------------------------------------

@@ -316,14 +316,21 @@ _VERDICT_OF_TEXT = {
 _VERDICT_TEXTS = {v: (a.value, m.value) for v, (a, m) in _VERDICT_ACTION_MODE.items()}
 _PROTO_BY_NUMBER = {p.number: p for p in Proto}
 _inet_ntoa = socket.inet_ntoa
-_net_code, _is_plain = codes.net_code, codes.is_plain
-_key, _key_dir, _key_v6 = codes.key, codes.key_dir, codes.key_v6
-_verdict, _proto, _ports = codes.verdict, codes.proto, codes.ports
+_net_code = codes.net_code
+_unpack = codes.unpack
+# Bulk loads (a million rules) make rules and texts from codes: they read these fields inline.
+_KEY_SHIFT, _ADDR_SHIFT, _V6_MASK = codes.KEY.shift, codes.ADDR.shift, codes.V6.mask
+_PLEN_SHIFT, _PLEN_BITS = codes.PLEN.shift, codes.PLEN.bits
+_DIR_BITS, _DIR_SRC, _DIR_DST = codes.DIR.bits, codes.DIR_SRC, codes.DIR_DST
+_VERDICT_SHIFT, _VERDICT_BITS = codes.VERDICT.shift, codes.VERDICT.bits
+_TABLE_BITS, _SRC4 = codes.TABLE_BITS, codes.pack_key(0, 0, v6=False, direction=codes.DIR_SRC)
+_PROTO_PORTS = codes.PROTO_PORTS
+_V4_BYTES = codes.ADDR_BITS_V4 // 8
 
 
 def _code_network(key: int) -> Network:
-    addr, plen = codes.key_addr(key), codes.key_plen(key)
-    if codes.key_v6(key):
+    addr, plen = key >> _ADDR_SHIFT, (key >> _PLEN_SHIFT) & _PLEN_BITS
+    if key & _V6_MASK:
         return ipaddress.IPv6Network((addr, plen))
     return ipaddress.IPv4Network((addr, plen))
 
@@ -336,17 +343,16 @@ def rule_from_code(rule_id: int, code: int) -> Rule:
     """
     if not 1 <= rule_id <= MAX_RULE_ID:
         raise InvalidRule("id", f"rule id {rule_id} is out of range 1-{MAX_RULE_ID}")
-    key = _key(code)
-    direction = _key_dir(key)
+    key, verdict, proto, ports = _unpack(code)
+    direction = key & _DIR_BITS
     net = _code_network(key) if direction else None
-    action, mode = _VERDICT_ACTION_MODE[_verdict(code)]
-    ports = _ports(code)
+    action, mode = _VERDICT_ACTION_MODE[verdict]
     rule = _new(Rule)
     _set(rule, "action", action)
     _set(rule, "mode", mode)
-    _set(rule, "src", net if direction == codes.DIR_SRC else None)
-    _set(rule, "dst", net if direction == codes.DIR_DST else None)
-    _set(rule, "proto", _PROTO_BY_NUMBER.get(_proto(code)))
+    _set(rule, "src", net if direction == _DIR_SRC else None)
+    _set(rule, "dst", net if direction == _DIR_DST else None)
+    _set(rule, "proto", _PROTO_BY_NUMBER.get(proto))
     _set(rule, "dport", None if ports is None else PortRange(*ports))
     _set(rule, "_code", code)
     _set(rule, "id", rule_id)
@@ -359,37 +365,39 @@ _set = object.__setattr__
 
 
 def _network_text(key: int) -> str:
-    if _key_v6(key):
+    if key & _V6_MASK:
         return _code_network(key).with_prefixlen
     return _ipv4_text(key)
 
 
 def _ipv4_text(key: int) -> str:
-    addr = codes.key_addr(key).to_bytes(codes.ADDR_BITS_V4 // 8, "big")
-    return f"{_inet_ntoa(addr)}/{codes.key_plen(key)}"
+    addr = (key >> _ADDR_SHIFT).to_bytes(_V4_BYTES, "big")
+    return f"{_inet_ntoa(addr)}/{(key >> _PLEN_SHIFT) & _PLEN_BITS}"
 
 
 def code_texts(
     code: int,
 ) -> tuple[str, str, str | None, str | None, str | None, str | None]:
     """(action, mode, src, dst, proto, dport) as the database and the API spell them."""
-    key = _key(code)
-    direction = _key_dir(key)
-    action, mode = _VERDICT_TEXTS[_verdict(code)]
-    if direction == codes.DIR_SRC and _is_plain(code) and not _key_v6(key):  # a blocklist entry
-        return action, mode, _ipv4_text(key), None, None, None
+    key = code >> _KEY_SHIFT
+    action, mode = _VERDICT_TEXTS[(code >> _VERDICT_SHIFT) & _VERDICT_BITS]
+    if key & _TABLE_BITS == _SRC4 and not code & _PROTO_PORTS:  # an IPv4 blocklist entry
+        addr = _inet_ntoa((key >> _ADDR_SHIFT).to_bytes(_V4_BYTES, "big"))
+        src = f"{addr}/{(key >> _PLEN_SHIFT) & _PLEN_BITS}"
+        return action, mode, src, None, None, None
+    _, _, number, ports = _unpack(code)
+    direction = key & _DIR_BITS
     net = _network_text(key) if direction else None
-    proto = _PROTO_BY_NUMBER.get(_proto(code))
+    proto = _PROTO_BY_NUMBER.get(number)
     dport = None
-    ports = _ports(code)
     if ports is not None:
         lo, hi = ports
         dport = str(lo) if lo == hi else f"{lo}-{hi}"
     return (
         action,
         mode,
-        net if direction == codes.DIR_SRC else None,
-        net if direction == codes.DIR_DST else None,
+        net if direction == _DIR_SRC else None,
+        net if direction == _DIR_DST else None,
         proto.value if proto is not None else None,
         dport,
     )
