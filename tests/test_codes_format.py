@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from xdpfw import abi, codes
 from xdpfw.codes import Field
-from xdpfw.rules import Action, Mode, Rule, RuleSpec
+from xdpfw.rules import Action, Mode, PortRange, Proto, Rule, RuleSpec
 
 pytestmark = pytest.mark.pure
 
@@ -188,33 +188,25 @@ _CLASS = {  # README: allow beats drop beats monitor
 }
 
 
+_PORT_RANGES = st.tuples(st.integers(0, 65535), st.integers(0, 65535)).map(
+    lambda p: PortRange(min(p), max(p))
+)
+
+
 @st.composite
 def _rules(draw: st.DrawFn) -> Rule:
+    """Rules around one address, so that two of them often tie on a prefix length."""
     action, mode = draw(st.sampled_from(list(_CLASS)))
     v6 = draw(st.booleans())
-    where = draw(st.sampled_from(("src", "dst", "none")))
-    proto = draw(st.sampled_from((None, "tcp", "udp", "icmpv6" if v6 else "icmp")))
-    if where == "none" and proto is None:
-        proto = "tcp"
-    dport = None
-    if proto in ("tcp", "udp") and draw(st.booleans()):
-        lo, hi = sorted(draw(st.tuples(st.integers(0, 65535), st.integers(0, 65535))))
-        dport = f"{lo}-{hi}"
-    net = None
-    if where != "none":
-        bits = 128 if v6 else 32
-        plen = draw(st.integers(0, bits))
-        addr = draw(st.integers(0, (1 << bits) - 1)) >> (bits - plen) << (bits - plen)
-        kind = ipaddress.IPv6Network if v6 else ipaddress.IPv4Network
-        net = str(kind((addr, plen)))
-    spec = RuleSpec.parse(
-        action=action,
-        mode=mode,
-        src=net if where == "src" else None,
-        dst=net if where == "dst" else None,
-        proto=proto,
-        dport=dport,
-    )
+    host = ipaddress.ip_network("2001:db8::1/128" if v6 else "198.18.0.1/32")
+    lengths = st.integers(0, host.max_prefixlen)
+    net = draw(st.none() | lengths.map(lambda plen: host.supernet(new_prefix=plen)))
+    protos = st.sampled_from((Proto.TCP, Proto.UDP, Proto.ICMPV6 if v6 else Proto.ICMP))
+    proto = draw(protos if net is None else st.none() | protos)
+    ports = draw(st.none() | _PORT_RANGES) if proto in (Proto.TCP, Proto.UDP) else None
+    src, dst = (net, None) if draw(st.booleans()) else (None, net)
+    spec = RuleSpec(action=action, mode=mode, src=src, dst=dst, proto=proto, dport=ports)
+    spec.validate()
     return spec.with_id(draw(st.integers(1, codes.MAX_RULE_ID)))
 
 
