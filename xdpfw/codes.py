@@ -37,7 +37,9 @@ xdpfw_slot), the rule contract's "most specific" order with the verdict class on
     62-63  VERDICT
 
 Hot loops (bulk loads) bind a field's ``shift``/``bits`` to locals instead of calling the
-accessors; they still never spell a number.
+accessors; they still never spell a number. tests/test_codes_format.py checks that the fields
+tile their ints, that the functions invert each other, that the rank orders rules as the
+contract says, and that the header's rank comment describes RANK_FIELDS.
 """
 
 from __future__ import annotations
@@ -298,8 +300,8 @@ def is_plain(code: int) -> bool:
 
 
 def net_code(addr: int, plen: int, *, v6: bool, direction: int, verdict: int) -> int:
-    """The code of a rule naming only a network (a blocklist entry)."""
-    k = (addr << ADDR.shift) | (plen << PLEN.shift) | (v6 << V6.shift) | direction
+    """The code of a rule naming only a network (a blocklist entry; once per line of a list)."""
+    k = (addr << ADDR.shift) | (plen << PLEN.shift) | (v6 << V6.shift) | direction  # pack_key
     return (k << KEY.shift) | (verdict << VERDICT.shift)
 
 
