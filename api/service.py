@@ -16,12 +16,11 @@ from dataclasses import dataclass
 
 from api.store import Store, StoredRule
 from xdpfw import abi
+from xdpfw import codes as wire  # the rule wire format ("codes" names the rules here)
 from xdpfw.compiler import gc_paused
 from xdpfw.datapath import Attachment, Datapath, GlobalCounters, RuleCounters
 from xdpfw.errors import InterfaceNotFound, InvalidRule, RuleConflict, RuleNotFound
 from xdpfw.rules import (
-    CODE_SHIFT,
-    DIR_SRC,
     MAX_RULE_ID,
     Action,
     Rule,
@@ -156,16 +155,16 @@ class FirewallService:
         self._check_protected_code(spec.code())
 
     def _check_protected_code(self, code: int) -> None:
-        if (code >> 41) & 3 != abi.VERDICT_DROP or not self.protected:
+        if wire.verdict(code) != abi.VERDICT_DROP or not self.protected:
             return
-        key = code >> CODE_SHIFT
-        direction = key & 3
-        if direction and direction != DIR_SRC:
+        key = wire.key(code)
+        direction = wire.key_dir(key)
+        if direction and direction != wire.DIR_SRC:
             return
-        v6 = bool(key & 4)
-        bits = 128 if v6 else 32
-        plen = (key >> 3) & 0xFF
-        addr = key >> 11
+        v6 = wire.key_v6(key)
+        bits = wire.key_bits(key)
+        plen = wire.key_plen(key)
+        addr = wire.key_addr(key)
         for p in self.protected:
             net = p.src
             assert net is not None

@@ -8,17 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from xdpfw import abi
+from xdpfw import abi, codes
 from xdpfw.abi import Table
 from xdpfw.compiler import LPM_TABLES, MAX_SLOTS, Capacities, RuleCompiler, TableKey, key_of
 from xdpfw.errors import CapacityExceeded, InvalidRule, RuleConflict
 from xdpfw.rules import (
-    CODE_SHIFT,
-    DIR_SRC,
     Rule,
     RuleSpec,
     code_from_texts,
-    code_rank,
     code_texts,
     parse_network,
     parse_src_code,
@@ -59,7 +56,7 @@ def _random_spec(rng: random.Random) -> RuleSpec:
 
 def test_code_round_trips_rank_and_texts() -> None:
     rng = random.Random(1)
-    codes = set()
+    seen = set()
     for i in range(3000):
         spec = _random_spec(rng)
         rid = rng.randrange(1, abi.RANK_ID_MASK + 1)
@@ -67,7 +64,7 @@ def test_code_round_trips_rank_and_texts() -> None:
         code = spec.code()
         back = rule_from_code(rid, code)
         assert back == rule, (i, rule)
-        assert code_rank(code, rid) == rule.rank() == back.rank()
+        assert codes.rank(code, rid) == rule.rank() == back.rank()
         action, mode, src, dst, proto, dport = code_texts(code)
         assert (action, mode, proto) == (
             rule.action.value,
@@ -79,9 +76,9 @@ def test_code_round_trips_rank_and_texts() -> None:
         assert dport == (str(rule.dport) if rule.dport else None)
         assert code_from_texts(action, mode, src, dst, proto, dport) == code
         assert key_of(rule) == key_of(back)
-        codes.add((code, spec))
+        seen.add((code, spec))
     # equal codes <=> equal specs
-    assert len({c for c, _ in codes}) == len({s for _, s in codes})
+    assert len({c for c, _ in seen}) == len({s for _, s in seen})
 
 
 @pytest.mark.parametrize(
@@ -104,7 +101,7 @@ def test_fast_parse_agrees_with_ipaddress(text: str) -> None:
         return
     code = parse_src_code(text, abi.VERDICT_DROP)
     assert code == RuleSpec.parse(src=net).code()
-    assert (code >> CODE_SHIFT) & 3 == DIR_SRC
+    assert codes.key_dir(codes.key(code)) == codes.DIR_SRC
 
 
 # -- the compiler against brute force -------------------------------------------------------

@@ -30,25 +30,29 @@ The **rank** is the 64-bit priority the data plane compares (bpf/xdpfw_abi.h, st
 xdpfw_slot), the rule contract's "most specific" order with the verdict class on top::
 
     0-28   ID_INV     RANK_ID_MASK - rule id (the lower id wins a tie)
-    29-44  NARROW     65536 - port range width, 0 = no ports
+    29-44  NARROW     PORT_SPAN (65536) - port range width, 0 = no ports
     45     PROTO_NAMED
     46-53  DST_PLEN
     54-61  SRC_PLEN
     62-63  VERDICT
 
 Hot loops (bulk loads) bind a field's ``shift``/``bits`` to locals instead of calling the
-accessors; they still never spell a number.
+accessors; they still never spell a number. tests/test_codes_format.py checks that the fields
+tile their ints, that the functions invert each other, that the rank orders rules as the
+contract says, and that the header's rank comment describes RANK_FIELDS.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from xdpfw import abi
 
 __all__ = [
     "ADDR",
+    "ADDR_BITS_V4",
+    "ADDR_BITS_V6",
     "CODE_FIELDS",
     "DIR",
     "DIR_DST",
@@ -61,7 +65,9 @@ __all__ = [
     "PLEN",
     "PORT_HI",
     "PORT_LO",
+    "PORT_SPAN",
     "PROTO",
+    "PROTO_PORTS",
     "RANK_DST_PLEN",
     "RANK_FIELDS",
     "RANK_ID",
@@ -86,6 +92,7 @@ __all__ = [
     "key_is_exact",
     "key_is_prefix",
     "key_plen",
+    "key_table",
     "key_v6",
     "net_code",
     "pack",
@@ -108,17 +115,15 @@ class Field:
     name: str
     shift: int
     width: int
+    # Derived once (hot loops read them): the unshifted mask (-1, all bits, for an open field)
+    # and the field's bits in place (open fields: up to bit 255).
+    bits: int = field(init=False, repr=False, compare=False)
+    mask: int = field(init=False, repr=False, compare=False)
 
-    @property
-    def bits(self) -> int:
-        """The unshifted mask (-1, all bits, for an open field)."""
-        return (1 << self.width) - 1 if self.width else -1
-
-    @property
-    def mask(self) -> int:
-        """The field's bits in place (open fields: up to bit 255)."""
+    def __post_init__(self) -> None:
         width = self.width or 256 - self.shift
-        return ((1 << width) - 1) << self.shift
+        object.__setattr__(self, "bits", (1 << self.width) - 1 if self.width else -1)
+        object.__setattr__(self, "mask", ((1 << width) - 1) << self.shift)
 
     def get(self, value: int) -> int:
         return (value >> self.shift) & self.bits
@@ -150,6 +155,9 @@ DIR_NONE = 0
 DIR_SRC = 1
 DIR_DST = 2
 
+ADDR_BITS_V4 = 32  # address width per family: a prefix this long is a host (exact table)
+ADDR_BITS_V6 = 128
+
 # -- a trie position ---------------------------------------------------------------------------
 TRIE_PLEN = Field("plen", 0, 8)
 TRIE_ADDR = Field("addr", 8, 0)
@@ -166,7 +174,8 @@ RANK_FIELDS = (RANK_ID, RANK_NARROW, RANK_PROTO, RANK_DST_PLEN, RANK_SRC_PLEN, R
 MAX_RULE_ID = RANK_ID.bits
 assert MAX_RULE_ID == abi.RANK_ID_MASK
 
-_PORTS_ALL = PORT_HI.mask | PORT_LO.mask | HAS_PORTS.mask
+PORT_SPAN = PORT_HI.bits + 1  # ports 0-65535: RANK_NARROW is PORT_SPAN - a range's width
+PROTO_PORTS = PORT_HI.mask | PORT_LO.mask | HAS_PORTS.mask | PROTO.mask  # zero: is_plain
 
 
 # -- keys --------------------------------------------------------------------------------------
@@ -193,9 +202,14 @@ def key_addr(k: int) -> int:
     return k >> ADDR.shift
 
 
+def key_table(k: int) -> int:
+    """The key's ``TABLE_BITS`` (direction and family)."""
+    return k & TABLE_BITS
+
+
 def key_bits(k: int) -> int:
     """Address width of the key's family: 32 or 128."""
-    return 128 if k & V6.mask else 32
+    return ADDR_BITS_V6 if k & V6.mask else ADDR_BITS_V4
 
 
 def key_is_exact(k: int) -> bool:
@@ -241,7 +255,20 @@ def pack(k: int, verdict: int, proto: int = 0, ports: tuple[int, int] | None = N
 
 
 def unpack(code: int) -> Unpacked:
-    return Unpacked(key(code), verdict(code), proto(code), ports(code))
+    """All of a code's fields in one call (bulk loads unpack every rule)."""
+    has_ports = code & HAS_PORTS.mask
+    return _tuple_new(
+        Unpacked,
+        (
+            code >> KEY.shift,
+            (code >> VERDICT.shift) & VERDICT.bits,
+            (code >> PROTO.shift) & PROTO.bits,
+            ((code >> PORT_LO.shift) & PORT_LO.bits, code & PORT_HI.bits) if has_ports else None,
+        ),
+    )
+
+
+_tuple_new = tuple.__new__
 
 
 def key(code: int) -> int:
@@ -269,14 +296,13 @@ def ports(code: int) -> tuple[int, int] | None:
 
 def is_plain(code: int) -> bool:
     """A network and a verdict only (no protocol or ports): a blocklist entry."""
-    return not code & (_PORTS_ALL | PROTO.mask)
+    return not code & PROTO_PORTS
 
 
 def net_code(addr: int, plen: int, *, v6: bool, direction: int, verdict: int) -> int:
-    """The code of a rule naming only a network (a blocklist entry)."""
-    return pack_key(addr, plen, v6=v6, direction=direction) << KEY.shift | (
-        verdict << VERDICT.shift
-    )
+    """The code of a rule naming only a network (a blocklist entry; once per line of a list)."""
+    k = (addr << ADDR.shift) | (plen << PLEN.shift) | (v6 << V6.shift) | direction  # pack_key
+    return (k << KEY.shift) | (verdict << VERDICT.shift)
 
 
 # -- ranks -------------------------------------------------------------------------------------
@@ -291,7 +317,7 @@ def rank(code: int, rule_id: int) -> int:
     if code & HAS_PORTS.mask:
         lo = (code >> PORT_LO.shift) & PORT_LO.bits
         hi = code & PORT_HI.bits
-        narrow = 65536 - (hi - lo + 1)
+        narrow = PORT_SPAN - (hi - lo + 1)
     return (
         (((code >> VERDICT.shift) & VERDICT.bits) << RANK_VERDICT.shift)
         | ((plen if direction == DIR_SRC else 0) << RANK_SRC_PLEN.shift)

@@ -14,7 +14,7 @@ the caller `commit` them; a plan that does not fit raises CapacityExceeded and c
 A million rules must stay cheap, so the compiler keeps no objects per rule: a rule is its id
 and its code (`RuleSpec.code()`, one int), an entry is the key part of its rules' codes (one
 int) mapped to its own rule ids (an int, or a list when several rules share the entry), and a
-trie key is one int (address << 8 | prefix length) in a sorted list per trie. `Rule` and
+trie key is one int (its `codes.trie_position`) in a sorted list per trie. `Rule` and
 `TableKey` objects are made only at the edges: for the entries a plan writes and for callers
 that ask (`rules`, `compiled`, `entries`).
 """
@@ -33,16 +33,30 @@ from sortedcontainers import SortedList
 
 from xdpfw import abi
 from xdpfw.abi import Table
-from xdpfw.errors import CapacityExceeded, RuleConflict, RuleNotFound
-from xdpfw.rules import (
-    CODE_SHIFT,
+from xdpfw.codes import (
+    ADDR,
+    ADDR_BITS_V4,
+    ADDR_BITS_V6,
     DIR_DST,
     DIR_SRC,
-    Network,
-    Rule,
-    code_rank,
-    rule_from_code,
+    KEY,
+    PLEN,
+    TABLE_BITS,
+    TRIE_ADDR,
+    TRIE_PLEN,
+    V6,
+    key_addr,
+    key_bits,
+    key_is_exact,
+    key_is_prefix,
+    key_plen,
+    key_table,
+    pack_key,
+    rank,
+    trie_position,
 )
+from xdpfw.errors import CapacityExceeded, RuleConflict, RuleNotFound
+from xdpfw.rules import Network, Rule, rule_from_code
 
 __all__ = [
     "MAX_SLOTS",
@@ -142,30 +156,27 @@ def key_of(rule: Rule) -> TableKey:
 
 
 # -- compact keys -------------------------------------------------------------------------------
-# An entry's compact key is the key part of its rules' codes (code >> CODE_SHIFT):
-# address << 11 | prefix length << 3 | IPv6 << 2 | direction, and 0 for the address-less table.
+# An entry's compact key is the key part of its rules' codes (`codes.key`; 0 for the
+# address-less table). Its TABLE_BITS (direction and family) and "exact or prefix" pick the table.
 
 _SRC_TABLES = frozenset((Table.SRC4, Table.SRC6, Table.SRC4_LPM, Table.SRC6_LPM))
-# (direction | IPv6 << 2 | exact << 3) -> table
-_TABLE_BY_BITS: dict[int, Table] = {}
-for (_dir, _fam), _t in _LPM_TABLES.items():
-    _TABLE_BY_BITS[(DIR_SRC if _dir == "src" else DIR_DST) | ((_fam == 6) << 2)] = _t
-for (_dir, _fam), _t in _EXACT_TABLES.items():
-    _TABLE_BY_BITS[(DIR_SRC if _dir == "src" else DIR_DST) | ((_fam == 6) << 2) | 8] = _t
 
 
-def _is_exact(k: int) -> bool:
-    return ((k >> 3) & 0xFF) == (128 if k & 4 else 32)
+def _by_table_bits(tables: dict[tuple[str, int], Table]) -> dict[int, Table]:
+    return {
+        pack_key(0, 0, v6=fam == 6, direction=DIR_SRC if d == "src" else DIR_DST): t
+        for (d, fam), t in tables.items()
+    }
 
 
-def _is_lpm(k: int) -> bool:
-    return k != 0 and ((k >> 3) & 0xFF) != (128 if k & 4 else 32)
+_EXACT_BY_BITS = _by_table_bits(_EXACT_TABLES)  # key & TABLE_BITS -> table, hosts
+_LPM_BY_BITS = _by_table_bits(_LPM_TABLES)  # key & TABLE_BITS -> table, shorter prefixes
 
 
 def _table_of(k: int) -> Table:
     if not k:
         return Table.ANY
-    return _TABLE_BY_BITS[(k & 7) | (_is_exact(k) << 3)]
+    return (_EXACT_BY_BITS if key_is_exact(k) else _LPM_BY_BITS)[key_table(k)]
 
 
 _ANY_KEY = TableKey(Table.ANY)
@@ -175,20 +186,15 @@ _tuple_new = tuple.__new__
 def _table_key(k: int) -> TableKey:
     if not k:
         return TableKey(Table.ANY)
-    return TableKey(_table_of(k), (k >> 11).to_bytes(16 if k & 4 else 4, "big"), (k >> 3) & 0xFF)
+    return TableKey(_table_of(k), key_addr(k).to_bytes(key_bits(k) // 8, "big"), key_plen(k))
 
 
 def _compact(key: TableKey) -> int:
     if key.table is Table.ANY:
         return 0
     direction = DIR_SRC if key.table in _SRC_TABLES else DIR_DST
-    v6 = len(key.addr) == 16
-    return (int.from_bytes(key.addr, "big") << 11) | (key.plen << 3) | (v6 << 2) | direction
-
-
-def _trie_int(k: int) -> int:
-    """A trie key in its sorted list: address << 8 | prefix length (address order)."""
-    return ((k >> 11) << 8) | ((k >> 3) & 0xFF)
+    v6 = len(key.addr) * 8 == ADDR_BITS_V6
+    return pack_key(int.from_bytes(key.addr, "big"), key.plen, v6=v6, direction=direction)
 
 
 class RuleView(Mapping[int, Rule]):
@@ -239,7 +245,8 @@ class RuleCompiler:
         # LPM compact key -> slot ids (own + inherited, best first), for entries that inherit
         # from a covering prefix; any other entry's slots are its own rules.
         self._inherit: dict[int, tuple[int, ...]] = {}
-        # Per trie: keys as address << 8 | prefix length, so a prefix's descendants are a range.
+        # Per trie: keys as trie positions (address, then length): a prefix's descendants are
+        # one range.
         self._trie_keys: dict[Table, SortedList] = {t: SortedList() for t in LPM_TABLES}
         self._trie_plens: dict[Table, dict[int, int]] = {t: {} for t in LPM_TABLES}
         self._counts = [0] * Table.MAX  # entries per table
@@ -277,7 +284,7 @@ class RuleCompiler:
 
     def find_code(self, code: int) -> int | None:
         """The id of the rule with this code, if any."""
-        own = self._own.get(code >> CODE_SHIFT)
+        own = self._own.get(code >> KEY.shift)
         if own is None:
             return None
         if isinstance(own, int):
@@ -309,12 +316,13 @@ class RuleCompiler:
         codes, new_codes, own = self._codes, plan.codes, self._own
         batch: dict[int, Rule] = {}
         added: dict[int, list[int]] = {}  # compact key -> new ids
+        key_shift = KEY.shift
         for rule in rules:
             rid = rule.id
             if rid in codes or rid in new_codes:
                 raise RuleConflict(f"rule id {rid} already exists", rid)
             code = rule.code()
-            k = code >> CODE_SHIFT
+            k = code >> key_shift
             dup = self.find_code(code) if k in own else None
             ids = added.get(k)
             if ids is None:
@@ -345,7 +353,7 @@ class RuleCompiler:
             code = self._codes.get(rid)
             if code is None:
                 raise RuleNotFound(rid)
-            ids = gone.setdefault(code >> CODE_SHIFT, set())
+            ids = gone.setdefault(code >> KEY.shift, set())
             if rid in ids:
                 continue
             ids.add(rid)
@@ -366,7 +374,7 @@ class RuleCompiler:
 
         def rank_desc(rid: int) -> int:
             code = new_codes.get(rid)
-            return -code_rank(codes[rid] if code is None else code, rid)
+            return -rank(codes[rid] if code is None else code, rid)
 
         def rule(rid: int) -> Rule:
             r = batch.get(rid)
@@ -381,21 +389,24 @@ class RuleCompiler:
         tries: dict[Table, list[int]] = {}
         own = self._own
         slow: list[int] = []  # keys of the exact and address-less tables to plan in full
+        plen_shift, plen_bits, addr_shift, v6_mask = PLEN.shift, PLEN.bits, ADDR.shift, V6.mask
+        exact_by_bits, lpm_by_bits = _EXACT_BY_BITS, _LPM_BY_BITS
         for k, extra in added.items():
             if k not in own and k not in removed and len(extra) == 1:
                 # The common case, a new entry holding one rule: no list to merge or sort.
                 own_after[k] = extra
-                plen = (k >> 3) & 0xFF
+                plen = (k >> plen_shift) & plen_bits
+                bits = ADDR_BITS_V6 if k & v6_mask else ADDR_BITS_V4
                 if not k:
                     entries[_ANY_KEY] = (batch[extra[0]],)
                     counts[Table.ANY] += 1
-                elif plen == (128 if k & 4 else 32):
-                    table = _TABLE_BY_BITS[(k & 7) | 8]
-                    addr = (k >> 11).to_bytes(16 if k & 4 else 4, "big")
+                elif plen == bits:
+                    table = exact_by_bits[k & TABLE_BITS]
+                    addr = (k >> addr_shift).to_bytes(bits // 8, "big")
                     entries[_tuple_new(TableKey, (table, addr, plen))] = (batch[extra[0]],)
                     counts[table] += 1
                 else:
-                    tries.setdefault(_TABLE_BY_BITS[k & 7], []).append(k)
+                    tries.setdefault(lpm_by_bits[k & TABLE_BITS], []).append(k)
                 continue
             cur = self._own_ids(k)
             drop = removed.get(k)
@@ -462,8 +473,8 @@ class RuleCompiler:
         """
         own_after = plan.own
         pending = set(changed)
-        pending_sorted = sorted(_trie_int(k) for k in changed)
-        plens = sorted(self._trie_plens[table].keys() | {(k >> 3) & 0xFF for k in changed})
+        pending_sorted = sorted(map(trie_position, changed))
+        plens = sorted(self._trie_plens[table].keys() | set(map(key_plen, changed)))
         affected = set(changed)
         for k in changed:
             affected.update(self._descendants(k, table, pending_sorted))
@@ -499,7 +510,7 @@ class RuleCompiler:
 
     @staticmethod
     def _route(k: int, slow: list[int], tries: dict[Table, list[int]]) -> None:
-        if _is_lpm(k):
+        if key_is_prefix(k):
             tries.setdefault(_table_of(k), []).append(k)
         else:
             slow.append(k)
@@ -515,34 +526,33 @@ class RuleCompiler:
 
     def _ancestors(self, k: int, plens: list[int], pending: set[int]) -> Iterator[int]:
         """Shorter prefixes in the same trie that cover `k` (existing or being added)."""
-        plen = (k >> 3) & 0xFF
-        addr = k >> 11
-        bits = 128 if k & 4 else 32
-        low = k & 7
+        plen, addr, bits, low = key_plen(k), key_addr(k), key_bits(k), key_table(k)
+        addr_shift, plen_shift = ADDR.shift, PLEN.shift
         own = self._own
         for p in plens:
             if p >= plen:
                 break
-            anc = (((addr >> (bits - p)) << (bits - p)) << 11) | (p << 3) | low
+            anc = (((addr >> (bits - p)) << (bits - p)) << addr_shift) | (p << plen_shift) | low
             if anc in own or anc in pending:
                 yield anc
 
     def _descendants(self, k: int, table: Table, pending_sorted: list[int]) -> Iterator[int]:
         """Longer prefixes in the same trie inside `k` (existing or being added)."""
-        plen = (k >> 3) & 0xFF
-        bits = 128 if k & 4 else 32
-        lo = k >> 11
+        plen, bits, lo, low = key_plen(k), key_bits(k), key_addr(k), key_table(k)
         hi = lo | ((1 << (bits - plen)) - 1)
-        low = k & 7
-        for v in self._trie_keys[table].irange(lo << 8, (hi << 8) | 0xFF):
-            if (v & 0xFF) > plen:
-                yield ((v >> 8) << 11) | ((v & 0xFF) << 3) | low
+        # Trie positions are address << TRIE_ADDR.shift | plen: [first, last] spans the addresses.
+        t_shift, t_plen = TRIE_ADDR.shift, TRIE_PLEN.bits
+        addr_shift, plen_shift = ADDR.shift, PLEN.shift
+        first, last = lo << t_shift, (hi << t_shift) | t_plen
+        for v in self._trie_keys[table].irange(first, last):
+            if (v & t_plen) > plen:
+                yield ((v >> t_shift) << addr_shift) | ((v & t_plen) << plen_shift) | low
         # Pending keys sorted by address: a range, not a scan (bulk loads add many prefixes).
-        i = bisect_left(pending_sorted, lo << 8)
-        while i < len(pending_sorted) and pending_sorted[i] <= ((hi << 8) | 0xFF):
+        i = bisect_left(pending_sorted, first)
+        while i < len(pending_sorted) and pending_sorted[i] <= last:
             v = pending_sorted[i]
-            if (v & 0xFF) > plen:
-                yield ((v >> 8) << 11) | ((v & 0xFF) << 3) | low
+            if (v & t_plen) > plen:
+                yield ((v >> t_shift) << addr_shift) | ((v & t_plen) << plen_shift) | low
             i += 1
 
     # -- committing ----------------------------------------------------------------------------
@@ -553,15 +563,18 @@ class RuleCompiler:
         for r in plan.removed:
             del codes[r.id]
         codes.update(plan.codes)
+        plen_shift, plen_bits, v6_mask = PLEN.shift, PLEN.bits, V6.mask
         for k, ids in plan.own.items():
             had = k in own
             if ids:
                 own[k] = ids[0] if len(ids) == 1 else ids
-                if not had and k and ((k >> 3) & 0xFF) != (128 if k & 4 else 32):
-                    self._remember_trie_key(k)
+                if not had and k:
+                    host = ADDR_BITS_V6 if k & v6_mask else ADDR_BITS_V4
+                    if (k >> plen_shift) & plen_bits != host:  # a prefix: in a trie
+                        self._remember_trie_key(k)
             elif had:
                 del own[k]
-                if _is_lpm(k):
+                if key_is_prefix(k):
                     self._forget_trie_key(k)
         for k, slots in plan.inherit.items():
             if slots:
@@ -604,25 +617,26 @@ class RuleCompiler:
                     self._inherit[k] = tuple(rid for rid, _ in slots)
             counts[table] += 1
             if table in trie:
-                trie[table].append(_trie_int(k))
-        for table, ints in trie.items():
-            self._trie_keys[table] = SortedList(ints)
+                trie[table].append(trie_position(k))
+        t_plen = TRIE_PLEN.bits
+        for table, positions in trie.items():
+            self._trie_keys[table] = SortedList(positions)
             plens = self._trie_plens[table]
-            for v in ints:
-                plens[v & 0xFF] = plens.get(v & 0xFF, 0) + 1
+            for v in positions:
+                plens[v & t_plen] = plens.get(v & t_plen, 0) + 1
 
     def _remember_trie_key(self, k: int) -> None:
         table = _table_of(k)
-        self._trie_keys[table].add(_trie_int(k))
+        self._trie_keys[table].add(trie_position(k))
         plens = self._trie_plens[table]
-        plen = (k >> 3) & 0xFF
+        plen = key_plen(k)
         plens[plen] = plens.get(plen, 0) + 1
 
     def _forget_trie_key(self, k: int) -> None:
         table = _table_of(k)
-        self._trie_keys[table].remove(_trie_int(k))
+        self._trie_keys[table].remove(trie_position(k))
         plens = self._trie_plens[table]
-        plen = (k >> 3) & 0xFF
+        plen = key_plen(k)
         plens[plen] -= 1
         if not plens[plen]:
             del plens[plen]

@@ -21,13 +21,10 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TypeVar
 
-from xdpfw import abi
+from xdpfw import abi, codes
 from xdpfw.errors import InvalidRule
 
 __all__ = [
-    "CODE_SHIFT",
-    "DIR_DST",
-    "DIR_SRC",
     "MAX_RULE_ID",
     "Action",
     "Mode",
@@ -37,11 +34,8 @@ __all__ = [
     "Rule",
     "RuleSpec",
     "code_from_texts",
-    "code_key",
-    "code_rank",
     "code_texts",
     "fast_ipv4",
-    "host_code",
     "parse_network",
     "parse_port_range",
     "parse_src_code",
@@ -50,17 +44,12 @@ __all__ = [
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-MAX_RULE_ID = int(abi.RANK_ID_MASK)
+MAX_RULE_ID = codes.MAX_RULE_ID
 
-# A rule's spec as one int, its "code" (RuleSpec.code()); what the compiler and the service keep
-# per rule instead of objects. From bit 0 up:
-#   0-15 port hi, 16-31 port lo, 32 has ports, 33-40 protocol number, 41-42 verdict,
-#   then, from CODE_SHIFT, the key: 2 bits direction (0 none, DIR_SRC, DIR_DST),
-#   1 bit IPv6, 8 bits prefix length, then the network address.
-# Equal codes <=> same match, action and mode; code >> CODE_SHIFT names the rule's table entry.
-CODE_SHIFT = 43
-DIR_SRC = 1
-DIR_DST = 2
+# A rule's spec as one int, its "code" (RuleSpec.code()), is what the compiler and the service
+# keep per rule instead of objects; its layout is xdpfw.codes'.
+# used by xdpfw/datapath.py until it moves to codes
+CODE_SHIFT, DIR_SRC, DIR_DST = codes.KEY.shift, codes.DIR_SRC, codes.DIR_DST
 
 
 class Action(StrEnum):
@@ -226,24 +215,26 @@ class RuleSpec:
         return self.code()
 
     def code(self) -> int:
-        """The whole spec as one int (layout at `CODE_SHIFT`): compact, hashed in C."""
+        """The whole spec as one int (layout in xdpfw.codes): compact, hashed in C."""
         code = self._code
         if code < 0:
-            net, direction = (self.src, DIR_SRC) if self.src is not None else (self.dst, DIR_DST)
+            net, direction = (
+                (self.src, codes.DIR_SRC) if self.src is not None else (self.dst, codes.DIR_DST)
+            )
             key = 0
             if net is not None:
-                key = (
-                    (int(net.network_address) << 11)
-                    | (net.prefixlen << 3)
-                    | ((net.version == 6) << 2)
-                    | direction
+                key = codes.pack_key(
+                    int(net.network_address),
+                    net.prefixlen,
+                    v6=net.version == 6,
+                    direction=direction,
                 )
             ports = self.dport
-            code = (
-                (key << CODE_SHIFT)
-                | (self.verdict << 41)
-                | ((self.proto.number if self.proto is not None else 0) << 33)
-                | (0 if ports is None else (1 << 32) | (ports.lo << 16) | ports.hi)
+            code = codes.pack(
+                key,
+                self.verdict,
+                self.proto.number if self.proto is not None else 0,
+                None if ports is None else (ports.lo, ports.hi),
             )
             object.__setattr__(self, "_code", code)
         return code
@@ -290,15 +281,7 @@ class Rule(RuleSpec):
         """The 64-bit priority the data plane compares (layout in bpf/xdpfw_abi.h)."""
         rank = self._rank
         if not rank:
-            narrow = 0 if self.dport is None else 65536 - self.dport.width
-            rank = (
-                (self.verdict << 62)
-                | ((self.src.prefixlen if self.src is not None else 0) << 54)
-                | ((self.dst.prefixlen if self.dst is not None else 0) << 46)
-                | ((1 if self.proto is not None else 0) << 45)
-                | (narrow << 29)
-                | (abi.RANK_ID_MASK - self.id)
-            )
+            rank = codes.rank(self.code(), self.id)
             object.__setattr__(self, "_rank", rank)
         return rank
 
@@ -331,42 +314,23 @@ _VERDICT_OF_TEXT = {
     ("allow", "enforce"): abi.VERDICT_ALLOW,
 }
 _VERDICT_TEXTS = {v: (a.value, m.value) for v, (a, m) in _VERDICT_ACTION_MODE.items()}
-_PROTO_PORT_BITS = (1 << 41) - 1  # protocol and ports
 _PROTO_BY_NUMBER = {p.number: p for p in Proto}
 _inet_ntoa = socket.inet_ntoa
-
-
-def code_key(code: int) -> int:
-    """The key part of a code: direction, family, prefix length and address (0: none)."""
-    return code >> CODE_SHIFT
-
-
-def host_code(addr: int, plen: int, *, v6: bool, direction: int, verdict: int) -> int:
-    """The code of a rule naming only a network (a blocklist entry)."""
-    return ((((addr << 8) | plen) << 3 | (v6 << 2) | direction) << CODE_SHIFT) | (verdict << 41)
-
-
-def code_rank(code: int, rule_id: int) -> int:
-    """`Rule.rank()` of the rule with this code and id, without building the rule."""
-    key = code >> CODE_SHIFT
-    plen = (key >> 3) & 0xFF
-    direction = key & 3
-    narrow = 0
-    if (code >> 32) & 1:
-        narrow = 65536 - ((code & 0xFFFF) - ((code >> 16) & 0xFFFF) + 1)
-    return (
-        (((code >> 41) & 3) << 62)
-        | ((plen if direction == DIR_SRC else 0) << 54)
-        | ((plen if direction == DIR_DST else 0) << 46)
-        | ((1 if (code >> 33) & 0xFF else 0) << 45)
-        | (narrow << 29)
-        | (abi.RANK_ID_MASK - rule_id)
-    )
+_net_code = codes.net_code
+_unpack = codes.unpack
+# Bulk loads (a million rules) make rules and texts from codes: they read these fields inline.
+_KEY_SHIFT, _ADDR_SHIFT, _V6_MASK = codes.KEY.shift, codes.ADDR.shift, codes.V6.mask
+_PLEN_SHIFT, _PLEN_BITS = codes.PLEN.shift, codes.PLEN.bits
+_DIR_BITS, _DIR_SRC, _DIR_DST = codes.DIR.bits, codes.DIR_SRC, codes.DIR_DST
+_VERDICT_SHIFT, _VERDICT_BITS = codes.VERDICT.shift, codes.VERDICT.bits
+_TABLE_BITS, _SRC4 = codes.TABLE_BITS, codes.pack_key(0, 0, v6=False, direction=codes.DIR_SRC)
+_PROTO_PORTS = codes.PROTO_PORTS
+_V4_BYTES = codes.ADDR_BITS_V4 // 8
 
 
 def _code_network(key: int) -> Network:
-    addr, plen = key >> 11, (key >> 3) & 0xFF
-    if key & 4:
+    addr, plen = key >> _ADDR_SHIFT, (key >> _PLEN_SHIFT) & _PLEN_BITS
+    if key & _V6_MASK:
         return ipaddress.IPv6Network((addr, plen))
     return ipaddress.IPv4Network((addr, plen))
 
@@ -379,21 +343,17 @@ def rule_from_code(rule_id: int, code: int) -> Rule:
     """
     if not 1 <= rule_id <= MAX_RULE_ID:
         raise InvalidRule("id", f"rule id {rule_id} is out of range 1-{MAX_RULE_ID}")
-    key = code >> CODE_SHIFT
-    direction = key & 3
+    key, verdict, proto, ports = _unpack(code)
+    direction = key & _DIR_BITS
     net = _code_network(key) if direction else None
-    action, mode = _VERDICT_ACTION_MODE[(code >> 41) & 3]
+    action, mode = _VERDICT_ACTION_MODE[verdict]
     rule = _new(Rule)
     _set(rule, "action", action)
     _set(rule, "mode", mode)
-    _set(rule, "src", net if direction == DIR_SRC else None)
-    _set(rule, "dst", net if direction == DIR_DST else None)
-    _set(rule, "proto", _PROTO_BY_NUMBER.get((code >> 33) & 0xFF))
-    _set(
-        rule,
-        "dport",
-        PortRange((code >> 16) & 0xFFFF, code & 0xFFFF) if (code >> 32) & 1 else None,
-    )
+    _set(rule, "src", net if direction == _DIR_SRC else None)
+    _set(rule, "dst", net if direction == _DIR_DST else None)
+    _set(rule, "proto", _PROTO_BY_NUMBER.get(proto))
+    _set(rule, "dport", None if ports is None else PortRange(*ports))
     _set(rule, "_code", code)
     _set(rule, "id", rule_id)
     _set(rule, "_rank", 0)
@@ -405,32 +365,39 @@ _set = object.__setattr__
 
 
 def _network_text(key: int) -> str:
-    if key & 4:
+    if key & _V6_MASK:
         return _code_network(key).with_prefixlen
-    return f"{socket.inet_ntoa((key >> 11).to_bytes(4, 'big'))}/{(key >> 3) & 0xFF}"
+    return _ipv4_text(key)
+
+
+def _ipv4_text(key: int) -> str:
+    addr = (key >> _ADDR_SHIFT).to_bytes(_V4_BYTES, "big")
+    return f"{_inet_ntoa(addr)}/{(key >> _PLEN_SHIFT) & _PLEN_BITS}"
 
 
 def code_texts(
     code: int,
 ) -> tuple[str, str, str | None, str | None, str | None, str | None]:
     """(action, mode, src, dst, proto, dport) as the database and the API spell them."""
-    key = code >> CODE_SHIFT
-    direction = key & 3
-    action, mode = _VERDICT_TEXTS[(code >> 41) & 3]
-    if direction == DIR_SRC and not code & _PROTO_PORT_BITS and not key & 4:  # a blocklist entry
-        src = f"{_inet_ntoa((key >> 11).to_bytes(4, 'big'))}/{(key >> 3) & 0xFF}"
+    key = code >> _KEY_SHIFT
+    action, mode = _VERDICT_TEXTS[(code >> _VERDICT_SHIFT) & _VERDICT_BITS]
+    if key & _TABLE_BITS == _SRC4 and not code & _PROTO_PORTS:  # an IPv4 blocklist entry
+        addr = _inet_ntoa((key >> _ADDR_SHIFT).to_bytes(_V4_BYTES, "big"))
+        src = f"{addr}/{(key >> _PLEN_SHIFT) & _PLEN_BITS}"
         return action, mode, src, None, None, None
+    _, _, number, ports = _unpack(code)
+    direction = key & _DIR_BITS
     net = _network_text(key) if direction else None
-    proto = _PROTO_BY_NUMBER.get((code >> 33) & 0xFF)
+    proto = _PROTO_BY_NUMBER.get(number)
     dport = None
-    if (code >> 32) & 1:
-        lo, hi = (code >> 16) & 0xFFFF, code & 0xFFFF
+    if ports is not None:
+        lo, hi = ports
         dport = str(lo) if lo == hi else f"{lo}-{hi}"
     return (
         action,
         mode,
-        net if direction == DIR_SRC else None,
-        net if direction == DIR_DST else None,
+        net if direction == _DIR_SRC else None,
+        net if direction == _DIR_DST else None,
         proto.value if proto is not None else None,
         dport,
     )
@@ -464,13 +431,13 @@ def parse_src_code(text: str, verdict: int) -> int:
     """The code of a source-network rule, from text; raises InvalidRule like parse_network."""
     fast = fast_ipv4(text.strip())
     if fast is not None:
-        return host_code(fast[0], fast[1], v6=False, direction=DIR_SRC, verdict=verdict)
+        return _net_code(fast[0], fast[1], v6=False, direction=codes.DIR_SRC, verdict=verdict)
     net = parse_network(text, "src")
-    return host_code(
+    return _net_code(
         int(net.network_address),
         net.prefixlen,
         v6=net.version == 6,
-        direction=DIR_SRC,
+        direction=codes.DIR_SRC,
         verdict=verdict,
     )
 
@@ -489,7 +456,7 @@ def code_from_texts(
         fast = fast_ipv4(src) if verdict is not None else None
         if fast is not None:
             assert verdict is not None
-            return host_code(fast[0], fast[1], v6=False, direction=DIR_SRC, verdict=verdict)
+            return _net_code(fast[0], fast[1], v6=False, direction=codes.DIR_SRC, verdict=verdict)
     return RuleSpec.parse(
         action=action, mode=mode, src=src, dst=dst, proto=proto, dport=dport
     ).code()
