@@ -154,10 +154,11 @@ def lines_of(text: str) -> list[str]:
 
 @dataclass
 class Scan:
-    """Every address line of a list, repeats included, in line order: its number, its network
-    in canonical CIDR text, and the code of a source rule for it with verdict `verdict`."""
+    """Every address line of a list, repeats included, in line order: its number and its
+    network, either in canonical CIDR text (`cidrs`, for sending) or, when a verdict was given,
+    as the code of a source rule with that verdict (`codes`, for the service)."""
 
-    verdict: int
+    verdict: int | None
     linenos: list[int] = field(default_factory=list)
     cidrs: list[str] = field(default_factory=list)
     codes: list[int] = field(default_factory=list)
@@ -166,7 +167,7 @@ class Scan:
     kinds: set[str] = field(default_factory=set)
 
 
-def scan(lines: Iterable[str], verdict: int = abi.VERDICT_DROP) -> Scan:
+def scan(lines: Iterable[str], verdict: int | None = None) -> Scan:
     """Parse a list line by line; never raises for bad content (bad lines land in `rejected`).
 
     Numbering: the first line is 1; pass `lines_of(text)` for a text.
@@ -192,31 +193,35 @@ def scan(lines: Iterable[str], verdict: int = abi.VERDICT_DROP) -> Scan:
             text = found
             fast = fast_ipv4(text)
         if fast is not None:
-            addr, _, plen = text.partition("/")
-            if not plen:
-                cidr = text + "/32"
-            elif plen == str(fast[1]):
-                cidr = text
-            else:  # a prefix length with a leading zero
-                cidr = f"{addr}/{fast[1]}"
-            code = host_code(fast[0], fast[1], v6=False, direction=DIR_SRC, verdict=verdict)
+            if verdict is not None:
+                add_code(host_code(fast[0], fast[1], v6=False, direction=DIR_SRC, verdict=verdict))
+            else:
+                addr, _, plen = text.partition("/")
+                if not plen:
+                    add_cidr(text + "/32")
+                elif plen == str(fast[1]):
+                    add_cidr(text)
+                else:  # a prefix length with a leading zero
+                    add_cidr(f"{addr}/{fast[1]}")
         else:
             try:
                 net = parse_network(text, "src")
             except InvalidRule as exc:
                 out.rejected.append(Rejected(lineno, line.strip(), exc.problem))
                 continue
-            cidr = net.with_prefixlen
-            code = host_code(
-                int(net.network_address),
-                net.prefixlen,
-                v6=net.version == 6,
-                direction=DIR_SRC,
-                verdict=verdict,
-            )
+            if verdict is not None:
+                add_code(
+                    host_code(
+                        int(net.network_address),
+                        net.prefixlen,
+                        v6=net.version == 6,
+                        direction=DIR_SRC,
+                        verdict=verdict,
+                    )
+                )
+            else:
+                add_cidr(net.with_prefixlen)
         add_line(lineno)
-        add_cidr(cidr)
-        add_code(code)
     out.lines = lineno
     return out
 
