@@ -24,7 +24,7 @@ router = APIRouter(
 
 @router.get("", response_model=list[InterfaceOut], dependencies=[ReadAccess])
 def list_interfaces(svc: ServiceDep) -> list[InterfaceOut]:
-    """Wanted interfaces (database) and actual attachments, merged."""
+    # wanted (database) and attached interfaces, merged; no docstring: the OpenAPI has none
     return [InterfaceOut.of_state(i) for i in svc.interface_states()]
 
 
