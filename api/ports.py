@@ -8,7 +8,7 @@ tests/fakes.py has an in-memory stand-in, so the API can be tested without root 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -74,3 +74,10 @@ class DatapathPort(Protocol):
     def detach(self, ifname: str) -> None: ...
 
     def attachments(self) -> list[Attachment]: ...
+
+
+if TYPE_CHECKING:
+    from xdpfw.datapath import Datapath
+
+    def _the_real_datapath_fits(dp: Datapath) -> DatapathPort:  # checked by mypy, never run
+        return dp
