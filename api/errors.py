@@ -12,7 +12,7 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
+from starlette.routing import Match, Route
 
 from xdpfw import errors as e
 
@@ -75,6 +75,9 @@ async def _handle(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(_body(exc), status_code=code)
 
 
+_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+
+
 async def _method_not_allowed(request: Request, exc: Exception) -> Response:
     """405 with an Allow header naming every method the path has (Starlette names one route's)."""
     assert isinstance(exc, StarletteHTTPException)
@@ -82,10 +85,14 @@ async def _method_not_allowed(request: Request, exc: Exception) -> Response:
         return await http_exception_handler(request, exc)
     allowed: set[str] = set()
     for route in request.app.routes:
-        if isinstance(route, APIRoute) and route.methods:
-            match, _ = route.matches({**request.scope, "method": next(iter(route.methods))})
+        # API routes only (not /docs or /openapi.json); FastAPI >= 0.16x nests each included
+        # router's routes in one route object, so ask each route about each method.
+        if isinstance(route, Route) and not isinstance(route, APIRoute):
+            continue
+        for method in _METHODS:
+            match, _ = route.matches({**request.scope, "method": method})
             if match is Match.FULL:
-                allowed |= route.methods
+                allowed.add(method)
     return JSONResponse(
         {"detail": "Method Not Allowed"},
         status_code=405,

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from api.service import InterfaceState, NewRule
 from api.store import StoredRule
 from xdpfw.datapath import Attachment, GlobalCounters, RuleCounters
+from xdpfw.errors import InvalidRule
+from xdpfw.importers import bad_summary
 from xdpfw.rules import RuleSpec
 
 __all__ = [
@@ -23,6 +27,8 @@ __all__ = [
     "StatsOut",
     "TableUsage",
     "TotalsOut",
+    "bulk_rules",
+    "decode_text",
     "iso",
 ]
 
@@ -92,6 +98,41 @@ class RuleIn(BaseModel):
             proto=self.proto,
             dport=self.dport,
         )
+
+
+def bulk_rules(raw: bytes, force: bool) -> list[NewRule]:
+    """A JSON bulk body (an array of RuleIn) -> rules; InvalidRule naming every bad element."""
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise InvalidRule("body", f"not JSON: {exc}") from exc
+    if not isinstance(data, list) or not data:
+        raise InvalidRule("body", "expected a non-empty JSON array of rules (or text/plain)")
+    items: list[NewRule] = []
+    bad: list[tuple[int, str]] = []
+    for i, obj in enumerate(data):
+        try:
+            body = RuleIn.model_validate(obj)
+            items.append(
+                NewRule(body.spec(), body.comment, body.ttl_seconds, body.force or force)
+            )
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "rule"
+            bad.append((i, f"{where}: {first['msg']}"))
+        except InvalidRule as exc:
+            bad.append((i, str(exc)))
+    if bad:
+        raise InvalidRule("body", bad_summary("element", bad))
+    return items
+
+
+def decode_text(raw: bytes) -> str:
+    """A text/plain body as text; InvalidRule when it is not UTF-8."""
+    try:
+        return raw.decode()
+    except UnicodeDecodeError as exc:
+        raise InvalidRule("body", f"not UTF-8 text: {exc}") from exc
 
 
 class RuleCountersOut(BaseModel):
@@ -196,6 +237,12 @@ class InterfaceOut(BaseModel):
     @classmethod
     def of(cls, a: Attachment) -> InterfaceOut:
         return cls(name=a.ifname, attached=True, mode=a.mode, prog_id=a.prog_id, ifindex=a.ifindex)
+
+    @classmethod
+    def of_state(cls, i: InterfaceState) -> InterfaceOut:
+        return cls(
+            name=i.name, attached=i.attached, mode=i.mode, prog_id=i.prog_id, ifindex=i.ifindex
+        )
 
 
 class TableUsage(BaseModel):

@@ -14,11 +14,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from api.store import Store, StoredRule
-from xdpfw import abi
+from api.ports import CounterArrays, DatapathPort
+from api.store import PROTECT_BASE, PROTECT_IDS, Store, StoredRule, is_protected_id
+from xdpfw import abi, importers
 from xdpfw import codes as wire  # the rule wire format ("codes" names the rules here)
 from xdpfw.compiler import gc_paused
-from xdpfw.datapath import Attachment, Datapath, GlobalCounters, RuleCounters
+from xdpfw.datapath import Attachment, GlobalCounters, RuleCounters
 from xdpfw.errors import InterfaceNotFound, InvalidRule, RuleConflict, RuleNotFound
 from xdpfw.rules import (
     MAX_RULE_ID,
@@ -28,7 +29,17 @@ from xdpfw.rules import (
     rule_from_code,
 )
 
-__all__ = ["BulkResult", "FirewallService", "NewCodes", "NewRule"]
+__all__ = [
+    "PROTECT_BASE",
+    "BulkResult",
+    "FirewallService",
+    "Health",
+    "InterfaceState",
+    "NewCodes",
+    "NewList",
+    "NewRule",
+    "is_protected_id",
+]
 
 log = logging.getLogger("xdpfw.service")
 
@@ -53,24 +64,61 @@ class NewCodes:
 
 
 @dataclass(frozen=True)
+class NewList:
+    """A blocklist body (one address or CIDR per line, see xdpfw.importers) whose rules share
+    one action, mode, comment, TTL and force."""
+
+    text: str
+    action: str = "drop"
+    mode: str = "enforce"
+    comment: str = ""
+    ttl_seconds: int | None = None
+    force: bool = False
+
+
+@dataclass(frozen=True)
 class BulkResult:
     added: list[StoredRule]
     duplicates: list[int]  # ids of existing identical rules
 
 
-# Protected prefixes become allow rules with ids from the top of the id space, far above what
-# the database's AUTOINCREMENT will reach; they live in the maps only, never in the database.
-PROTECT_IDS = 4096
-PROTECT_BASE = MAX_RULE_ID - PROTECT_IDS + 1
+@dataclass(frozen=True)
+class InterfaceState:
+    """A wanted (database) or actual (attached) interface; prog_id and ifindex 0 when not
+    attached."""
+
+    name: str
+    attached: bool
+    mode: str  # native|generic when attached, else the requested mode
+    prog_id: int
+    ifindex: int
+
+    @classmethod
+    def of(cls, a: Attachment) -> InterfaceState:
+        return cls(a.ifname, True, a.mode, a.prog_id, a.ifindex)
 
 
-def is_protected_id(rule_id: int) -> bool:
-    return rule_id >= PROTECT_BASE
+@dataclass(frozen=True)
+class Health:
+    prog_id: int
+    adopted: bool
+    rules: int  # user rules (protected prefixes not counted)
+    protected: list[str]
+    interfaces: list[InterfaceState]
+    capacity: dict[str, tuple[int, int]]  # table -> (entries, capacity)
+
+    @property
+    def ok(self) -> bool:
+        """Every wanted interface runs our program (and there is at least one)."""
+        return bool(self.interfaces) and all(i.attached for i in self.interfaces)
 
 
 class FirewallService:
+    """The face the routes use: rules, counters, interfaces and health. Routes never reach
+    through it into the datapath (`self.dp`, a `DatapathPort`)."""
+
     def __init__(
-        self, datapath: Datapath, store: Store, protect: Sequence[str] = ()
+        self, datapath: DatapathPort, store: Store, protect: Sequence[str] = ()
     ) -> None:
         self.dp = datapath
         self.store = store
@@ -150,10 +198,6 @@ class FirewallService:
         if new:
             self.dp.add_rules(new)
 
-    def check_protected(self, spec: RuleSpec) -> None:
-        """Refuse an enforcing drop rule that covers or overlaps a protected prefix."""
-        self._check_protected_code(spec.code())
-
     def _check_protected_code(self, code: int) -> None:
         if wire.verdict(code) != abi.VERDICT_DROP or not self.protected:
             return
@@ -204,6 +248,13 @@ class FirewallService:
             [item.comment for item in items],
             [item.ttl_seconds for item in items],
             [item.force for item in items],
+        )
+
+    def bulk_add_list(self, batch: NewList) -> BulkResult:
+        """`bulk_add` for a blocklist body; InvalidRule naming every bad line, nothing added."""
+        codes = importers.list_codes(batch.text, batch.action, batch.mode)
+        return self.bulk_add_codes(
+            NewCodes(codes, batch.comment, batch.ttl_seconds, batch.force)
         )
 
     def bulk_add_codes(self, batch: NewCodes) -> BulkResult:
@@ -307,13 +358,35 @@ class FirewallService:
         if self._sweeper is not None:
             self._sweeper.join(timeout=5)
 
-    # -- counters ------------------------------------------------------------------------------
+    # -- counters and health ------------------------------------------------------------------
 
     def counters(self, rule_ids: Sequence[int] | None = None) -> dict[int, RuleCounters]:
         return self.dp.rule_counters(rule_ids)
 
+    def top_counters(self, n: int | None = None) -> list[tuple[int, RuleCounters]]:
+        """Rules by packets, most first (ties: lower id first); the first n, or all."""
+        return self.dp.top_counters(n)
+
+    def counter_arrays(self) -> CounterArrays:
+        """(rule ids, packets, bytes, last hit ns) of every rule: /metrics without objects."""
+        return self.dp.counter_arrays()
+
     def totals(self) -> GlobalCounters:
         return self.dp.global_counters()
+
+    def table_usage(self) -> dict[str, tuple[int, int]]:
+        """(entries, capacity) per kernel table, plus `rules` and `xdpfw_sets`."""
+        return self.dp.table_usage()
+
+    def health(self) -> Health:
+        return Health(
+            prog_id=self.dp.prog_id,
+            adopted=self.dp.adopted,
+            rules=len(self.dp.compiler) - len(self.protected),
+            protected=[p.src.with_prefixlen for p in self.protected if p.src is not None],
+            interfaces=self.interface_states(),
+            capacity=self.table_usage(),
+        )
 
     # -- interfaces ----------------------------------------------------------------------------
 
@@ -337,3 +410,16 @@ class FirewallService:
     def interfaces(self) -> dict[str, str]:
         with self.lock:
             return self.store.interfaces()
+
+    def attachments(self) -> list[Attachment]:
+        """Interfaces where our program is attached now."""
+        return self.dp.attachments()
+
+    def interface_states(self) -> list[InterfaceState]:
+        """Wanted interfaces (database) and actual attachments, merged, by name."""
+        attached = {a.ifname: a for a in self.attachments()}
+        out = [InterfaceState.of(a) for a in attached.values()]
+        for name, mode in sorted(self.interfaces().items()):
+            if name not in attached:
+                out.append(InterfaceState(name, False, mode, 0, 0))
+        return sorted(out, key=lambda i: i.name)

@@ -17,10 +17,28 @@ from pathlib import Path
 from xdpfw.errors import CapacityExceeded
 from xdpfw.rules import MAX_RULE_ID, Rule, RuleSpec, code_from_texts, code_texts
 
-__all__ = ["SCHEMA_VERSION", "Store", "StoredRule"]
+__all__ = [
+    "ID_LIMIT",
+    "PROTECT_BASE",
+    "PROTECT_IDS",
+    "SCHEMA_VERSION",
+    "Store",
+    "StoredRule",
+    "is_protected_id",
+]
 
 SCHEMA_VERSION = 1
-ID_LIMIT = MAX_RULE_ID - 4096  # the ids above are the service's protected-prefix rules
+
+# The rule id space. The database hands out ids up to ID_LIMIT; the PROTECT_IDS ids above are
+# reserved for the service's protected-prefix allow rules, which live in the maps only.
+PROTECT_IDS = 4096
+PROTECT_BASE = MAX_RULE_ID - PROTECT_IDS + 1
+ID_LIMIT = PROTECT_BASE - 1
+
+
+def is_protected_id(rule_id: int) -> bool:
+    """A reserved id: a protected prefix's rule, never in the database nor in listings."""
+    return rule_id >= PROTECT_BASE
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -156,20 +174,6 @@ class Store:
     def all(self) -> list[StoredRule]:
         return [_row_to_rule(r) for r in self._db.execute("SELECT * FROM rules ORDER BY id")]
 
-    def meta_of(self, rule_ids: Iterable[int]) -> dict[int, tuple[str, float, float | None]]:
-        """(comment, created_at, expires_at) per id, without re-parsing the rules."""
-        out: dict[int, tuple[str, float, float | None]] = {}
-        ids = list(rule_ids)
-        for i in range(0, len(ids), 500):
-            chunk = ids[i : i + 500]
-            marks = ",".join("?" * len(chunk))
-            for row in self._db.execute(
-                f"SELECT id, comment, created_at, expires_at FROM rules WHERE id IN ({marks})",
-                chunk,
-            ):
-                out[row["id"]] = (row["comment"], row["created_at"], row["expires_at"])
-        return out
-
     def count(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) AS n FROM rules").fetchone()["n"])
 
@@ -181,10 +185,6 @@ class Store:
             (now,),
         )
         return [r["id"] for r in rows]
-
-    def next_expiry(self) -> float | None:
-        row = self._db.execute("SELECT MIN(expires_at) AS e FROM rules").fetchone()
-        return row["e"] if row is not None else None
 
     # -- interfaces ----------------------------------------------------------------------------
 

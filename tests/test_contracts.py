@@ -60,13 +60,9 @@ def test_global_counters_and_model_outcome_name_every_counter() -> None:
     }
 
 
-class _Dp:
+class _Svc:
     def table_usage(self) -> dict[str, tuple[int, int]]:
         return {"rules": (3, 8192)}
-
-
-class _Svc:
-    dp = _Dp()
 
     def totals(self) -> GlobalCounters:
         return GlobalCounters(*range(1, len(NAMES) + 1))

@@ -185,16 +185,20 @@ def test_service_codes_path_reconcile_and_restart(pins: Path, tmp_path: Path) ->
 
 
 def test_text_bulk_fast_path_names_every_bad_line() -> None:
-    from api.routes.rules import _parse_line_codes, _parse_lines
+    from xdpfw.importers import bad_summary, list_codes
 
-    body = b"# list\n198.18.0.1\n198.18.0.1/24 ; host bits\n\n2001:db8::/32\n10.0.0.0/8\nx\n"
+    body = "# list\n198.18.0.1\n198.18.0.1/24 ; host bits\n\n2001:db8::/32\n10.0.0.0/8\nx\n"
     with pytest.raises(InvalidRule) as fast:
-        _parse_line_codes(body, abi.VERDICT_DROP)
-    with pytest.raises(InvalidRule) as slow:
-        _parse_lines(body, "drop", "enforce", "", None, False)
-    assert str(fast.value) == str(slow.value)
+        list_codes(body, "drop", "enforce")
+    slow: list[tuple[int, str]] = []  # what RuleSpec.parse says of each bad line
+    for lineno, entry in ((3, "198.18.0.1/24"), (7, "x")):
+        with pytest.raises(InvalidRule) as exc:
+            RuleSpec.parse(action="drop", mode="enforce", src=entry)
+        slow.append((lineno, exc.value.problem))
+    assert str(fast.value) == str(InvalidRule("body", bad_summary("line", slow)))
     assert "2 invalid line(s): 3, 7 --" in str(fast.value)
-    good = b"198.18.0.1\n2001:db8::/32 # v6\n10.0.0.0/8\n"
-    assert _parse_line_codes(good, abi.VERDICT_MONITOR) == [
-        item.spec.code() for item in _parse_lines(good, "drop", "monitor", "", None, False)
+    good = "198.18.0.1\n2001:db8::/32 # v6\n10.0.0.0/8\n"
+    assert list_codes(good, "drop", "monitor") == [
+        RuleSpec.parse(action="drop", mode="monitor", src=src).code()
+        for src in ("198.18.0.1", "2001:db8::/32", "10.0.0.0/8")
     ]

@@ -1,4 +1,4 @@
-"""Blocklist files -> validated networks, client-side, so every bad line can be named.
+"""Blocklists -> validated networks, for the CLI and the API, so every bad line can be named.
 
 Accepted, in one pass (the formats mix freely; nothing depends on the file name):
 
@@ -11,6 +11,12 @@ Accepted, in one pass (the formats mix freely; nothing depends on the file name)
 `#` and `;` start a comment anywhere on a line; blank lines are skipped. A bare address means
 /32 or /128. A CIDR with host bits set is rejected (as the API would), with the line number and
 the reason. Repeats of a network within the file are reported and sent once.
+
+This is the one blocklist parser: the CLI (`xdpfw import`) parses files with `parse_blocklist`
+and the API parses `text/plain` bulk bodies with `list_codes`, both through `scan`, so a line
+is accepted, refused and numbered the same way on either side. Lines are split on "\\n" only
+(`lines_of`; a trailing "\\r" is dropped): `str.splitlines` also splits on "\\r", "\\v", "\\f",
+"\\x1c"-"\\x1e", "\\x85", "\\u2028" and "\\u2029", which would shift every line number after one.
 """
 
 from __future__ import annotations
@@ -21,17 +27,24 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from xdpfw import abi
+from xdpfw.codes import DIR_SRC, net_code
 from xdpfw.errors import InvalidRule
-from xdpfw.rules import Network, fast_ipv4, parse_network
+from xdpfw.rules import Network, RuleSpec, fast_ipv4, parse_network
 
 __all__ = [
     "Entry",
     "ParsedList",
     "Rejected",
+    "Scan",
+    "bad_summary",
     "body",
     "chunks",
     "entry_text",
+    "lines_of",
+    "list_codes",
     "parse_blocklist",
+    "scan",
 ]
 
 
@@ -132,10 +145,36 @@ def _note_kind(line: str, kinds: set[str]) -> None:
         kinds.add("Spamhaus DROP JSON")
 
 
-def parse_blocklist(lines: Iterable[str]) -> ParsedList:
-    """Parse a blocklist; never raises for bad content (bad lines land in `rejected`)."""
-    out = ParsedList()
-    first: dict[str, int] = {}
+def lines_of(text: str) -> list[str]:
+    """The lines of a text as every xdpfw parser numbers them: split on "\\n" only."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines
+
+
+@dataclass
+class Scan:
+    """Every address line of a list, repeats included, in line order: its number and its
+    network, either in canonical CIDR text (`cidrs`, for sending) or, when a verdict was given,
+    as the code of a source rule with that verdict (`codes`, for the service)."""
+
+    verdict: int | None
+    linenos: list[int] = field(default_factory=list)
+    cidrs: list[str] = field(default_factory=list)
+    codes: list[int] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+    lines: int = 0
+    kinds: set[str] = field(default_factory=set)
+
+
+def scan(lines: Iterable[str], verdict: int | None = None) -> Scan:
+    """Parse a list line by line; never raises for bad content (bad lines land in `rejected`).
+
+    Numbering: the first line is 1; pass `lines_of(text)` for a text.
+    """
+    out = Scan(verdict)
+    add_line, add_cidr, add_code = out.linenos.append, out.cidrs.append, out.codes.append
     lineno = 0
     for lineno, raw in enumerate(lines, 1):
         line = raw.rstrip("\r\n")
@@ -155,27 +194,87 @@ def parse_blocklist(lines: Iterable[str]) -> ParsedList:
             text = found
             fast = fast_ipv4(text)
         if fast is not None:
-            addr, _, plen = text.partition("/")
-            if not plen:
-                cidr = text + "/32"
-            elif plen == str(fast[1]):
-                cidr = text
-            else:  # a prefix length with a leading zero
-                cidr = f"{addr}/{fast[1]}"
+            if verdict is not None:
+                add_code(net_code(fast[0], fast[1], v6=False, direction=DIR_SRC, verdict=verdict))
+            else:
+                addr, _, plen = text.partition("/")
+                if not plen:
+                    add_cidr(text + "/32")
+                elif plen == str(fast[1]):
+                    add_cidr(text)
+                else:  # a prefix length with a leading zero
+                    add_cidr(f"{addr}/{fast[1]}")
         else:
             try:
-                cidr = parse_network(text, "src").with_prefixlen
+                net = parse_network(text, "src")
             except InvalidRule as exc:
                 out.rejected.append(Rejected(lineno, line.strip(), exc.problem))
                 continue
+            if verdict is not None:
+                add_code(
+                    net_code(
+                        int(net.network_address),
+                        net.prefixlen,
+                        v6=net.version == 6,
+                        direction=DIR_SRC,
+                        verdict=verdict,
+                    )
+                )
+            else:
+                add_cidr(net.with_prefixlen)
+        add_line(lineno)
+    out.lines = lineno
+    return out
+
+
+def parse_blocklist(lines: Iterable[str]) -> ParsedList:
+    """Parse a blocklist; never raises for bad content (bad lines land in `rejected`)."""
+    found = scan(lines)
+    out = ParsedList(rejected=found.rejected, lines=found.lines, kinds=found.kinds)
+    first: dict[str, int] = {}
+    new = tuple.__new__  # Entry(lineno, cidr) without NamedTuple's Python-level __new__
+    for lineno, cidr in zip(found.linenos, found.cidrs, strict=True):
         seen = first.get(cidr)
         if seen is not None:
             out.repeats.append((lineno, seen))
             continue
         first[cidr] = lineno
-        out.entries.append(Entry(lineno, cidr))
-    out.lines = lineno
+        out.entries.append(new(Entry, (lineno, cidr)))
     return out
+
+
+_ANY_SOURCE = "0.0.0.0/0"  # checks an action and mode on their own
+
+
+def list_codes(text: str, action: str = "drop", mode: str = "enforce") -> list[int]:
+    """A bulk body -> the code of a source rule per address line, repeats included, in line
+    order (the service reports repeats as duplicates).
+
+    Raises InvalidRule (field "body") naming every bad line, or when no line has an address.
+    An action and mode that cannot go together make every address line bad.
+    """
+    try:
+        verdict = RuleSpec.parse(action=action, mode=mode, src=_ANY_SOURCE).verdict
+        problem = None
+    except InvalidRule as exc:
+        verdict, problem = abi.VERDICT_DROP, exc.problem
+    found = scan(lines_of(text), verdict)
+    bad = [(r.lineno, r.reason) for r in found.rejected]
+    if problem is not None:
+        bad = sorted(bad + [(n, problem) for n in found.linenos])
+    if bad:
+        raise InvalidRule("body", bad_summary("line", bad))
+    if not found.codes:
+        raise InvalidRule("body", "no addresses in the body")
+    return found.codes
+
+
+def bad_summary(what: str, bad: Sequence[tuple[int, str]], show: int = 100) -> str:
+    """Every bad line (or element) number, and the problem of the first `show` of them."""
+    where = ", ".join(str(n) for n, _ in bad)
+    detail = "; ".join(f"{what} {n}: {problem}" for n, problem in bad[:show])
+    more = f"; ... {len(bad) - show} more" if len(bad) > show else ""
+    return f"nothing added; {len(bad)} invalid {what}(s): {where} -- {detail}{more}"
 
 
 def chunks(entries: Sequence[Entry], size: int) -> Iterator[Sequence[Entry]]:

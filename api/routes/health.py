@@ -6,8 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from api.deps import ServiceDep
-from api.models import HealthOut, TableUsage
-from api.routes.interfaces import interface_states
+from api.models import HealthOut, InterfaceOut, TableUsage
 
 __all__ = ["router"]
 
@@ -21,18 +20,17 @@ router = APIRouter(tags=["health"])
 )
 def healthz(svc: ServiceDep) -> JSONResponse:
     """200 when every wanted interface runs our program; 503 otherwise. Needs no token."""
-    ifaces = interface_states(svc)
-    ok = bool(ifaces) and all(i.attached for i in ifaces)
+    health = svc.health()
     body = HealthOut(
-        status="ok" if ok else "degraded",
-        prog_id=svc.dp.prog_id,
-        adopted=svc.dp.adopted,
-        rules=len(svc.dp.compiler) - len(svc.protected),
-        protected=[p.src.with_prefixlen for p in svc.protected if p.src is not None],
-        interfaces=ifaces,
+        status="ok" if health.ok else "degraded",
+        prog_id=health.prog_id,
+        adopted=health.adopted,
+        rules=health.rules,
+        protected=health.protected,
+        interfaces=[InterfaceOut.of_state(i) for i in health.interfaces],
         capacity={
             name: TableUsage(entries=used, capacity=cap)
-            for name, (used, cap) in svc.dp.table_usage().items()
+            for name, (used, cap) in health.capacity.items()
         },
     )
-    return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+    return JSONResponse(body.model_dump(), status_code=200 if health.ok else 503)

@@ -15,26 +15,17 @@ from api.deps import (
 )
 from api.models import InterfaceIn, InterfaceOut
 
-__all__ = ["interface_states", "router"]
+__all__ = ["router"]
 
 router = APIRouter(
     prefix="/v1/interfaces", tags=["interfaces"], responses={**AUTH_RESPONSES, **ERROR_RESPONSES}
 )
 
 
-def interface_states(svc: ServiceDep) -> list[InterfaceOut]:
-    """Wanted interfaces (database) and actual attachments, merged."""
-    attached = {a.ifname: a for a in svc.dp.attachments()}
-    out = [InterfaceOut.of(a) for a in attached.values()]
-    for name, mode in sorted(svc.interfaces().items()):
-        if name not in attached:
-            out.append(InterfaceOut(name=name, attached=False, mode=mode, prog_id=0, ifindex=0))
-    return sorted(out, key=lambda i: i.name)
-
-
 @router.get("", response_model=list[InterfaceOut], dependencies=[ReadAccess])
 def list_interfaces(svc: ServiceDep) -> list[InterfaceOut]:
-    return interface_states(svc)
+    # wanted (database) and attached interfaces, merged; no docstring: the OpenAPI has none
+    return [InterfaceOut.of_state(i) for i in svc.interface_states()]
 
 
 @router.post(

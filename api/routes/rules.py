@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Request, Response, status
+from starlette.concurrency import run_in_threadpool
 
 from api.deps import (
     AUTH_RESPONSES,
@@ -15,11 +16,9 @@ from api.deps import (
     ServiceDep,
     WriteAccess,
 )
-from api.models import MAX_TTL, BulkOut, RuleIn, RuleOut, RulePage
-from api.service import BulkResult, NewCodes, NewRule
-from xdpfw import abi
-from xdpfw.errors import InvalidRule
-from xdpfw.rules import MAX_RULE_ID, RuleSpec, parse_src_code
+from api.models import MAX_TTL, BulkOut, RuleIn, RuleOut, RulePage, bulk_rules, decode_text
+from api.service import BulkResult, NewList, NewRule
+from xdpfw.rules import MAX_RULE_ID
 
 __all__ = ["router"]
 
@@ -142,22 +141,14 @@ async def bulk_add(
     query). One bad line or element -> 422 naming every bad line, and nothing changes.
     Rules identical to existing ones are skipped and reported in `duplicate_ids`.
     """
-    from starlette.concurrency import run_in_threadpool
-
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     raw = await request.body()
     result: BulkResult
     if ctype == "text/plain":
-        verdict = _VERDICTS.get((action, mode))
-        if verdict is not None:
-            codes = await run_in_threadpool(_parse_line_codes, raw, verdict)
-            batch = NewCodes(codes, comment, ttl_seconds, force)
-            result = await run_in_threadpool(svc.bulk_add_codes, batch)
-        else:  # allow + monitor: every line gets the same error, from the general parser
-            items = _parse_lines(raw, action, mode, comment, ttl_seconds, force)
-            result = await run_in_threadpool(svc.bulk_add, items)
+        batch = NewList(decode_text(raw), action, mode, comment, ttl_seconds, force)
+        result = await run_in_threadpool(svc.bulk_add_list, batch)
     else:
-        items = _parse_json(raw, force)
+        items = bulk_rules(raw, force)
         result = await run_in_threadpool(svc.bulk_add, items)
     return BulkOut(
         added=len(result.added),
@@ -165,97 +156,3 @@ async def bulk_add(
         ids=[s.id for s in result.added],
         duplicate_ids=result.duplicates,
     )
-
-
-_VERDICTS = {
-    ("drop", "enforce"): abi.VERDICT_DROP,
-    ("drop", "monitor"): abi.VERDICT_MONITOR,
-    ("allow", "enforce"): abi.VERDICT_ALLOW,
-}
-
-
-def _decode(raw: bytes) -> str:
-    try:
-        return raw.decode()
-    except UnicodeDecodeError as exc:
-        raise InvalidRule("body", f"not UTF-8 text: {exc}") from exc
-
-
-def _parse_line_codes(raw: bytes, verdict: int) -> list[int]:
-    """A text/plain body -> one code per address line (the fast path of `_parse_lines`)."""
-    codes: list[int] = []
-    bad: list[tuple[int, str]] = []
-    for lineno, line in enumerate(_decode(raw).splitlines(), 1):
-        entry = line.split("#", 1)[0].split(";", 1)[0].strip()
-        if not entry:
-            continue
-        try:
-            codes.append(parse_src_code(entry, verdict))
-        except InvalidRule as exc:
-            bad.append((lineno, exc.problem))
-    if bad:
-        raise InvalidRule("body", _bad_summary("line", bad))
-    if not codes:
-        raise InvalidRule("body", "no addresses in the body")
-    return codes
-
-
-def _parse_lines(
-    raw: bytes, action: str, mode: str, comment: str, ttl: int | None, force: bool
-) -> list[NewRule]:
-    items: list[NewRule] = []
-    bad: list[tuple[int, str]] = []
-    for lineno, line in enumerate(_decode(raw).splitlines(), 1):
-        entry = line.split("#", 1)[0].split(";", 1)[0].strip()
-        if not entry:
-            continue
-        try:
-            spec = RuleSpec.parse(action=action, mode=mode, src=entry)
-        except InvalidRule as exc:
-            bad.append((lineno, exc.problem))
-            continue
-        items.append(NewRule(spec, comment, ttl, force))
-    if bad:
-        raise InvalidRule("body", _bad_summary("line", bad))
-    if not items:
-        raise InvalidRule("body", "no addresses in the body")
-    return items
-
-
-def _parse_json(raw: bytes, force: bool) -> list[NewRule]:
-    import json
-
-    from pydantic import ValidationError
-
-    try:
-        data = json.loads(raw)
-    except ValueError as exc:
-        raise InvalidRule("body", f"not JSON: {exc}") from exc
-    if not isinstance(data, list) or not data:
-        raise InvalidRule("body", "expected a non-empty JSON array of rules (or text/plain)")
-    items: list[NewRule] = []
-    bad: list[tuple[int, str]] = []
-    for i, obj in enumerate(data):
-        try:
-            body = RuleIn.model_validate(obj)
-            items.append(
-                NewRule(body.spec(), body.comment, body.ttl_seconds, body.force or force)
-            )
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "rule"
-            bad.append((i, f"{where}: {first['msg']}"))
-        except InvalidRule as exc:
-            bad.append((i, str(exc)))
-    if bad:
-        raise InvalidRule("body", _bad_summary("element", bad))
-    return items
-
-
-def _bad_summary(what: str, bad: list[tuple[int, str]], show: int = 100) -> str:
-    """Every bad line number, and the problem of the first `show` of them."""
-    where = ", ".join(str(n) for n, _ in bad)
-    detail = "; ".join(f"{what} {n}: {problem}" for n, problem in bad[:show])
-    more = f"; ... {len(bad) - show} more" if len(bad) > show else ""
-    return f"nothing added; {len(bad)} invalid {what}(s): {where} -- {detail}{more}"
-

@@ -35,7 +35,7 @@ def stats(
 ) -> StatsOut:
     """Totals and per-rule counters, busiest rule first (`top=N` keeps the first N)."""
     totals = svc.totals()
-    ranked = svc.dp.top_counters(top)
+    ranked = svc.top_counters(top)
     return StatsOut(
         totals=TotalsOut.of(totals),
         rules=[
@@ -68,7 +68,7 @@ class _Collector(Collector):
             "xdpfw_table_entries", "Entries in each table", labels=["table"]
         )
         cap = GaugeMetricFamily("xdpfw_table_capacity", "Capacity of each table", labels=["table"])
-        for name, (used, limit) in self.svc.dp.table_usage().items():
+        for name, (used, limit) in self.svc.table_usage().items():
             usage.add_metric([name], used)
             cap.add_metric([name], limit)
         yield usage
@@ -94,7 +94,7 @@ def _rule_metrics(svc: FirewallService) -> bytes:
     Written directly from the counter arrays: a million rules are two million samples, too
     many to build as Python metric objects on every scrape.
     """
-    ids, packets, nbytes, _ = svc.dp.counter_arrays()
+    ids, packets, nbytes, _ = svc.counter_arrays()
     order = ids.argsort(kind="stable")
     labels = [f'{{rule_id="{rid}"}} ' for rid in ids[order].tolist()]
     out = []

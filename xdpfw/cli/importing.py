@@ -50,14 +50,6 @@ def _read_input(name: str) -> str:
     return raw.decode("utf-8", errors="replace")
 
 
-def _lines(text: str) -> list[str]:
-    """Split on \\n only (str.splitlines also splits on \\f, \\v, ... and shifts line numbers)."""
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return lines
-
-
 def cmd_import(args: argparse.Namespace, api: Client) -> int:
     from xdpfw import importers
     from xdpfw.cli.client import EXIT_USAGE, ClientError
@@ -65,7 +57,7 @@ def cmd_import(args: argparse.Namespace, api: Client) -> int:
     from xdpfw.rules import RuleSpec
 
     name = "<stdin>" if args.file == "-" else args.file
-    parsed = importers.parse_blocklist(_lines(_read_input(args.file)))
+    parsed = importers.parse_blocklist(importers.lines_of(_read_input(args.file)))
     mode = "monitor" if args.monitor else "enforce"
     if parsed.entries:
         try:  # the options once, with a real entry, by the same code the API runs

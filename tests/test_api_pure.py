@@ -1,0 +1,498 @@
+"""The REST API below e2e: the real app, service and SQLite store over an in-memory datapath.
+
+No root, no bcc: tests/fakes.py stands in for the kernel side (its plans are the real
+compiler's). What tests/test_e2e_api.py proves with a server process and packets, these prove
+for the API's own logic: auth, the error table, adds, bulk loads, TTLs, reconcile, protection.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from api.errors import STATUS
+from api.ports import DatapathPort
+from api.service import PROTECT_BASE, FirewallService, NewRule
+from api.settings import Settings
+from api.store import Store
+from tests.fakes import FakeDatapath
+from tests.test_e2e_api import BAD_RULES
+from xdpfw import errors, importers
+from xdpfw.rules import RuleSpec
+
+pytestmark = pytest.mark.pure
+
+TOKEN = "s3cret-token"
+PROTECTED = "198.18.255.0/24"
+
+
+@dataclass
+class Api:
+    client: TestClient  # sends the token
+    anon: TestClient  # sends none
+    svc: FirewallService
+    dp: FakeDatapath
+    store: Store
+
+
+def _api(
+    db: Path,
+    dp: FakeDatapath | None = None,
+    *,
+    listen: str = "127.0.0.1:8000",
+    protect: tuple[str, ...] = (),
+) -> Api:
+    dp = dp or FakeDatapath()
+    port: DatapathPort = dp  # the stand-in implements the service's datapath surface
+    store = Store(db)
+    svc = FirewallService(port, store, protect)
+    svc.reconcile()
+    app = create_app(Settings(listen=listen, state_dir=db.parent), svc, TOKEN)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    return Api(TestClient(app, headers=auth), TestClient(app), svc, dp, store)
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[Api]:
+    a = _api(tmp_path / "rules.sqlite3", protect=(PROTECTED,))
+    yield a
+    a.store.close()
+
+
+@pytest.fixture
+def plain(tmp_path: Path) -> Iterator[Api]:
+    """No protected prefix (as the e2e server runs)."""
+    a = _api(tmp_path / "rules.sqlite3")
+    yield a
+    a.store.close()
+
+
+def _text(c: TestClient, body: str | bytes, **params: Any) -> Any:
+    return c.post(
+        "/v1/rules/bulk", content=body, params=params, headers={"content-type": "text/plain"}
+    )
+
+
+def _msg(r: Any) -> str:
+    assert r.status_code == 422, r.text
+    return str(r.json()["detail"][0]["msg"])
+
+
+# -- auth --------------------------------------------------------------------------------------
+
+
+def _writes(rid: int) -> list[tuple[str, str, dict[str, Any]]]:
+    return [
+        ("POST", "/v1/rules", {"json": {"src": "198.18.201.2"}}),
+        ("DELETE", f"/v1/rules/{rid}", {}),
+        ("POST", "/v1/rules/bulk", {"json": [{"src": "198.18.201.3"}]}),
+        ("POST", "/v1/interfaces", {"json": {"name": "eth0"}}),
+        ("DELETE", "/v1/interfaces/eth0", {}),
+    ]
+
+
+READS = ["/v1/rules", "/v1/stats", "/metrics", "/v1/interfaces"]
+
+
+def test_writes_need_the_token_reads_are_open_on_loopback(api: Api) -> None:
+    rid = api.client.post("/v1/rules", json={"src": "198.18.201.1"}).json()["id"]
+    wrong = TestClient(api.client.app, headers={"Authorization": "Bearer wrong"})
+    for method, path, kw in _writes(rid):
+        r = api.anon.request(method, path, **kw)
+        assert r.status_code == 401, path
+        assert r.headers["www-authenticate"] == "Bearer"
+        assert "missing bearer token" in r.json()["detail"]
+        assert wrong.request(method, path, **kw).status_code == 403, path
+    assert [r["id"] for r in api.client.get("/v1/rules").json()["rules"]] == [rid]
+    for path in [*READS, f"/v1/rules/{rid}"]:
+        assert api.anon.get(path).status_code == 200, path
+    assert api.anon.get("/healthz").status_code in (200, 503)
+
+
+def test_reads_need_the_token_off_loopback(tmp_path: Path) -> None:
+    a = _api(tmp_path / "db", listen="0.0.0.0:8000")
+    wrong = TestClient(a.client.app, headers={"Authorization": "Bearer wrong"})
+    for path in READS:
+        assert a.anon.get(path).status_code == 401, path
+        assert wrong.get(path).status_code == 403, path
+        assert a.client.get(path).status_code == 200, path
+    assert a.anon.get("/healthz").status_code == 503  # no token needed; nothing attached
+    doc = a.client.get("/openapi.json").json()
+    assert doc["paths"]["/v1/rules"]["get"]["security"] == [{"HTTPBearer": []}]
+    assert "security" not in doc["paths"]["/healthz"]["get"]
+    a.store.close()
+
+
+# -- the error table ---------------------------------------------------------------------------
+
+ERROR_CASES: list[tuple[errors.XdpfwError, int, dict[str, Any]]] = [
+    (errors.InvalidRule("src", "bad"), 422,
+     {"detail": [{"loc": ["body", "src"], "msg": "bad", "type": "value_error"}]}),
+    (errors.InvalidRule("body", "bad body"), 422,
+     {"detail": [{"loc": ["body"], "msg": "bad body", "type": "value_error"}]}),
+    (errors.RuleNotFound(7), 404, {"detail": "no rule with id 7", "error": "RuleNotFound"}),
+    (errors.InterfaceNotFound("eth9"), 404,
+     {"detail": "eth9: no such network interface", "error": "InterfaceNotFound"}),
+    (errors.RuleConflict("clash", existing_id=3), 409,
+     {"detail": "clash", "error": "RuleConflict", "existing_id": 3}),
+    (errors.RuleConflict("clash"), 409, {"detail": "clash", "error": "RuleConflict"}),
+    (errors.CapacityExceeded("xdpfw_src4", 10), 507,
+     {"detail": "xdpfw_src4 is full (limit 10)", "error": "CapacityExceeded", "limit": 10}),
+    (errors.KernelError("map update", 28, "No space left"), 500,
+     {"detail": "map update: No space left (errno 28)", "error": "KernelError", "errno": 28}),
+    (errors.HeadersMissing("no headers"), 503, {"detail": "no headers", "error": "HeadersMissing"}),
+    (errors.CompileError("no compile"), 503, {"detail": "no compile", "error": "CompileError"}),
+    (errors.AbiMismatch("abi 1"), 503, {"detail": "abi 1", "error": "AbiMismatch"}),
+    (errors.ForeignProgram("eth0", 99, "other"), 409, {"error": "ForeignProgram"}),
+    (errors.DatapathError("broken"), 503, {"detail": "broken", "error": "DatapathError"}),
+    (errors.XdpfwError("odd"), 500, {"detail": "odd", "error": "XdpfwError"}),
+]
+
+
+def test_every_domain_error_has_a_case() -> None:
+    classes = {
+        obj for _, obj in inspect.getmembers(errors, inspect.isclass)
+        if issubclass(obj, errors.XdpfwError)
+    }
+    assert classes == {type(exc) for exc, _, _ in ERROR_CASES} == {c for c, _ in STATUS} | {
+        errors.HeadersMissing, errors.CompileError, errors.AbiMismatch
+    }
+
+
+@pytest.mark.parametrize(("exc", "status", "body"), ERROR_CASES, ids=lambda v: repr(v)[:40])
+def test_error_table(api: Api, exc: errors.XdpfwError, status: int, body: dict[str, Any]) -> None:
+    api.dp.fail_next = exc  # the maps refuse the change
+    r = api.client.post("/v1/rules", json={"src": "198.18.7.1"})
+    assert r.status_code == status, r.text
+    got = r.json()
+    assert {k: got[k] for k in body} == body
+    if isinstance(exc, errors.KernelError):
+        assert "retrying is safe" in got["hint"]
+    if isinstance(exc, errors.ForeignProgram):
+        assert "program id 99 (other)" in got["detail"]
+    # the database rolled back with the maps: nothing was added anywhere
+    assert api.client.get("/v1/rules").json()["rules"] == []
+    assert len(api.dp.compiler) == 1  # the protected prefix only
+    assert api.client.post("/v1/rules", json={"src": "198.18.7.1"}).status_code == 201
+
+
+def test_real_errors_of_each_kind(api: Api) -> None:
+    c = api.client
+    assert c.get("/v1/rules/12345").json()["error"] == "RuleNotFound"
+    assert c.delete("/v1/rules/12345").status_code == 404
+    assert c.get("/v1/rules?limit=0").status_code == 422
+    assert c.post("/v1/interfaces", json={"name": "nosuch0"}).status_code == 404
+    api.dp.foreign["eth1"] = 77
+    r = c.post("/v1/interfaces", json={"name": "eth1"})
+    assert r.status_code == 409 and r.json()["error"] == "ForeignProgram"
+    r = c.post("/v1/rules", content=b"{", headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    r = c.put("/v1/rules")
+    assert r.status_code == 405 and r.headers["allow"] == "GET, POST"
+
+
+# -- single adds -------------------------------------------------------------------------------
+
+
+def test_add_get_delete_and_duplicates(api: Api) -> None:
+    c = api.client
+    r = c.post("/v1/rules", json={"src": "198.18.7.9", "comment": "pure"})
+    assert r.status_code == 201, r.text
+    rule = r.json()
+    assert rule["src"] == "198.18.7.9/32" and rule["dport"] is None
+    assert rule["created_at"].endswith("Z") and rule["expires_at"] is None
+    assert rule["comment"] == "pure" and rule["action"] == "drop" and rule["mode"] == "enforce"
+    again = c.post("/v1/rules", json={"src": "198.18.7.9/32", "comment": "again"})
+    assert again.status_code == 200 and again.json() == rule
+    assert len(c.get("/v1/rules").json()["rules"]) == 1
+    api.dp.hit(rule["id"], 20, 2000)
+    one = c.get(f"/v1/rules/{rule['id']}").json()
+    assert one["counters"]["packets"] == 20 and one["counters"]["bytes"] == 2000
+    assert one["counters"]["last_hit"] is not None
+    r = c.post("/v1/rules", json={"src": "2001:db8::1", "proto": "udp", "dport": "9000-9100"})
+    assert r.status_code == 201 and r.json()["dport"] == "9000-9100"
+    assert c.delete(f"/v1/rules/{rule['id']}").status_code == 204
+    assert c.get(f"/v1/rules/{rule['id']}").status_code == 404
+    assert rule["id"] not in api.dp.compiler.rules
+
+
+def test_validation_names_the_field(api: Api) -> None:
+    for body, field in BAD_RULES:
+        r = api.client.post("/v1/rules", json=body)
+        assert r.status_code == 422, (body, r.text)
+        locs = [d["loc"] for d in r.json()["detail"]]
+        assert any(field in loc for loc in locs), (body, r.json())
+    assert api.client.get("/v1/rules").json()["rules"] == []
+
+
+def test_pagination(api: Api) -> None:
+    c = api.client
+    _text(c, "\n".join(f"198.18.20.{i}" for i in range(1, 26)))
+    seen: list[int] = []
+    cursor = None
+    while True:
+        page = c.get("/v1/rules", params={"limit": 10, **({"cursor": cursor} if cursor else {})})
+        seen += [r["id"] for r in page.json()["rules"]]
+        cursor = page.json()["next_cursor"]
+        if cursor is None:
+            break
+    assert len(seen) == 25 and seen == sorted(seen)
+
+
+# -- bulk adds ---------------------------------------------------------------------------------
+
+
+def test_bulk_text_and_json_all_or_nothing(plain: Api) -> None:
+    c = plain.client
+    body = "# blocklist\n198.18.10.0/24 ; SBL1\n\n198.18.11.5  # a host\n2001:db8:10::/48\n"
+    r = _text(c, body, comment="list", ttl_seconds=3600)
+    assert r.status_code == 201, r.text
+    assert r.json()["added"] == 3 and r.json()["duplicates"] == 0
+    rules = c.get("/v1/rules").json()["rules"]
+    assert {x["src"] for x in rules} == {"198.18.10.0/24", "198.18.11.5/32", "2001:db8:10::/48"}
+    assert all(x["comment"] == "list" and x["expires_at"] for x in rules)
+    assert r.json()["ids"] == [x["id"] for x in rules]
+
+    msg = _msg(_text(c, "198.18.12.1\nnope\n198.18.12.2\n198.18.12.3/16\n"))
+    assert "2 invalid line(s): 2, 4 --" in msg and "line 2" in msg and "line 4" in msg
+    assert "did you mean 198.18.0.0/16" in msg
+    assert len(c.get("/v1/rules").json()["rules"]) == 3
+
+    r = c.post("/v1/rules/bulk", json=[{"src": "198.18.13.1"}, {"dport": 5}])
+    assert "element 1" in _msg(r)
+    r = c.post("/v1/rules/bulk", json=[
+        {"src": "198.18.13.1"}, {"proto": "udp", "dport": "53"}, {"src": "198.18.10.0/24"}])
+    assert r.status_code == 201, r.text
+    assert r.json()["added"] == 2 and r.json()["duplicates"] == 1
+    assert r.json()["duplicate_ids"] == [rules[0]["id"]]
+    assert len(c.get("/v1/rules").json()["rules"]) == 5
+    assert "JSON array" in _msg(c.post("/v1/rules/bulk", json=[]))
+    assert "not JSON" in _msg(c.post("/v1/rules/bulk", content=b"[",
+                                     headers={"content-type": "application/json"}))
+
+
+def test_bulk_text_duplicates_modes_and_bad_bodies(api: Api) -> None:
+    c = api.client
+    first = c.post("/v1/rules", json={"src": "198.18.30.1"}).json()
+    r = _text(c, "198.18.30.1\n198.18.30.2\n198.18.30.2/32\n", mode="monitor")
+    assert r.status_code == 201, r.text
+    # a monitor rule is not the enforce rule: both new; the in-body repeat is a duplicate
+    assert r.json()["added"] == 2 and r.json()["duplicate_ids"] == [r.json()["ids"][1]]
+    r = _text(c, "198.18.30.1\n")
+    assert r.json() == {"added": 0, "duplicates": 1, "ids": [], "duplicate_ids": [first["id"]]}
+    r = _text(c, "198.18.31.1\n", action="allow")
+    assert r.status_code == 201 and c.get(f"/v1/rules/{r.json()['ids'][0]}").json()["action"] \
+        == "allow"
+    msg = _msg(_text(c, "198.18.32.1\nbad\n198.18.32.2\n", action="allow", mode="monitor"))
+    assert "3 invalid line(s): 1, 2, 3 --" in msg and "monitor applies to drop rules" in msg
+    assert "no addresses" in _msg(_text(c, "# only a comment\n\n"))
+    assert "not UTF-8" in _msg(_text(c, b"198.18.33.1\n\xff\n"))
+    # Spamhaus DROP JSON lines load as they do with the CLI
+    r = _text(c, '{"cidr": "198.18.34.0/24", "sblid": "SBL1"}\n{"type": "metadata"}\n')
+    assert r.status_code == 201 and r.json()["added"] == 1
+
+
+SEPARATORS = "198.18.40.1\r\n198.18.40.2\x0b\nbad1\n198.18.40.3\u2028198.18.40.4\nbad2\x1c\n" \
+    "\x85\n198.18.40.5\x0c\nbad3\r\n\u2029\n198.18.40.6\n"
+
+
+def test_line_numbers_match_the_cli_parser(api: Api) -> None:
+    """Only "\\n" ends a line, on both sides: \\r, \\v, \\f, \\x1c, \\x85, \\u2028, \\u2029
+    inside a line do not shift the numbers (str.splitlines would)."""
+    cli = importers.parse_blocklist(importers.lines_of(SEPARATORS))
+    want = [r.lineno for r in cli.rejected]
+    assert want == [3, 4, 5, 8]
+    msg = _msg(_text(api.client, SEPARATORS))
+    assert f"{len(want)} invalid line(s): {', '.join(map(str, want))} --" in msg
+    for r in cli.rejected:
+        assert f"line {r.lineno}: {r.reason}" in msg
+    # str.splitlines (the route's old split) puts the "bad" lines elsewhere
+    split = [n for n, line in enumerate(SEPARATORS.splitlines(), 1) if "bad" in line]
+    assert split != [3, 5, 8]
+    good = "".join(line + "\n" for line in importers.lines_of(SEPARATORS)
+                   if "bad" not in line and "\u2028" not in line)
+    r = _text(api.client, good)
+    assert r.status_code == 201, r.text
+    cli_good = importers.parse_blocklist(importers.lines_of(good))
+    assert {x["src"] for x in api.client.get("/v1/rules").json()["rules"]} == {
+        e.cidr for e in cli_good.entries
+    } and len(cli_good.entries) == 4
+
+
+# -- TTL ---------------------------------------------------------------------------------------
+
+
+def test_ttl_expiry(api: Api) -> None:
+    c = api.client
+    r = c.post("/v1/rules", json={"src": "198.18.50.1", "ttl_seconds": 60})
+    keep = c.post("/v1/rules", json={"src": "198.18.50.2"}).json()
+    rid = r.json()["id"]
+    assert r.json()["expires_at"] is not None
+    assert api.svc.expire_due() == []
+    assert api.svc.expire_due(now=time.time() + 61) == [rid]
+    assert c.get(f"/v1/rules/{rid}").status_code == 404
+    assert rid not in api.dp.compiler.rules and keep["id"] in api.dp.compiler.rules
+    # the sweeper thread does the same on its own
+    rid = c.post("/v1/rules", json={"src": "198.18.50.3", "ttl_seconds": 1}).json()["id"]
+    api.svc.start_sweeper(0.05)
+    try:
+        deadline = time.monotonic() + 5
+        while c.get(f"/v1/rules/{rid}").status_code != 404:
+            assert time.monotonic() < deadline, "TTL rule was not removed"
+            time.sleep(0.05)
+    finally:
+        api.svc.stop()
+    assert rid not in api.dp.compiler.rules
+
+
+# -- reconcile at start ------------------------------------------------------------------------
+
+
+def _rules(*srcs: str, base: int = 1) -> list[Any]:
+    return [RuleSpec.parse(src=s).with_id(base + i) for i, s in enumerate(srcs)]
+
+
+def test_reconcile_adopts_the_maps_when_the_database_is_new(tmp_path: Path) -> None:
+    dp = FakeDatapath(adopted=True)
+    dp.add_rules(_rules("198.18.60.1", "198.18.60.0/24", "2001:db8:60::/48", base=10))
+    before = dp.changes
+    svc = FirewallService(dp, Store(tmp_path / "db"), (PROTECTED,))
+    assert svc.reconcile() == {"adopted": 3, "added": 0, "removed": 0}
+    assert dp.changes == before + 1  # only the protected prefix was written
+    stored = svc.store.all()
+    assert [s.rule for s in stored] == [r for r in dp.rules() if r.id < PROTECT_BASE]
+    assert {s.comment for s in stored} == {"adopted from pinned maps"}
+    svc.store.close()
+
+
+def test_reconcile_removes_stale_adds_missing_keeps_agreeing(tmp_path: Path) -> None:
+    db = tmp_path / "db"
+    dp = FakeDatapath()
+    a = _api(db, dp, protect=(PROTECTED,))
+    ids = a.client.post("/v1/rules/bulk", json=[{"src": f"198.18.70.{i}"} for i in range(1, 6)]
+                        ).json()["ids"]
+    a.store.close()
+    # restart with the maps as they are: nothing is touched
+    before = dp.changes
+    svc = FirewallService(dp, Store(db), (PROTECTED,))
+    assert svc.reconcile() == {"adopted": 0, "added": 0, "removed": 0}
+    assert dp.changes == before
+    svc.store.close()
+    # drift: a rule only in the maps, one only in the database, one changed
+    dp.add_rules(_rules("198.18.71.1", base=900_000))
+    dp.remove_rules([ids[0]])
+    dp.remove_rules([ids[1]])
+    dp.add_rules(_rules("198.18.72.1", base=ids[1]))
+    kept = {rid: dp.compiler.rules[rid] for rid in ids[2:]}
+    svc = FirewallService(dp, Store(db), (PROTECTED,))
+    assert svc.reconcile() == {"adopted": 0, "added": 2, "removed": 2}
+    assert {r.id: r for r in dp.rules()} == {
+        **{s.id: s.rule for s in svc.store.all()},
+        PROTECT_BASE: svc.protected[0],
+    }
+    assert all(dp.compiler.rules[rid] == r for rid, r in kept.items())
+    svc.store.close()
+    # an old (not new) database that is empty wins over the maps: no adoption
+    Store(tmp_path / "empty").close()
+    svc = FirewallService(dp, Store(tmp_path / "empty"), (PROTECTED,))
+    assert svc.reconcile() == {"adopted": 0, "added": 0, "removed": 5}
+    assert [r.id for r in dp.rules()] == [PROTECT_BASE]
+    svc.store.close()
+
+
+def test_reconcile_replaces_changed_protected_prefixes(tmp_path: Path) -> None:
+    dp = FakeDatapath()
+    svc = FirewallService(dp, Store(tmp_path / "db"), ("198.18.80.0/24",))
+    svc.reconcile()
+    rid = svc.add(NewRule(RuleSpec.parse(action="allow", src="198.18.81.0/24")))[0].id
+    svc.store.close()
+    # the same allow rule is now a protected prefix: the protected one replaces it
+    svc = FirewallService(dp, Store(tmp_path / "db"), ("198.18.81.0/24",))
+    svc.reconcile()
+    assert [(r.id, str(r.src)) for r in dp.rules()] == [(PROTECT_BASE, "198.18.81.0/24")]
+    assert svc.store.get(rid) is None
+    svc.store.close()
+
+
+# -- protected prefixes ------------------------------------------------------------------------
+
+
+def test_protected_prefixes(api: Api) -> None:
+    c = api.client
+    r = c.post("/v1/rules", json={"src": "198.18.0.0/16"})
+    assert r.status_code == 409 and "protected prefix 198.18.255.0/24" in r.json()["detail"]
+    assert "force" in r.json()["detail"]
+    r = c.post("/v1/rules", json={"proto": "tcp", "dport": 22})
+    assert r.status_code == 409 and "matches every source" in r.json()["detail"]
+    assert c.post("/v1/rules", json={"src": "198.18.255.7", "mode": "monitor"}).status_code == 201
+    assert c.post("/v1/rules", json={"dst": "198.18.255.7"}).status_code == 201
+    assert c.post("/v1/rules", json={"src": "198.18.254.0/24"}).status_code == 201
+    r = c.post("/v1/rules", json={"src": "198.18.0.0/16", "force": True})
+    assert r.status_code == 201, r.text
+    r = c.post("/v1/rules", json={"action": "allow", "src": PROTECTED})
+    assert r.status_code == 409 and "is a protected prefix" in r.json()["detail"]
+    # bulk: all or nothing, unless forced
+    assert _text(c, "198.18.90.1\n198.18.255.9\n").status_code == 409
+    assert c.get("/v1/rules").json()["rules"].__len__() == 4
+    assert _text(c, "198.18.90.1\n198.18.255.9\n", force="true").status_code == 201
+    # invisible in listings, visible in health, not deletable
+    listed = c.get("/v1/rules?limit=10000").json()["rules"]
+    assert len(listed) == 6 and all(x["id"] < PROTECT_BASE for x in listed)
+    assert PROTECT_BASE in api.dp.compiler.rules
+    assert c.get(f"/v1/rules/{PROTECT_BASE}").status_code == 404
+    assert c.delete(f"/v1/rules/{PROTECT_BASE}").status_code == 404
+    health = c.get("/healthz").json()
+    assert health["protected"] == [PROTECTED] and health["rules"] == 6
+    assert health["capacity"]["rules"] == {"entries": 7, "capacity": 8192}
+
+
+# -- health, interfaces, stats -----------------------------------------------------------------
+
+
+def test_health_and_interfaces(api: Api) -> None:
+    c = api.client
+    r = c.get("/healthz")
+    assert r.status_code == 503 and r.json()["status"] == "degraded"
+    assert r.json()["prog_id"] == 4242 and r.json()["adopted"] is False
+    r = c.post("/v1/interfaces", json={"name": "eth0", "mode": "generic"})
+    assert r.status_code == 201 and r.json() == {
+        "name": "eth0", "attached": True, "mode": "generic", "prog_id": 4242, "ifindex": 2}
+    health = c.get("/healthz")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert [i["name"] for i in health.json()["interfaces"]] == ["eth0"]
+    api.dp.attached.clear()  # the interface lost the program behind our back
+    assert c.get("/healthz").status_code == 503
+    assert c.get("/v1/interfaces").json() == [
+        {"name": "eth0", "attached": False, "mode": "generic", "prog_id": 0, "ifindex": 0}]
+    assert c.delete("/v1/interfaces/eth0").status_code == 204
+    assert c.delete("/v1/interfaces/eth0").status_code == 404
+    assert c.get("/v1/interfaces").json() == []
+
+
+def test_stats_and_metrics(api: Api) -> None:
+    c = api.client
+    ids = c.post("/v1/rules/bulk", json=[{"src": f"198.18.100.{i}"} for i in range(1, 5)]
+                 ).json()["ids"]
+    api.dp.hit(ids[2], 30, 3000)
+    api.dp.hit(ids[0], 30, 1000)
+    api.dp.hit(ids[3], 5, 500)
+    stats = c.get("/v1/stats").json()
+    assert [r["id"] for r in stats["rules"]] == [ids[0], ids[2], ids[3], ids[1], PROTECT_BASE]
+    assert stats["totals"]["packets"] == 0
+    top = c.get("/v1/stats?top=2").json()["rules"]
+    assert [(r["id"], r["packets"], r["bytes"]) for r in top] == [
+        (ids[0], 30, 1000), (ids[2], 30, 3000)]
+    text = c.get("/metrics").text
+    assert f'xdpfw_rule_packets_total{{rule_id="{ids[2]}"}} 30.0' in text
+    assert f'xdpfw_rule_bytes_total{{rule_id="{ids[3]}"}} 500.0' in text
+    assert 'xdpfw_table_entries{table="rules"} 5.0' in text
+    assert 'xdpfw_table_capacity{table="rules"} 8192.0' in text
+    assert 'xdpfw_packets_total{outcome="dropped"} 0.0' in text
