@@ -17,7 +17,7 @@ from tests.conftest import TEST_CAPS, unique_pin_dir
 from tests.server import Server, running_server
 from tests.traffic import udp_roundtrip
 from xdpfw import abi
-from xdpfw.datapath import _MAP_TYPES
+from xdpfw.datapath.pins import MAP_TYPES
 from xdpfw.kernel import bpfsys
 
 pytestmark = pytest.mark.e2e
@@ -32,7 +32,7 @@ def server(tmp_path: Path) -> Iterator[Server]:
 def dump_maps(pin_dir: Path) -> dict[str, list[tuple[bytes, bytes]]]:
     """Every map's raw contents (per-CPU counters excluded: traffic may move them)."""
     out: dict[str, list[tuple[bytes, bytes]]] = {}
-    for name, (key_t, val_t) in _MAP_TYPES.items():
+    for name, (key_t, val_t) in MAP_TYPES.items():
         if name in ("xdpfw_stats", "xdpfw_rule_stats"):
             continue
         with bpfsys.Map.from_pin(str(pin_dir / name), key_t, val_t, name) as m:

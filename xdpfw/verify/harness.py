@@ -48,6 +48,7 @@ from xdpfw import abi
 from xdpfw.abi import Stat, Table
 from xdpfw.compiler import RuleCompiler, TableKey
 from xdpfw.datapath import decode_key
+from xdpfw.datapath.slots import ENTRY, SLOT
 from xdpfw.errors import CapacityExceeded, KernelError
 from xdpfw.kernel import bpfsys
 from xdpfw.rules import Rule, RuleSpec
@@ -78,8 +79,8 @@ MIN_FRAME = model.ETH_HLEN
 MAX_FRAME = 4096 - 256 - 320
 
 _STATS = tuple(s for s in Stat if s is not Stat.MAX)
-_SLOT = struct.Struct("=QIHHBBBxI")  # struct xdpfw_slot (the last field: counter index)
-_ENTRY = struct.Struct("=QIHHBBBxIII")  # struct xdpfw_entry
+_SLOT = SLOT  # struct xdpfw_slot (the last field: counter index)
+_ENTRY = ENTRY  # struct xdpfw_entry: the first slot, then set_id
 _U32 = struct.Struct("=I")
 
 

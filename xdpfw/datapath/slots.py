@@ -1,0 +1,102 @@
+"""Slots and entries as bytes: the byte layout comes from abi.Slot / abi.Entry, never a copy.
+
+A lookup-table value (struct xdpfw_entry) is the entry's first slot plus the id of the rule
+set holding the others (struct xdpfw_set: SET_SLOTS slots). Writing a million of them goes
+through `struct`, not a ctypes object each, so `struct_of` derives a `struct.Struct` from the
+ctypes mirror: the same fields at the same offsets, `pad` fields skipped. Reading a slot back
+turns it into the rule's code with `codes.from_slot`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+from typing import Any
+
+from xdpfw import abi, codes
+from xdpfw.rules import Rule
+
+__all__ = [
+    "ENTRY",
+    "ENTRY_SET_ID",
+    "SLOT",
+    "U32",
+    "entry_bytes",
+    "read_slot",
+    "slot_bytes",
+    "struct_of",
+]
+
+_CHARS: dict[Any, str] = {
+    ctypes.c_uint8: "B",
+    ctypes.c_uint16: "H",
+    ctypes.c_uint32: "I",
+    ctypes.c_uint64: "Q",
+}
+
+
+def _format(ctype: type[ctypes.Structure], base: int) -> tuple[str, int]:
+    """(struct format, end offset) of ctype's fields laid out from offset `base`."""
+    out, at = [], base
+    for name, ftype, *_ in ctype._fields_:
+        off = base + getattr(ctype, name).offset
+        out.append("x" * (off - at))  # implicit padding
+        if isinstance(ftype, type) and issubclass(ftype, ctypes.Structure):
+            fmt, at = _format(ftype, off)
+            out.append(fmt)
+            continue
+        size = ctypes.sizeof(ftype)
+        out.append("x" * size if name == "pad" else _CHARS[ftype])
+        at = off + size
+    return "".join(out), at
+
+
+def struct_of(ctype: type[ctypes.Structure]) -> struct.Struct:
+    """A native-order struct.Struct of ctype's layout (nested structs flattened, `pad` skipped)."""
+    fmt, end = _format(ctype, 0)
+    fmt += "x" * (ctypes.sizeof(ctype) - end)
+    s = struct.Struct("=" + fmt)
+    assert s.size == ctypes.sizeof(ctype), (ctype.__name__, fmt)
+    return s
+
+
+SLOT = struct_of(abi.Slot)  # rank, rule_id, port_lo, port_hi, proto, verdict, has_ports, counter
+ENTRY = struct_of(abi.Entry)  # the first slot's fields, then set_id
+ENTRY_SET_ID = abi.Entry.set_id.offset
+U32 = struct.Struct("=I")  # an array index or a set id as a map key
+
+
+def _slot_fields(rule: Rule, counter: int) -> tuple[int, ...]:
+    ports = rule.dport
+    return (
+        rule.rank(),
+        rule.id,
+        ports.lo if ports is not None else 0,
+        ports.hi if ports is not None else 0,
+        rule.proto.number if rule.proto is not None else 0,
+        rule.verdict,
+        1 if ports is not None else 0,
+        counter,
+    )
+
+
+def slot_bytes(rule: Rule, counter: int) -> bytes:
+    """struct xdpfw_slot of a rule whose counter index is `counter`."""
+    return SLOT.pack(*_slot_fields(rule, counter))
+
+
+def entry_bytes(first: Rule, counter: int, set_id: int) -> bytes:
+    """struct xdpfw_entry: the first slot and the rule set of the rest (0 = none)."""
+    return ENTRY.pack(*_slot_fields(first, counter), set_id)
+
+
+def read_slot(k: int, raw: bytes, off: int) -> tuple[int, int, int, int]:
+    """(rank, rule id, code, counter index) of the slot at raw[off:] in the entry with compact
+    key `k`; code -1 when the slot is inherited from a covering prefix, rank 0 = unused."""
+    r, rule_id, lo, hi, proto, verdict, has_ports, counter = SLOT.unpack_from(raw, off)
+    if not r:
+        return r, rule_id, -1, counter
+    code = codes.from_slot(
+        k, r, verdict=verdict, proto=proto, ports=(lo, hi) if has_ports else None
+    )
+    return r, rule_id, -1 if code is None else code, counter
