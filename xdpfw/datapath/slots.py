@@ -24,6 +24,7 @@ __all__ = [
     "entry_bytes",
     "read_slot",
     "slot_bytes",
+    "slot_fields",
     "struct_of",
 ]
 
@@ -66,7 +67,8 @@ ENTRY_SET_ID = abi.Entry.set_id.offset
 U32 = struct.Struct("=I")  # an array index or a set id as a map key
 
 
-def _slot_fields(rule: Rule, counter: int) -> tuple[int, ...]:
+def slot_fields(rule: Rule, counter: int) -> tuple[int, ...]:
+    """The values of SLOT for a rule whose counter index is `counter`, in SLOT's order."""
     ports = rule.dport
     return (
         rule.rank(),
@@ -82,12 +84,12 @@ def _slot_fields(rule: Rule, counter: int) -> tuple[int, ...]:
 
 def slot_bytes(rule: Rule, counter: int) -> bytes:
     """struct xdpfw_slot of a rule whose counter index is `counter`."""
-    return SLOT.pack(*_slot_fields(rule, counter))
+    return SLOT.pack(*slot_fields(rule, counter))
 
 
 def entry_bytes(first: Rule, counter: int, set_id: int) -> bytes:
     """struct xdpfw_entry: the first slot and the rule set of the rest (0 = none)."""
-    return ENTRY.pack(*_slot_fields(first, counter), set_id)
+    return ENTRY.pack(*slot_fields(first, counter), set_id)
 
 
 def read_slot(k: int, raw: bytes, off: int) -> tuple[int, int, int, int]:
