@@ -92,13 +92,34 @@ def entry_bytes(first: Rule, counter: int, set_id: int) -> bytes:
     return ENTRY.pack(*slot_fields(first, counter), set_id)
 
 
+# codes.from_slot's fields, bound once: adoption reads every slot of a million-rule set.
+_SRC_PLEN, _DST_PLEN = codes.RANK_SRC_PLEN.shift, codes.RANK_DST_PLEN.shift
+_RANK_PLEN_BITS = codes.RANK_SRC_PLEN.bits
+_KEY_PLEN, _KEY_PLEN_BITS = codes.PLEN.shift, codes.PLEN.bits
+_DIR_BITS = codes.DIR.bits
+_KEY, _VERDICT, _PROTO = codes.KEY.shift, codes.VERDICT.shift, codes.PROTO.shift
+_HAS_PORTS, _PORT_LO = codes.HAS_PORTS.mask, codes.PORT_LO.shift
+
+
 def read_slot(k: int, raw: bytes, off: int) -> tuple[int, int, int, int]:
     """(rank, rule id, code, counter index) of the slot at raw[off:] in the entry with compact
-    key `k`; code -1 when the slot is inherited from a covering prefix, rank 0 = unused."""
+    key `k`; code -1 when the slot is inherited from a covering prefix, rank 0 = unused.
+
+    `codes.from_slot` with its fields bound to locals (tests/test_datapath_pure.py checks
+    the two agree): the rank's prefix length tells the entry's own rule from a covering one.
+    """
     r, rule_id, lo, hi, proto, verdict, has_ports, counter = SLOT.unpack_from(raw, off)
     if not r:
         return r, rule_id, -1, counter
-    code = codes.from_slot(
-        k, r, verdict=verdict, proto=proto, ports=(lo, hi) if has_ports else None
-    )
-    return r, rule_id, -1 if code is None else code, counter
+    src_len = (r >> _SRC_PLEN) & _RANK_PLEN_BITS
+    dst_len = (r >> _DST_PLEN) & _RANK_PLEN_BITS
+    direction = k & _DIR_BITS
+    if direction == codes.DIR_NONE:
+        if src_len or dst_len:
+            return r, rule_id, -1, counter
+    elif (src_len if direction == codes.DIR_SRC else dst_len) != (k >> _KEY_PLEN) & _KEY_PLEN_BITS:
+        return r, rule_id, -1, counter
+    code = (k << _KEY) | (verdict << _VERDICT) | (proto << _PROTO)
+    if has_ports:
+        code |= _HAS_PORTS | (lo << _PORT_LO) | hi
+    return r, rule_id, code, counter
