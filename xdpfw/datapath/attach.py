@@ -14,7 +14,7 @@ from xdpfw.datapath.translate import kernel_door, kernel_error
 from xdpfw.errors import ForeignProgram, InterfaceNotFound
 from xdpfw.kernel import bpfsys, netlink
 
-__all__ = ["MODES", "Attachment", "attach", "attachments", "detach", "replace"]
+__all__ = ["MODES", "Attachment", "attach", "attachments", "detach", "prog_name", "replace"]
 
 MODES = ("auto", "native", "generic")
 

@@ -33,6 +33,7 @@ __all__ = [
     "Counters",
     "GlobalCounters",
     "RuleCounters",
+    "as_counters",
     "copy_global",
     "read_global",
 ]
@@ -44,9 +45,9 @@ _FEW_HOT = 2048  # up to this many hit rules, counters are read one by one, not 
 _STAT_FIELDS = [f[0] for f in abi.RuleStats._fields_]
 _PACKETS, _BYTES = _STAT_FIELDS.index("packets"), _STAT_FIELDS.index("bytes")
 
-U32Array = np.ndarray[Any, np.dtype[np.uint32]]
-U64Array = np.ndarray[Any, np.dtype[np.uint64]]
-CounterArrays = tuple[U32Array, U64Array, U64Array, U64Array]
+_U32Array = np.ndarray[Any, np.dtype[np.uint32]]
+_U64Array = np.ndarray[Any, np.dtype[np.uint64]]
+CounterArrays = tuple[_U32Array, _U64Array, _U64Array, _U64Array]
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ def _mono_offset() -> float:
 
 
 def as_counters(
-    ids: U32Array, packets: U64Array, nbytes: U64Array, last: U64Array
+    ids: _U32Array, packets: _U64Array, nbytes: _U64Array, last: _U64Array
 ) -> list[tuple[int, RuleCounters]]:
     """Counter arrays (see Counters.arrays) as (rule id, RuleCounters), in order."""
     offset = _mono_offset()
@@ -121,7 +122,7 @@ class CounterIndex:
     def __init__(self, size: int) -> None:
         self.size = size
         self.owner = array("I", bytes(4 * (size + 1)))
-        self.view: U32Array = np.frombuffer(self.owner, dtype=np.uint32)
+        self.view: _U32Array = np.frombuffer(self.owner, dtype=np.uint32)
         self.moved: dict[int, int] = {}
         self._held = bytearray(size + 1)
         self._quarantine: deque[tuple[int, float]] = deque()
@@ -234,7 +235,7 @@ class Counters:
         self._lock = lock
         # Last hit per counter index: 0 = no packet since the rule got the index.
         self._seen_mem = seen.mmap_array()
-        self.seen: U64Array = np.frombuffer(self._seen_mem, dtype=np.uint64, count=max_rules + 1)
+        self.seen: _U64Array = np.frombuffer(self._seen_mem, dtype=np.uint64, count=max_rules + 1)
         # One element of xdpfw_rule_stats as the syscalls see it: a RuleStats per CPU.
         per_cpu = struct_of(abi.RuleStats)
         pad = "x" * (stats.stride - per_cpu.size)

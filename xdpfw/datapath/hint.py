@@ -31,13 +31,13 @@ _WORDS_PER_16 = 4  # 256 /24s in a /16, 64 to a word
 _ALL = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
 
 
-def span(key: TableKey, bits: int) -> tuple[int, int]:
+def _span(key: TableKey, bits: int) -> tuple[int, int]:
     """The /`bits` networks an IPv4 trie key covers or lies in: [lo, hi)."""
     first = int.from_bytes(key.addr, "big") >> (32 - bits)
     return first, first + (1 << (bits - key.plen) if key.plen < bits else 1)
 
 
-def set_bits(words: np.ndarray[Any, np.dtype[np.uint64]], lo: int, hi: int) -> None:
+def _set_bits(words: np.ndarray[Any, np.dtype[np.uint64]], lo: int, hi: int) -> None:
     """Set bits lo .. hi-1 of a little-endian bit array held in 64-bit words."""
     while lo < hi:
         word, bit = divmod(lo, 64)
@@ -81,13 +81,13 @@ class PrefixHint:
         """Set the bits of every key the change adds (before its entries are written)."""
         for trie, key, delta in changes:
             if delta > 0:
-                set_bits(self.words[trie], *span(key, 24))
+                _set_bits(self.words[trie], *_span(key, 24))
 
     def account(self, changes: Iterable[HintChange]) -> None:
         """Record added keys and forget removed ones (the words are left as they are)."""
         for trie, key, delta in changes:
             if key.plen <= 16:
-                lo, hi = span(key, 16)
+                lo, hi = _span(key, 16)
                 self._cover[trie, lo:hi] += delta
                 continue
             addr = int.from_bytes(key.addr, "big")
@@ -105,7 +105,7 @@ class PrefixHint:
         each /16 once, however many of the changed keys lie in it."""
         spans: tuple[list[tuple[int, int]], list[tuple[int, int]]] = ([], [])
         for trie, key, _ in changes:
-            spans[trie].append(span(key, 16))
+            spans[trie].append(_span(key, 16))
         for trie, ranges in enumerate(spans):
             ranges.sort()
             merged: list[list[int]] = []
@@ -133,7 +133,7 @@ class PrefixHint:
             for packed in keys:
                 plen = packed & ((1 << _INNER_PLEN_BITS) - 1)
                 first = (packed >> (_INNER_PLEN_BITS + 8)) & 0xFF  # its first /24 in the /16
-                set_bits(part, first, first + (1 << (24 - plen) if plen < 24 else 1))
+                _set_bits(part, first, first + (1 << (24 - plen) if plen < 24 else 1))
         words = self.words[trie, lo * _WORDS_PER_16 : hi * _WORDS_PER_16]
         if widen_only:
             fresh |= words

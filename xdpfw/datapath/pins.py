@@ -60,7 +60,7 @@ MAP_TYPES: dict[str, tuple[type[Any], type[Any]]] = {
     "xdpfw_config": (ctypes.c_uint32, abi.Config),
 }
 
-Maps = dict[str, bpfsys.Map[Any, Any]]
+_Maps = dict[str, bpfsys.Map[Any, Any]]
 
 
 def staging_dir(pin_dir: Path) -> Path:
@@ -94,7 +94,7 @@ def finish_interrupted_upgrade(pin_dir: Path) -> None:
         )
 
 
-def wrap_maps(loaded: LoadedProgram) -> Maps:
+def wrap_maps(loaded: LoadedProgram) -> _Maps:
     return {
         name: bpfsys.Map(fd, name, *MAP_TYPES[name]) for name, fd in loaded.map_fds.items()
     }
@@ -155,14 +155,14 @@ def _pinned_abi(pin_dir: Path) -> tuple[int, int]:
     return version, info.value_size
 
 
-def open_pins(pin_dir: Path) -> tuple[int, Maps]:
+def open_pins(pin_dir: Path) -> tuple[int, _Maps]:
     """(program fd, maps) of the complete pin set in pin_dir, whose ABI must be this build's."""
     how_to_fix = (
         f"To migrate: save the rules you need (`xdpfw rule ls --json`), then either remove the "
         f"old pins (`xdpfw detach --cleanup --bpffs-dir {pin_dir}`, or `rm -r {pin_dir}` after "
         f"detaching the old program) and import them again, or use another --bpffs-dir."
     )
-    maps: Maps = {}
+    maps: _Maps = {}
     try:
         version, conf_size = _pinned_abi(pin_dir)
         if version != abi.ABI_VERSION or conf_size != ctypes.sizeof(abi.Config):
