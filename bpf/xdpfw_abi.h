@@ -15,7 +15,16 @@
 #ifndef XDPFW_ABI_H
 #define XDPFW_ABI_H
 
-#define XDPFW_ABI_VERSION 2
+/*
+ * ABI history (pins of another version are refused, never misread):
+ *   1  first release: xdpfw_rule_stats a per-CPU hash keyed by rule_id, 24-byte
+ *      values with last_hit_ns.
+ *   2  struct xdpfw_slot carries `counter`, the rule's index into xdpfw_rule_stats
+ *      (now a per-CPU array; pad[5] became pad + counter); xdpfw_lpm4_hint added.
+ *   3  struct xdpfw_rule_stats 24 -> 16 bytes: last_hit_ns moved to the shared,
+ *      memory-mapped xdpfw_rule_seen (added).
+ */
+#define XDPFW_ABI_VERSION 3
 
 /* Bounds of the parser. */
 #define XDPFW_MAX_VLAN 2        /* 802.1Q / 802.1ad tags we look through */

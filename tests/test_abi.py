@@ -18,7 +18,7 @@ from conftest import TEST_CAPS
 
 from xdpfw import abi
 from xdpfw.compiler import Capacities
-from xdpfw.datapath import _MAP_TYPES
+from xdpfw.datapath.pins import MAP_TYPES
 from xdpfw.kernel import bpfsys
 from xdpfw.kernel.loader import MAP_NAMES
 from xdpfw.rules import MAX_RULE_ID, RuleSpec
@@ -84,7 +84,7 @@ def test_header_defines_are_found() -> None:
     defines = header_defines()
     # the parser sees the file: a few anchors
     assert defines["ABI_H"] is None  # include guard
-    assert defines["ABI_VERSION"] == 2
+    assert defines["ABI_VERSION"] == 3
     assert defines["RANK_ID_MASK"] == 0x1FFFFFFF
     assert len(defines) > 30
 
@@ -139,7 +139,7 @@ def test_map_names_agree_with_the_program() -> None:
     )
     declared |= set(re.findall(r"^BPF_(?:LPM_TRIE|ARRAY|PERCPU_HASH|PERCPU_ARRAY|HASH)\((\w+)",
                                PROGRAM_TEXT, re.M))
-    assert declared == set(_MAP_TYPES) == set(MAP_NAMES)
+    assert declared == set(MAP_TYPES) == set(MAP_NAMES)
     for table in abi.Table:
         if table is not abi.Table.MAX:
             assert table.map_name in declared
@@ -214,9 +214,9 @@ def compare_layout(ours: Any, theirs: Any, path: str, report: Callable[[str], No
         compare_layout(ours._type_, theirs._type_, f"{path}[]", report)
 
 
-@pytest.mark.parametrize("name", sorted(_MAP_TYPES))
+@pytest.mark.parametrize("name", sorted(MAP_TYPES))
 def test_map_types_match_bcc(name: str, bcc_types: dict[str, tuple[type[Any], type[Any]]]) -> None:
-    our_key, our_val = _MAP_TYPES[name]
+    our_key, our_val = MAP_TYPES[name]
     bcc_key, bcc_leaf = bcc_types[name]
     if name in _percpu_maps():
         # bcc's per-CPU Leaf is an array of the element type, one per possible CPU
@@ -260,7 +260,7 @@ def test_layout_comparison_reports_drift() -> None:
 
 def test_loaded_maps_have_the_mirrored_sizes(dp: Any) -> None:
     """The kernel's key/value sizes of the loaded program's maps equal the mirrors' sizeof."""
-    for name, (key_t, val_t) in _MAP_TYPES.items():
+    for name, (key_t, val_t) in MAP_TYPES.items():
         info = dp.map(name).info
         assert info.key_size == ctypes.sizeof(key_t), name
         assert info.value_size == ctypes.sizeof(val_t), name

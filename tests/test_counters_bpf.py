@@ -1,26 +1,33 @@
 """Per-rule counter indices, the counter readers and the IPv4 prefix hint, on the real program.
 
-Each slot carries its rule's index into the per-CPU counter array (ABI 2); the control plane
-hands the indices out, zeroes one before reuse and reads them back from the slots when it
-adopts pinned maps. The prefix hint lets an IPv4 frame skip a trie whose prefixes cannot
+Each slot carries its rule's index into the per-CPU counter array (since ABI 2); the control
+plane hands the indices out, zeroes one before reuse and reads them back from the slots when
+it adopts pinned maps. The prefix hint lets an IPv4 frame skip a trie whose prefixes cannot
 cover it; `entry_mismatches` checks its bits against the rules, the frames check the verdicts.
+A counter read the kernel refuses leaves the datapath as KernelError (errno kept), which the
+API answers with a 5xx and a JSON body.
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import pytest
 from conftest import TEST_CAPS, unique_pin_dir
 
-from xdpfw import abi, datapath
+from xdpfw import abi
 from xdpfw.compiler import Capacities
 from xdpfw.datapath import COUNTER_QUARANTINE_S, Datapath, DatapathConfig, RuleCounters
-from xdpfw.errors import CapacityExceeded
-from xdpfw.kernel import bpfsys
+from xdpfw.datapath import counters as dp_counters
+from xdpfw.errors import CapacityExceeded, KernelError
+from xdpfw.kernel import bpfsys, netlink
 from xdpfw.rules import Rule, RuleSpec
 from xdpfw.verify.frames import build_frame
 from xdpfw.verify.harness import entry_mismatches
@@ -28,6 +35,7 @@ from xdpfw.verify.harness import entry_mismatches
 pytestmark = pytest.mark.bpf
 
 XDP_DROP, XDP_PASS = 1, 2
+NOT_A_MAP = (errno.EINVAL, errno.EBADF)  # what bpf(2) says to an fd that is no map
 
 
 def rule(rule_id: int, **kwargs: str) -> Rule:
@@ -178,7 +186,7 @@ def test_counter_reads_agree_whether_few_or_many_rules_were_hit(
     for i in range(0, 40, 3):
         hit(dp, f"198.18.4.{i}", times=1 + i % 4)
     few = dp.top_counters()
-    monkeypatch.setattr(datapath, "_FEW_HOT", 2)
+    monkeypatch.setattr(dp_counters, "_FEW_HOT", 2)
     many = dp.top_counters()
     assert plain(dict(few)) == plain(dict(many))
     assert [r for r, _ in few] == [r for r, _ in many]
@@ -229,3 +237,81 @@ def test_a_change_refused_half_way_leaves_no_counter_index_behind() -> None:
         assert entry_mismatches(dp) == []
         assert hit(dp, "198.18.6.1") == XDP_DROP
         assert {r: c.packets for r, c in dp.rule_counters().items()} == {2: 0, 3: 1}
+
+
+@contextmanager
+def broken_fd(m: bpfsys.Map[Any, Any]) -> Iterator[None]:
+    """For a while, the map's fd number names /dev/null: bpf(2) refuses it (EINVAL: not a map;
+    EBADF on older kernels)."""
+    saved = os.dup(m.fd)
+    null = os.open("/dev/null", os.O_RDONLY)
+    try:
+        os.dup2(null, m.fd, inheritable=False)
+        yield
+    finally:
+        os.dup2(saved, m.fd, inheritable=False)
+        os.close(saved)
+        os.close(null)
+
+
+def test_read_paths_raise_kernel_error_with_the_errno(
+    dp: Datapath, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the kernel refuses to a counter read or an attachment lookup is a KernelError
+    (never a bare OSError / NetlinkOpError); the datapath works again once the kernel does."""
+    dp.add_rules([rule(1, src="198.18.7.1"), rule(2, src="198.18.7.2")])
+    hit(dp, "198.18.7.1", times=2)
+    reads: list[tuple[str, Callable[[], object]]] = [
+        ("xdpfw_rule_stats", dp.rule_counters),
+        ("xdpfw_rule_stats", lambda: dp.rule_counters([1, 2])),
+        ("xdpfw_rule_stats", dp.top_counters),
+        ("xdpfw_rule_stats", lambda: dp.top_counters(1)),
+        ("xdpfw_rule_stats", dp.counter_arrays),
+        ("xdpfw_stats", dp.global_counters),
+    ]
+    for name, read in reads:
+        with broken_fd(dp.map(name)), pytest.raises(KernelError) as err:
+            read()
+        cause = err.value.__cause__
+        assert isinstance(cause, bpfsys.BpfError) and cause.errno in NOT_A_MAP
+        assert err.value.errno == cause.errno and name in err.value.op
+    assert dp.rule_counters([1])[1].packets == 2
+    assert dp.global_counters().packets >= 2
+
+    def refused(prog_id: int, netns: str | None = None) -> list[netlink.XdpState]:
+        raise netlink.NetlinkOpError(errno.EPERM, "xdp_find", "not allowed")
+
+    monkeypatch.setattr(netlink, "xdp_find", refused)
+    with pytest.raises(KernelError) as err:
+        dp.attachments()
+    assert err.value.errno == errno.EPERM and "attachments" in err.value.op
+    monkeypatch.undo()
+    assert dp.attachments() == []
+
+
+def test_a_kernel_error_is_a_5xx_with_its_errno_in_the_api(dp: Datapath) -> None:
+    """api/errors.py's table maps the KernelError of a refused read to 500, errno in the body."""
+    import httpx
+    from fastapi import FastAPI
+
+    from api.errors import install_error_handlers
+
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.get("/stats")
+    def stats() -> dict[str, int]:
+        return {"packets": dp.global_counters().packets}
+
+    async def get() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.get("/stats")
+
+    with broken_fd(dp.map("xdpfw_stats")):
+        r = asyncio.run(get())
+    assert r.status_code == 500
+    body = r.json()
+    assert body["error"] == "KernelError" and body["errno"] in NOT_A_MAP
+    assert "xdpfw_stats" in body["detail"]
+    assert asyncio.run(get()).status_code == 200

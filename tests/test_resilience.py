@@ -17,7 +17,7 @@ from tests.conftest import TEST_CAPS, unique_pin_dir
 from tests.server import Server, running_server
 from tests.traffic import udp_roundtrip
 from xdpfw import abi
-from xdpfw.datapath import _MAP_TYPES
+from xdpfw.datapath.pins import MAP_TYPES
 from xdpfw.kernel import bpfsys
 
 pytestmark = pytest.mark.e2e
@@ -32,7 +32,7 @@ def server(tmp_path: Path) -> Iterator[Server]:
 def dump_maps(pin_dir: Path) -> dict[str, list[tuple[bytes, bytes]]]:
     """Every map's raw contents (per-CPU counters excluded: traffic may move them)."""
     out: dict[str, list[tuple[bytes, bytes]]] = {}
-    for name, (key_t, val_t) in _MAP_TYPES.items():
+    for name, (key_t, val_t) in MAP_TYPES.items():
         if name in ("xdpfw_stats", "xdpfw_rule_stats"):
             continue
         with bpfsys.Map.from_pin(str(pin_dir / name), key_t, val_t, name) as m:
@@ -99,6 +99,9 @@ def test_abi_mismatch_refuses_and_keeps_pins(server: Server) -> None:
     with pytest.raises(RuntimeError) as err:
         server.start(timeout=30)
     assert "ABI version 999" in str(err.value)
+    # which version the pins speak, which this build speaks, and where
+    assert f"in {server.bpffs_dir} speak ABI version 999" in str(err.value)
+    assert f"this build speaks ABI version {abi.ABI_VERSION}" in str(err.value)
     assert "--bpffs-dir" in str(err.value)  # says how to get out of it
     assert dump_maps(server.bpffs_dir) == before
     # Put it back so the fixture can clean up through the normal path.
@@ -107,6 +110,34 @@ def test_abi_mismatch_refuses_and_keeps_pins(server: Server) -> None:
     ) as m:
         conf.abi_version = abi.ABI_VERSION
         m.update(ctypes.c_uint32(0), conf)
+
+
+def test_pins_of_the_previous_abi_are_refused_with_both_versions() -> None:
+    """Pins recorded as ABI N-1 (e.g. ABI 2's 24-byte xdpfw_rule_stats): refused, untouched,
+    and the error names both versions and how to migrate."""
+    from xdpfw.datapath import Datapath, DatapathConfig
+    from xdpfw.errors import AbiMismatch
+    from xdpfw.rules import RuleSpec
+
+    cfg = DatapathConfig(bpffs_dir=unique_pin_dir("abi"), caps=TEST_CAPS)
+    dp = Datapath.open(cfg)
+    try:
+        dp.add_rule(RuleSpec.parse(src="198.18.231.0/24").with_id(1))
+        conf = dp.map("xdpfw_config").lookup(ctypes.c_uint32(0))
+        assert conf is not None
+        conf.abi_version = abi.ABI_VERSION - 1
+        dp.map("xdpfw_config").update(ctypes.c_uint32(0), conf)
+        before = dump_maps(cfg.bpffs_dir)
+        with pytest.raises(AbiMismatch) as err:
+            Datapath.open(cfg).close()
+        msg = str(err.value)
+        assert f"pinned maps in {cfg.bpffs_dir} speak ABI version {abi.ABI_VERSION - 1}" in msg
+        assert f"this build speaks ABI version {abi.ABI_VERSION}" in msg
+        assert "To migrate" in msg and f"detach --cleanup --bpffs-dir {cfg.bpffs_dir}" in msg
+        assert dump_maps(cfg.bpffs_dir) == before
+    finally:
+        dp.close(cleanup=True)
+    assert not cfg.bpffs_dir.exists()
 
 
 @pytest.mark.skipif(shutil.which("xdp-filter") is None, reason="xdp-tools not installed")

@@ -95,7 +95,7 @@ def test_adopt_takes_the_maps_as_they_are(pins: Path) -> None:
             "rules": dp.rules(),
             "entries": dict(dp.compiler.entries()),
             "usage": dp.table_usage(),
-            "sets": dict(dp._set_of),
+            "sets": dp.rule_set_ids(),
         }
     finally:
         dp.close()
@@ -105,7 +105,7 @@ def test_adopt_takes_the_maps_as_they_are(pins: Path) -> None:
         assert dp.rules() == before["rules"]
         assert dict(dp.compiler.entries()) == before["entries"]
         assert dp.table_usage() == before["usage"]
-        assert dp._set_of == before["sets"]
+        assert dp.rule_set_ids() == before["sets"]
         assert entry_mismatches(dp) == []
         # and it goes on changing exactly like a compiler that planned everything
         dp.remove_rules([r.id for r in rules[::3]])

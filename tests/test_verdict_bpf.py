@@ -23,7 +23,8 @@ import pytest
 from xdpfw import abi
 from xdpfw.abi import Stat, Table
 from xdpfw.compiler import MAX_SLOTS
-from xdpfw.datapath import _MAP_TYPES, Datapath
+from xdpfw.datapath import Datapath
+from xdpfw.datapath.pins import MAP_TYPES
 from xdpfw.errors import CapacityExceeded, RuleConflict
 from xdpfw.kernel import bpfsys
 from xdpfw.rules import Rule, RuleSpec
@@ -687,7 +688,7 @@ def test_truncation_at_every_length_ipv4(dp: Datapath) -> None:
 
 def _snapshot(dp: Datapath) -> dict[str, list[tuple[bytes, bytes]]]:
     snap: dict[str, list[tuple[bytes, bytes]]] = {}
-    for name in _MAP_TYPES:
+    for name in MAP_TYPES:
         m = dp.map(name)
         if m.percpu:
             snap[name] = sorted(

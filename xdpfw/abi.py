@@ -60,7 +60,7 @@ HEADER = BPF_DIR / "xdpfw_abi.h"
 PROGRAM = BPF_DIR / "xdp_filter.c"
 PROG_NAME = "xdpfw_prog"
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 MAX_VLAN = 2
 MAX_IPV6_EXT = 8
 SET_SLOTS = 31

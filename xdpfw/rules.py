@@ -48,8 +48,6 @@ MAX_RULE_ID = codes.MAX_RULE_ID
 
 # A rule's spec as one int, its "code" (RuleSpec.code()), is what the compiler and the service
 # keep per rule instead of objects; its layout is xdpfw.codes'.
-# used by xdpfw/datapath.py until it moves to codes
-CODE_SHIFT, DIR_SRC, DIR_DST = codes.KEY.shift, codes.DIR_SRC, codes.DIR_DST
 
 
 class Action(StrEnum):

@@ -787,6 +787,12 @@ class Map(Generic[K, V]):
     # -- plumbing --
 
     @property
+    def stride(self) -> int:
+        """Bytes from one CPU's value to the next in a per-CPU value as the syscalls see it
+        (the value size rounded up to 8); the value size on other maps."""
+        return self._stride
+
+    @property
     def fd(self) -> int:
         if self._fd < 0:
             raise ValueError(f"map {self.name} is closed")

@@ -48,6 +48,7 @@ from xdpfw import abi
 from xdpfw.abi import Stat, Table
 from xdpfw.compiler import RuleCompiler, TableKey
 from xdpfw.datapath import decode_key
+from xdpfw.datapath.slots import ENTRY, ENTRY_SET_ID, SLOT, slot_fields
 from xdpfw.errors import CapacityExceeded, KernelError
 from xdpfw.kernel import bpfsys
 from xdpfw.rules import Rule, RuleSpec
@@ -78,8 +79,8 @@ MIN_FRAME = model.ETH_HLEN
 MAX_FRAME = 4096 - 256 - 320
 
 _STATS = tuple(s for s in Stat if s is not Stat.MAX)
-_SLOT = struct.Struct("=QIHHBBBxI")  # struct xdpfw_slot (the last field: counter index)
-_ENTRY = struct.Struct("=QIHHBBBxIII")  # struct xdpfw_entry
+_SLOT = SLOT  # struct xdpfw_slot (the last field: counter index)
+_ENTRY = ENTRY  # struct xdpfw_entry: the first slot, then set_id
 _U32 = struct.Struct("=I")
 
 
@@ -597,7 +598,7 @@ def table_snapshot(dp: Datapath) -> dict[str, list[tuple[bytes, bytes]]]:
         if table is not Table.MAX:
             snap[table.map_name] = sorted(dp.map(table.map_name).dump_raw())
     used = {
-        _ENTRY.unpack(v)[-2] for rows in snap.values() for _, v in rows
+        _U32.unpack_from(v, ENTRY_SET_ID)[0] for rows in snap.values() for _, v in rows
     } - {0}
     sets = dp.map("xdpfw_sets")
     snap["xdpfw_sets"] = sorted(
@@ -610,17 +611,9 @@ def table_snapshot(dp: Datapath) -> dict[str, list[tuple[bytes, bytes]]]:
     return snap
 
 
-def _slot_of(rule: Rule) -> tuple[int, int, int, int, int, int, int]:
-    ports = rule.dport
-    return (
-        rule.rank(),
-        rule.id,
-        ports.lo if ports is not None else 0,
-        ports.hi if ports is not None else 0,
-        rule.proto.number if rule.proto is not None else 0,
-        rule.verdict,
-        1 if ports is not None else 0,
-    )
+def _slot_of(rule: Rule) -> tuple[int, ...]:
+    """A rule's slot as SLOT unpacks it, without the counter index (the datapath assigns it)."""
+    return slot_fields(rule, 0)[:-1]
 
 
 def entry_mismatches(dp: Datapath, rules: Sequence[Rule] | None = None) -> list[str]:

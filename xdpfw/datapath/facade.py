@@ -1,0 +1,327 @@
+"""Datapath: the narrow face the service uses; the parts live in the modules beside it.
+
+Opening (load or adopt, upgrade), lifetime and the lock are here; everything else is
+delegated: pins.py (pin sets, the ABI check), attach.py (netlink), writer.py (plans into the
+maps), sets.py and counters.py (allocators), hint.py (the /24 hint), adopt.py (reading pinned
+maps back). Read paths translate kernel errors at this door (KernelError), so callers never
+see an OSError or a netlink error.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from xdpfw.abi import Table
+from xdpfw.compiler import Capacities, RuleCompiler, TableKey, gc_paused
+from xdpfw.datapath import attach as attach_
+from xdpfw.datapath import pins
+from xdpfw.datapath.adopt import Adopted, read_entries
+from xdpfw.datapath.attach import Attachment
+from xdpfw.datapath.counters import (
+    CounterArrays,
+    Counters,
+    GlobalCounters,
+    RuleCounters,
+    as_counters,
+    copy_global,
+    read_global,
+)
+from xdpfw.datapath.hint import PrefixHint
+from xdpfw.datapath.sets import SetAllocator
+from xdpfw.datapath.slots import U32
+from xdpfw.datapath.translate import kernel_door, kernel_error
+from xdpfw.datapath.writer import PlanWriter
+from xdpfw.errors import DatapathError, RuleNotFound
+from xdpfw.kernel import bpfsys
+from xdpfw.rules import Rule
+
+__all__ = ["Datapath", "DatapathConfig"]
+
+
+@dataclass(frozen=True)
+class DatapathConfig:
+    bpffs_dir: Path = Path("/sys/fs/bpf/xdpfw")
+    caps: Capacities = field(default_factory=Capacities)
+    # Adopted pins from another build of the program: swap in this build's program (True) or
+    # keep running the pinned one (False).
+    upgrade: bool = True
+
+
+class Datapath:
+    """The loaded (or adopted) program, its maps and the rules compiled into them."""
+
+    def __init__(
+        self,
+        cfg: DatapathConfig,
+        prog_fd: int,
+        maps: dict[str, bpfsys.Map[Any, Any]],
+        caps: Capacities,
+        adopted: bool,
+    ) -> None:
+        self.cfg = cfg
+        self.caps = caps
+        self.adopted = adopted
+        self._prog_fd = prog_fd
+        self._maps = maps
+        self._lock = threading.RLock()
+        self.prog_id = bpfsys.prog_info(prog_fd).id
+        self.compiler = RuleCompiler(caps)
+        self._sets = SetAllocator(caps.max_sets)
+        self._counters = Counters(
+            maps["xdpfw_rule_stats"], maps["xdpfw_rule_seen"], caps.max_rules, self._lock
+        )
+        self._hint = PrefixHint(maps["xdpfw_lpm4_hint"])
+        self._writer = PlanWriter(maps, self.compiler, caps, self._sets, self._counters, self._hint)
+        self._closed = False
+        self.upgraded_from: int | None = None  # program id replaced by an upgrade
+
+    @property
+    def build_id(self) -> bytes:
+        """Which build of the program runs (recorded in xdpfw_config)."""
+        return self._writer.build_id
+
+    @build_id.setter
+    def build_id(self, value: bytes) -> None:
+        self._writer.build_id = value
+
+    @property
+    def prog_fd(self) -> int:
+        return self._prog_fd
+
+    # -- opening -------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, cfg: DatapathConfig | None = None) -> Datapath:
+        """Adopt the pinned program and maps in cfg.bpffs_dir, or load and pin a new one."""
+        cfg = cfg or DatapathConfig()
+        pins.finish_interrupted_upgrade(cfg.bpffs_dir)
+        if (cfg.bpffs_dir / pins.PROG_PIN).exists():
+            return cls._adopt(cfg)
+        return cls._load(cfg)
+
+    @classmethod
+    def _load(cls, cfg: DatapathConfig) -> Datapath:
+        from xdpfw.kernel import loader  # bcc is only imported when a program must be compiled
+
+        pins.ensure_bpffs(cfg.bpffs_dir)
+        loaded = loader.load_isolated(cfg.caps, pins.staging_dir(cfg.bpffs_dir))
+        pinned: list[Path] = []
+        try:
+            dp = cls(cfg, loaded.prog_fd, pins.wrap_maps(loaded), cfg.caps, adopted=False)
+            dp.build_id = loader.build_id(cfg.caps)
+            dp._writer.write_config()
+            pinned = pins.pin_all(loaded, cfg.bpffs_dir)
+        except (OSError, DatapathError) as exc:
+            for path in pinned:
+                path.unlink(missing_ok=True)
+            loaded.close()
+            if isinstance(exc, DatapathError):
+                raise
+            raise kernel_error(f"pinning under {cfg.bpffs_dir}", exc) from exc
+        return dp
+
+    @classmethod
+    def _adopt(cls, cfg: DatapathConfig) -> Datapath:
+        prog_fd, maps = pins.open_pins(cfg.bpffs_dir)
+        conf = maps["xdpfw_config"].lookup(U32.pack(0))
+        assert conf is not None
+        caps = Capacities(conf.max_rules, conf.max_prefixes, conf.max_sets)
+        dp = cls(cfg, prog_fd, maps, caps, adopted=True)
+        dp.build_id = bytes(conf.build_id)
+        dp._rebuild_from_maps()
+        if cfg.upgrade:
+            from xdpfw.kernel import loader
+
+            if dp.build_id != loader.build_id(caps):
+                return dp._upgrade()
+        return dp
+
+    def _rebuild_from_maps(self) -> None:
+        """Take the rules and the compiled entries back from the lookup tables, unplanned
+        (see adopt.py): nothing is planned again, and no Rule object is made."""
+        found = Adopted(set_of=self._sets.of)
+        with gc_paused(), kernel_door(f"reading the pinned maps in {self.cfg.bpffs_dir}"):
+            self.compiler.adopt(read_entries(self._maps, found))
+            missing = [rid for rid in self.compiler.rules if not found.counters.get(rid)]
+            if missing:
+                raise DatapathError(
+                    f"pinned slots carry no counter index for rules {missing[:5]}: the maps "
+                    "were not written by this ABI"
+                )
+            self._counters.index.adopt({rid: found.counters[rid] for rid in self.compiler.rules})
+            self._hint.adopt(found.trie_keys)
+        self._sets.adopt(self._sets.of.values())
+
+    def _upgrade(self) -> Datapath:
+        """Swap in this build's program without a gap: same rules, counters carried over.
+
+        The new program gets fresh maps filled from the adopted ones; every interface running
+        the old program is switched atomically (XDP_FLAGS_REPLACE), so there is no moment with
+        no program. Packets the old program counts between the counter copy and the swap (a few
+        milliseconds) are not carried over. Then the new pins replace the old ones.
+        """
+        from xdpfw.kernel import loader
+
+        pin_dir = self.cfg.bpffs_dir
+        staging, retired = pins.upgrading_dir(pin_dir), pins.retired_dir(pin_dir)
+        for leftover in (staging, retired):
+            pins.remove_pin_dir(leftover)
+        loaded = loader.load_isolated(self.caps, pins.staging_dir(pin_dir))
+        try:
+            new = Datapath(self.cfg, loaded.prog_fd, pins.wrap_maps(loaded), self.caps, True)
+        except BaseException:
+            loaded.close()
+            raise
+        try:
+            new.build_id = loader.build_id(self.caps)
+            new.add_rules(self.rules())
+            with kernel_door("copying counters to the new program"):
+                copy_global(self._maps["xdpfw_stats"], new._maps["xdpfw_stats"])
+                new._counters.copy_from(self._counters)
+            pins.pin_all(loaded, staging)
+            for att in self.attachments():
+                attach_.replace(att, new.prog_fd, self.prog_fd)
+            pin_dir.rename(retired)
+            staging.rename(pin_dir)
+        except BaseException:
+            pins.remove_pin_dir(staging)
+            new.close()
+            raise
+        pins.remove_pin_dir(retired)
+        new.upgraded_from = self.prog_id
+        self.close()
+        return new
+
+    # -- lifetime ------------------------------------------------------------------------------
+
+    def __enter__(self) -> Datapath:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close(cleanup=True)
+
+    def close(self, cleanup: bool = False) -> None:
+        """Release fds. With cleanup, also detach everywhere we are attached and unpin."""
+        if self._closed:
+            return
+        try:
+            if cleanup:
+                for att in self.attachments():
+                    self.detach(att.ifname)
+                pins.unpin(self.cfg.bpffs_dir, list(self._maps))
+        finally:
+            with self._lock:  # no reader holds a view of the mappings past this point
+                self._closed = True
+                self._hint.close()
+                self._counters.close()
+                for m in self._maps.values():
+                    m.close()
+                os.close(self._prog_fd)
+
+    # -- attachment ----------------------------------------------------------------------------
+
+    def attach(self, ifname: str, mode: str = "auto") -> Attachment:
+        """Attach to ifname (native where possible in auto mode). Idempotent for our program."""
+        with self._lock:
+            return attach_.attach(ifname, self._prog_fd, self.prog_id, mode)
+
+    def detach(self, ifname: str) -> None:
+        """Detach our program from ifname; never touches a program we did not attach."""
+        with self._lock:
+            attach_.detach(ifname, self.prog_id, self._prog_fd)
+
+    def attachments(self) -> list[Attachment]:
+        """Interfaces (root namespace) where our program is attached."""
+        return attach_.attachments(self.prog_id)
+
+    # -- rules ---------------------------------------------------------------------------------
+
+    def rules(self) -> list[Rule]:
+        with self._lock:
+            rules = self.compiler.rules
+            return [rules[rid] for rid in sorted(rules)]
+
+    def get_rule(self, rule_id: int) -> Rule:
+        rule = self.compiler.rules.get(rule_id)
+        if rule is None:
+            raise RuleNotFound(rule_id)
+        return rule
+
+    def add_rule(self, rule: Rule) -> None:
+        self.add_rules([rule])
+
+    def add_rules(self, rules: Sequence[Rule]) -> None:
+        """Add rules, all or nothing. In the maps when this returns."""
+        with self._lock:
+            self._writer.apply(self.compiler.plan_add(rules))
+
+    def remove_rule(self, rule_id: int) -> Rule:
+        return self.remove_rules([rule_id])[0]
+
+    def remove_rules(self, rule_ids: Iterable[int]) -> list[Rule]:
+        with self._lock:
+            plan = self.compiler.plan_remove(rule_ids)
+            self._writer.apply(plan)
+            return plan.removed
+
+    # -- counters ------------------------------------------------------------------------------
+
+    def rule_counters(self, rule_ids: Iterable[int] | None = None) -> dict[int, RuleCounters]:
+        """Per-rule counters: packets and bytes summed over CPUs, last hit as Unix time."""
+        with kernel_door("reading xdpfw_rule_stats"):
+            if rule_ids is None:
+                return dict(as_counters(*self._counters.arrays()))
+            return self._counters.read(rule_ids)
+
+    def top_counters(self, n: int | None = None) -> list[tuple[int, RuleCounters]]:
+        """Rules by packets, most first (ties: lower id first); the first n, or all."""
+        with kernel_door("reading xdpfw_rule_stats"):
+            return self._counters.top(n)
+
+    def counter_arrays(self) -> CounterArrays:
+        """(rule ids, packets, bytes, last hit ns) of every rule, summed over CPUs."""
+        with kernel_door("reading xdpfw_rule_stats"):
+            return self._counters.arrays()
+
+    def global_counters(self) -> GlobalCounters:
+        with kernel_door("reading xdpfw_stats"):
+            return read_global(self._maps["xdpfw_stats"])
+
+    def counter_index(self, rule_id: int) -> int | None:
+        """The rule's index in xdpfw_rule_stats / xdpfw_rule_seen (verification, diagnostics)."""
+        return self._counters.index.get(rule_id)
+
+    def counter_indices_in_use(self) -> int:
+        return int(np.count_nonzero(self._counters.index.view))
+
+    def rule_set_ids(self) -> dict[TableKey, int]:
+        """Entry -> the rule set (xdpfw_sets element) holding its other slots (diagnostics)."""
+        with self._lock:
+            return dict(self._sets.of)
+
+    def table_usage(self) -> dict[str, tuple[int, int]]:
+        """(entries, capacity) per lookup table, plus rules and sets."""
+        counts = self.compiler.table_counts()
+        usage = {
+            t.map_name: (counts[t], self.caps.limit(t)) for t in Table if t is not Table.MAX
+        }
+        usage["rules"] = (len(self.compiler), self.caps.max_rules)
+        usage["xdpfw_sets"] = (self.compiler.n_sets, self.caps.max_sets - 1)
+        return usage
+
+    def map(self, name: str) -> bpfsys.Map[Any, Any]:
+        """A map by name (tests and diagnostics)."""
+        return self._maps[name]

@@ -1,0 +1,207 @@
+"""The pins under bpffs: what a complete set is, opening one (with the ABI check), making one.
+
+A pin directory holds one pin per map and, last, the program pin (PROG_PIN): the program pin
+marks a complete set. The compiling child pins what it loads in a staging directory next to
+it; an upgrade builds the new set in `<dir>-upgrading` and swaps directories by renaming.
+The ABI recorded in xdpfw_config must be this build's, or the pins are refused untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from xdpfw import abi
+from xdpfw.datapath.slots import U32
+from xdpfw.datapath.translate import kernel_error
+from xdpfw.errors import AbiMismatch, DatapathError
+from xdpfw.kernel import bpfsys
+
+if TYPE_CHECKING:
+    from xdpfw.kernel.loader import LoadedProgram
+
+__all__ = [
+    "MAP_TYPES",
+    "PROG_PIN",
+    "ensure_bpffs",
+    "finish_interrupted_upgrade",
+    "open_pins",
+    "pin_all",
+    "remove_pin_dir",
+    "retired_dir",
+    "staging_dir",
+    "unpin",
+    "upgrading_dir",
+    "wrap_maps",
+]
+
+PROG_PIN = "prog"
+
+# Every map of the program: (key type, value type), the mirrors of bpf/xdpfw_abi.h.
+MAP_TYPES: dict[str, tuple[type[Any], type[Any]]] = {
+    "xdpfw_src4": (ctypes.c_uint32, abi.Entry),
+    "xdpfw_dst4": (ctypes.c_uint32, abi.Entry),
+    "xdpfw_src6": (abi.Addr6, abi.Entry),
+    "xdpfw_dst6": (abi.Addr6, abi.Entry),
+    "xdpfw_src4_lpm": (abi.Lpm4Key, abi.Entry),
+    "xdpfw_dst4_lpm": (abi.Lpm4Key, abi.Entry),
+    "xdpfw_src6_lpm": (abi.Lpm6Key, abi.Entry),
+    "xdpfw_dst6_lpm": (abi.Lpm6Key, abi.Entry),
+    "xdpfw_any": (ctypes.c_uint32, abi.Entry),
+    "xdpfw_sets": (ctypes.c_uint32, abi.Set),
+    "xdpfw_rule_stats": (ctypes.c_uint32, abi.RuleStats),
+    "xdpfw_rule_seen": (ctypes.c_uint32, ctypes.c_uint64),
+    "xdpfw_lpm4_hint": (ctypes.c_uint32, ctypes.c_uint64),
+    "xdpfw_stats": (ctypes.c_uint32, abi.GlobalStats),
+    "xdpfw_config": (ctypes.c_uint32, abi.Config),
+}
+
+_Maps = dict[str, bpfsys.Map[Any, Any]]
+
+
+def staging_dir(pin_dir: Path) -> Path:
+    """Where the compiling child pins what it loaded (bpffs names may not contain dots)."""
+    return pin_dir.with_name(f"{pin_dir.name}-loading-{os.getpid()}")
+
+
+def upgrading_dir(pin_dir: Path) -> Path:
+    """Where an upgrade pins the new set before the swap (bpffs refuses ".new")."""
+    return pin_dir.with_name(pin_dir.name + "-upgrading")
+
+
+def retired_dir(pin_dir: Path) -> Path:
+    """Where an upgrade moves the old set during the swap."""
+    return pin_dir.with_name(pin_dir.name + "-retired")
+
+
+def finish_interrupted_upgrade(pin_dir: Path) -> None:
+    """Complete an upgrade that stopped between its two renames; refuse a half-removed set."""
+    staging = upgrading_dir(pin_dir)
+    if not pin_dir.exists() and (staging / PROG_PIN).exists():
+        staging.rename(pin_dir)
+    if (pin_dir / PROG_PIN).exists():
+        return
+    leftovers = sorted(p.name for p in pin_dir.iterdir()) if pin_dir.is_dir() else []
+    if leftovers:
+        raise AbiMismatch(
+            f"{pin_dir} holds pins ({', '.join(leftovers)}) but no program pin: an earlier "
+            f"instance was cleaned up half way. Remove them (`rm -r {pin_dir}`) and start "
+            "again."
+        )
+
+
+def wrap_maps(loaded: LoadedProgram) -> _Maps:
+    return {
+        name: bpfsys.Map(fd, name, *MAP_TYPES[name]) for name, fd in loaded.map_fds.items()
+    }
+
+
+def pin_all(loaded: LoadedProgram, pin_dir: Path) -> list[Path]:
+    """Pin maps, then the program: the program pin marks a complete set."""
+    pin_dir.mkdir(parents=True, exist_ok=True)
+    pinned: list[Path] = []
+    try:
+        for name, fd in loaded.map_fds.items():
+            bpfsys.obj_pin(fd, str(pin_dir / name))
+            pinned.append(pin_dir / name)
+        bpfsys.obj_pin(loaded.prog_fd, str(pin_dir / PROG_PIN))
+        pinned.append(pin_dir / PROG_PIN)
+    except BaseException:
+        for path in pinned:
+            path.unlink(missing_ok=True)
+        raise
+    return pinned
+
+
+def unpin(pin_dir: Path, names: list[str]) -> None:
+    """Remove the program pin and these map pins, then the directory if it is empty."""
+    for name in (PROG_PIN, *names):
+        (pin_dir / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        pin_dir.rmdir()
+
+
+def remove_pin_dir(path: Path) -> None:
+    if path.is_dir():
+        for child in path.iterdir():
+            child.unlink()
+        path.rmdir()
+
+
+def _read_raw_config(fd: int, value_size: int) -> bytes:
+    m: bpfsys.Map[Any, Any] = bpfsys.Map(
+        os.dup(fd), "xdpfw_config", ctypes.c_uint32, ctypes.c_uint8 * value_size
+    )
+    try:
+        val = m.lookup(U32.pack(0))
+        return bytes(val) if val is not None else b""
+    finally:
+        m.close()
+
+
+def _pinned_abi(pin_dir: Path) -> tuple[int, int]:
+    """(ABI version, xdpfw_config value size) the pins record; version -1 when unreadable."""
+    conf_fd = bpfsys.obj_get(str(pin_dir / "xdpfw_config"))
+    try:
+        info = bpfsys.map_info(conf_fd)
+        raw = _read_raw_config(conf_fd, info.value_size)
+    finally:
+        os.close(conf_fd)
+    version = U32.unpack_from(raw)[0] if len(raw) >= U32.size else -1
+    return version, info.value_size
+
+
+def open_pins(pin_dir: Path) -> tuple[int, _Maps]:
+    """(program fd, maps) of the complete pin set in pin_dir, whose ABI must be this build's."""
+    how_to_fix = (
+        f"To migrate: save the rules you need (`xdpfw rule ls --json`), then either remove the "
+        f"old pins (`xdpfw detach --cleanup --bpffs-dir {pin_dir}`, or `rm -r {pin_dir}` after "
+        f"detaching the old program) and import them again, or use another --bpffs-dir."
+    )
+    maps: _Maps = {}
+    try:
+        version, conf_size = _pinned_abi(pin_dir)
+        if version != abi.ABI_VERSION or conf_size != ctypes.sizeof(abi.Config):
+            raise AbiMismatch(
+                f"pinned maps in {pin_dir} speak ABI version {version}; this build speaks ABI "
+                f"version {abi.ABI_VERSION} and will not reuse them. " + how_to_fix
+            )
+        for name, (key_t, val_t) in MAP_TYPES.items():
+            try:
+                maps[name] = bpfsys.Map.from_pin(str(pin_dir / name), key_t, val_t, name)
+            except ValueError as exc:
+                raise AbiMismatch(
+                    f"pinned map {name} in {pin_dir} has another layout than ABI version "
+                    f"{abi.ABI_VERSION}'s: {exc}. " + how_to_fix
+                ) from exc
+        prog_fd = bpfsys.obj_get(str(pin_dir / PROG_PIN))
+    except OSError as exc:
+        for m in maps.values():
+            m.close()
+        if exc.errno == errno.ENOENT:
+            raise AbiMismatch(f"incomplete pins under {pin_dir}: {exc}. " + how_to_fix) from exc
+        raise kernel_error(f"opening pins under {pin_dir}", exc) from exc
+    except BaseException:
+        for m in maps.values():
+            m.close()
+        raise
+    return prog_fd, maps
+
+
+def ensure_bpffs(path: Path) -> None:
+    """The pin directory must be on a bpf filesystem."""
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    with open("/proc/mounts") as fh:
+        mounts = [line.split()[1:3] for line in fh]
+    best = max((m for m in mounts if str(probe).startswith(m[0])), key=lambda m: len(m[0]))
+    if best[1] != "bpf":
+        raise DatapathError(
+            f"{path} is not on a bpf filesystem (it is on {best[0]}, type {best[1]}). Mount one: "
+            f"`mount -t bpf bpf /sys/fs/bpf` (make setup does this), or pick --bpffs-dir on bpffs."
+        )

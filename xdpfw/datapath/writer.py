@@ -1,0 +1,155 @@
+"""Writing a compiled plan into the maps, all or nothing, and the config map.
+
+A plan (RuleCompiler.plan_add / plan_remove) names the new slot lists of every entry a change
+touches. `PlanWriter.apply` hands the added rules zeroed counter indices, widens the prefix
+hint, writes rule sets and entries in batches, and commits the plan to the compiler; on any
+failure it puts the touched entries back, frees what it took and says why (CapacityExceeded
+or KernelError). Only after the commit are freed counter indices and rule sets retired
+(quarantined), the hint narrowed and the per-table counts published in xdpfw_config.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+from typing import Any
+
+from xdpfw import abi
+from xdpfw.abi import Table
+from xdpfw.compiler import Capacities, Plan, RuleCompiler, TableKey
+from xdpfw.datapath.counters import Counters
+from xdpfw.datapath.hint import PrefixHint
+from xdpfw.datapath.keys import encode_key
+from xdpfw.datapath.sets import SetAllocator
+from xdpfw.datapath.slots import U32, entry_bytes, slot_bytes
+from xdpfw.datapath.translate import kernel_door, kernel_error
+from xdpfw.errors import CapacityExceeded
+from xdpfw.kernel import bpfsys
+from xdpfw.rules import Rule
+
+__all__ = ["PlanWriter"]
+
+_NO_ROOM = (errno.E2BIG, errno.ENOSPC, errno.ENOMEM)
+
+
+class PlanWriter:
+    """The one writer of the lookup tables, xdpfw_sets and xdpfw_config (callers hold the lock)."""
+
+    def __init__(
+        self,
+        maps: dict[str, bpfsys.Map[Any, Any]],
+        compiler: RuleCompiler,
+        caps: Capacities,
+        sets: SetAllocator,
+        counters: Counters,
+        hint: PrefixHint,
+    ) -> None:
+        self._maps = maps
+        self._compiler = compiler
+        self._caps = caps
+        self._sets = sets
+        self._counters = counters
+        self._hint = hint
+        self.build_id = b""  # recorded in xdpfw_config: which build loaded the program
+
+    def apply(self, plan: Plan) -> None:
+        old_entries = {k: self._compiler.compiled(k) for k in plan.entries}
+        set_of = self._sets.of
+        old_sets = {k: set_of.get(k, 0) for k in plan.entries}
+        new_sets: dict[TableKey, int] = {}
+        # New rules get zeroed counter indices before any slot points at them.
+        index = self._counters.index
+        ctrs = index.alloc(r.id for r in plan.added)
+        hint = self._hint.changes(plan, old_entries)
+        try:
+            self._counters.zero(ctrs)
+            self._hint.widen(hint)  # a prefix may appear: widen the hint first
+            self._write_entries(plan.entries, new_sets)
+            self._compiler.commit(plan)
+        except BaseException as exc:  # CapacityExceeded from the set allocator, too
+            self._rollback(old_entries, old_sets, new_sets)
+            index.release(r.id for r in plan.added)
+            self._hint.redo(hint)  # back to what the committed keys need
+            if not isinstance(exc, OSError):
+                raise
+            if exc.errno in _NO_ROOM:
+                raise CapacityExceeded(
+                    "a kernel map", self._caps.max_rules, f"the kernel said: {exc}"
+                ) from exc
+            raise kernel_error("updating rule maps", exc) from exc
+        # Committed. The hint first (nothing below may leave it narrower than the tries),
+        # then publish the counts and retire what is no longer referenced.
+        if hint:  # the entries are in (or gone): record the keys, narrow the hint
+            self._hint.account(hint)
+            self._hint.redo(hint)
+        index.release(r.id for r in plan.removed)
+        for key in plan.entries:
+            old = old_sets.get(key, 0)
+            if key in new_sets:
+                set_of[key] = new_sets[key]
+            elif not plan.entries[key] or len(plan.entries[key]) == 1:
+                set_of.pop(key, None)
+            if old and set_of.get(key) != old:
+                self._sets.release(old)
+        self.write_config()
+
+    def _write_entries(
+        self, entries: dict[TableKey, tuple[Rule, ...]], new_sets: dict[TableKey, int]
+    ) -> None:
+        sets = self._maps["xdpfw_sets"]
+        ctr = self._counters.index
+        set_size = ctypes.sizeof(abi.Set)
+        updates: dict[Table, tuple[list[bytes], list[bytes]]] = {}
+        deletes: dict[Table, list[bytes]] = {}
+        for key, slots in entries.items():
+            if not slots:
+                deletes.setdefault(key.table, []).append(encode_key(key))
+                continue
+            set_id = 0
+            if len(slots) > 1:
+                set_id = self._sets.alloc()
+                new_sets[key] = set_id
+                rest = b"".join(slot_bytes(r, ctr[r.id]) for r in slots[1:])
+                sets.update(U32.pack(set_id), rest.ljust(set_size, b"\0"))
+            ks, vs = updates.setdefault(key.table, ([], []))
+            ks.append(encode_key(key))
+            vs.append(entry_bytes(slots[0], ctr[slots[0].id], set_id))
+        for table, (ks, vs) in updates.items():
+            self._maps[table.map_name].update_batch(ks, vs)
+        for table, dks in deletes.items():
+            self._maps[table.map_name].delete_batch(dks)
+
+    def _rollback(
+        self,
+        old_entries: dict[TableKey, tuple[Rule, ...]],
+        old_sets: dict[TableKey, int],
+        new_sets: dict[TableKey, int],
+    ) -> None:
+        """Best effort: put back the entries a failed change may have touched."""
+        ctr = self._counters.index
+        for key, slots in old_entries.items():
+            m = self._maps[key.table.map_name]
+            try:
+                if slots:
+                    first = slots[0]
+                    value = entry_bytes(first, ctr[first.id], old_sets.get(key, 0))
+                    m.update(encode_key(key), value)
+                else:
+                    m.delete(encode_key(key))
+            except OSError:
+                pass
+        for set_id in new_sets.values():
+            self._sets.release(set_id)
+
+    def write_config(self) -> None:
+        """xdpfw_config: this ABI, the per-table entry counts, the capacities, the build."""
+        conf = abi.Config()
+        conf.abi_version = abi.ABI_VERSION
+        for i, n in enumerate(self._compiler.table_counts()):
+            conf.n_entries[i] = n
+        conf.max_rules = self._caps.max_rules
+        conf.max_prefixes = self._caps.max_prefixes
+        conf.max_sets = self._caps.max_sets
+        conf.build_id[:] = self.build_id.ljust(8, b"\0")[:8]
+        with kernel_door("writing xdpfw_config"):
+            self._maps["xdpfw_config"].update(U32.pack(0), conf)
