@@ -34,6 +34,7 @@ from types import TracebackType
 from bench.sysutil import CommandError, log, run
 from xdpfw import lab as veth_labs
 from xdpfw.kernel import netlink
+from xdpfw.lab import pid_alive
 
 __all__ = [
     "HOLDER_LIFETIME_S",
@@ -216,16 +217,6 @@ def detach_any(ifname: str, netns: str) -> None:
         netlink.xdp_detach(ifname, "auto", netns=netns, expected_prog_id=state.prog_id)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def cleanup_stale() -> list[str]:
     """Remove namespaces, bench pins and server labs left by bench runs that no longer live."""
     removed: list[str] = []
@@ -235,7 +226,7 @@ def cleanup_stale() -> list[str]:
         names = []
     for ns in names:
         m = _NS_RE.match(ns)
-        if not m or _pid_alive(int(m.group(1))):
+        if not m or pid_alive(int(m.group(1))):
             continue
         pids = run(["ip", "netns", "pids", ns], check=False).stdout.split()
         for p in pids:
@@ -247,7 +238,7 @@ def cleanup_stale() -> list[str]:
     if BPFFS.is_dir():
         for d in BPFFS.iterdir():
             m = _PIN_RE.match(d.name)
-            if not m or _pid_alive(int(m.group(1))) or not d.is_dir():
+            if not m or pid_alive(int(m.group(1))) or not d.is_dir():
                 continue
             for child in d.iterdir():
                 child.unlink()

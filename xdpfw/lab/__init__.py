@@ -8,6 +8,6 @@ xdpfw.kernel.netlink; it never imports pyroute2.
   `VethLab` (what it yields) and `cleanup_stale()` (what killed runs left behind).
 """
 
-from xdpfw.lab.veth import VethLab, cleanup_stale, veth_lab
+from xdpfw.lab.veth import VethLab, cleanup_stale, pid_alive, veth_lab
 
-__all__ = ["VethLab", "cleanup_stale", "veth_lab"]
+__all__ = ["VethLab", "cleanup_stale", "pid_alive", "veth_lab"]

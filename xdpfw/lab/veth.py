@@ -21,7 +21,7 @@ from typing import Final
 
 from xdpfw.kernel import netlink
 
-__all__ = ["VethLab", "cleanup_stale", "veth_lab"]
+__all__ = ["VethLab", "cleanup_stale", "pid_alive", "veth_lab"]
 
 _lab_counter = itertools.count()
 _lab_lock = threading.Lock()
@@ -164,7 +164,8 @@ def veth_lab(prefix: str = "xfw") -> Iterator[VethLab]:
             raise errors[0]
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (the owner of a lab resource)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -198,7 +199,7 @@ def cleanup_stale(prefix: str, *, keep_live: bool = True) -> list[str]:
         if not name.startswith(prefix):
             return False
         pid = _owner_pid(prefix, name, kind) if keep_live else None
-        return pid is None or not _pid_alive(pid)
+        return pid is None or not pid_alive(pid)
 
     removed: list[str] = []
     for name in netlink.link_list(kind="veth"):
