@@ -23,8 +23,6 @@ from xdpfw.kernel import bpfsys
 from xdpfw.kernel.loader import MAP_NAMES
 from xdpfw.rules import MAX_RULE_ID, RuleSpec
 
-pytestmark = pytest.mark.bpf
-
 HEADER_TEXT = abi.HEADER.read_text()
 PROGRAM_TEXT = abi.PROGRAM.read_text()
 
@@ -80,6 +78,7 @@ def _mirror(name: str) -> int | None:
 # --- (a) constants ------------------------------------------------------------------------
 
 
+@pytest.mark.pure
 def test_header_defines_are_found() -> None:
     defines = header_defines()
     # the parser sees the file: a few anchors
@@ -92,6 +91,7 @@ def test_header_defines_are_found() -> None:
 @pytest.mark.parametrize(
     "name", sorted(n for n, v in header_defines().items() if v is not None)
 )
+@pytest.mark.pure
 def test_every_define_equals_its_mirror(name: str) -> None:
     value = header_defines()[name]
     mirror = _mirror(name)
@@ -99,6 +99,7 @@ def test_every_define_equals_its_mirror(name: str) -> None:
     assert mirror == value, f"XDPFW_{name}: header says {value}, xdpfw/abi.py says {mirror}"
 
 
+@pytest.mark.pure
 def test_every_verdict_mirror_has_a_define() -> None:
     defines = header_defines()
     verdicts = [n for n in dir(abi) if n.startswith("VERDICT_")]
@@ -110,6 +111,7 @@ def test_every_verdict_mirror_has_a_define() -> None:
 @pytest.mark.parametrize(
     ("enum", "prefix"), [(abi.Stat, "STAT_"), (abi.Table, "TBL_")], ids=["Stat", "Table"]
 )
+@pytest.mark.pure
 def test_every_enum_member_has_a_define(enum: type[Any], prefix: str) -> None:
     defines = header_defines()
     for member in enum:
@@ -121,17 +123,20 @@ def test_every_enum_member_has_a_define(enum: type[Any], prefix: str) -> None:
     assert in_header == set(enum.__members__)
 
 
+@pytest.mark.pure
 def test_enums_are_dense_and_max_is_the_count() -> None:
     for enum in (abi.Stat, abi.Table):
         values = sorted(int(m) for m in enum if m.name != "MAX")
         assert values == list(range(int(enum.MAX)))
 
 
+@pytest.mark.pure
 def test_rule_id_mask_is_the_id_bit_field() -> None:
     assert abi.RANK_ID_MASK == (1 << 29) - 1
     assert MAX_RULE_ID == abi.RANK_ID_MASK
 
 
+@pytest.mark.pure
 def test_map_names_agree_with_the_program() -> None:
     """Every map declared in xdp_filter.c has a ctypes mirror and is loaded, and vice versa."""
     declared = set(
@@ -214,6 +219,7 @@ def compare_layout(ours: Any, theirs: Any, path: str, report: Callable[[str], No
         compare_layout(ours._type_, theirs._type_, f"{path}[]", report)
 
 
+@pytest.mark.bpf
 @pytest.mark.parametrize("name", sorted(MAP_TYPES))
 def test_map_types_match_bcc(name: str, bcc_types: dict[str, tuple[type[Any], type[Any]]]) -> None:
     our_key, our_val = MAP_TYPES[name]
@@ -230,10 +236,12 @@ def test_map_types_match_bcc(name: str, bcc_types: dict[str, tuple[type[Any], ty
     assert not problems, "\n".join(problems)
 
 
+@pytest.mark.pure
 def test_percpu_maps_are_the_counter_maps() -> None:
     assert _percpu_maps() == {"xdpfw_rule_stats", "xdpfw_stats"}
 
 
+@pytest.mark.pure
 def test_layout_comparison_reports_drift() -> None:
     """The comparer itself: a moved or resized field is reported."""
 
@@ -258,6 +266,7 @@ def test_layout_comparison_reports_drift() -> None:
     assert problems == []
 
 
+@pytest.mark.bpf
 def test_loaded_maps_have_the_mirrored_sizes(dp: Any) -> None:
     """The kernel's key/value sizes of the loaded program's maps equal the mirrors' sizeof."""
     for name, (key_t, val_t) in MAP_TYPES.items():
@@ -266,6 +275,7 @@ def test_loaded_maps_have_the_mirrored_sizes(dp: Any) -> None:
         assert info.value_size == ctypes.sizeof(val_t), name
 
 
+@pytest.mark.pure
 def test_struct_sizes_are_what_the_header_implies() -> None:
     assert ctypes.sizeof(abi.Slot) == 24
     assert ctypes.sizeof(abi.Entry) == 32
