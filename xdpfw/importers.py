@@ -294,7 +294,8 @@ class ListReader:
         else:
             self._tail.append(text)
             lines = "".join(self._tail).split("\n")
-            self._tail = [lines.pop()] if lines[-1] else []
+            last = lines.pop()
+            self._tail = [last] if last else []
             self.feed_lines(lines)
         if final and self._tail:
             self.feed_lines(["".join(self._tail)])
