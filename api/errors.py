@@ -16,7 +16,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
-from api.limits import BodyTooLarge
+from api.limits import CLOSE, BodyTooLarge
 from xdpfw import errors as e
 
 __all__ = ["MAX_ECHO", "MAX_ERRORS", "STATUS", "install_error_handlers", "safe_echo"]
@@ -116,7 +116,7 @@ async def _method_not_allowed(request: Request, exc: Exception) -> Response:
 
 async def _too_large(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, BodyTooLarge)
-    return JSONResponse(exc.body(), status_code=413)
+    return JSONResponse(exc.body(), status_code=413, headers=CLOSE)
 
 
 MAX_ERRORS = 100  # validation errors named in one 422

@@ -28,6 +28,7 @@ from api.settings import Settings
 
 __all__ = [
     "BULK_PATHS",
+    "CLOSE",
     "MISSING_TOKEN",
     "WRONG_TOKEN",
     "BodyLimits",
@@ -42,6 +43,9 @@ MISSING_TOKEN = (
 WRONG_TOKEN = "wrong token"
 BULK_PATHS: tuple[str, ...] = ("/v1/rules/bulk",)
 _READS = frozenset({"GET", "HEAD", "OPTIONS"})
+# On a refusal before the body is read: the server closes the connection after answering,
+# instead of reading (and dropping) the rest of a body it will never use.
+CLOSE = {"Connection": "close"}
 
 
 def bearer_problem(authorization: str | None, expected: str) -> tuple[int, str] | None:
@@ -118,13 +122,14 @@ class BodyLimits:
             problem = bearer_problem(headers.get("authorization"), self.token)
             if problem is not None:
                 code, why = problem
-                extra = {"WWW-Authenticate": "Bearer"} if code == 401 else None
-                await JSONResponse({"detail": why}, code, extra)(scope, receive, send)
+                extra = {"WWW-Authenticate": "Bearer"} if code == 401 else {}
+                refusal = JSONResponse({"detail": why}, code, {**extra, **CLOSE})
+                await refusal(scope, receive, send)
                 return
         too_large = self.limit_for(path, headers)
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > too_large.limit:
-            await JSONResponse(too_large.body(), 413)(scope, receive, send)
+            await JSONResponse(too_large.body(), 413, CLOSE)(scope, receive, send)
             return
         seen = 0
 
@@ -149,4 +154,4 @@ class BodyLimits:
         except BodyTooLarge as exc:  # raised where no exception handler saw it
             if started:
                 raise
-            await JSONResponse(exc.body(), 413)(scope, receive, send)
+            await JSONResponse(exc.body(), 413, CLOSE)(scope, receive, send)
