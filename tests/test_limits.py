@@ -72,6 +72,30 @@ def _status(pid: int) -> dict[str, int]:
     return out
 
 
+def _while_polling_health(
+    srv: Server, ctype: str, body: Iterator[bytes]
+) -> tuple[httpx.Response, list[float]]:
+    """POST a bulk from a thread; meanwhile time GET /healthz from another client."""
+    result: list[httpx.Response] = []
+
+    def load() -> None:
+        result.append(httpx.post(
+            srv.url + "/v1/rules/bulk", content=body, timeout=120,
+            headers={"content-type": ctype, "authorization": f"Bearer {srv.token}"}))
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    waits = []
+    with httpx.Client(base_url=srv.url, timeout=30) as other:
+        while worker.is_alive():
+            t0 = time.monotonic()
+            assert other.get("/healthz").status_code in (200, 503)
+            waits.append(time.monotonic() - t0)
+            time.sleep(0.05)
+    worker.join()
+    return result[0], waits
+
+
 def test_200mb_bodies_are_refused_within_a_second(server: Server) -> None:
     """Without a token: 401 before the body is read; with one: 413 on the declared length
     (single-rule route) or as soon as a chunked bulk passes its limit."""
@@ -110,24 +134,7 @@ def test_big_text_bulk_is_parsed_off_the_loop_in_bounded_memory(server: Server) 
 
     Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     before = _status(pid)["VmRSS"]
-    result: list[httpx.Response] = []
-
-    def load() -> None:
-        result.append(httpx.post(
-            server.url + "/v1/rules/bulk", content=body(), timeout=120,
-            headers={"content-type": "text/plain", "authorization": f"Bearer {server.token}"}))
-
-    worker = threading.Thread(target=load)
-    worker.start()
-    waits = []
-    with httpx.Client(base_url=server.url, timeout=30) as other:
-        while worker.is_alive():
-            t0 = time.monotonic()
-            assert other.get("/healthz").status_code in (200, 503)
-            waits.append(time.monotonic() - t0)
-            time.sleep(0.05)
-    worker.join()
-    r = result[0]
+    r, waits = _while_polling_health(server, "text/plain", body())
     assert r.status_code == 201, r.text
     assert r.json()["added"] == 4000
     assert len(waits) >= 5, waits  # the load took a while, health was asked meanwhile
@@ -135,6 +142,17 @@ def test_big_text_bulk_is_parsed_off_the_loop_in_bounded_memory(server: Server) 
     growth = _status(pid)["VmHWM"] - before
     print(f"40 MB text bulk: peak RSS growth {growth / MB:.1f} MB, health max {max(waits):.3f}s")
     assert growth < 40 * MB, growth / MB
+
+
+def test_json_bulk_is_parsed_off_the_loop(server: Server) -> None:
+    """A JSON bulk (bounded by XDPFW_MAX_BULK_JSON_BYTES) is parsed in a worker thread too."""
+    one = b'{"src": "198.18.60.1", "comment": "same rule again"}'
+    body = [b"[", one, *([b"," + one] * 150_000), b"]"]
+    r, waits = _while_polling_health(server, "application/json", iter(body))
+    assert r.status_code == 201, r.text[:300]
+    assert r.json()["added"] == 1
+    assert len(waits) >= 5, waits
+    assert max(waits) < 1.0, max(waits)
 
 
 def test_bad_bodies_answer_small_json_422s(server: Server) -> None:
