@@ -593,22 +593,22 @@ def test_text_bulk_parsed_in_pieces_is_parsed_as_one_text() -> None:
 
 def test_422_names_at_most_100_bad_lines_and_never_echoes_megabytes(api: Api) -> None:
     c = api.client
-    body = "".join(f"bad-{i}-{'y' * 30}\n" for i in range(60_000)) + "z" * 1_000_000 + "\n"
+    body = "".join(f"bad-{i}-{'y' * 30}\n" for i in range(5_000)) + "z" * 1_000_000 + "\n"
     r = _text(c, body)
     assert r.status_code == 422 and len(r.content) < 20_000, len(r.content)
     msg = _msg(r)
-    assert msg.startswith("nothing added; 60001 invalid line(s): 1, 2, 3,")
-    assert "line 100: " in msg and "line 101:" not in msg and "59901 more" in msg
+    assert msg.startswith("nothing added; 5001 invalid line(s): 1, 2, 3,")
+    assert "line 100: " in msg and "line 101:" not in msg and "4901 more" in msg
     # FastAPI's own validation errors: each echoed value cut, at most 100 errors listed
     r = c.post("/v1/rules", json={"src": "198.18.205.1", "comment": "c" * 60_000})
     assert r.status_code == 422 and len(r.content) < 2_000, len(r.content)
     assert r.json()["detail"][0]["input"].startswith("ccc")
     r = _limited(api, max_body_bytes=10_000_000).post(
-        "/v1/rules", json={f"k{i}" + "x" * 1000: i for i in range(2000)})
+        "/v1/rules", json={f"k{i}" + "x" * 1000: i for i in range(300)})
     assert r.status_code == 422 and len(r.content) < 60_000, len(r.content)
     detail = r.json()["detail"]
     assert len(detail) == 101 and detail[-1]["type"] == "too_many_errors"
-    assert detail[-1]["msg"].startswith("2000 errors in all")
+    assert detail[-1]["msg"].startswith("300 errors in all")
 
 
 def test_deep_json_and_lone_surrogates_answer_422_not_500(api: Api) -> None:
