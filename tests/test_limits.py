@@ -23,6 +23,9 @@ pytestmark = pytest.mark.e2e
 
 MB = 1 << 20
 BULK_LIMIT = 64 * MB  # XDPFW_MAX_BULK_BYTES for this server (default 256 MiB)
+# /healthz during a bulk: ~0.1-0.2 s when the machine is idle, 1 s seen under a loaded one;
+# parsing on the event loop made it wait the whole parse (4.6 s for the JSON body below).
+HEALTH_WAIT = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +141,7 @@ def test_big_text_bulk_is_parsed_off_the_loop_in_bounded_memory(server: Server) 
     assert r.status_code == 201, r.text
     assert r.json()["added"] == 4000
     assert len(waits) >= 5, waits  # the load took a while, health was asked meanwhile
-    assert max(waits) < 1.0, max(waits)
+    assert max(waits) < HEALTH_WAIT, max(waits)
     growth = _status(pid)["VmHWM"] - before
     print(f"40 MB text bulk: peak RSS growth {growth / MB:.1f} MB, health max {max(waits):.3f}s")
     assert growth < 40 * MB, growth / MB
@@ -152,7 +155,7 @@ def test_json_bulk_is_parsed_off_the_loop(server: Server) -> None:
     assert r.status_code == 201, r.text[:300]
     assert r.json()["added"] == 1
     assert len(waits) >= 5, waits
-    assert max(waits) < 1.0, max(waits)
+    assert max(waits) < HEALTH_WAIT, max(waits)
 
 
 def test_bad_bodies_answer_small_json_422s(server: Server) -> None:
@@ -164,6 +167,7 @@ def test_bad_bodies_answer_small_json_422s(server: Server) -> None:
     r, _ = _post(server, "/v1/rules/bulk", bad, token=True, declared=False)
     assert r.status_code == 422, r.text[:500]
     assert len(r.content) < 30_000, len(r.content)
+    print(f"20 MB of bad lines: a 422 of {len(r.content)} bytes")
     msg = r.json()["detail"][0]["msg"]
     total = -(-bad.total // len(b"not an address, line of the bad list\n"))  # a last part line
     assert msg.startswith(f"nothing added; {total} invalid line(s): 1, 2, 3")
