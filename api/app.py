@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from api.errors import install_error_handlers
+from api.limits import BodyLimits
 from api.routes import health, interfaces, rules, stats
 from api.service import FirewallService
 from api.settings import Settings
@@ -26,6 +27,8 @@ def create_app(settings: Settings, service: FirewallService, token: str) -> Fast
     app.state.service = service
     app.state.token = token
     install_error_handlers(app)
+    # Outside routing: the token and the size of a body are checked before FastAPI reads it.
+    app.add_middleware(BodyLimits, settings=settings, token=token)
     app.include_router(health.router)
     app.include_router(rules.router)
     app.include_router(stats.router)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import secrets
 from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
+from api.limits import bearer_problem
 from api.service import FirewallService
 from api.settings import Settings
 
@@ -45,6 +45,7 @@ class ErrorOut(BaseModel):
     hint: str | None = None
     limit: int | None = Field(default=None, description="the capacity that was reached")
     existing_id: int | None = None
+    setting: str | None = Field(default=None, description="the setting that raises `limit`")
 
 
 _ERR: dict[str, Any] = {"model": ErrorOut}
@@ -54,6 +55,7 @@ AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 BODY_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {**_ERR, "description": "the body is not valid JSON"},
+    413: {**_ERR, "description": "the body is above its limit (`limit` bytes; see `setting`)"},
 }
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     500: {**_ERR, "description": "a kernel (bpf/netlink) call failed; `errno` says which"},
@@ -65,16 +67,15 @@ SettingsDep = Annotated[Settings, Depends(_settings)]
 
 
 def _check_token(request: Request, creds: HTTPAuthorizationCredentials | None) -> None:
+    # api/limits.py checks writes before their body is read; this checks reads, and writes
+    # again for an app built without that middleware.
     expected: str = request.app.state.token
-    if creds is None:
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED,
-            "missing bearer token: send `Authorization: Bearer <token>` (the token is in "
-            "<state-dir>/token, or XDPFW_TOKEN)",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-    if not secrets.compare_digest(creds.credentials.encode(), expected.encode()):
-        raise HTTPException(status.HTTP_403_FORBIDDEN, "wrong token")
+    header = f"Bearer {creds.credentials}" if creds is not None else None
+    problem = bearer_problem(header, expected)
+    if problem is not None:
+        code, why = problem
+        headers = {"WWW-Authenticate": "Bearer"} if code == status.HTTP_401_UNAUTHORIZED else None
+        raise HTTPException(code, why, headers=headers)
 
 
 def _write_access(

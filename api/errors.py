@@ -8,15 +8,18 @@ from __future__ import annotations
 import logging
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
+from api.limits import CLOSE, BodyTooLarge
 from xdpfw import errors as e
 
-__all__ = ["STATUS", "install_error_handlers"]
+__all__ = ["MAX_ECHO", "MAX_ERRORS", "STATUS", "install_error_handlers", "safe_echo"]
 
 log = logging.getLogger("xdpfw.api")
 
@@ -72,7 +75,18 @@ async def _handle(request: Request, exc: Exception) -> JSONResponse:
     code = status_of(exc)
     if code >= 500:
         log.error("%s %s -> %d: %s", request.method, request.url.path, code, exc)
-    return JSONResponse(_body(exc), status_code=code)
+    return JSONResponse(_encodable(_body(exc)), status_code=code)
+
+
+def _encodable(value: object) -> object:
+    """Lone surrogates (valid in a JSON string, not encodable as UTF-8) spelled as escapes."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {k: _encodable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_encodable(v) for v in value]
+    return value
 
 
 _METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
@@ -100,6 +114,64 @@ async def _method_not_allowed(request: Request, exc: Exception) -> Response:
     )
 
 
+async def _too_large(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, BodyTooLarge)
+    return JSONResponse(exc.body(), status_code=413, headers=CLOSE)
+
+
+MAX_ERRORS = 100  # validation errors named in one 422
+MAX_ECHO = 200  # characters of any one echoed value (input, key, message)
+_MAX_ITEMS = 10  # elements of an echoed list or object
+
+
+def safe_echo(value: object, depth: int = 0) -> object:
+    """A JSON-able copy of an echoed value that is small and encodable: strings cut to
+    MAX_ECHO characters with lone surrogates (which UTF-8 cannot encode) spelled as escapes,
+    lists and objects cut to a few items, nesting cut at 4."""
+    if isinstance(value, str):
+        text = value if len(value) <= MAX_ECHO else value[:MAX_ECHO] + "..."
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if depth >= 4:
+        return "..."
+    if isinstance(value, dict):
+        items = list(value.items())
+        out = {str(safe_echo(str(k))): safe_echo(v, depth + 1) for k, v in items[:_MAX_ITEMS]}
+        if len(items) > _MAX_ITEMS:
+            out["..."] = f"{len(items) - _MAX_ITEMS} more"
+        return out
+    if isinstance(value, list | tuple):
+        cut = [safe_echo(v, depth + 1) for v in value[:_MAX_ITEMS]]
+        return [*cut, "..."] if len(value) > _MAX_ITEMS else cut
+    return safe_echo(repr(value), depth)
+
+
+async def _invalid(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's 422, bounded: the first MAX_ERRORS errors, each echo cut (see safe_echo),
+    and a last entry with the total when there were more."""
+    assert isinstance(exc, RequestValidationError)
+    found = exc.errors()
+    detail: list[object] = []
+    for err in found[:MAX_ERRORS]:
+        try:
+            plain = jsonable_encoder(err)
+        except (ValueError, TypeError, RecursionError):
+            plain = {k: repr(v) for k, v in err.items()}
+        detail.append(safe_echo(plain, -2))  # the error itself and its loc are not cut
+    if len(found) > MAX_ERRORS:
+        detail.append(
+            {
+                "loc": ["body"],
+                "msg": f"{len(found)} errors in all; the first {MAX_ERRORS} are listed",
+                "type": "too_many_errors",
+            }
+        )
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(e.XdpfwError, _handle)
     app.add_exception_handler(StarletteHTTPException, _method_not_allowed)
+    app.add_exception_handler(BodyTooLarge, _too_large)
+    app.add_exception_handler(RequestValidationError, _invalid)

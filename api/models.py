@@ -106,6 +106,10 @@ def bulk_rules(raw: bytes, force: bool) -> list[NewRule]:
         data = json.loads(raw)
     except ValueError as exc:
         raise InvalidRule("body", f"not JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise InvalidRule(
+            "body", "JSON nested too deeply: a bulk body is an array of flat rule objects"
+        ) from exc
     if not isinstance(data, list) or not data:
         raise InvalidRule("body", "expected a non-empty JSON array of rules (or text/plain)")
     items: list[NewRule] = []

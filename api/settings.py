@@ -33,6 +33,18 @@ class Settings(BaseSettings):
         description="source prefixes that can never be dropped (XDPFW_PROTECT=a,b)",
     )
     ttl_interval: float = Field(default=0.5, gt=0, le=60, description="TTL sweep period, s")
+    max_body_bytes: int = Field(
+        default=64 * 1024, ge=1024, description="largest body of a single-rule or other small write"
+    )
+    max_bulk_bytes: int = Field(
+        default=256 * 1024 * 1024, ge=1024, description="largest text/plain bulk body"
+    )
+    max_bulk_json_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=1024,
+        description="largest JSON bulk body (JSON costs ~50x its size to parse: send big lists "
+        "as text/plain)",
+    )
 
     @field_validator("iface", "protect", mode="before")
     @classmethod

@@ -496,3 +496,135 @@ def test_stats_and_metrics(api: Api) -> None:
     assert 'xdpfw_table_entries{table="rules"} 5.0' in text
     assert 'xdpfw_table_capacity{table="rules"} 8192.0' in text
     assert 'xdpfw_packets_total{outcome="dropped"} 0.0' in text
+
+
+# -- bounded inputs (docs/guarantees.md "Bounded inputs"; e2e: tests/test_limits.py) ------------
+
+
+def _limited(a: Api, **limits: int) -> TestClient:
+    settings = Settings(listen="127.0.0.1:8000", state_dir=a.store.path.parent, **limits)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    return TestClient(create_app(settings, a.svc, TOKEN), headers=auth)
+
+
+def test_writes_without_the_token_are_refused_before_the_body_is_read(api: Api) -> None:
+    """FastAPI reads (and parses) a route's body before its dependencies run: the token is
+    checked by api/limits.py first, so not one chunk of an anonymous body is pulled."""
+    import anyio
+
+    app = api.client.app
+
+    async def call(token: str | None) -> tuple[int, int]:
+        pulled = 0
+        status = 0
+
+        async def receive() -> dict[str, Any]:
+            nonlocal pulled
+            pulled += 1
+            return {"type": "http.request", "body": b'{"src": "198.18.202.1"}', "more_body":
+                    pulled < 5000}
+
+        async def send(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+
+        auth = [(b"authorization", f"Bearer {token}".encode())] if token else []
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+                 "method": "POST", "scheme": "http", "path": "/v1/rules", "raw_path": b"/v1/rules",
+                 "root_path": "", "query_string": b"", "client": ("127.0.0.1", 1),
+                 "server": ("127.0.0.1", 8000),
+                 "headers": [(b"content-type", b"application/json"), *auth]}
+        await app(scope, receive, send)  # type: ignore[arg-type]
+        return status, pulled
+
+    assert anyio.run(call, None) == (401, 0)
+    assert anyio.run(call, "wrong") == (403, 0)
+    status, pulled = anyio.run(call, TOKEN)  # with the token the body is read (and too big)
+    assert status == 413 and pulled > 1
+
+
+def test_bodies_above_their_limit_answer_413_naming_the_setting(api: Api) -> None:
+    c = _limited(api, max_body_bytes=4096, max_bulk_bytes=100_000, max_bulk_json_bytes=8192)
+    r = c.post("/v1/rules", content=b'{"src": "198.18.203.1", "comment": "' + b"x" * 5000 + b'"}',
+               headers={"content-type": "application/json"})
+    assert r.status_code == 413, r.text
+    assert r.json()["limit"] == 4096 and r.json()["setting"] == "XDPFW_MAX_BODY_BYTES"
+    assert "4096 bytes" in r.json()["detail"]
+
+    def chunked(n: int) -> Iterator[bytes]:  # no Content-Length: counted as it streams
+        for i in range(n):
+            yield f"198.18.{i // 250}.{i % 250 + 1}\n".encode()
+
+    r = c.post("/v1/rules/bulk", content=chunked(20_000), headers={"content-type": "text/plain"})
+    assert r.status_code == 413 and r.json()["setting"] == "XDPFW_MAX_BULK_BYTES", r.text
+    r = c.post("/v1/rules/bulk", content=chunked(2_000), headers={"content-type": "text/plain"})
+    assert r.status_code == 201 and r.json()["added"] == 2_000, r.text
+    big = [{"src": f"198.18.204.{i % 250 + 1}"} for i in range(500)]
+    r = c.post("/v1/rules/bulk", json=big)
+    assert r.status_code == 413 and r.json()["setting"] == "XDPFW_MAX_BULK_JSON_BYTES"
+    assert "text/plain" in r.json()["hint"]
+    assert api.store.count() == 2_000  # the refused bodies added nothing
+
+
+def test_text_bulk_parsed_in_pieces_is_parsed_as_one_text() -> None:
+    """ListReader (the route's streaming parser) = list_codes, however the bytes are split."""
+    text = ("# FireHOL list\n198.18.0.1\r\n2001:db8::/32 ; x\n\n10.0.0.0/8\n" * 50
+            + "\ufeffé 198.18.0.9/33\nbad\n198.18.0.7")
+    raw = text.encode()
+    for size in (1, 2, 3, 7, 64, len(raw)):
+        reader = importers.ListReader()
+        for i in range(0, len(raw), size):
+            reader.feed(raw[i : i + size])
+        with pytest.raises(errors.InvalidRule) as got:
+            reader.finish()
+        with pytest.raises(errors.InvalidRule) as want:
+            importers.list_codes(text)
+        assert str(got.value) == str(want.value)
+    good = "198.18.0.1\n\n10.0.0.0/8 # x\n198.18.0.2"
+    reader = importers.ListReader(mode="monitor")
+    for ch in good.encode():
+        reader.feed(bytes([ch]))
+    assert reader.finish() == importers.list_codes(good, mode="monitor")
+    reader = importers.ListReader()
+    with pytest.raises(errors.InvalidRule, match="not UTF-8 text: line 3"):
+        reader.feed(b"198.18.0.1\n198.18.0.2\n198.18\xff.0.3\n")
+
+
+def test_422_names_at_most_100_bad_lines_and_never_echoes_megabytes(api: Api) -> None:
+    c = api.client
+    body = "".join(f"bad-{i}-{'y' * 30}\n" for i in range(5_000)) + "z" * 1_000_000 + "\n"
+    r = _text(c, body)
+    assert r.status_code == 422 and len(r.content) < 20_000, len(r.content)
+    msg = _msg(r)
+    assert msg.startswith("nothing added; 5001 invalid line(s): 1, 2, 3,")
+    assert "line 100: " in msg and "line 101:" not in msg and "4901 more" in msg
+    # FastAPI's own validation errors: each echoed value cut, at most 100 errors listed
+    r = c.post("/v1/rules", json={"src": "198.18.205.1", "comment": "c" * 60_000})
+    assert r.status_code == 422 and len(r.content) < 2_000, len(r.content)
+    assert r.json()["detail"][0]["input"].startswith("ccc")
+    r = _limited(api, max_body_bytes=10_000_000).post(
+        "/v1/rules", json={f"k{i}" + "x" * 1000: i for i in range(300)})
+    assert r.status_code == 422 and len(r.content) < 60_000, len(r.content)
+    detail = r.json()["detail"]
+    assert len(detail) == 101 and detail[-1]["type"] == "too_many_errors"
+    assert detail[-1]["msg"].startswith("300 errors in all")
+
+
+def test_deep_json_and_lone_surrogates_answer_422_not_500(api: Api) -> None:
+    c = api.client
+    deep = "[" * 5000 + "]" * 5000
+    r = c.post("/v1/rules/bulk", content=deep, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "nested too deeply" in _msg(r), r.text
+    for path, body in [
+        ("/v1/rules", '{"src": "198.18.206.1", "comment": "\\ud800"}'),
+        ("/v1/rules", '{"src": "198.18.206.1", "comment": "\\ud800' + "x" * 300 + '"}'),
+        ("/v1/rules/bulk", '[{"src": "198.18.206.1", "comment": "\\udfff"}]'),
+        ("/v1/rules/bulk", '[{"src": "198.18.206.1", "\\ud800": 1}]'),
+    ]:
+        r = c.post(path, content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 422, (path, body[:60], r.text)
+        assert r.headers["content-type"] == "application/json"
+        text = r.text
+        assert "unicode" in text or "\\\\ud800" in text or "\\\\udfff" in text, text
+    assert c.get("/v1/rules").json()["rules"] == []

@@ -21,6 +21,7 @@ is accepted, refused and numbered the same way on either side. Lines are split o
 
 from __future__ import annotations
 
+import codecs
 import ipaddress
 import json
 from collections.abc import Iterable, Iterator, Sequence
@@ -34,6 +35,7 @@ from xdpfw.rules import Network, RuleSpec, fast_ipv4, parse_network
 
 __all__ = [
     "Entry",
+    "ListReader",
     "ParsedList",
     "Rejected",
     "Scan",
@@ -168,15 +170,16 @@ class Scan:
     kinds: set[str] = field(default_factory=set)
 
 
-def scan(lines: Iterable[str], verdict: int | None = None) -> Scan:
+def scan(lines: Iterable[str], verdict: int | None = None, *, start: int = 1) -> Scan:
     """Parse a list line by line; never raises for bad content (bad lines land in `rejected`).
 
-    Numbering: the first line is 1; pass `lines_of(text)` for a text.
+    Numbering: the first line is `start` (1; later pieces of a text go on from where the last
+    one ended); pass `lines_of(text)` for a text.
     """
     out = Scan(verdict)
     add_line, add_cidr, add_code = out.linenos.append, out.cidrs.append, out.codes.append
-    lineno = 0
-    for lineno, raw in enumerate(lines, 1):
+    lineno = start - 1
+    for lineno, raw in enumerate(lines, start):
         line = raw.rstrip("\r\n")
         # Most lines are a bare IPv4 address or CIDR: no comment, no format hint, and no
         # ipaddress object needed to check and spell them.
@@ -250,31 +253,100 @@ def list_codes(text: str, action: str = "drop", mode: str = "enforce") -> list[i
     """A bulk body -> the code of a source rule per address line, repeats included, in line
     order (the service reports repeats as duplicates).
 
-    Raises InvalidRule (field "body") naming every bad line, or when no line has an address.
-    An action and mode that cannot go together make every address line bad.
+    Raises InvalidRule (field "body") naming the bad lines (see `bad_summary`), or when no line
+    has an address. An action and mode that cannot go together make every address line bad.
     """
-    try:
-        verdict = RuleSpec.parse(action=action, mode=mode, src=_ANY_SOURCE).verdict
-        problem = None
-    except InvalidRule as exc:
-        verdict, problem = abi.VERDICT_DROP, exc.problem
-    found = scan(lines_of(text), verdict)
-    bad = [(r.lineno, r.reason) for r in found.rejected]
-    if problem is not None:
-        bad = sorted(bad + [(n, problem) for n in found.linenos])
-    if bad:
-        raise InvalidRule("body", bad_summary("line", bad))
-    if not found.codes:
-        raise InvalidRule("body", "no addresses in the body")
-    return found.codes
+    reader = ListReader(action, mode)
+    reader.feed_lines(lines_of(text))
+    return reader.finish()
 
 
-def bad_summary(what: str, bad: Sequence[tuple[int, str]], show: int = 100) -> str:
-    """Every bad line (or element) number, and the problem of the first `show` of them."""
-    where = ", ".join(str(n) for n, _ in bad)
-    detail = "; ".join(f"{what} {n}: {problem}" for n, problem in bad[:show])
-    more = f"; ... {len(bad) - show} more" if len(bad) > show else ""
-    return f"nothing added; {len(bad)} invalid {what}(s): {where} -- {detail}{more}"
+class ListReader:
+    """`list_codes` for a body that arrives in pieces: `feed` the bytes as they come (split
+    anywhere, inside a line or a UTF-8 character), then `finish`. The same lines, numbers,
+    codes and errors as `list_codes` on the whole text, in bounded memory: the codes (none once
+    a line is bad), the first `show` bad lines, and the piece being parsed."""
+
+    def __init__(self, action: str = "drop", mode: str = "enforce", show: int = 100) -> None:
+        try:
+            self._verdict = RuleSpec.parse(action=action, mode=mode, src=_ANY_SOURCE).verdict
+            self._problem: str | None = None
+        except InvalidRule as exc:
+            self._verdict, self._problem = abi.VERDICT_DROP, exc.problem
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+        self._tail: list[str] = []  # the line begun and not ended yet
+        self._show = show
+        self.lines = 0
+        self.codes: list[int] = []
+        self.bad: list[tuple[int, str]] = []  # the first `show`
+        self.bad_total = 0
+
+    def feed(self, data: bytes, *, final: bool = False) -> None:
+        """Parse every line that `data` ends; keep the rest for the next piece."""
+        try:
+            text = self._decoder.decode(data, final)
+        except UnicodeDecodeError as exc:
+            line = self.lines + 1 + bytes(exc.object[: exc.start]).count(b"\n")
+            raise InvalidRule("body", f"not UTF-8 text: line {line}: {exc.reason}") from exc
+        if "\n" not in text:
+            if text:
+                self._tail.append(text)
+        else:
+            self._tail.append(text)
+            lines = "".join(self._tail).split("\n")
+            last = lines.pop()
+            self._tail = [last] if last else []
+            self.feed_lines(lines)
+        if final and self._tail:
+            self.feed_lines(["".join(self._tail)])
+            self._tail = []
+
+    def feed_lines(self, lines: Sequence[str]) -> None:
+        """The next lines, without their "\n"."""
+        found = scan(lines, self._verdict, start=self.lines + 1)
+        self.lines += len(lines)
+        bad = [(r.lineno, r.reason) for r in found.rejected]
+        if self._problem is not None:
+            bad = sorted(bad + [(n, self._problem) for n in found.linenos])
+        if bad:
+            self.bad_total += len(bad)
+            self.bad.extend(bad[: max(0, self._show - len(self.bad))])
+            self.codes = []  # nothing will be added: keep no codes
+        elif not self.bad_total:
+            self.codes.extend(found.codes)
+
+    def finish(self) -> list[int]:
+        """The codes; InvalidRule naming the bad lines, or when no line has an address."""
+        self.feed(b"", final=True)
+        if self.bad_total:
+            raise InvalidRule(
+                "body", bad_summary("line", self.bad, self._show, total=self.bad_total)
+            )
+        if not self.codes:
+            raise InvalidRule("body", "no addresses in the body")
+        return self.codes
+
+
+MAX_PROBLEM = 200  # characters of one line's problem in a summary (problems quote the line)
+
+
+def bad_summary(
+    what: str, bad: Sequence[tuple[int, str]], show: int = 100, *, total: int | None = None
+) -> str:
+    """How many lines (or elements) were bad, the numbers of the first `show` of them and
+    their problems (each cut to MAX_PROBLEM characters). `total` when `bad` holds only the
+    first ones."""
+    total = len(bad) if total is None else total
+    where = ", ".join(str(n) for n, _ in bad[:show])
+    detail = "; ".join(f"{what} {n}: {_cut(problem)}" for n, problem in bad[:show])
+    more = f"; ... {total - show} more" if total > show else ""
+    if total > show:
+        where += ", ..."
+    return f"nothing added; {total} invalid {what}(s): {where} -- {detail}{more}"
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_PROBLEM else text[:MAX_PROBLEM] + "..."
 
 
 def chunks(entries: Sequence[Entry], size: int) -> Iterator[Sequence[Entry]]:

@@ -16,8 +16,9 @@ from api.deps import (
     ServiceDep,
     WriteAccess,
 )
-from api.models import MAX_TTL, BulkOut, RuleIn, RuleOut, RulePage, bulk_rules, decode_text
-from api.service import BulkResult, NewList, NewRule
+from api.models import MAX_TTL, BulkOut, RuleIn, RuleOut, RulePage, bulk_rules
+from api.service import BulkResult, NewCodes, NewRule
+from xdpfw.importers import ListReader
 from xdpfw.rules import MAX_RULE_ID
 
 __all__ = ["router"]
@@ -140,15 +141,22 @@ async def bulk_add(
     they are; `action`, `mode`, `comment`, `ttl_seconds` from the
     query). One bad line or element -> 422 naming every bad line, and nothing changes.
     Rules identical to existing ones are skipped and reported in `duplicate_ids`.
+
+    Bodies are limited (413 beyond): text/plain by `XDPFW_MAX_BULK_BYTES`, JSON by
+    `XDPFW_MAX_BULK_JSON_BYTES` (JSON costs far more to parse: send big lists as text).
     """
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    raw = await request.body()
     result: BulkResult
     if ctype == "text/plain":
-        batch = NewList(decode_text(raw), action, mode, comment, ttl_seconds, force)
-        result = await run_in_threadpool(svc.bulk_add_list, batch)
+        codes = await _read_list(request, action, mode)
+        batch = NewCodes(codes, comment, ttl_seconds, force)
+        result = await run_in_threadpool(svc.bulk_add_codes, batch)
     else:
-        items = bulk_rules(raw, force)
+        raw = bytearray()
+        async for chunk in request.stream():  # api/limits.py bounds it
+            raw += chunk
+        items = await run_in_threadpool(bulk_rules, bytes(raw), force)
+        del raw
         result = await run_in_threadpool(svc.bulk_add, items)
     return BulkOut(
         added=len(result.added),
@@ -156,3 +164,23 @@ async def bulk_add(
         ids=[s.id for s in result.added],
         duplicate_ids=result.duplicates,
     )
+
+
+_PIECE = 1 << 20  # bytes of body parsed per trip to a worker thread
+
+
+async def _read_list(request: Request, action: str, mode: str) -> list[int]:
+    """A text/plain bulk body -> codes, parsed as it streams in, off the event loop: memory
+    is the codes plus about one piece, and other clients are answered meanwhile."""
+    reader = ListReader(action, mode)
+    piece = bytearray()
+    async for chunk in request.stream():
+        piece += chunk
+        if len(piece) >= _PIECE:
+            data = bytes(piece)
+            piece.clear()
+            await run_in_threadpool(reader.feed, data)
+    data = bytes(piece)
+    del piece
+    await run_in_threadpool(reader.feed, data, final=True)
+    return await run_in_threadpool(reader.finish)
