@@ -1,5 +1,7 @@
-# xdpfw developer entry points. Everything runs from the repo's .venv, which
-# scripts/setup.sh creates (with --system-site-packages, for Debian's bcc).
+# xdpfw entry points. Everything runs from the repo's .venv, which scripts/setup.sh creates
+# (with --system-site-packages, for Debian's bcc). `make run` sets up only what the service
+# and its demo need (setup-run); every other target sets up the test stack too (setup).
+# As root, or through sudo: no target calls sudo itself.
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 
@@ -8,12 +10,15 @@ PY          := $(VENV)/bin/python
 PYTEST_ARGS ?=
 ARGS        ?=
 
-.PHONY: all setup test lint run bench soak soak-service clean
+.PHONY: all setup setup-run test lint run bench soak soak-service clean
 
 all: test
 
 setup:
-	bash scripts/setup.sh
+	bash scripts/setup.sh test
+
+setup-run:
+	bash scripts/setup.sh run
 
 test: setup
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
@@ -22,7 +27,9 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy --strict xdpfw api
 
-run: setup
+run: setup-run
+	@[[ $$(id -u) -eq 0 ]] || { echo "make run: needs root (it loads an XDP program and, without" \
+	    "--iface, builds a demo namespace): run it as root, or sudo make run" >&2; exit 1; }
 	$(VENV)/bin/xdpfw serve $(ARGS)
 
 soak: setup

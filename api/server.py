@@ -193,6 +193,13 @@ def _demo_lab(settings: Settings) -> Iterator[str]:
 
 
 def _demo_text(settings: Settings, vl: VethLab) -> str:
+    """The walk-through the demo prints; tests/test_readme.py runs each line as printed.
+
+    The lines need root (`ip netns exec`, the token file): they say `sudo` only when the demo
+    itself was started through sudo or without root, so a root shell with no sudo can paste
+    them as they are.
+    """
+    sudo = "sudo " if os.environ.get("SUDO_USER") or os.geteuid() != 0 else ""
     ns = vl.netns
     host_ip = vl.host_ip4
     peer_ip = vl.peer_ip4
@@ -202,12 +209,12 @@ def _demo_text(settings: Settings, vl: VethLab) -> str:
 xdpfw demo lab: namespace {ns} ({peer_ip}) talks to {vl.host_if} ({host_ip}),
 where the XDP program is attached. In another terminal:
 
-  sudo ip netns exec {ns} ping -c 3 {host_ip}          # passes
-  TOKEN=$(sudo cat {token})
-  curl -s -H "Authorization: Bearer $TOKEN" -d '{{"src": "{peer_ip}"}}' \\
-       -H 'content-type: application/json' {api}/v1/rules
-  sudo ip netns exec {ns} ping -c 3 -W 1 {host_ip}     # dropped by XDP
-  curl -s {api}/v1/stats                               # the drop counters
+  {sudo}ip netns exec {ns} ping -c 3 {host_ip}          # passes
+  TOKEN=$({sudo}cat {token})
+  curl -sS --fail-with-body -H "Authorization: Bearer $TOKEN" \\
+       -H 'content-type: application/json' -d '{{"src": "{peer_ip}"}}' {api}/v1/rules
+  {sudo}ip netns exec {ns} ping -c 3 -W 1 {host_ip}     # dropped by XDP
+  curl -sS --fail-with-body {api}/v1/stats             # the drop counters
 
 Ctrl-C stops the demo and removes the lab, the program and its pins.
 """

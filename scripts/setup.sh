@@ -1,29 +1,69 @@
 #!/usr/bin/env bash
-# Idempotent machine + venv setup for xdpfw (Debian 12, as root). Safe to re-run:
-# a second run installs nothing and only re-checks. Needs no TTY or stdin.
+# Idempotent machine + venv setup for xdpfw (Debian 12; as root, or through sudo). Safe to
+# re-run: a second run installs nothing and only re-checks. Needs no TTY or stdin.
+#
+#   scripts/setup.sh run     what the service and its demo need (`make run`)
+#   scripts/setup.sh [test]  that plus the test and benchmark stack (`make setup`, `make test`)
+#   scripts/setup.sh --print-packages run|test   list the Debian packages, change nothing
+#
+# As root it also links /usr/local/bin/xdpfw (XDPFW_BIN_DIR overrides the directory) to the
+# venv's command, never replacing a file that is not such a link (scripts/path-link.sh).
 set -euo pipefail
 
 cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.."
 ROOT=$PWD
 VENV="$ROOT/.venv"
-STAMP="$VENV/.installed"
+STAMP_DEV="$VENV/.installed"      # pip install -e '.[dev]' done (the test profile)
+STAMP_RUN="$VENV/.installed-run"  # pip install -e . done (the run profile)
 
 log() { echo "setup: $*"; }
 die() { echo "setup: ERROR: $*" >&2; exit 1; }
 
-PACKAGES=(
-    python3-bpfcc bpfcc-tools linux-headers-amd64 python3-venv python3-pip
-    iproute2 xdp-tools bpftool netsniff-ng nftables ipset iptables tcpdump
+print_only=0
+if [[ "${1:-}" == "--print-packages" ]]; then
+    print_only=1
+    shift
+fi
+PROFILE=${1:-test}
+[[ "$PROFILE" == run || "$PROFILE" == test ]] || die "unknown profile '$PROFILE' (run or test)"
+
+# The headers meta-package of this architecture (linux-headers-amd64, linux-headers-arm64...),
+# as the Dockerfile picks it; xdpfw.kernel.kheaders looks for the same flavour.
+ARCH=$(dpkg --print-architecture)
+
+# run: bcc and the headers it compiles against, a venv, and what the demo's printed lines use
+# (ip, ping, curl).
+RUN_PACKAGES=(
+    python3-bpfcc "linux-headers-$ARCH" python3-venv iproute2 iputils-ping curl
 )
+# test: the test suite and the benchmarks (xdp-filter as the foreign program and the rival,
+# trafgen from netsniff-ng, nftables/ipset/iptables as rivals, bpftool/tcpdump to look).
+TEST_PACKAGES=(
+    "${RUN_PACKAGES[@]}" python3-pip bpfcc-tools xdp-tools bpftool netsniff-ng nftables ipset
+    iptables tcpdump
+)
+if [[ "$PROFILE" == run ]]; then
+    PACKAGES=("${RUN_PACKAGES[@]}")
+else
+    PACKAGES=("${TEST_PACKAGES[@]}")
+fi
+if ((print_only)); then
+    printf '%s\n' "${PACKAGES[@]}"
+    exit 0
+fi
 
 # --- Debian packages ---------------------------------------------------------------
+declare -A installed=()
+while read -r pkg status; do
+    [[ "$status" == installed ]] && installed[$pkg]=1
+done < <(dpkg-query -W -f='${Package} ${db:Status-Status}\n' "${PACKAGES[@]}" 2>/dev/null || true)
 missing=()
 for pkg in "${PACKAGES[@]}"; do
-    status=$(dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null || true)
-    [[ "$status" == "installed" ]] || missing+=("$pkg")
+    [[ -n "${installed[$pkg]:-}" ]] || missing+=("$pkg")
 done
 if ((${#missing[@]})); then
-    [[ $EUID -eq 0 ]] || die "missing packages (${missing[*]}); run this script as root"
+    [[ $EUID -eq 0 ]] ||
+        die "missing packages (${missing[*]}); run this as root, or with sudo (sudo make $PROFILE)"
     export DEBIAN_FRONTEND=noninteractive APT_LISTCHANGES_FRONTEND=none NEEDRESTART_MODE=a
     log "installing ${missing[*]}"
     apt-get -q -o DPkg::Lock::Timeout=300 update </dev/null >/dev/null
@@ -31,7 +71,7 @@ if ((${#missing[@]})); then
         -o Dpkg::Options::=--force-confold install --no-install-recommends \
         "${missing[@]}" </dev/null >/dev/null
 else
-    log "debian packages present"
+    log "debian packages present ($PROFILE)"
 fi
 
 # --- bpffs ---------------------------------------------------------------------------
@@ -62,23 +102,40 @@ if ! venv_ok; then
     venv_ok || die "bcc is not importable from $VENV (is python3-bpfcc installed?)"
 fi
 
-# --- project + dev dependencies -------------------------------------------------------
-if [[ ! -e "$STAMP" || "$ROOT/pyproject.toml" -nt "$STAMP" || "$ROOT/setup.py" -nt "$STAMP" ]]; then
-    log "pip install -e '.[dev]'"
+# --- the project (run) or the project + dev dependencies (test) ----------------------
+fresh() { [[ -e "$1" && ! "$ROOT/pyproject.toml" -nt "$1" && ! "$ROOT/setup.py" -nt "$1" ]]; }
+if [[ "$PROFILE" == test ]]; then
+    spec='.[dev]'
+    stamps=("$STAMP_DEV" "$STAMP_RUN")
+    fresh "$STAMP_DEV" && spec=''
+else
+    spec='.'
+    stamps=("$STAMP_RUN")
+    { fresh "$STAMP_RUN" || fresh "$STAMP_DEV"; } && spec=''
+fi
+if [[ -n "$spec" ]]; then
+    log "pip install -e '$spec'"
     pip_log="$VENV/pip-install.log"
-    if ! PIP_DISABLE_PIP_VERSION_CHECK=1 "$VENV/bin/python" -m pip install -e '.[dev]' \
+    if ! PIP_DISABLE_PIP_VERSION_CHECK=1 "$VENV/bin/python" -m pip install -e "$spec" \
         </dev/null >"$pip_log" 2>&1; then
         tail -n 40 "$pip_log" >&2
         die "pip install failed (full log: $pip_log)"
     fi
-    touch "$STAMP"
+    touch "${stamps[@]}"
 else
-    log "python dependencies up to date"
+    log "python dependencies up to date ($PROFILE)"
 fi
 
 # --- kernel headers for bcc ------------------------------------------------------------
 kh_out=$("$VENV/bin/python" -m xdpfw.kernel.kheaders </dev/null) || die "kernel headers: see above"
 kh_path=$(sed -n 's/^kernel headers: //p' <<<"$kh_out")
+
+# --- `xdpfw` on PATH ---------------------------------------------------------------------
+if [[ $EUID -eq 0 ]]; then
+    bash "$ROOT/scripts/path-link.sh" "$VENV/bin/xdpfw" "${XDPFW_BIN_DIR:-/usr/local/bin}/xdpfw"
+else
+    log "not root: no link in /usr/local/bin; the command is $VENV/bin/xdpfw"
+fi
 
 log "ok: $("$VENV/bin/python" -c 'import sys; print("python", sys.version.split()[0])')," \
     "bcc $("$VENV/bin/python" -c 'import bcc; print(getattr(bcc, "__version__", "?"))' 2>/dev/null)," \
