@@ -142,8 +142,10 @@ class FirewallService:
     def reconcile(self) -> dict[str, int]:
         """Make the maps equal the database without touching rules that already agree.
 
-        A brand-new database next to maps that already hold rules (the database was lost)
-        takes the maps' rules instead of wiping them: the kernel's state is not thrown away.
+        A new database (missing, empty, table-less, or made but never reconciled: see
+        `Store.created`) next to maps that already hold rules (the database was lost) takes
+        the maps' rules instead of wiping them: the kernel's state is not thrown away. A
+        database that cannot be read raises StorageError before any map is touched.
         Rules are compared as codes (ints), so a million of them cost seconds and no objects.
         """
         with self.lock, gc_paused():
@@ -158,6 +160,8 @@ class FirewallService:
                         for rid, code in sorted(in_maps.items())
                         if not is_protected_id(rid)
                     )
+                    self.store.mark_reconciled()
+                self.store.created = False
                 log.warning("new database: adopted %d rules from the pinned maps", n_user)
                 return {"adopted": n_user, "added": 0, "removed": 0}
             remove: list[int] = []
@@ -180,6 +184,10 @@ class FirewallService:
                 self.dp.remove_rules(remove)
             if add:
                 self.dp.add_rules(add)
+            if self.store.created:
+                with self.store.transaction():
+                    self.store.mark_reconciled()
+                self.store.created = False
             return {"adopted": 0, "added": len(add), "removed": len(remove)}
 
     def _reconcile_protected(self) -> None:

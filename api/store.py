@@ -8,8 +8,9 @@ them agreeing.
 Every sqlite3 error leaves this module as an xdpfw.errors.StorageError: StorageFull when the
 disk is full (SQLITE_FULL, or an I/O error on a filesystem with no room left), DatabaseCorrupt
 when the file is garbage or not ours (with the command that recovers), StorageError otherwise.
-A missing, empty (0 bytes) or table-less file counts as new (`created`): the service then
-adopts the rules of the pinned maps instead of wiping them.
+A missing, empty (0 bytes) or table-less file counts as new (`created`, until the service's
+first reconcile commits): the service then adopts the rules of the pinned maps instead of
+wiping them.
 """
 
 from __future__ import annotations
@@ -176,10 +177,7 @@ class Store:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        # New: no file, an empty one, or (checked below) one without tables. A lost database
-        # is one of these, and the service then adopts the pinned maps' rules.
         try:
-            self.created = not path.exists() or path.stat().st_size == 0
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise storage_error(exc, path, f"open the rule database {path}") from exc
@@ -209,7 +207,18 @@ class Store:
                 for t in names
             }
         if not tables:
-            self.created = True
+            # No file, an empty (0-byte) one, or one without tables: a new database, made in
+            # one transaction and marked `new` until the service's first reconcile (which
+            # adopts the pinned maps' rules in the same transaction that clears the mark).
+            # A crash or a full disk in between leaves it new: the next start adopts again.
+            with self.transaction(), self._sql(f"create the rule database {path}"):
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+                self._db.executemany(
+                    "INSERT INTO meta VALUES (?, ?)",
+                    [("schema", str(SCHEMA_VERSION)), ("new", "1")],
+                )
         else:
             foreign = [t for t, cols in _TABLES.items() if not cols <= tables.get(t, set())]
             if foreign:
@@ -219,23 +228,27 @@ class Store:
                     f"{', '.join(sorted(tables))}; missing or different: {', '.join(foreign)})",
                 )
         with self._sql(f"write the rule database {path}"):
-            self._db.executescript(_SCHEMA)
-            row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-            if row is None:
-                self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-            elif row["value"] != str(SCHEMA_VERSION):
+            meta = {r["key"]: r["value"] for r in self._db.execute("SELECT * FROM meta")}
+            if meta.get("schema", str(SCHEMA_VERSION)) != str(SCHEMA_VERSION):
                 raise StorageError(
-                    f"{path} has schema version {row['value']}, this xdpfw expects "
+                    f"{path} has schema version {meta['schema']}, this xdpfw expects "
                     f"{SCHEMA_VERSION}: run the xdpfw version that wrote it, or move it aside "
                     f"(`{recovery_command(path)}`) to adopt the pinned maps' rules",
                     str(path),
                 )
+            self._db.executescript(_SCHEMA)  # an index added since: no-op otherwise
             # One write at every open: a full disk shows at start, not at the first change.
             self._db.execute(
                 "INSERT INTO meta VALUES ('opened_at', ?)"
                 " ON CONFLICT(key) DO UPDATE SET value=excluded.value",
                 (repr(time.time()),),
             )
+        self.created = "new" in meta
+
+    def mark_reconciled(self) -> None:
+        """Inside a transaction: the database is no longer new (see `created`)."""
+        with self._sql(f"write the rule database {self.path}"):
+            self._db.execute("DELETE FROM meta WHERE key='new'")
 
     @contextmanager
     def _sql(self, doing: str) -> Iterator[None]:
