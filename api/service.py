@@ -364,7 +364,7 @@ class FirewallService:
         except BaseException as exc:
             try:
                 with self.store.transaction():
-                    self.store.insert_codes(rows)
+                    self.store.restore(rows)
             except Exception as again:  # both sides failed: only a restart reconciles
                 log.critical(
                     "could not restore %d rule row(s) after the maps refused their removal "
