@@ -52,8 +52,15 @@ def load_token(settings: Settings) -> str:
     while token.startswith("-"):  # `--token -abc` would read as an option on a command line
         token = secrets.token_urlsafe(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(token + "\n")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(token + "\n")
+    except OSError as exc:  # ENOSPC: leave no empty token file behind
+        path.unlink(missing_ok=True)
+        raise ServeError(
+            f"cannot write the API token to {path}: {exc.strerror}; free space in "
+            f"{settings.state_dir} (or set XDPFW_TOKEN) and start again"
+        ) from exc
     log.info("generated an API token in %s", path)
     return token
 
@@ -90,7 +97,13 @@ def serve(settings: Settings, *, demo: bool = False, cleanup: bool = False) -> i
             return 1
         cleanup = cleanup or demo
         stack.callback(dp.close, cleanup=cleanup)
-        store = Store(settings.db_file)
+        try:
+            # A full disk, a garbage file or a foreign schema: say so and exit; the pinned
+            # program keeps filtering (nothing is detached or unpinned: cleanup is off).
+            store = Store(settings.db_file)
+        except XdpfwError as exc:
+            print(f"xdpfw serve: {exc}", file=sys.stderr)
+            return 1
         stack.callback(store.close)
         if demo:
             stack.callback(_forget_interfaces, store)  # the lab goes away with the demo
@@ -163,9 +176,12 @@ def serve(settings: Settings, *, demo: bool = False, cleanup: bool = False) -> i
 
 
 def _forget_interfaces(store: Store) -> None:
-    with store.transaction():
-        for name in store.interfaces():
-            store.drop_interface(name)
+    try:
+        with store.transaction():
+            for name in store.interfaces():
+                store.drop_interface(name)
+    except XdpfwError as exc:  # a full disk at exit: the next demo forgets them at start
+        log.error("could not forget the demo's interfaces: %s", exc)
 
 
 class _Stop(Exception):

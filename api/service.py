@@ -1,9 +1,13 @@
 """The firewall service: the datapath and the database changed together, one change at a time.
 
-Every mutation takes `self.lock`, opens a database transaction, updates the maps, and commits
-only when the maps took the change; a map failure rolls the transaction back and the datapath
-has already undone its own partial work. So the database and the maps always agree, and
-concurrent callers see some serial order of their calls.
+Every mutation takes `self.lock`, and keeps one promise: after the call, whatever failed, the
+database and the maps agree. Adds (and attaches) write the rows, then the maps, then COMMIT; a
+map failure rolls the transaction back (the datapath has already undone its own partial work),
+and a failed COMMIT (a full disk: StorageFull, HTTP 507) removes from the maps what the call
+added before the error leaves (`_changing`). Removals (and detaches) COMMIT the delete first and
+only then change the maps, so a full disk leaves the rule enforced with its counters; should
+the maps then refuse, the rows are put back. Concurrent callers see some serial order of their
+calls.
 """
 
 from __future__ import annotations
@@ -11,7 +15,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from api.ports import CounterArrays, DatapathPort
@@ -20,7 +25,7 @@ from xdpfw import abi, importers
 from xdpfw import codes as wire  # the rule wire format ("codes" names the rules here)
 from xdpfw.compiler import gc_paused
 from xdpfw.datapath import Attachment, GlobalCounters, RuleCounters
-from xdpfw.errors import InterfaceNotFound, InvalidRule, RuleConflict, RuleNotFound
+from xdpfw.errors import InterfaceNotFound, InvalidRule, RuleConflict, RuleNotFound, XdpfwError
 from xdpfw.rules import (
     MAX_RULE_ID,
     Action,
@@ -137,8 +142,10 @@ class FirewallService:
     def reconcile(self) -> dict[str, int]:
         """Make the maps equal the database without touching rules that already agree.
 
-        A brand-new database next to maps that already hold rules (the database was lost)
-        takes the maps' rules instead of wiping them: the kernel's state is not thrown away.
+        A new database (missing, empty, table-less, or made but never reconciled: see
+        `Store.created`) next to maps that already hold rules (the database was lost) takes
+        the maps' rules instead of wiping them: the kernel's state is not thrown away. A
+        database that cannot be read raises StorageError before any map is touched.
         Rules are compared as codes (ints), so a million of them cost seconds and no objects.
         """
         with self.lock, gc_paused():
@@ -153,6 +160,8 @@ class FirewallService:
                         for rid, code in sorted(in_maps.items())
                         if not is_protected_id(rid)
                     )
+                    self.store.mark_reconciled()
+                self.store.created = False
                 log.warning("new database: adopted %d rules from the pinned maps", n_user)
                 return {"adopted": n_user, "added": 0, "removed": 0}
             remove: list[int] = []
@@ -175,6 +184,10 @@ class FirewallService:
                 self.dp.remove_rules(remove)
             if add:
                 self.dp.add_rules(add)
+            if self.store.created:
+                with self.store.transaction():
+                    self.store.mark_reconciled()
+                self.store.created = False
             return {"adopted": 0, "added": len(add), "removed": len(remove)}
 
     def _reconcile_protected(self) -> None:
@@ -192,9 +205,7 @@ class FirewallService:
             dup = self.dp.compiler.find_duplicate(r)
             assert dup is not None
             log.warning("protected prefix %s replaces identical rule %d", r.src, dup)
-            self.dp.remove_rules([dup])
-            with self.store.transaction():
-                self.store.delete([dup])
+            self._remove([dup])
         if new:
             self.dp.add_rules(new)
 
@@ -294,7 +305,7 @@ class FirewallService:
                 else:
                     seen[code] = len(fresh)
                     fresh.append(i)
-            with self.store.transaction():
+            with self._changing("an add") as undo:
                 ids = self.store.next_ids(len(fresh))
                 expiry = [
                     now + ttl if (ttl := ttls[i]) else None for i in fresh
@@ -305,6 +316,7 @@ class FirewallService:
                 )
                 rules = [rule_from_code(rid, codes[i]) for i, rid in zip(fresh, ids, strict=True)]
                 self.dp.add_rules(rules)
+                undo.append(lambda: self.dp.remove_rules(ids))
             stored = [
                 StoredRule(rule, comments[i], now, exp)
                 for rule, i, exp in zip(rules, fresh, expiry, strict=True)
@@ -312,14 +324,54 @@ class FirewallService:
             dups.extend(ids[seen[code]] for code in again)
             return BulkResult(stored, dups)
 
+    @contextmanager
+    def _changing(self, what: str) -> Iterator[list[Callable[[], object]]]:
+        """A database transaction around map changes, COMMIT last. The body appends the undo
+        of each map change it made; if anything fails after one (the COMMIT on a full disk),
+        the undos run, newest first, before the error leaves: the maps are as they were."""
+        undo: list[Callable[[], object]] = []
+        try:
+            with self.store.transaction():
+                yield undo
+        except BaseException as exc:
+            for fn in reversed(undo):
+                try:
+                    fn()
+                except Exception as again:  # both sides failed: only a restart reconciles
+                    log.critical(
+                        "could not undo the map change of %s after %s: %s; the maps and the "
+                        "database disagree until the next start reconciles them", what, exc,
+                        again,
+                    )
+            raise
+
     def remove(self, rule_ids: Sequence[int]) -> list[Rule]:
         with self.lock, gc_paused():
             for rid in rule_ids:
                 if rid not in self.dp.compiler.rules or is_protected_id(rid):
                     raise RuleNotFound(rid)
-            with self.store.transaction():
-                self.store.delete(rule_ids)
-                return self.dp.remove_rules(rule_ids)
+            return self._remove(rule_ids)
+
+    def _remove(self, rule_ids: Sequence[int]) -> list[Rule]:
+        """The delete is committed first, the maps changed after: a full disk fails before
+        the kernel is touched (the rule stays enforced, its counters kept). If the maps then
+        refuse (the datapath undid its own part), the rows are put back as they were."""
+        rows = self.store.rows(rule_ids)
+        with self.store.transaction():
+            self.store.delete(rule_ids)
+        try:
+            return self.dp.remove_rules(rule_ids)
+        except BaseException as exc:
+            try:
+                with self.store.transaction():
+                    self.store.restore(rows)
+            except Exception as again:  # both sides failed: only a restart reconciles
+                log.critical(
+                    "could not restore %d rule row(s) after the maps refused their removal "
+                    "(%s): %s; the next start reconciles the maps with the database",
+                    len(rows), exc, again,
+                )
+            raise
 
     def get(self, rule_id: int) -> StoredRule:
         with self.lock:
@@ -347,6 +399,8 @@ class FirewallService:
             while not self._stop.wait(interval):
                 try:
                     self.expire_due()
+                except XdpfwError as exc:  # a full disk: nothing changed, retried next sweep
+                    log.error("TTL sweep failed: %s", exc)
                 except Exception:  # keep sweeping; the error is logged with its traceback
                     log.exception("TTL sweep failed")
 
@@ -391,21 +445,37 @@ class FirewallService:
     # -- interfaces ----------------------------------------------------------------------------
 
     def attach(self, name: str, mode: str) -> Attachment:
+        """Row, attach, COMMIT; a failed COMMIT detaches again what this call attached."""
         with self.lock:
-            att = self.dp.attach(name, mode)
-            with self.store.transaction():
+            before = {a.ifname for a in self.dp.attachments()}
+            with self._changing(f"attaching {name}") as undo:
                 self.store.set_interface(name, mode)
+                att = self.dp.attach(name, mode)
+                if name not in before:
+                    undo.append(lambda: self.dp.detach(name))
             return att
 
     def detach(self, name: str) -> None:
+        """COMMIT the row's removal, then detach; if the detach fails, the row is put back."""
         with self.lock:
-            if name not in self.store.interfaces() and name not in {
-                a.ifname for a in self.dp.attachments()
-            }:
+            wanted = self.store.interfaces()
+            if name not in wanted and name not in {a.ifname for a in self.dp.attachments()}:
                 raise InterfaceNotFound(name, "xdpfw is not attached to it")
-            self.dp.detach(name)
             with self.store.transaction():
                 self.store.drop_interface(name)
+            try:
+                self.dp.detach(name)
+            except BaseException as exc:
+                if name in wanted:
+                    try:
+                        with self.store.transaction():
+                            self.store.set_interface(name, wanted[name])
+                    except Exception as again:
+                        log.critical(
+                            "could not restore interface %s after its detach failed (%s): %s",
+                            name, exc, again,
+                        )
+                raise
 
     def interfaces(self) -> dict[str, str]:
         with self.lock:

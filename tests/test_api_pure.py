@@ -146,6 +146,12 @@ ERROR_CASES: list[tuple[errors.XdpfwError, int, dict[str, Any]]] = [
     (errors.RuleConflict("clash"), 409, {"detail": "clash", "error": "RuleConflict"}),
     (errors.CapacityExceeded("xdpfw_src4", 10), 507,
      {"detail": "xdpfw_src4 is full (limit 10)", "error": "CapacityExceeded", "limit": 10}),
+    (errors.StorageFull("disk full", "/s/rules.sqlite3"), 507,
+     {"detail": "disk full", "error": "StorageFull"}),
+    (errors.DatabaseCorrupt("garbage", "/s/rules.sqlite3"), 503,
+     {"detail": "garbage", "error": "DatabaseCorrupt"}),
+    (errors.StorageError("sqlite failed"), 503,
+     {"detail": "sqlite failed", "error": "StorageError"}),
     (errors.KernelError("map update", 28, "No space left"), 500,
      {"detail": "map update: No space left (errno 28)", "error": "KernelError", "errno": 28}),
     (errors.HeadersMissing("no headers"), 503, {"detail": "no headers", "error": "HeadersMissing"}),
@@ -400,8 +406,10 @@ def test_reconcile_removes_stale_adds_missing_keeps_agreeing(tmp_path: Path) -> 
     }
     assert all(dp.compiler.rules[rid] == r for rid, r in kept.items())
     svc.store.close()
-    # an old (not new) database that is empty wins over the maps: no adoption
-    Store(tmp_path / "empty").close()
+    # an old (not new: reconciled once) database that is empty wins over the maps: no adoption
+    first = FirewallService(FakeDatapath(), Store(tmp_path / "empty"), (PROTECTED,))
+    first.reconcile()
+    first.store.close()
     svc = FirewallService(dp, Store(tmp_path / "empty"), (PROTECTED,))
     assert svc.reconcile() == {"adopted": 0, "added": 0, "removed": 5}
     assert [r.id for r in dp.rules()] == [PROTECT_BASE]

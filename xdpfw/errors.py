@@ -6,6 +6,9 @@
     ├── InterfaceNotFound           no such interface / not attached      (HTTP 404)
     ├── RuleConflict                duplicate / protected prefix          (HTTP 409)
     ├── CapacityExceeded            a map or rule set is full             (HTTP 507)
+    ├── StorageError                the rule database failed             (HTTP 503)
+    │   ├── StorageFull             its disk is full; nothing was changed (HTTP 507)
+    │   └── DatabaseCorrupt         unreadable, or not an xdpfw database  (HTTP 503)
     └── DatapathError               the kernel side failed               (HTTP 500/503)
         ├── KernelError             a bpf(2) or netlink call failed; carries errno
         ├── HeadersMissing          bcc cannot find kernel headers
@@ -24,6 +27,7 @@ __all__ = [
     "AbiMismatch",
     "CapacityExceeded",
     "CompileError",
+    "DatabaseCorrupt",
     "DatapathError",
     "ForeignProgram",
     "HeadersMissing",
@@ -32,6 +36,8 @@ __all__ = [
     "KernelError",
     "RuleConflict",
     "RuleNotFound",
+    "StorageError",
+    "StorageFull",
     "XdpfwError",
 ]
 
@@ -79,6 +85,27 @@ class CapacityExceeded(XdpfwError):
         super().__init__(msg)
         self.what = what
         self.limit = limit
+
+
+class StorageError(XdpfwError):
+    """The rule database (SQLite in the state dir) could not be read or written.
+
+    Raised only after the maps were put back as they were: the database and the maps agree.
+    `path` is the database file."""
+
+    def __init__(self, message: str, path: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class StorageFull(StorageError):
+    """The disk holding the state dir is full (SQLITE_FULL, ENOSPC, or an I/O error on a
+    full filesystem). Nothing was changed."""
+
+
+class DatabaseCorrupt(StorageError):
+    """The database file is unreadable, garbage, or has a schema that is not xdpfw's.
+    The service refuses to start on it (the pinned program keeps filtering meanwhile)."""
 
 
 class DatapathError(XdpfwError):

@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from xdpfw.errors import XdpfwError
+
 __all__ = ["DETACH_EPILOG", "SERVE_EPILOG", "cmd_detach", "cmd_serve"]
 
 SERVE_EPILOG = """examples:
@@ -85,7 +87,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             from api.store import Store
 
             db = settings.db_file
-            known = Store(db).interfaces() if db.exists() else {}
+            known: dict[str, str] = {}
+            if db.exists():
+                try:
+                    store = Store(db)
+                except XdpfwError as exc:  # a full disk or a corrupt file: say so, no trace
+                    print(f"xdpfw serve: {exc}", file=sys.stderr)
+                    return 1
+                known = store.interfaces()
+                store.close()
             if not known:
                 demo = True
                 settings = get_settings(
