@@ -303,3 +303,34 @@ def test_livez_says_when_the_watchdog_stopped(tmp_path: Path) -> None:
         assert r.status_code == 503 and "watchdog last ran" in r.json()["detail"]
     finally:
         a.store.close()
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) is missing")
+def test_without_cap_sys_admin_lost_pins_are_refused_clearly(server: Server) -> None:
+    """The container's capabilities (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON) cannot open a
+    program by id, so a running program with no pins cannot be told from a foreign one: the
+    start refuses, says what happened and how to recover, and changes nothing."""
+    lab = server.lab
+    prog_id, _ = _drop_peer(server)
+    server.stop()
+    shutil.rmtree(server.bpffs_dir)
+    spec = "-all,+bpf,+net_admin,+perfmon"
+    proc = subprocess.run(
+        ["setpriv", "--reuid=0", f"--inh-caps={spec}", f"--bounding-set={spec}", "--",
+         *server.argv()],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    err = proc.stderr
+    assert f"interface {lab.host_if} runs XDP program id {prog_id}" in err
+    assert "needs CAP_SYS_ADMIN" in err and "nothing was changed" in err
+    assert f"bpftool prog show id {prog_id}" in err and f"ip link set dev {lab.host_if}" in err
+    assert "Traceback" not in err
+    assert netlink.xdp_state(lab.host_if).prog_id == prog_id
+    assert not (server.bpffs_dir / "prog").exists()  # no second program loaded
+    assert udp_roundtrip(lab, count=5) == 0
+    # The way out it names: once with CAP_SYS_ADMIN (here: root) re-pins and adopts.
+    server.start()
+    with server.client() as c:
+        assert c.get("/healthz").json()["prog_id"] == prog_id
