@@ -97,12 +97,9 @@ def _config(fd: int) -> tuple[int, bytes] | None:
     if len(raw) < U32.size:
         return None
     version = U32.unpack_from(raw)[0]
-    build = b""
-    if info.value_size == ctypes.sizeof(abi.Config):
-        build = bytes(abi.Config.from_buffer_copy(raw).build_id)
-    else:
-        version = version if version != abi.ABI_VERSION else -1  # same number, other layout
-    return version, build
+    if info.value_size != ctypes.sizeof(abi.Config):  # another ABI's layout: no build id
+        return (-1 if version == abi.ABI_VERSION else version), b""
+    return version, bytes(abi.Config.from_buffer_copy(raw).build_id)
 
 
 def recognise(prog_id: int) -> Orphan | None:
