@@ -50,7 +50,7 @@ def _require_token_for_reads(app: FastAPI) -> None:
                 "HTTPBearer"
             ] = {"type": "http", "scheme": "bearer"}
             for path, ops in schema.get("paths", {}).items():
-                if path != "/healthz" and "get" in ops:
+                if path not in ("/healthz", "/livez") and "get" in ops:
                     ops["get"]["security"] = [{"HTTPBearer": []}]
             app.openapi_schema = schema
         return app.openapi_schema

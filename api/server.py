@@ -72,6 +72,7 @@ def serve(settings: Settings, *, demo: bool = False, cleanup: bool = False) -> i
     from api.app import create_app
     from api.service import FirewallService
     from api.store import Store
+    from api.watchdog import Watchdog
     from xdpfw.datapath import Datapath, DatapathConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -91,13 +92,6 @@ def serve(settings: Settings, *, demo: bool = False, cleanup: bool = False) -> i
             lab_note = stack.enter_context(_demo_lab(settings))
         caps = Capacities(settings.max_rules, settings.max_prefixes, settings.max_sets)
         try:
-            dp = Datapath.open(DatapathConfig(bpffs_dir=settings.bpffs_dir, caps=caps))
-        except XdpfwError as exc:
-            print(f"xdpfw serve: {exc}", file=sys.stderr)
-            return 1
-        cleanup = cleanup or demo
-        stack.callback(dp.close, cleanup=cleanup)
-        try:
             # A full disk, a garbage file or a foreign schema: say so and exit; the pinned
             # program keeps filtering (nothing is detached or unpinned: cleanup is off).
             store = Store(settings.db_file)
@@ -105,6 +99,23 @@ def serve(settings: Settings, *, demo: bool = False, cleanup: bool = False) -> i
             print(f"xdpfw serve: {exc}", file=sys.stderr)
             return 1
         stack.callback(store.close)
+        # Where a running program whose pins were removed may be found (and adopted).
+        look_in = (*store.interfaces(), *settings.iface)
+        try:
+            dp = Datapath.open(
+                DatapathConfig(bpffs_dir=settings.bpffs_dir, caps=caps, interfaces=look_in)
+            )
+        except XdpfwError as exc:
+            print(f"xdpfw serve: {exc}", file=sys.stderr)
+            return 1
+        if dp.repinned:
+            log.warning(
+                "nothing was pinned under %s, but xdpfw program id %d runs on %s: re-pinned "
+                "and adopted it (no gap in filtering)",
+                settings.bpffs_dir, dp.prog_id, ", ".join(dp.repinned),
+            )
+        cleanup = cleanup or demo
+        stack.callback(dp.close, cleanup=cleanup)
         if demo:
             stack.callback(_forget_interfaces, store)  # the lab goes away with the demo
         svc = FirewallService(dp, store, settings.protect)
@@ -148,6 +159,9 @@ def serve(settings: Settings, *, demo: bool = False, cleanup: bool = False) -> i
             log.warning("attached to no interface: add one with POST /v1/interfaces")
         svc.start_sweeper(settings.ttl_interval)
         stack.callback(svc.stop)
+        watchdog = Watchdog(svc)
+        watchdog.start()
+        stack.callback(watchdog.stop)
         app = create_app(settings, svc, token)
         if lab_note:
             print(lab_note, flush=True)

@@ -134,6 +134,13 @@ class FirewallService:
             for i, p in enumerate(protect)
         ]
         self.lock = threading.RLock()
+        # Interfaces: their own lock, so that the watchdog re-attaching one never waits on a
+        # rule write (taken after `lock` where both are held); and the wanted set mirrored
+        # from the database, so that the watchdog never reads the store outside `lock`.
+        self._iface_lock = threading.Lock()
+        self._wanted: dict[str, str] | None = None  # read from the store on first use
+        self._reattached: dict[str, int] = {}
+        self._watchdog_seen: float | None = None  # monotonic time of its last round
         self._stop = threading.Event()
         self._sweeper: threading.Thread | None = None
 
@@ -446,18 +453,20 @@ class FirewallService:
 
     def attach(self, name: str, mode: str) -> Attachment:
         """Row, attach, COMMIT; a failed COMMIT detaches again what this call attached."""
-        with self.lock:
+        with self.lock, self._iface_lock:
             before = {a.ifname for a in self.dp.attachments()}
             with self._changing(f"attaching {name}") as undo:
                 self.store.set_interface(name, mode)
                 att = self.dp.attach(name, mode)
                 if name not in before:
                     undo.append(lambda: self.dp.detach(name))
+            if self._wanted is not None:
+                self._wanted[name] = mode
             return att
 
     def detach(self, name: str) -> None:
         """COMMIT the row's removal, then detach; if the detach fails, the row is put back."""
-        with self.lock:
+        with self.lock, self._iface_lock:
             wanted = self.store.interfaces()
             if name not in wanted and name not in {a.ifname for a in self.dp.attachments()}:
                 raise InterfaceNotFound(name, "xdpfw is not attached to it")
@@ -476,6 +485,52 @@ class FirewallService:
                             name, exc, again,
                         )
                 raise
+            if self._wanted is not None:
+                self._wanted.pop(name, None)
+
+    # -- self-healing (api/watchdog.py) --------------------------------------------------------
+
+    def wanted_interfaces(self) -> dict[str, str]:
+        """name -> mode of every interface the database says to filter. Never waits on a
+        rule write (a mirror of the interfaces table, kept by attach/detach)."""
+        wanted = self._wanted_now()
+        with self._iface_lock:
+            return dict(wanted)
+
+    def _wanted_now(self) -> dict[str, str]:
+        if self._wanted is None:  # once: the watchdog's first look, after start-up
+            with self.lock, self._iface_lock:
+                if self._wanted is None:
+                    self._wanted = self.store.interfaces()
+        return self._wanted
+
+    def reattach(self, name: str) -> Attachment | None:
+        """Attach our program again to a wanted interface that lost it; None when the
+        interface is no longer wanted (detached meanwhile). Counted in `reattach_counts`.
+        ForeignProgram / InterfaceNotFound leave as they are: nothing is replaced."""
+        wanted = self._wanted_now()
+        with self._iface_lock:
+            mode = wanted.get(name)
+            if mode is None:
+                return None
+            att = self.dp.attach(name, mode)
+            self._reattached[name] = self._reattached.get(name, 0) + 1
+            return att
+
+    def watchdog_beat(self) -> None:
+        """The watchdog is alive (it calls this every round)."""
+        self._watchdog_seen = time.monotonic()
+
+    def watchdog_age(self) -> float | None:
+        """Seconds since the watchdog's last round; None when no watchdog runs."""
+        seen = self._watchdog_seen
+        return None if seen is None else time.monotonic() - seen
+
+    def reattach_counts(self) -> dict[str, int]:
+        """Repairs per interface since start (0 for a wanted interface never repaired)."""
+        wanted = self._wanted_now()
+        with self._iface_lock:
+            return {n: self._reattached.get(n, 0) for n in sorted(wanted | self._reattached)}
 
     def interfaces(self) -> dict[str, str]:
         with self.lock:

@@ -67,6 +67,9 @@ class _Svc:
     def totals(self) -> GlobalCounters:
         return GlobalCounters(*range(1, len(NAMES) + 1))
 
+    def reattach_counts(self) -> dict[str, int]:
+        return {"eth1": 2}
+
 
 def test_metrics_outcome_labels_unchanged() -> None:
     registry = CollectorRegistry(auto_describe=False)

@@ -24,7 +24,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jsonschema
 import kubernetes_validate
@@ -525,8 +525,18 @@ def test_daemonset_api_probe_and_token(daemonset: dict[str, Any]) -> None:
     assert host == "127.0.0.1"
     probe = c["readinessProbe"]["httpGet"]
     assert (probe["path"], probe["host"], probe["port"]) == ("/healthz", host, port)
-    for name in ("startupProbe", "livenessProbe"):
-        assert c[name]["tcpSocket"] == {"host": host, "port": port}
+    assert c["startupProbe"]["tcpSocket"] == {"host": host, "port": port}
+    # Liveness asks the service itself (API and watchdog), not /healthz: a degraded
+    # interface must not restart the pod in a loop. The path is a route of the real app.
+    live = c["livenessProbe"]["httpGet"]
+    assert (live["path"], live["host"], live["port"]) == ("/livez", host, port)
+    assert c["livenessProbe"]["timeoutSeconds"] <= c["livenessProbe"]["periodSeconds"]
+    from api.app import create_app
+    from api.settings import get_settings
+
+    app = create_app(get_settings(), cast(Any, None), "token")
+    paths = app.openapi()["paths"]
+    assert "get" in paths["/healthz"] and "get" in paths["/livez"]
     ref = env["XDPFW_TOKEN"]["valueFrom"]["secretKeyRef"]
     assert ref["name"] == "xdpfw-token"
     assert ref.get("optional", False) is False

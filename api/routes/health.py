@@ -1,4 +1,5 @@
-"""/healthz: is the program loaded and attached where it should be."""
+"""/healthz: is the program loaded and attached where it should be; /livez: is the service
+itself alive (the liveness probe: a degraded interface is no reason to restart it)."""
 
 from __future__ import annotations
 
@@ -34,3 +35,22 @@ def healthz(svc: ServiceDep) -> JSONResponse:
         },
     )
     return JSONResponse(body.model_dump(), status_code=200 if health.ok else 503)
+
+
+LIVE_WITHIN_S = 10.0  # the watchdog runs a round at least every second
+
+
+@router.get(
+    "/livez",
+    responses={503: {"description": "the attachment watchdog has stopped running"}},
+)
+def livez(svc: ServiceDep) -> JSONResponse:
+    """200 while the API answers and the attachment watchdog runs; 503 when the watchdog
+    has not run for LIVE_WITHIN_S seconds. Needs no token; says nothing about rules."""
+    age = svc.watchdog_age()
+    if age is not None and age > LIVE_WITHIN_S:
+        return JSONResponse(
+            {"status": "stuck", "detail": f"the attachment watchdog last ran {age:.0f} s ago"},
+            status_code=503,
+        )
+    return JSONResponse({"status": "alive"})

@@ -73,6 +73,14 @@ class _Collector(Collector):
             cap.add_metric([name], limit)
         yield usage
         yield cap
+        reattached = CounterMetricFamily(
+            "xdpfw_reattach",
+            "Times the watchdog attached the program again to an interface that lost it",
+            labels=["interface"],
+        )
+        for name, n in self.svc.reattach_counts().items():
+            reattached.add_metric([name], n)
+        yield reattached
 
 
 @metrics_router.get(

@@ -162,10 +162,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("iface", nargs="*", help="interfaces (default: every one running it)")
     p.add_argument("--bpffs-dir", type=Path, default=None, help="default /sys/fs/bpf/xdpfw")
     p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="the service's state dir (default /var/lib/xdpfw): --cleanup looks on the "
+        "interfaces its database names for an xdpfw program whose pins are gone",
+    )
+    p.add_argument(
         "--cleanup",
         action="store_true",
         help="detach everywhere and remove the program and map pins (rules in the database "
-        "stay; the next `serve` loads them again)",
+        "stay; the next `serve` loads them again); also detaches an xdpfw program whose pins "
+        "were removed",
     )
     p.set_defaults(func=cmd_detach)
 

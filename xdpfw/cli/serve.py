@@ -30,6 +30,7 @@ DETACH_EPILOG = """examples:
   xdpfw detach eth1                    # stop filtering eth1, keep the pins
   xdpfw detach --cleanup               # detach everywhere, remove /sys/fs/bpf/xdpfw
   xdpfw detach --cleanup --bpffs-dir /sys/fs/bpf/xdpfw-demo
+  xdpfw detach --cleanup --state-dir /var/lib/xdpfw   # pins lost: the database's interfaces
 """
 
 
@@ -39,6 +40,8 @@ def cmd_detach(args: argparse.Namespace) -> int:
 
     pin_dir = args.bpffs_dir or Path(os.environ.get("XDPFW_BPFFS_DIR", "/sys/fs/bpf/xdpfw"))
     if not (pin_dir / PROG_PIN).exists():
+        if args.cleanup:
+            return _cleanup_orphans(args, pin_dir, [], pinned=False)
         print(f"xdpfw detach: nothing pinned under {pin_dir}", file=sys.stderr)
         return 1
     try:
@@ -50,8 +53,7 @@ def cmd_detach(args: argparse.Namespace) -> int:
         if args.cleanup:
             names = [a.ifname for a in dp.attachments()]
             dp.close(cleanup=True)
-            print(f"detached from {', '.join(names) or 'no interface'}; removed {pin_dir}")
-            return 0
+            return _cleanup_orphans(args, pin_dir, names, pinned=True)
         targets = args.iface or [a.ifname for a in dp.attachments()]
         for name in targets:
             dp.detach(name)
@@ -62,6 +64,52 @@ def cmd_detach(args: argparse.Namespace) -> int:
         return 1
     finally:
         dp.close()
+
+
+def _cleanup_orphans(
+    args: argparse.Namespace, pin_dir: Path, names: list[str], pinned: bool
+) -> int:
+    """The rest of `detach --cleanup`: an xdpfw program whose pins were removed (no pin on
+    any bpffs names it) is detached too, from the interfaces given, else those the
+    service's database names, else (when nothing was pinned) every interface. Programs
+    another instance has pinned and foreign programs are never touched."""
+    from xdpfw.datapath.recover import Unrecognisable, detach_orphans
+    from xdpfw.errors import XdpfwError
+    from xdpfw.kernel import netlink
+
+    where = list(args.iface) or _database_interfaces(args)
+    if not where and not pinned:  # nothing to go by: look everywhere
+        where = netlink.link_list()
+    unknown: list[Unrecognisable] = []
+    try:
+        orphans = detach_orphans(where, pin_dir, unknown)
+    except XdpfwError as exc:
+        print(f"xdpfw detach: {exc}", file=sys.stderr)
+        return 1
+    for left in unknown:
+        print(f"xdpfw detach: left alone: {left}", file=sys.stderr)
+    names += [f"{name} (program id {prog_id}, whose pins were gone)" for name, prog_id in orphans]
+    removed = f"removed {pin_dir}" if pinned else f"nothing was pinned under {pin_dir}"
+    print(f"detached from {', '.join(names) or 'no interface'}; {removed}")
+    return 1 if unknown else 0
+
+
+def _database_interfaces(args: argparse.Namespace) -> list[str]:
+    """The interfaces table of the service's database, [] when there is none."""
+    import sqlite3
+
+    state = args.state_dir or Path(os.environ.get("XDPFW_STATE_DIR", "/var/lib/xdpfw"))
+    db = state / "rules.sqlite3"
+    if not db.exists():
+        return []
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            return [str(row[0]) for row in con.execute("SELECT name FROM interfaces")]
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return []
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -6,7 +6,9 @@
         print(dp.rule_counters())
 
 `open` adopts the pinned program and maps when they exist (the ABI recorded in the config map
-must match; the rules are read back from the maps) and otherwise loads and pins a fresh program.
+must match; the rules are read back from the maps); with nothing pinned, it re-pins and adopts
+an xdpfw program still running on `cfg.interfaces` (recover.py), and otherwise loads and pins
+a fresh program.
 Either way the kernel keeps filtering when the process exits: only `close(cleanup=True)`
 detaches and unpins. Rule changes are map updates, never a program reload, and a change is in
 the maps when the call returns. Kernel failures leave as xdpfw.errors (KernelError carries the
@@ -15,7 +17,8 @@ errno), never as OSError.
 The package: facade.py (Datapath, the face the service uses), pins.py (pin sets and the ABI
 check), attach.py (netlink), writer.py (plans into the maps, rollback), sets.py (rule-set
 ids), counters.py (counter indices and reads), hint.py (the IPv4 /24 hint), adopt.py (reading
-pinned maps back), slots.py and keys.py (the byte forms of slots, entries and keys),
+pinned maps back), recover.py (recognising an xdpfw program whose pins were lost, re-pinning
+it), slots.py and keys.py (the byte forms of slots, entries and keys),
 translate.py (kernel errors into xdpfw.errors).
 """
 

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from xdpfw.datapath.translate import kernel_door, kernel_error
 from xdpfw.errors import ForeignProgram, InterfaceNotFound
 from xdpfw.kernel import bpfsys, netlink
+
+if TYPE_CHECKING:
+    from xdpfw.datapath.recover import Orphan
 
 __all__ = ["MODES", "Attachment", "attach", "attachments", "detach", "prog_name", "replace"]
 
@@ -39,14 +44,31 @@ def prog_name(prog_id: int) -> str:
         os.close(fd)
 
 
-def attach(ifname: str, prog_fd: int, prog_id: int, mode: str) -> Attachment:
-    """Attach to ifname (native where possible in auto mode). Idempotent for our program."""
+def attach(
+    ifname: str,
+    prog_fd: int,
+    prog_id: int,
+    mode: str,
+    orphan: Callable[[int], Orphan | None] | None = None,
+) -> Attachment:
+    """Attach to ifname (native where possible in auto mode). Idempotent for our program.
+
+    A program already there is swapped for ours atomically (XDP_FLAGS_REPLACE) only when
+    `orphan(its id)` returns it (an xdpfw program no instance owns); otherwise ForeignProgram.
+    """
     if mode not in MODES:
         raise ValueError(f"mode must be auto, native or generic, not {mode!r}")
     try:
         state = netlink.xdp_state(ifname)
         if state.prog_id and state.prog_id != prog_id:
-            raise ForeignProgram(ifname, state.prog_id, prog_name(state.prog_id))
+            found = orphan(state.prog_id) if orphan is not None else None
+            if found is None:
+                raise ForeignProgram(ifname, state.prog_id, prog_name(state.prog_id))
+            try:
+                state = netlink.xdp_attach(ifname, prog_fd, "auto", expected_prog_fd=found.prog_fd)
+            finally:
+                found.close()
+            return Attachment(ifname, state.ifindex, state.mode, state.prog_id)
         if state.prog_id == prog_id:
             return Attachment(ifname, state.ifindex, state.mode, state.prog_id)
         state = netlink.xdp_attach(ifname, prog_fd, mode)

@@ -22,7 +22,7 @@ import numpy as np
 from xdpfw.abi import Table
 from xdpfw.compiler import Capacities, RuleCompiler, TableKey, gc_paused
 from xdpfw.datapath import attach as attach_
-from xdpfw.datapath import pins
+from xdpfw.datapath import pins, recover
 from xdpfw.datapath.adopt import Adopted, read_entries
 from xdpfw.datapath.attach import Attachment
 from xdpfw.datapath.counters import (
@@ -53,6 +53,9 @@ class DatapathConfig:
     # Adopted pins from another build of the program: swap in this build's program (True) or
     # keep running the pinned one (False).
     upgrade: bool = True
+    # Where to look for a running xdpfw program when nothing is pinned (the pins were
+    # removed under it): such an orphan is re-pinned and adopted instead of loading anew.
+    interfaces: tuple[str, ...] = ()
 
 
 class Datapath:
@@ -72,6 +75,7 @@ class Datapath:
         self._prog_fd = prog_fd
         self._maps = maps
         self._lock = threading.RLock()
+        self._attach_lock = threading.Lock()  # attachments change apart from rule writes
         self.prog_id = bpfsys.prog_info(prog_fd).id
         self.compiler = RuleCompiler(caps)
         self._sets = SetAllocator(caps.max_sets)
@@ -82,6 +86,7 @@ class Datapath:
         self._writer = PlanWriter(maps, self.compiler, caps, self._sets, self._counters, self._hint)
         self._closed = False
         self.upgraded_from: int | None = None  # program id replaced by an upgrade
+        self.repinned: list[str] = []  # interfaces of an orphan re-pinned and adopted by open
 
     @property
     def build_id(self) -> bytes:
@@ -105,7 +110,29 @@ class Datapath:
         pins.finish_interrupted_upgrade(cfg.bpffs_dir)
         if (cfg.bpffs_dir / pins.PROG_PIN).exists():
             return cls._adopt(cfg)
+        repinned = cls._repin_orphan(cfg)
+        if repinned:
+            dp = cls._adopt(cfg)
+            dp.repinned = repinned
+            return dp
         return cls._load(cfg)
+
+    @staticmethod
+    def _repin_orphan(cfg: DatapathConfig) -> list[str]:
+        """Nothing is pinned: re-pin an orphaned xdpfw program running on cfg.interfaces
+        (see recover.py); the interfaces it runs on, [] when there is none."""
+        if not cfg.interfaces:
+            return []
+        orphans = list(recover.find_orphans(cfg.interfaces, cfg.bpffs_dir))
+        try:
+            if not orphans:
+                return []
+            pins.ensure_bpffs(cfg.bpffs_dir)
+            recover.repin(orphans[0], cfg.bpffs_dir)  # any others are swapped out by attach
+            return list(orphans[0].ifnames)
+        finally:
+            for o in orphans:
+                o.close()
 
     @classmethod
     def _load(cls, cfg: DatapathConfig) -> Datapath:
@@ -234,13 +261,18 @@ class Datapath:
     # -- attachment ----------------------------------------------------------------------------
 
     def attach(self, ifname: str, mode: str = "auto") -> Attachment:
-        """Attach to ifname (native where possible in auto mode). Idempotent for our program."""
-        with self._lock:
-            return attach_.attach(ifname, self._prog_fd, self.prog_id, mode)
+        """Attach to ifname (native where possible in auto mode). Idempotent for our program.
+
+        An orphaned xdpfw program found there (no pin names it, see recover.py) is swapped
+        for ours atomically; any other program is left alone (ForeignProgram). Does not wait
+        for rule writes: the program fd does not change while the datapath is open.
+        """
+        with self._attach_lock:
+            return attach_.attach(ifname, self._prog_fd, self.prog_id, mode, recover.is_orphan)
 
     def detach(self, ifname: str) -> None:
         """Detach our program from ifname; never touches a program we did not attach."""
-        with self._lock:
+        with self._attach_lock:
             attach_.detach(ifname, self.prog_id, self._prog_fd)
 
     def attachments(self) -> list[Attachment]:

@@ -26,6 +26,7 @@ import errno
 import ipaddress
 import os
 import re
+import select
 import socket
 import threading
 from collections.abc import Iterator
@@ -40,10 +41,13 @@ from xdpfw.kernel import bpfsys
 
 __all__ = [
     "IFNAMSIZ",
+    "RTMGRP_LINK",
     "XDP_FLAGS_DRV_MODE",
     "XDP_FLAGS_REPLACE",
     "XDP_FLAGS_SKB_MODE",
     "XDP_FLAGS_UPDATE_IF_NOEXIST",
+    "LinkEvent",
+    "LinkMonitor",
     "NetlinkOpError",
     "XdpState",
     "addr_add",
@@ -72,6 +76,7 @@ XDP_FLAGS_SKB_MODE: Final = 2
 XDP_FLAGS_DRV_MODE: Final = 4
 _XDP_FLAGS_HW_MODE: Final = 8
 XDP_FLAGS_REPLACE: Final = 16
+RTMGRP_LINK: Final = 1  # rtnetlink multicast group of link (interface) changes
 
 _MODE_FLAGS: Final[dict[str, int]] = {
     "native": XDP_FLAGS_DRV_MODE,
@@ -629,6 +634,95 @@ def _detach_one(
         raise _nl_error(
             exc, op, f"detaching the {mode} XDP program from {name!r} in {_where(netns)} failed"
         ) from exc
+
+
+# --------------------------------------------------------------------------
+# link events
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LinkEvent:
+    """One RTMGRP_LINK notification: an interface appeared or changed ("new"), went
+    ("del"), or some notifications were lost ("lost": the socket buffer overflowed, so
+    re-read whatever state matters)."""
+
+    event: str  # "new" | "del" | "lost"
+    ifname: str
+    ifindex: int
+    prog_id: int  # the XDP program attached after the change (0: none)
+
+
+class LinkMonitor:
+    """Link notifications of the root namespace (or ``netns``), read with a timeout.
+
+        with LinkMonitor() as mon:
+            for ev in mon.wait(1.0):  # [] when nothing happened within a second
+                ...
+
+    A notification arrives for a link created or deleted, brought up or down, and for an
+    XDP program attached or detached (``ip link set dev X xdp off``).
+    """
+
+    def __init__(self, netns: str | None = None) -> None:
+        op = "link_monitor"
+        self._netns = netns
+        if netns is None:
+            self._ipr: Any = IPRoute()
+        else:
+            with _entered_netns(netns, op):
+                self._ipr = IPRoute()
+        try:
+            self._ipr.bind(groups=RTMGRP_LINK)
+        except NetlinkError as exc:
+            self._ipr.close()
+            raise _nl_error(exc, op, f"cannot listen to link events in {_where(netns)}") from exc
+        except OSError as exc:
+            self._ipr.close()
+            raise NetlinkOpError(
+                exc.errno or errno.EIO, op, f"cannot listen to link events: {exc}"
+            ) from exc
+
+    def wait(self, timeout: float) -> list[LinkEvent]:
+        """The notifications that arrive within ``timeout`` seconds ([] if none)."""
+        try:
+            ready, _, _ = select.select([self._ipr.fileno()], [], [], timeout)
+            if not ready:
+                return []
+            msgs = self._ipr.get()
+        except OSError as exc:
+            if exc.errno == errno.ENOBUFS:
+                return [LinkEvent("lost", "", 0, 0)]
+            raise NetlinkOpError(
+                exc.errno or errno.EIO, "link_monitor", f"reading link events failed: {exc}"
+            ) from exc
+        except NetlinkError as exc:
+            if exc.code == errno.ENOBUFS:
+                return [LinkEvent("lost", "", 0, 0)]
+            raise _nl_error(exc, "link_monitor", "reading link events failed") from exc
+        out: list[LinkEvent] = []
+        for msg in msgs:
+            kind = {"RTM_NEWLINK": "new", "RTM_DELLINK": "del"}.get(str(msg.get("event")))
+            if kind is None:
+                continue
+            out.append(
+                LinkEvent(
+                    kind,
+                    str(msg.get_attr("IFLA_IFNAME") or ""),
+                    int(msg["index"]),
+                    _xdp_raw(msg).prog_id,
+                )
+            )
+        return out
+
+    def close(self) -> None:
+        self._ipr.close()
+
+    def __enter__(self) -> LinkMonitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # --------------------------------------------------------------------------
