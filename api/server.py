@@ -81,6 +81,9 @@ def serve(settings: Settings, *, demo: bool = False, cleanup: bool = False) -> i
     from xdpfw.datapath import Datapath, DatapathConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # A bulk load is one CPU-bound thread; /healthz and the event loop wait for the GIL at
+    # each switch: 1 ms instead of the default 5 ms keeps a probe's answer in milliseconds.
+    sys.setswitchinterval(0.001)
     before, after = raise_nofile()
     if after != before:
         log.info("raised the open file limit (RLIMIT_NOFILE) from %d to %d", before, after)
