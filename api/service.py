@@ -118,6 +118,48 @@ class Health:
         return bool(self.interfaces) and all(i.attached for i in self.interfaces)
 
 
+@dataclass(frozen=True)
+class _Snapshot:
+    """What /healthz reports from the service's own state, as of the end of a change."""
+
+    rules: int
+    capacity: dict[str, tuple[int, int]]
+    interfaces: dict[str, str]  # wanted: name -> mode
+
+
+class _PublishingLock:
+    """The service's RLock; its outermost release first refreshes the health snapshot.
+
+    Every change runs under the lock, so every change (whoever writes it) ends with a fresh
+    snapshot, taken while the state it describes cannot move.
+    """
+
+    def __init__(self, publish: Callable[[], None]) -> None:
+        self._lock = threading.RLock()
+        self._depth = 0  # only the owner touches it
+        self._publish = publish
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        got = self._lock.acquire(blocking, timeout)
+        if got:
+            self._depth += 1
+        return got
+
+    def release(self) -> None:
+        try:
+            if self._depth == 1:
+                self._publish()
+        finally:
+            self._depth -= 1
+            self._lock.release()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 class FirewallService:
     """The face the routes use: rules, counters, interfaces and health. Routes never reach
     through it into the datapath (`self.dp`, a `DatapathPort`)."""
@@ -133,7 +175,6 @@ class FirewallService:
             RuleSpec.parse(action=Action.ALLOW, src=p).with_id(PROTECT_BASE + i)
             for i, p in enumerate(protect)
         ]
-        self.lock = threading.RLock()
         # Interfaces: their own lock, so that the watchdog re-attaching one never waits on a
         # rule write (taken after `lock` where both are held); and the wanted set mirrored
         # from the database, so that the watchdog never reads the store outside `lock`.
@@ -141,6 +182,9 @@ class FirewallService:
         self._wanted: dict[str, str] | None = None  # read from the store on first use
         self._reattached: dict[str, int] = {}
         self._watchdog_seen: float | None = None  # monotonic time of its last round
+        self._snapshot = _Snapshot(0, {}, {})
+        self.lock = _PublishingLock(self._publish)
+        self._publish()
         self._stop = threading.Event()
         self._sweeper: threading.Thread | None = None
 
@@ -440,14 +484,29 @@ class FirewallService:
         return self.dp.table_usage()
 
     def health(self) -> Health:
+        """Never waits on `self.lock`: counts and wanted interfaces come from the snapshot
+        taken when the last change finished (a change in progress is not half counted), the
+        attachments from netlink now."""
+        snap = self._snapshot  # one reference: a consistent state between two changes
         return Health(
             prog_id=self.dp.prog_id,
             adopted=self.dp.adopted,
-            rules=len(self.dp.compiler) - len(self.protected),
+            rules=snap.rules,
             protected=[p.src.with_prefixlen for p in self.protected if p.src is not None],
-            interfaces=self.interface_states(),
-            capacity=self.table_usage(),
+            interfaces=self._merge_states(snap.interfaces),
+            capacity=dict(snap.capacity),
         )
+
+    def _publish(self) -> None:
+        """Snapshot what health reports; called with the lock held, as each change ends."""
+        try:
+            self._snapshot = _Snapshot(
+                rules=len(self.dp.compiler) - len(self.protected),
+                capacity=self.dp.table_usage(),
+                interfaces=self.store.interfaces(),
+            )
+        except Exception:  # keep the last snapshot; the change itself has its own outcome
+            log.exception("could not refresh the health snapshot")
 
     # -- interfaces ----------------------------------------------------------------------------
 
@@ -542,9 +601,12 @@ class FirewallService:
 
     def interface_states(self) -> list[InterfaceState]:
         """Wanted interfaces (database) and actual attachments, merged, by name."""
+        return self._merge_states(self.interfaces())
+
+    def _merge_states(self, wanted: dict[str, str]) -> list[InterfaceState]:
         attached = {a.ifname: a for a in self.attachments()}
         out = [InterfaceState.of(a) for a in attached.values()]
-        for name, mode in sorted(self.interfaces().items()):
+        for name, mode in sorted(wanted.items()):
             if name not in attached:
                 out.append(InterfaceState(name, False, mode, 0, 0))
         return sorted(out, key=lambda i: i.name)

@@ -45,6 +45,20 @@ class Settings(BaseSettings):
         description="largest JSON bulk body (JSON costs ~50x its size to parse: send big lists "
         "as text/plain)",
     )
+    # Connections (docs/guarantees.md, "Connections and file descriptors").
+    limit_concurrency: int | None = Field(
+        default=None,
+        ge=8,
+        description="most open connections (and requests in flight); beyond it the connection "
+        "waiting longest for a request is closed. Default: what fits under the open-file "
+        "limit, at most 4096",
+    )
+    header_timeout: float = Field(
+        default=10.0, gt=0, le=300, description="s a connection may take to send a request head"
+    )
+    keep_alive_timeout: float = Field(
+        default=5.0, gt=0, le=300, description="s an idle keep-alive connection stays open"
+    )
 
     @field_validator("iface", "protect", mode="before")
     @classmethod

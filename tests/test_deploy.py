@@ -391,6 +391,15 @@ def test_systemd_hardening() -> None:
     assert unit_values("ExecStart") == ["/opt/xdpfw/venv/bin/xdpfw serve --no-demo"]
 
 
+def test_systemd_open_file_limit() -> None:
+    """LimitNOFILE is set, well above the 1024 default that idle connections exhaust, and
+    (soft:hard or one value) parses as systemd reads it."""
+    (limit,) = unit_values("LimitNOFILE")
+    soft, _, hard = limit.partition(":")
+    assert soft.isdigit() and int(soft) >= 16384, limit
+    assert not hard or (hard.isdigit() and int(hard) >= int(soft)), limit
+
+
 def test_systemd_environment_names_are_settings() -> None:
     names = {v.split("=", 1)[0] for v in unit_values("Environment")}
     env_file = DEPLOY / "systemd" / "xdpfw.env"

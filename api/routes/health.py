@@ -1,17 +1,33 @@
 """/healthz: is the program loaded and attached where it should be; /livez: is the service
-itself alive (the liveness probe: a degraded interface is no reason to restart it)."""
+itself alive (the liveness probe: a degraded interface is no reason to restart it).
+
+A probe must answer while a big load runs: the service answers health without its write
+lock (`FirewallService.health`), and the route runs it on its own small thread budget, so
+requests queued on the lock in the shared threadpool cannot hold it up either. /livez runs
+on the event loop (it reads one number), for the same reason.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from anyio import CapacityLimiter, to_thread
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from api.deps import ServiceDep
 from api.models import HealthOut, InterfaceOut, TableUsage
+from api.service import FirewallService
 
 __all__ = ["router"]
 
 router = APIRouter(tags=["health"])
+
+
+def _health_threads(request: Request) -> CapacityLimiter:
+    """The app's own few threads for health, made on first use (inside its event loop)."""
+    state = request.app.state
+    threads: CapacityLimiter | None = getattr(state, "health_threads", None)
+    if threads is None:
+        threads = state.health_threads = CapacityLimiter(4)
+    return threads
 
 
 @router.get(
@@ -19,9 +35,12 @@ router = APIRouter(tags=["health"])
     response_model=HealthOut,
     responses={503: {"model": HealthOut, "description": "an interface is not attached"}},
 )
-def healthz(svc: ServiceDep) -> JSONResponse:
+async def healthz(request: Request) -> JSONResponse:
     """200 when every wanted interface runs our program; 503 otherwise. Needs no token."""
-    health = svc.health()
+    # The service straight from app.state, not the ServiceDep dependency: a sync dependency
+    # runs in the shared threadpool, which writers waiting on the lock may fill.
+    svc: FirewallService = request.app.state.service
+    health = await to_thread.run_sync(svc.health, limiter=_health_threads(request))
     body = HealthOut(
         status="ok" if health.ok else "degraded",
         prog_id=health.prog_id,
@@ -44,9 +63,10 @@ LIVE_WITHIN_S = 10.0  # the watchdog runs a round at least every second
     "/livez",
     responses={503: {"description": "the attachment watchdog has stopped running"}},
 )
-def livez(svc: ServiceDep) -> JSONResponse:
+async def livez(request: Request) -> JSONResponse:
     """200 while the API answers and the attachment watchdog runs; 503 when the watchdog
     has not run for LIVE_WITHIN_S seconds. Needs no token; says nothing about rules."""
+    svc: FirewallService = request.app.state.service
     age = svc.watchdog_age()
     if age is not None and age > LIVE_WITHIN_S:
         return JSONResponse(
