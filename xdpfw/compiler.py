@@ -138,6 +138,12 @@ def gc_paused() -> Iterator[None]:
     try:
         yield
     finally:
+        # What the change left alive (the compiler's tables: long-lived) goes to the permanent
+        # generation first; else the first collection after re-enabling walks every object the
+        # change made, holding the GIL for most of a second at a million rules (every other
+        # thread, the API's event loop included, waits). Frozen objects are still freed by
+        # reference counting; only a cycle among them would never be collected.
+        gc.freeze()
         gc.enable()
 
 

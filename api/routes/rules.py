@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Path, Query, Request, Response, status
 from starlette.concurrency import run_in_threadpool
@@ -22,6 +23,8 @@ from xdpfw.importers import ListReader
 from xdpfw.rules import MAX_RULE_ID
 
 __all__ = ["router"]
+
+T = TypeVar("T")
 
 router = APIRouter(
     prefix="/v1/rules",
@@ -133,7 +136,7 @@ async def bulk_add(
     comment: Annotated[str, Query(max_length=256)] = "",
     ttl_seconds: Annotated[int | None, Query(ge=1, le=MAX_TTL)] = None,
     force: bool = False,
-) -> BulkOut:
+) -> Response:
     """Many rules in one call, all or nothing.
 
     Either a JSON array of rule bodies, or `text/plain` with one address/CIDR per line
@@ -146,24 +149,32 @@ async def bulk_add(
     `XDPFW_MAX_BULK_JSON_BYTES` (JSON costs far more to parse: send big lists as text).
     """
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    result: BulkResult
+    # The change and its answer (a million ids, for a big list) are made in a worker thread
+    # and leave it as bytes: the event loop never builds, validates or frees them.
+    body: bytes
     if ctype == "text/plain":
         codes = await _read_list(request, action, mode)
         batch = NewCodes(codes, comment, ttl_seconds, force)
-        result = await run_in_threadpool(svc.bulk_add_codes, batch)
+        del codes
+        body = await run_in_threadpool(_answered, svc.bulk_add_codes, batch)
     else:
         raw = bytearray()
         async for chunk in request.stream():  # api/limits.py bounds it
             raw += chunk
         items = await run_in_threadpool(bulk_rules, bytes(raw), force)
         del raw
-        result = await run_in_threadpool(svc.bulk_add, items)
+        body = await run_in_threadpool(_answered, svc.bulk_add, items)
+    return Response(body, status_code=status.HTTP_201_CREATED, media_type="application/json")
+
+
+def _answered(add: Callable[[T], BulkResult], what: T) -> bytes:
+    result = add(what)
     return BulkOut(
         added=len(result.added),
         duplicates=len(result.duplicates),
         ids=[s.id for s in result.added],
         duplicate_ids=result.duplicates,
-    )
+    ).model_dump_json().encode()
 
 
 _PIECE = 1 << 20  # bytes of body parsed per trip to a worker thread
