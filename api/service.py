@@ -8,6 +8,7 @@ concurrent callers see some serial order of their calls.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 import time
@@ -24,12 +25,18 @@ from xdpfw.errors import InterfaceNotFound, InvalidRule, RuleConflict, RuleNotFo
 from xdpfw.rules import (
     MAX_RULE_ID,
     Action,
+    Network,
     Rule,
     RuleSpec,
+    parse_network,
     rule_from_code,
 )
 
+API_RULE_ID = MAX_RULE_ID  # the last reserved id; protected prefixes count up from PROTECT_BASE
+
 __all__ = [
+    "API_RULE_ID",
+    "LOOPBACK",
     "PROTECT_BASE",
     "BulkResult",
     "FirewallService",
@@ -38,6 +45,7 @@ __all__ = [
     "NewCodes",
     "NewList",
     "NewRule",
+    "api_allow_rule",
     "is_protected_id",
 ]
 
@@ -113,21 +121,62 @@ class Health:
         return bool(self.interfaces) and all(i.attached for i in self.interfaces)
 
 
+LOOPBACK = "lo"
+LOOPBACK_REFUSED = (
+    "xdpfw never filters the loopback interface: a drop rule there would cut the API and "
+    "every local connection of this host; attach to the interfaces traffic arrives on"
+)
+
+
+def api_allow_rule(host: str, port: int) -> Rule | None:
+    """The allow rule that keeps the API reachable: TCP to its listen address and port.
+
+    A wildcard (0.0.0.0, ::) or a host name: any destination on that port. A loopback
+    address: none (loopback traffic never crosses a filtered interface).
+    """
+    if host == "localhost":
+        return None
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        addr = None  # a name: whatever it resolves to
+    if addr is not None and addr.is_loopback:
+        return None
+    dst = None if addr is None or addr.is_unspecified else addr.exploded
+    spec = RuleSpec.parse(action=Action.ALLOW, dst=dst, proto="tcp", dport=port)
+    return spec.with_id(API_RULE_ID)
+
+
+def _within(a: Network, b: Network) -> bool:
+    if isinstance(a, ipaddress.IPv4Network) and isinstance(b, ipaddress.IPv4Network):
+        return a.subnet_of(b)
+    if isinstance(a, ipaddress.IPv6Network) and isinstance(b, ipaddress.IPv6Network):
+        return a.subnet_of(b)
+    return False
+
+
 class FirewallService:
     """The face the routes use: rules, counters, interfaces and health. Routes never reach
     through it into the datapath (`self.dp`, a `DatapathPort`)."""
 
     def __init__(
-        self, datapath: DatapathPort, store: Store, protect: Sequence[str] = ()
+        self,
+        datapath: DatapathPort,
+        store: Store,
+        protect: Sequence[str] = (),
+        api_listen: tuple[str, int] | None = None,
     ) -> None:
         self.dp = datapath
         self.store = store
-        if len(protect) > PROTECT_IDS:
-            raise InvalidRule("protect", f"at most {PROTECT_IDS} protected prefixes")
+        if len(protect) > PROTECT_IDS - 1:
+            raise InvalidRule("protect", f"at most {PROTECT_IDS - 1} protected prefixes")
         self.protected: list[Rule] = [
             RuleSpec.parse(action=Action.ALLOW, src=p).with_id(PROTECT_BASE + i)
             for i, p in enumerate(protect)
         ]
+        # TCP to the API's own listen address and port, allowed above every drop rule, so no
+        # rule can cut the control path (None: XDPFW_PROTECT_API=false, or loopback only).
+        self.api_rule: Rule | None = api_allow_rule(*api_listen) if api_listen else None
         self.lock = threading.RLock()
         self._stop = threading.Event()
         self._sweeper: threading.Thread | None = None
@@ -177,11 +226,17 @@ class FirewallService:
                 self.dp.add_rules(add)
             return {"adopted": 0, "added": len(add), "removed": len(remove)}
 
+    @property
+    def reserved(self) -> list[Rule]:
+        """The service's own allow rules (protected prefixes, the API port): maps only."""
+        return self.protected + ([self.api_rule] if self.api_rule is not None else [])
+
     def _reconcile_protected(self) -> None:
         """Protected prefixes as allow rules, first: the one thing that must never be missing."""
+        self._warn_unprotected()
         rules = self.dp.compiler.rules
         have = {rid: rules[rid] for rid in range(PROTECT_BASE, MAX_RULE_ID + 1) if rid in rules}
-        want = {r.id: r for r in self.protected}
+        want = {r.id: r for r in self.reserved}
         stale = [rid for rid, r in have.items() if want.get(rid) != r]
         if stale:
             self.dp.remove_rules(stale)
@@ -191,7 +246,7 @@ class FirewallService:
         for r in clash:
             dup = self.dp.compiler.find_duplicate(r)
             assert dup is not None
-            log.warning("protected prefix %s replaces identical rule %d", r.src, dup)
+            log.warning("protected rule (%s) replaces identical rule %d", r.describe(), dup)
             self.dp.remove_rules([dup])
             with self.store.transaction():
                 self.store.delete([dup])
@@ -203,8 +258,8 @@ class FirewallService:
             return
         key = wire.key(code)
         direction = wire.key_dir(key)
-        if direction and direction != wire.DIR_SRC:
-            return
+        if direction != wire.DIR_SRC:  # no source named (none, or a dst): every source
+            direction = 0
         v6 = wire.key_v6(key)
         bits = wire.key_bits(key)
         plen = wire.key_plen(key)
@@ -213,7 +268,7 @@ class FirewallService:
             net = p.src
             assert net is not None
             if not direction:
-                hit = "matches every source, including"
+                hit = "names no source, so it matches every source, including"
             elif (net.version == 6) == v6 and (
                 addr >> (bits - (m := min(plen, net.prefixlen)))
                 == int(net.network_address) >> (bits - m)
@@ -228,6 +283,45 @@ class FirewallService:
                 "sources are never dropped (they are allowed above every drop rule). Send "
                 '"force": true to add it anyway.'
             )
+
+    def _warn_unprotected(self) -> None:
+        """Say at start when prefixes protected last time are not now and drop rules hit them.
+
+        A drop rule forced over a protected prefix did nothing while the prefix was protected;
+        started without that --protect, it drops those sources now. The current prefixes are
+        recorded for the next start.
+        """
+        now = [p.src for p in self.protected if p.src is not None]
+        before = self.store.protected_prefixes()
+        lost = []
+        for text in before:
+            try:
+                net = parse_network(text, "protect")
+            except InvalidRule:
+                continue
+            if not any(_within(net, n) for n in now):
+                lost.append(net)
+        if lost:
+            hits = dict.fromkeys(lost, 0)
+            for _, code in self.store.codes():
+                if wire.verdict(code) != abi.VERDICT_DROP:
+                    continue
+                src = rule_from_code(1, code).src
+                for net in lost:
+                    if src is None or src.overlaps(net):  # another family: False
+                        hits[net] += 1
+            for net, n in hits.items():
+                if n:
+                    log.warning(
+                        "%s was protected at the last start and is not now (no --protect %s): "
+                        "%d stored drop rule(s) now apply to it; protect it again or remove "
+                        "them if that is not what you want",
+                        net.with_prefixlen, net.with_prefixlen, n,
+                    )
+        texts = [n.with_prefixlen for n in now]
+        if texts != before:
+            with self.store.transaction():
+                self.store.set_protected_prefixes(texts)
 
     # -- rules ---------------------------------------------------------------------------------
 
@@ -382,7 +476,7 @@ class FirewallService:
         return Health(
             prog_id=self.dp.prog_id,
             adopted=self.dp.adopted,
-            rules=len(self.dp.compiler) - len(self.protected),
+            rules=len(self.dp.compiler) - len(self.reserved),
             protected=[p.src.with_prefixlen for p in self.protected if p.src is not None],
             interfaces=self.interface_states(),
             capacity=self.table_usage(),
@@ -391,6 +485,8 @@ class FirewallService:
     # -- interfaces ----------------------------------------------------------------------------
 
     def attach(self, name: str, mode: str) -> Attachment:
+        if name == LOOPBACK:
+            raise InvalidRule("name", LOOPBACK_REFUSED)
         with self.lock:
             att = self.dp.attach(name, mode)
             with self.store.transaction():

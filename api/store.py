@@ -7,6 +7,7 @@ update, so a failure on either side leaves them agreeing.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
@@ -200,3 +201,23 @@ class Store:
 
     def drop_interface(self, name: str) -> None:
         self._db.execute("DELETE FROM interfaces WHERE name=?", (name,))
+
+    # -- protected prefixes --------------------------------------------------------------------
+
+    def protected_prefixes(self) -> list[str]:
+        """The protected prefixes of the last start (a meta row), to notice one dropped."""
+        row = self._db.execute("SELECT value FROM meta WHERE key='protected'").fetchone()
+        if row is None:
+            return []
+        try:
+            value = json.loads(row["value"])
+        except ValueError:
+            return []
+        return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+    def set_protected_prefixes(self, prefixes: Iterable[str]) -> None:
+        self._db.execute(
+            "INSERT INTO meta VALUES ('protected', ?)"
+            " ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+            (json.dumps(list(prefixes)),),
+        )
