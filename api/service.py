@@ -258,8 +258,6 @@ class FirewallService:
             return
         key = wire.key(code)
         direction = wire.key_dir(key)
-        if direction != wire.DIR_SRC:  # no source named (none, or a dst): every source
-            direction = 0
         v6 = wire.key_v6(key)
         bits = wire.key_bits(key)
         plen = wire.key_plen(key)
@@ -267,7 +265,9 @@ class FirewallService:
         for p in self.protected:
             net = p.src
             assert net is not None
-            if not direction:
+            if direction != wire.DIR_SRC:  # no source named (no address, or a dst)
+                if direction and (net.version == 6) != v6:
+                    continue  # a dst of the other family never sees these sources
                 hit = "names no source, so it matches every source, including"
             elif (net.version == 6) == v6 and (
                 addr >> (bits - (m := min(plen, net.prefixlen)))
@@ -306,10 +306,13 @@ class FirewallService:
             for _, code in self.store.codes():
                 if wire.verdict(code) != abi.VERDICT_DROP:
                     continue
-                src = rule_from_code(1, code).src
+                rule = rule_from_code(1, code)
                 for net in lost:
-                    if src is None or src.overlaps(net):  # another family: False
-                        hits[net] += 1
+                    if rule.src is not None:
+                        hit = rule.src.overlaps(net)  # another family: False
+                    else:  # every source of the rule's family (both when it names none)
+                        hit = rule.dst is None or rule.dst.version == net.version
+                    hits[net] += hit
             for net, n in hits.items():
                 if n:
                     log.warning(
