@@ -419,11 +419,11 @@ class LabServer(Server):
 
 
 @contextmanager
-def lab_server(tmp: Path, **env: str) -> Iterator[LabServer]:
+def lab_server(tmp: Path, *args: str) -> Iterator[LabServer]:
     bpffs = unique_pin_dir("lockout")
     with veth_lab(prefix="xfl") as lab:
         srv = LabServer(lab=lab, state_dir=tmp / "state", bpffs_dir=bpffs,
-                        env={"XDPFW_TOKEN": TOKEN, **env})
+                        env={"XDPFW_TOKEN": TOKEN}, extra_args=list(args))
         try:
             srv.start()
             yield srv
@@ -454,12 +454,19 @@ def _tcp_from_peer(lab: VethLab, port: int, request: bytes | None, timeout: floa
 
 @pytest.mark.e2e
 def test_a_drop_all_rule_never_cuts_the_api(tmp_path: Path) -> None:
-    with lab_server(tmp_path) as srv:
+    """The API listens on the lab's host address; a forced 0.0.0.0/0 drop leaves TCP to it
+    from the peer namespace working and drops the rest. Restarted without the --protect the
+    drop was forced over, the server says so; with XDPFW_PROTECT_API=false, it warns, and the
+    drop then cuts the API (what the protection prevents)."""
+    protect = "198.18.250.0/24"  # not the lab's: only the record of it matters here
+    with lab_server(tmp_path, "--protect", protect) as srv:
         lab = srv.lab
         get = (f"GET /healthz HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
                "Connection: close\r\n\r\n").encode()
         assert b'"status":"ok"' in _tcp_from_peer(lab, srv.port, get)
         with httpx.Client(base_url=srv.url, headers=AUTH, timeout=10) as c:
+            r = c.post("/v1/rules", json={"src": "0.0.0.0/0"})
+            assert r.status_code == 409  # it covers the protected prefix
             r = c.post("/v1/rules", json={"src": "0.0.0.0/0", "force": True})
             assert r.status_code == 201, r.text
             rid = r.json()["id"]
@@ -472,37 +479,23 @@ def test_a_drop_all_rule_never_cuts_the_api(tmp_path: Path) -> None:
                 other.bind((lab.host_ip4, 0))
                 other.listen()
                 assert _tcp_from_peer(lab, other.getsockname()[1], None) == b""
-                assert c.delete(f"/v1/rules/{rid}").status_code == 204
-                assert _tcp_from_peer(lab, other.getsockname()[1], None) == b"connected"
-            assert udp_roundtrip(lab, count=5) == 5
-
-
-@pytest.mark.e2e
-def test_protect_api_off_is_warned_and_drops_the_api(tmp_path: Path) -> None:
-    with lab_server(tmp_path, XDPFW_PROTECT_API="false") as srv:
-        assert "XDPFW_PROTECT_API=false" in srv.output()
-        with httpx.Client(base_url=srv.url, headers=AUTH, timeout=10) as c:
-            assert c.post("/v1/rules", json={"src": "0.0.0.0/0"}).status_code == 201
-        assert _tcp_from_peer(srv.lab, srv.port, None) == b""
-
-
-@pytest.mark.e2e
-def test_restart_without_protect_warns(tmp_path: Path) -> None:
-    from tests.server import running_server
-
-    with running_server(tmp_path, unique_pin_dir("lockout"), start=False) as srv:
-        srv.extra_args = ["--protect", "198.18.250.0/24"]
-        srv.start()
-        with srv.client() as c:
-            r = c.post("/v1/rules", json={"src": "198.18.0.0/15", "force": True})
-            assert r.status_code == 201, r.text
         srv.stop()
-        assert "was protected at the last start" not in srv.output()
+        out = srv.output()
+        assert "was protected at the last start" not in out
+        assert "XDPFW_PROTECT_API=false" not in out
+
         srv.extra_args = []
+        srv.env["XDPFW_PROTECT_API"] = "false"
         srv.start()
         out = srv.output()
-        assert ("198.18.250.0/24 was protected at the last start and is not now (no --protect "
-                "198.18.250.0/24): 1 stored drop rule(s) now apply to it") in out, out
+        assert (f"{protect} was protected at the last start and is not now (no --protect "
+                f"{protect}): 1 stored drop rule(s) now apply to it") in out, out
+        assert "XDPFW_PROTECT_API=false: drop rules may cut off the API" in out, out
+        assert _tcp_from_peer(lab, srv.port, None) == b""  # unprotected: cut off
+        with httpx.Client(base_url=srv.url, headers=AUTH, timeout=10) as c:
+            assert c.delete(f"/v1/rules/{rid}").status_code == 204
+        assert b'"status":"ok"' in _tcp_from_peer(lab, srv.port, get)
+        assert udp_roundtrip(lab, count=5) == 5
 
 
 @pytest.mark.e2e
