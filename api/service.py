@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Sequence
@@ -323,8 +324,11 @@ class FirewallService:
                     )
         texts = [n.with_prefixlen for n in now]
         if texts != before:
-            with self.store.transaction():
-                self.store.set_protected_prefixes(texts)
+            try:
+                with self.store.transaction():
+                    self.store.set_protected_prefixes(texts)
+            except sqlite3.Error as exc:  # a record for the next start: never fatal
+                log.warning("could not record the protected prefixes in the database: %s", exc)
 
     # -- rules ---------------------------------------------------------------------------------
 
