@@ -134,6 +134,7 @@ def serve(settings: Settings, *, demo: bool = False, cleanup: bool = False) -> i
             )
         try:
             summary = svc.reconcile()
+            svc.forget_loopback()  # never filter lo, whatever an earlier version did
             svc.expire_due()
             stored = dict(store.interfaces())
             if demo and stored:  # the lab of an earlier demo is gone; this one is new

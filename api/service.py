@@ -384,9 +384,9 @@ class FirewallService:
                     self._check_protected_code(code)
                 existing = find(code)
                 if existing is not None and is_protected_id(existing):
+                    what = "the API's own port" if existing == API_RULE_ID else "a protected prefix"
                     raise RuleConflict(
-                        f"{rule_from_code(1, code).describe()} is a protected prefix: "
-                        "it is allowed already"
+                        f"{rule_from_code(1, code).describe()} is {what}: it is allowed already"
                     )
                 if existing is not None:
                     dups.append(existing)
@@ -499,6 +499,20 @@ class FirewallService:
             with self.store.transaction():
                 self.store.set_interface(name, mode)
             return att
+
+    def forget_loopback(self) -> bool:
+        """Detach from `lo` if an earlier version attached there (and forget it): True if so."""
+        with self.lock:
+            wanted = LOOPBACK in self.store.interfaces()
+            attached = LOOPBACK in {a.ifname for a in self.dp.attachments()}
+            if not (wanted or attached):
+                return False
+            if attached:
+                self.dp.detach(LOOPBACK)
+            with self.store.transaction():
+                self.store.drop_interface(LOOPBACK)
+            log.warning("detached from lo (attached earlier): %s", LOOPBACK_REFUSED)
+            return True
 
     def detach(self, name: str) -> None:
         with self.lock:

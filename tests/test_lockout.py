@@ -80,6 +80,14 @@ def test_lo_is_refused_by_the_api_and_at_start(tmp_path: Path) -> None:
         assert c.post("/v1/interfaces", json={"name": "eth1"}, headers=AUTH).status_code == 201
     with pytest.raises(ValidationError, match="never filters the loopback interface"):
         Settings(iface=["eth1", "lo"])
+    # attached to lo by an earlier version: detached and forgotten at start
+    with service(tmp_path / "old") as (c, svc, dp):
+        dp.attach("lo")
+        with svc.store.transaction():
+            svc.store.set_interface("lo", "auto")
+        assert svc.forget_loopback() is True
+        assert "lo" not in dp.attached and svc.interfaces() == {}
+        assert svc.forget_loopback() is False
 
 
 @pytest.mark.pure
@@ -102,6 +110,9 @@ def test_the_api_port_is_allowed_above_every_drop(tmp_path: Path) -> None:
         assert r.status_code == 201, r.text
         assert API_RULE_ID in dp.compiler.rules  # still allowed above the drop
         assert c.delete(f"/v1/rules/{API_RULE_ID}", headers=AUTH).status_code == 404
+        same = {"action": "allow", "dst": "198.18.6.1", "proto": "tcp", "dport": 8443}
+        r = c.post("/v1/rules", json=same, headers=AUTH)
+        assert r.status_code == 409 and "is the API's own port" in r.json()["detail"]
         listed = c.get("/v1/rules", headers=AUTH).json()["rules"]
         assert [x["src"] for x in listed] == ["0.0.0.0/0"]
         health = c.get("/healthz", headers=AUTH).json()
