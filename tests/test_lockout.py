@@ -313,6 +313,16 @@ def test_health_detail_needs_the_token_off_loopback(tmp_path: Path) -> None:
         assert c.get("/healthz").json()["protected"] == [PROTECTED]  # loopback: all shown
 
 
+@pytest.mark.pure
+def test_cli_status_says_the_detail_needs_the_token() -> None:
+    from xdpfw.cli.client import EXIT_AUTH, ClientError
+
+    hidden = {"status": "ok", "detail": "send the token"}
+    with pytest.raises(ClientError) as info:
+        _cli(lambda r: httpx.Response(200, json=hidden)).health()
+    assert info.value.exit_code == EXIT_AUTH and "without its token" in info.value.message
+
+
 # -- 13: the CLI's human output, and 405 answers ---------------------------------------------------
 
 FORGED = "ok\x1b[2K\r\n999  drop     0.0.0.0/0\x9b31m\x7f\u2028"
