@@ -11,6 +11,7 @@ import os
 import resource
 import secrets
 import signal
+import stat
 import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -26,7 +27,7 @@ from api.connections import (
     open_fds,
     raise_nofile,
 )
-from api.settings import Settings
+from api.settings import MIN_TOKEN_CHARS, Settings
 from xdpfw.compiler import Capacities
 from xdpfw.errors import InterfaceNotFound, XdpfwError
 from xdpfw.lab import VethLab
@@ -47,14 +48,29 @@ class ServeError(Exception):
 
 
 def load_token(settings: Settings) -> str:
-    """XDPFW_TOKEN, else <state-dir>/token, generated (0600) on first start on loopback."""
+    """XDPFW_TOKEN, else <state-dir>/token, generated (0600) on first start on loopback.
+
+    Off loopback the token needs MIN_TOKEN_CHARS characters. A token file readable or
+    writable by group or others is refused (as ssh refuses such keys), and so is an empty one.
+    """
     if settings.token:
-        return settings.token
+        return _long_enough(settings, settings.token, "XDPFW_TOKEN")
     path = settings.token_file
     if path.exists():
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            raise ServeError(
+                f"token file {path} is accessible by group or others (mode {mode:04o}); "
+                f"anyone who reads it controls the firewall. Run: chmod 600 {path}"
+            )
         token = path.read_text().strip()
-        if token:
-            return token
+        if not token:
+            raise ServeError(
+                f"token file {path} is empty; write a token into it (at least "
+                f"{MIN_TOKEN_CHARS} characters, e.g. `openssl rand -hex 32 > {path}`) or "
+                "delete it to have one generated on a loopback listener"
+            )
+        return _long_enough(settings, token, f"the token in {path}")
     if not settings.loopback_only:
         raise ServeError(
             f"refusing to listen on {settings.listen} (not loopback) without a token: set "
@@ -75,6 +91,16 @@ def load_token(settings: Settings) -> str:
             f"{settings.state_dir} (or set XDPFW_TOKEN) and start again"
         ) from exc
     log.info("generated an API token in %s", path)
+    return token
+
+
+def _long_enough(settings: Settings, token: str, source: str) -> str:
+    if not settings.loopback_only and len(token) < MIN_TOKEN_CHARS:
+        raise ServeError(
+            f"{source} has {len(token)} character(s); listening on {settings.listen} (not "
+            f"loopback) needs a token of at least {MIN_TOKEN_CHARS} characters that nobody "
+            "can guess (e.g. `openssl rand -hex 32`)"
+        )
     return token
 
 
@@ -137,7 +163,13 @@ def serve(settings: Settings, *, demo: bool = False, cleanup: bool = False) -> i
         stack.callback(dp.close, cleanup=cleanup)
         if demo:
             stack.callback(_forget_interfaces, store)  # the lab goes away with the demo
-        svc = FirewallService(dp, store, settings.protect)
+        api_listen = (settings.host, settings.port) if settings.protect_api else None
+        svc = FirewallService(dp, store, settings.protect, api_listen)
+        if not settings.protect_api:
+            log.warning(
+                "XDPFW_PROTECT_API=false: drop rules may cut off the API on %s; keep a way "
+                "in that does not cross the filtered interfaces", settings.listen
+            )
         if not settings.protect:
             log.warning(
                 "no protected prefixes (--protect CIDR): nothing stops a drop rule from locking "
@@ -145,6 +177,7 @@ def serve(settings: Settings, *, demo: bool = False, cleanup: bool = False) -> i
             )
         try:
             summary = svc.reconcile()
+            svc.forget_loopback()  # never filter lo, whatever an earlier version did
             svc.expire_due()
             stored = dict(store.interfaces())
             if demo and stored:  # the lab of an earlier demo is gone; this one is new

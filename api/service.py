@@ -12,7 +12,9 @@ calls.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -29,12 +31,18 @@ from xdpfw.errors import InterfaceNotFound, InvalidRule, RuleConflict, RuleNotFo
 from xdpfw.rules import (
     MAX_RULE_ID,
     Action,
+    Network,
     Rule,
     RuleSpec,
+    parse_network,
     rule_from_code,
 )
 
+API_RULE_ID = MAX_RULE_ID  # the last reserved id; protected prefixes count up from PROTECT_BASE
+
 __all__ = [
+    "API_RULE_ID",
+    "LOOPBACK",
     "PROTECT_BASE",
     "BulkResult",
     "FirewallService",
@@ -43,6 +51,7 @@ __all__ = [
     "NewCodes",
     "NewList",
     "NewRule",
+    "api_allow_rule",
     "is_protected_id",
 ]
 
@@ -160,17 +169,55 @@ class _PublishingLock:
         self.release()
 
 
+LOOPBACK = "lo"
+LOOPBACK_REFUSED = (
+    "xdpfw never filters the loopback interface: a drop rule there would cut the API and "
+    "every local connection of this host; attach to the interfaces traffic arrives on"
+)
+
+
+def api_allow_rule(host: str, port: int) -> Rule | None:
+    """The allow rule that keeps the API reachable: TCP to its listen address and port.
+
+    A wildcard (0.0.0.0, ::) or a host name: any destination on that port. A loopback
+    address: none (loopback traffic never crosses a filtered interface).
+    """
+    if host == "localhost":
+        return None
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        addr = None  # a name: whatever it resolves to
+    if addr is not None and addr.is_loopback:
+        return None
+    dst = None if addr is None or addr.is_unspecified else addr.exploded
+    spec = RuleSpec.parse(action=Action.ALLOW, dst=dst, proto="tcp", dport=port)
+    return spec.with_id(API_RULE_ID)
+
+
+def _within(a: Network, b: Network) -> bool:
+    if isinstance(a, ipaddress.IPv4Network) and isinstance(b, ipaddress.IPv4Network):
+        return a.subnet_of(b)
+    if isinstance(a, ipaddress.IPv6Network) and isinstance(b, ipaddress.IPv6Network):
+        return a.subnet_of(b)
+    return False
+
+
 class FirewallService:
     """The face the routes use: rules, counters, interfaces and health. Routes never reach
     through it into the datapath (`self.dp`, a `DatapathPort`)."""
 
     def __init__(
-        self, datapath: DatapathPort, store: Store, protect: Sequence[str] = ()
+        self,
+        datapath: DatapathPort,
+        store: Store,
+        protect: Sequence[str] = (),
+        api_listen: tuple[str, int] | None = None,
     ) -> None:
         self.dp = datapath
         self.store = store
-        if len(protect) > PROTECT_IDS:
-            raise InvalidRule("protect", f"at most {PROTECT_IDS} protected prefixes")
+        if len(protect) > PROTECT_IDS - 1:
+            raise InvalidRule("protect", f"at most {PROTECT_IDS - 1} protected prefixes")
         self.protected: list[Rule] = [
             RuleSpec.parse(action=Action.ALLOW, src=p).with_id(PROTECT_BASE + i)
             for i, p in enumerate(protect)
@@ -182,6 +229,9 @@ class FirewallService:
         self._wanted: dict[str, str] | None = None  # read from the store on first use
         self._reattached: dict[str, int] = {}
         self._watchdog_seen: float | None = None  # monotonic time of its last round
+        # TCP to the API's own listen address and port, allowed above every drop rule, so no
+        # rule can cut the control path (None: XDPFW_PROTECT_API=false, or loopback only).
+        self.api_rule: Rule | None = api_allow_rule(*api_listen) if api_listen else None
         self._snapshot = _Snapshot(0, {}, {})
         self.lock = _PublishingLock(self._publish)
         self._publish()
@@ -241,11 +291,17 @@ class FirewallService:
                 self.store.created = False
             return {"adopted": 0, "added": len(add), "removed": len(remove)}
 
+    @property
+    def reserved(self) -> list[Rule]:
+        """The service's own allow rules (protected prefixes, the API port): maps only."""
+        return self.protected + ([self.api_rule] if self.api_rule is not None else [])
+
     def _reconcile_protected(self) -> None:
         """Protected prefixes as allow rules, first: the one thing that must never be missing."""
+        self._warn_unprotected()
         rules = self.dp.compiler.rules
         have = {rid: rules[rid] for rid in range(PROTECT_BASE, MAX_RULE_ID + 1) if rid in rules}
-        want = {r.id: r for r in self.protected}
+        want = {r.id: r for r in self.reserved}
         stale = [rid for rid, r in have.items() if want.get(rid) != r]
         if stale:
             self.dp.remove_rules(stale)
@@ -255,7 +311,7 @@ class FirewallService:
         for r in clash:
             dup = self.dp.compiler.find_duplicate(r)
             assert dup is not None
-            log.warning("protected prefix %s replaces identical rule %d", r.src, dup)
+            log.warning("protected rule (%s) replaces identical rule %d", r.describe(), dup)
             self._remove([dup])
         if new:
             self.dp.add_rules(new)
@@ -265,8 +321,6 @@ class FirewallService:
             return
         key = wire.key(code)
         direction = wire.key_dir(key)
-        if direction and direction != wire.DIR_SRC:
-            return
         v6 = wire.key_v6(key)
         bits = wire.key_bits(key)
         plen = wire.key_plen(key)
@@ -274,8 +328,10 @@ class FirewallService:
         for p in self.protected:
             net = p.src
             assert net is not None
-            if not direction:
-                hit = "matches every source, including"
+            if direction != wire.DIR_SRC:  # no source named (no address, or a dst)
+                if direction and (net.version == 6) != v6:
+                    continue  # a dst of the other family never sees these sources
+                hit = "names no source, so it matches every source, including"
             elif (net.version == 6) == v6 and (
                 addr >> (bits - (m := min(plen, net.prefixlen)))
                 == int(net.network_address) >> (bits - m)
@@ -290,6 +346,51 @@ class FirewallService:
                 "sources are never dropped (they are allowed above every drop rule). Send "
                 '"force": true to add it anyway.'
             )
+
+    def _warn_unprotected(self) -> None:
+        """Say at start when prefixes protected last time are not now and drop rules hit them.
+
+        A drop rule forced over a protected prefix did nothing while the prefix was protected;
+        started without that --protect, it drops those sources now. The current prefixes are
+        recorded for the next start.
+        """
+        now = [p.src for p in self.protected if p.src is not None]
+        before = self.store.protected_prefixes()
+        lost = []
+        for text in before:
+            try:
+                net = parse_network(text, "protect")
+            except InvalidRule:
+                continue
+            if not any(_within(net, n) for n in now):
+                lost.append(net)
+        if lost:
+            hits = dict.fromkeys(lost, 0)
+            for _, code in self.store.codes():
+                if wire.verdict(code) != abi.VERDICT_DROP:
+                    continue
+                rule = rule_from_code(1, code)
+                for net in lost:
+                    if rule.src is not None:
+                        hit = rule.src.overlaps(net)  # another family: False
+                    else:  # every source of the rule's family (both when it names none)
+                        hit = rule.dst is None or rule.dst.version == net.version
+                    hits[net] += hit
+            for net, n in hits.items():
+                if n:
+                    log.warning(
+                        "%s was protected at the last start and is not now (no --protect %s): "
+                        "%d stored drop rule(s) now apply to it; protect it again or remove "
+                        "them if that is not what you want",
+                        net.with_prefixlen, net.with_prefixlen, n,
+                    )
+        texts = [n.with_prefixlen for n in now]
+        if texts != before:
+            try:
+                with self.store.transaction():
+                    self.store.set_protected_prefixes(texts)
+            except sqlite3.Error as exc:  # a record for the next start: never fatal
+                log.warning("could not record the protected prefixes in the database: %s", exc)
 
     # -- rules ---------------------------------------------------------------------------------
 
@@ -345,9 +446,9 @@ class FirewallService:
                     self._check_protected_code(code)
                 existing = find(code)
                 if existing is not None and is_protected_id(existing):
+                    what = "the API's own port" if existing == API_RULE_ID else "a protected prefix"
                     raise RuleConflict(
-                        f"{rule_from_code(1, code).describe()} is a protected prefix: "
-                        "it is allowed already"
+                        f"{rule_from_code(1, code).describe()} is {what}: it is allowed already"
                     )
                 if existing is not None:
                     dups.append(existing)
@@ -501,7 +602,7 @@ class FirewallService:
         """Snapshot what health reports; called with the lock held, as each change ends."""
         try:
             self._snapshot = _Snapshot(
-                rules=len(self.dp.compiler) - len(self.protected),
+                rules=len(self.dp.compiler) - len(self.reserved),
                 capacity=self.dp.table_usage(),
                 interfaces=self.store.interfaces(),
             )
@@ -512,6 +613,8 @@ class FirewallService:
 
     def attach(self, name: str, mode: str) -> Attachment:
         """Row, attach, COMMIT; a failed COMMIT detaches again what this call attached."""
+        if name == LOOPBACK:
+            raise InvalidRule("name", LOOPBACK_REFUSED)
         with self.lock, self._iface_lock:
             before = {a.ifname for a in self.dp.attachments()}
             with self._changing(f"attaching {name}") as undo:
@@ -522,6 +625,17 @@ class FirewallService:
             if self._wanted is not None:
                 self._wanted[name] = mode
             return att
+
+    def forget_loopback(self) -> bool:
+        """Detach from `lo` if an earlier version attached there (and forget it): True if so."""
+        with self.lock:
+            wanted = LOOPBACK in self.store.interfaces()
+            attached = LOOPBACK in {a.ifname for a in self.dp.attachments()}
+            if not (wanted or attached):
+                return False
+            self.detach(LOOPBACK)
+        log.warning("detached from lo (attached earlier): %s", LOOPBACK_REFUSED)
+        return True
 
     def detach(self, name: str) -> None:
         """COMMIT the row's removal, then detach; if the detach fails, the row is put back."""

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["Settings", "get_settings"]
+__all__ = ["MIN_TOKEN_CHARS", "Settings", "get_settings"]
 
 
 class Settings(BaseSettings):
@@ -59,6 +59,11 @@ class Settings(BaseSettings):
     keep_alive_timeout: float = Field(
         default=5.0, gt=0, le=300, description="s an idle keep-alive connection stays open"
     )
+    protect_api: bool = Field(
+        default=True,
+        description="allow TCP to the listen address and port above every drop rule, so no "
+        "rule cuts the API off (XDPFW_PROTECT_API=false turns it off)",
+    )
 
     @field_validator("iface", "protect", mode="before")
     @classmethod
@@ -77,6 +82,17 @@ class Settings(BaseSettings):
             return [parse_network(v, "protect").with_prefixlen for v in value]
         except InvalidRule as exc:
             raise ValueError(exc.problem) from exc
+
+    @field_validator("iface")
+    @classmethod
+    def _check_iface(cls, value: list[str]) -> list[str]:
+        if "lo" in value:
+            raise ValueError(
+                "xdpfw never filters the loopback interface (lo): a drop rule there would cut "
+                "the API and every local connection of this host; name the interfaces "
+                "traffic arrives on"
+            )
+        return value
 
     @field_validator("listen")
     @classmethod
@@ -126,3 +142,7 @@ def split_listen(value: str) -> tuple[str, int]:
 def get_settings(**overrides: object) -> Settings:
     """Build settings from the environment plus explicit overrides (CLI flags win)."""
     return Settings(**{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
+
+
+# A token guarding a listener off loopback must not be guessable.
+MIN_TOKEN_CHARS = 16

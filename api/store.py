@@ -405,3 +405,25 @@ class Store:
     def drop_interface(self, name: str) -> None:
         with self._sql(f"write the rule database {self.path}"):
             self._db.execute("DELETE FROM interfaces WHERE name=?", (name,))
+
+    # -- protected prefixes --------------------------------------------------------------------
+
+    def protected_prefixes(self) -> list[str]:
+        """The protected prefixes of the last start (a meta row), to notice one dropped."""
+        with self._sql(f"read the rule database {self.path}"):
+            row = self._db.execute("SELECT value FROM meta WHERE key='protected'").fetchone()
+        if row is None:
+            return []
+        try:
+            value = json.loads(row["value"])
+        except ValueError:
+            return []
+        return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+    def set_protected_prefixes(self, prefixes: Iterable[str]) -> None:
+        with self._sql(f"write the rule database {self.path}"):
+            self._db.execute(
+                "INSERT INTO meta VALUES ('protected', ?)"
+                " ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                (json.dumps(list(prefixes)),),
+            )

@@ -441,7 +441,10 @@ def test_protected_prefixes(api: Api) -> None:
     r = c.post("/v1/rules", json={"proto": "tcp", "dport": 22})
     assert r.status_code == 409 and "matches every source" in r.json()["detail"]
     assert c.post("/v1/rules", json={"src": "198.18.255.7", "mode": "monitor"}).status_code == 201
-    assert c.post("/v1/rules", json={"dst": "198.18.255.7"}).status_code == 201
+    # a dst drop names no source: it drops the protected ones too (issue 20, item 11)
+    r = c.post("/v1/rules", json={"dst": "198.18.255.7"})
+    assert r.status_code == 409 and "names no source" in r.json()["detail"]
+    assert c.post("/v1/rules", json={"dst": "198.18.255.7", "force": True}).status_code == 201
     assert c.post("/v1/rules", json={"src": "198.18.254.0/24"}).status_code == 201
     r = c.post("/v1/rules", json={"src": "198.18.0.0/16", "force": True})
     assert r.status_code == 201, r.text

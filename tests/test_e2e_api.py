@@ -157,7 +157,7 @@ def test_auth(server: Server) -> None:
 def test_refuses_non_loopback_without_token(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "XDPFW_TOKEN"}
     proc = subprocess.run(
-        [XDPFW, "serve", "--iface", "lo", "--listen", "198.18.0.1:8000",
+        [XDPFW, "serve", "--iface", "nosuch0", "--listen", "198.18.0.1:8000",
          "--state-dir", str(tmp_path / "s"), "--bpffs-dir", str(unique_pin_dir("x"))],
         capture_output=True, text=True, env=env, timeout=60,
     )

@@ -96,16 +96,26 @@ class PortRange:
 
 
 def parse_network(value: str | Network, field: str = "src") -> Network:
-    """A CIDR or a bare address (meaning /32 or /128). Host bits must be zero."""
+    """A CIDR or a bare address (meaning /32 or /128). Host bits must be zero.
+
+    An IPv4-mapped IPv6 address or prefix in text (`::ffff:198.18.6.1`, `::ffff:198.18.6.0/120`)
+    becomes the IPv4 network it stands for (`198.18.6.1/32`, `198.18.6.0/24`): the program
+    sees IPv4 packets as IPv4, so the IPv6 spelling would never match anything. A mapped
+    prefix shorter than /96 also covers IPv6 space that is not mapped, and is refused.
+    """
     if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
-        return value
+        return value  # a network object is taken as is (the verifier probes mapped IPv6 ones)
     if not isinstance(value, str):
         raise InvalidRule(field, f"expected an address or CIDR string, got {type(value).__name__}")
     text = value.strip()
     if not text:
         raise InvalidRule(field, "empty address")
+    if ":" in text:
+        mapped = _parse_mapped(text, field)
+        if mapped is not None:
+            return mapped
     try:
-        return ipaddress.ip_network(text, strict=True)
+        net = ipaddress.ip_network(text, strict=True)
     except ValueError as exc:
         try:
             loose = ipaddress.ip_network(text, strict=False)
@@ -114,6 +124,48 @@ def parse_network(value: str | Network, field: str = "src") -> Network:
         raise InvalidRule(
             field, f"{text!r} has host bits set; did you mean {loose.with_prefixlen}?"
         ) from exc
+    if isinstance(net, ipaddress.IPv6Network):
+        return _unmapped(net)
+    return net
+
+
+def _parse_mapped(text: str, field: str) -> Network | None:
+    """`::ffff:a.b.c.d[/n]` -> the IPv4 network; None when the text is not a mapped address."""
+    addr_text, slash, plen_text = text.partition("/")
+    try:
+        addr = ipaddress.IPv6Address(addr_text)
+    except ValueError:
+        return None
+    v4 = addr.ipv4_mapped
+    if v4 is None:
+        return None
+    plen = 128
+    if slash:
+        if not (plen_text.isascii() and plen_text.isdigit()) or int(plen_text) > 128:
+            return None  # the general parser says what is wrong
+        plen = int(plen_text)
+    if plen < 96:
+        raise InvalidRule(
+            field,
+            f"{text!r} is an IPv4-mapped IPv6 prefix shorter than /96: it also covers IPv6 "
+            "addresses that are not IPv4-mapped, and IPv4 packets never carry IPv6 addresses; "
+            "write the IPv4 network (e.g. 198.18.6.0/24) and any IPv6 one as separate rules",
+        )
+    try:
+        return ipaddress.IPv4Network((v4, plen - 96), strict=True)
+    except ValueError as exc:
+        loose = ipaddress.IPv4Network((v4, plen - 96), strict=False)
+        raise InvalidRule(
+            field,
+            f"{text!r} (IPv4 {v4}/{plen - 96}) has host bits set; "
+            f"did you mean {loose.with_prefixlen}?",
+        ) from exc
+
+
+def _unmapped(net: ipaddress.IPv6Network) -> Network:
+    """An IPv6 network inside ::ffff:0:0/96 as the IPv4 network it stands for."""
+    v4 = net.network_address.ipv4_mapped if net.prefixlen >= 96 else None
+    return net if v4 is None else ipaddress.IPv4Network((v4, net.prefixlen - 96))
 
 
 def parse_port_range(value: int | str | PortRange, field: str = "dport") -> PortRange:

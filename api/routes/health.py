@@ -9,12 +9,15 @@ on the event loop (it reads one number), for the same reason.
 
 from __future__ import annotations
 
+import secrets
+
 from anyio import CapacityLimiter, to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from api.models import HealthOut, InterfaceOut, TableUsage
 from api.service import FirewallService
+from api.settings import Settings
 
 __all__ = ["router"]
 
@@ -36,11 +39,21 @@ def _health_threads(request: Request) -> CapacityLimiter:
     responses={503: {"model": HealthOut, "description": "an interface is not attached"}},
 )
 async def healthz(request: Request) -> JSONResponse:
-    """200 when every wanted interface runs our program; 503 otherwise. Needs no token."""
+    """200 when every wanted interface runs our program; 503 otherwise. Needs no token.
+
+    Off loopback, a caller without the token gets the status only: the protected prefixes,
+    interfaces and tables are shown with the token.
+    """
     # The service straight from app.state, not the ServiceDep dependency: a sync dependency
     # runs in the shared threadpool, which writers waiting on the lock may fill.
     svc: FirewallService = request.app.state.service
+    settings: Settings = request.app.state.settings
     health = await to_thread.run_sync(svc.health, limiter=_health_threads(request))
+    if not settings.loopback_only and not _has_token(request):
+        return JSONResponse(
+            {"status": "ok" if health.ok else "degraded", "detail": HIDDEN},
+            status_code=200 if health.ok else 503,
+        )
     body = HealthOut(
         status="ok" if health.ok else "degraded",
         prog_id=health.prog_id,
@@ -74,3 +87,17 @@ async def livez(request: Request) -> JSONResponse:
             status_code=503,
         )
     return JSONResponse({"status": "alive"})
+
+
+HIDDEN = (
+    "send `Authorization: Bearer <token>` for the protected prefixes, interfaces and tables "
+    "(hidden from callers without the token off loopback)"
+)
+
+
+def _has_token(request: Request) -> bool:
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    expected: str = request.app.state.token
+    return scheme.lower() == "bearer" and secrets.compare_digest(
+        credentials.strip().encode(), expected.encode()
+    )

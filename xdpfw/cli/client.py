@@ -376,6 +376,14 @@ class Client:
         body = r.json()
         if r.status_code == 503 and not (isinstance(body, dict) and "status" in body):
             raise error_for(r, self.token)
+        if isinstance(body, dict) and "status" in body and "interfaces" not in body:
+            raise ClientError(
+                f"the service is {body['status']} but shows no detail without its token "
+                "(it listens off loopback); pass --token, set XDPFW_TOKEN, or let the CLI "
+                "read <state-dir>/token",
+                EXIT_AUTH,
+                status=r.status_code,
+            )
         return cast(Health, body)
 
     def interfaces(self) -> list[Interface]:

@@ -126,8 +126,15 @@ def until(iso: str | None, now: datetime | None = None) -> str:
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> str:
-    """Plain aligned columns (greppable, like `ip` or `kubectl get`); `right` = right-aligned."""
+    """Plain aligned columns (greppable, like `ip` or `kubectl get`); `right` = right-aligned.
+
+    Control characters in a cell are shown escaped (`output.printable`): one row, one line.
+    """
+    from xdpfw.cli.output import printable
+
     cols = len(headers)
+    headers = [printable(h) for h in headers]
+    rows = [[printable(c) for c in row] for row in rows]
     widths = [len(h) for h in headers]
     for row in rows:
         for i in range(cols):

@@ -10,11 +10,26 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from xdpfw.cli.client import Rule
 
-__all__ = ["err", "print_json", "rule_match", "rule_verdict"]
+__all__ = ["err", "print_json", "printable", "rule_match", "rule_verdict"]
+
+# C0 controls, DEL and C1 controls, plus the Unicode line and paragraph separators: what could
+# move the cursor, recolour the terminal or start a new line inside a table cell.
+_CONTROLS = [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029]
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_ESCAPES = {
+    c: _NAMED.get(chr(c), f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}") for c in _CONTROLS
+}
+
+
+def printable(text: str) -> str:
+    """Text for a human table or line: control characters shown escaped (ESC as `\\x1b`, a
+    newline as `\\n`), so a comment or any text from the API cannot forge output lines or
+    drive the terminal. --json output is never passed through this."""
+    return text.translate(_ESCAPES)
 
 
 def err(args: argparse.Namespace, message: str) -> None:
-    print(f"xdpfw {args.cmd_name}: {message}", file=sys.stderr)
+    print(f"xdpfw {args.cmd_name}: {printable(message)}", file=sys.stderr)
 
 
 def print_json(obj: object) -> None:
@@ -37,4 +52,4 @@ def rule_match(rule: Rule) -> str:
         parts.append(rule["proto"])
     if rule["dport"]:
         parts.append(f"dport {rule['dport']}")
-    return " ".join(parts) or "any"
+    return printable(" ".join(parts) or "any")

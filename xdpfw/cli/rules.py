@@ -7,7 +7,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from xdpfw.cli import humanize as hz
-from xdpfw.cli.output import err, print_json, rule_match, rule_verdict
+from xdpfw.cli.output import err, print_json, printable, rule_match, rule_verdict
 
 if TYPE_CHECKING:
     from xdpfw.cli.client import Client
@@ -171,5 +171,5 @@ def cmd_rule_show(args: argparse.Namespace, api: Client) -> int:
         ("last hit", f"{c['last_hit']} ({hz.ago(c['last_hit'])})" if c["last_hit"] else "never"),
     ]
     for name, value in fields:
-        print(f"{name:<10}{value}")
+        print(f"{name:<10}{printable(value)}")
     return 0

@@ -6,7 +6,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from xdpfw.cli import humanize as hz
-from xdpfw.cli.output import err, print_json
+from xdpfw.cli.output import err, print_json, printable
 
 if TYPE_CHECKING:
     from xdpfw.cli.client import Client, Health
@@ -46,7 +46,7 @@ def cmd_status(args: argparse.Namespace, api: Client) -> int:
 def status_text(url: str, health: Health) -> str:
     capacity = health["capacity"]
     lines = [
-        f"service     {health['status']}  ({url})",
+        printable(f"service     {health['status']}  ({url})"),
         f"program     id {health['prog_id']}"
         + ("  (adopted from a previous run)" if health["adopted"] else ""),
         f"rules       {health['rules']}",

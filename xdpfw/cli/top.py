@@ -9,6 +9,7 @@ import time
 from typing import TYPE_CHECKING, Any, TextIO
 
 from xdpfw.cli import humanize as hz
+from xdpfw.cli.output import printable
 from xdpfw.cli.stats import TOTAL_LABELS, Rates, RuleCache, Sample
 
 if TYPE_CHECKING:
@@ -157,14 +158,15 @@ def _top_view(
     from rich.table import Table
     from rich.text import Text
 
-    ifaces = ", ".join(
+    ifaces = printable(", ".join(
         f"{i['name']} ({i['mode']})" if i["attached"] else f"{i['name']} (DETACHED)"
         for i in health["interfaces"]
-    )
+    ))
     head = Text()
     head.append("xdpfw top", style="bold")
-    head.append(f"  {url}  ")
-    head.append(health["status"], style="green" if health["status"] == "ok" else "bold red")
+    head.append(f"  {printable(url)}  ")
+    status = printable(str(health["status"]))
+    head.append(status, style="green" if status == "ok" else "bold red")
     head.append(f"  prog {health['prog_id']}  {health['rules']} rules  {ifaces or 'no interfaces'}")
     head.append(f"  every {args.interval:g}s  q quits", style="dim")
     t = rates.totals if rates else {}
@@ -203,7 +205,7 @@ def _top_view(
         )
     parts: list[RenderableType] = [head, line]
     if problem:
-        parts.append(Text(problem, style="bold red"))
+        parts.append(Text(printable(problem), style="bold red"))
     parts.append(Text(""))
     parts.append(table if ranked else Text("no rules"))
     return Group(*parts)

@@ -149,8 +149,15 @@ def rule_to_dict(rule: Rule) -> dict[str, Any]:
 
 
 def rule_from_dict(data: dict[str, Any]) -> Rule:
-    """The inverse of rule_to_dict (validated by RuleSpec.parse)."""
+    """The inverse of rule_to_dict (validated by RuleSpec.parse).
+
+    Addresses become network objects first: the corpus probes the data plane with IPv6 rules
+    in ::ffff:0:0/96, which the text parser would turn into IPv4 ones.
+    """
     kwargs = {k: v for k, v in data.items() if k != "id"}
+    for name in ("src", "dst"):
+        if isinstance(kwargs.get(name), str):
+            kwargs[name] = ipaddress.ip_network(kwargs[name])
     return RuleSpec.parse(**kwargs).with_id(int(data["id"]))
 
 
