@@ -28,7 +28,6 @@ __all__ = [
     "TableUsage",
     "TotalsOut",
     "bulk_rules",
-    "decode_text",
     "iso",
 ]
 
@@ -129,14 +128,6 @@ def bulk_rules(raw: bytes, force: bool) -> list[NewRule]:
     if bad:
         raise InvalidRule("body", bad_summary("element", bad))
     return items
-
-
-def decode_text(raw: bytes) -> str:
-    """A text/plain body as text; InvalidRule when it is not UTF-8."""
-    try:
-        return raw.decode()
-    except UnicodeDecodeError as exc:
-        raise InvalidRule("body", f"not UTF-8 text: {exc}") from exc
 
 
 class RuleCountersOut(BaseModel):

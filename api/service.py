@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from api.ports import CounterArrays, DatapathPort
 from api.store import PROTECT_BASE, PROTECT_IDS, Store, StoredRule, is_protected_id
-from xdpfw import abi, importers
+from xdpfw import abi
 from xdpfw import codes as wire  # the rule wire format ("codes" names the rules here)
 from xdpfw.compiler import gc_paused
 from xdpfw.datapath import Attachment, GlobalCounters, RuleCounters
@@ -49,7 +49,6 @@ __all__ = [
     "Health",
     "InterfaceState",
     "NewCodes",
-    "NewList",
     "NewRule",
     "api_allow_rule",
     "is_protected_id",
@@ -72,19 +71,6 @@ class NewCodes:
     form of a bulk load, which makes no RuleSpec per rule."""
 
     codes: Sequence[int]
-    comment: str = ""
-    ttl_seconds: int | None = None
-    force: bool = False
-
-
-@dataclass(frozen=True)
-class NewList:
-    """A blocklist body (one address or CIDR per line, see xdpfw.importers) whose rules share
-    one action, mode, comment, TTL and force."""
-
-    text: str
-    action: str = "drop"
-    mode: str = "enforce"
     comment: str = ""
     ttl_seconds: int | None = None
     force: bool = False
@@ -411,13 +397,6 @@ class FirewallService:
             [item.comment for item in items],
             [item.ttl_seconds for item in items],
             [item.force for item in items],
-        )
-
-    def bulk_add_list(self, batch: NewList) -> BulkResult:
-        """`bulk_add` for a blocklist body; InvalidRule naming every bad line, nothing added."""
-        codes = importers.list_codes(batch.text, batch.action, batch.mode)
-        return self.bulk_add_codes(
-            NewCodes(codes, batch.comment, batch.ttl_seconds, batch.force)
         )
 
     def bulk_add_codes(self, batch: NewCodes) -> BulkResult:

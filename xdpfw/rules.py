@@ -236,7 +236,8 @@ class RuleSpec:
         if self.src is not None and self.dst is not None:
             raise InvalidRule(
                 "dst",
-                "a rule may name src or dst, not both; add two rules instead",
+                "a rule may name src or dst, not both (two rules would match either address, "
+                "not the pair; matching a pair is not supported)",
             )
         if self.dport is not None and self.proto not in (Proto.TCP, Proto.UDP):
             raise InvalidRule("dport", "dport needs proto tcp or udp")
