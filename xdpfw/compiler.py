@@ -27,7 +27,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from sortedcontainers import SortedList
 
@@ -67,6 +67,7 @@ __all__ = [
     "TableKey",
     "gc_paused",
     "key_of",
+    "let_go",
 ]
 
 MAX_SLOTS = 1 + abi.SET_SLOTS
@@ -145,6 +146,24 @@ def gc_paused() -> Iterator[None]:
         # reference counting; only a cycle among them would never be collected.
         gc.freeze()
         gc.enable()
+
+
+_LET_GO_PIECE = 4096
+
+
+def let_go(*containers: list[Any] | dict[Any, Any]) -> None:
+    """Empty big containers a piece at a time, so that freeing what they hold (a million rules
+    of a bulk change) never holds the GIL for long: freeing a whole list or dict is one C loop
+    that no other thread (the API's event loop, a health probe) can interrupt. Empty after."""
+    piece = _LET_GO_PIECE
+    for c in containers:
+        if isinstance(c, list):
+            while c:
+                del c[-piece:]
+        else:
+            while c:
+                for _ in range(min(piece, len(c))):
+                    c.popitem()
 
 
 def key_of(rule: Rule) -> TableKey:

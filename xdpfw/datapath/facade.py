@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from xdpfw.abi import Table
-from xdpfw.compiler import Capacities, RuleCompiler, TableKey, gc_paused
+from xdpfw.compiler import Capacities, RuleCompiler, TableKey, gc_paused, let_go
 from xdpfw.datapath import attach as attach_
 from xdpfw.datapath import pins, recover
 from xdpfw.datapath.adopt import Adopted, read_entries
@@ -298,7 +298,9 @@ class Datapath:
     def add_rules(self, rules: Sequence[Rule]) -> None:
         """Add rules, all or nothing. In the maps when this returns."""
         with self._lock:
-            self._writer.apply(self.compiler.plan_add(rules))
+            plan = self.compiler.plan_add(rules)
+            self._writer.apply(plan)
+            let_go(plan.entries)  # a big plan freed in pieces (see let_go)
 
     def remove_rule(self, rule_id: int) -> Rule:
         return self.remove_rules([rule_id])[0]
