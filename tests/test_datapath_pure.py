@@ -4,7 +4,9 @@ ctypes mirror in xdpfw/abi.py, slot and key decoding against xdpfw/codes.py."""
 from __future__ import annotations
 
 import ctypes
+import os
 import random
+from pathlib import Path
 
 import pytest
 
@@ -109,3 +111,23 @@ def test_keys_round_trip(kwargs: dict[str, str]) -> None:
 def test_the_any_table_is_element_zero() -> None:
     assert encode_key(TableKey(Table.ANY)) == bytes(4)
     assert compact_key(Table.ANY, bytes(4)) == 0
+
+
+def test_stale_staging_of_a_killed_load_is_removed(tmp_path: Path) -> None:
+    """A compile killed mid-load leaves `<pins>-loading-<pid>`; the next open removes it,
+    and only it (a live process's staging and other directories stay)."""
+    import subprocess
+
+    from xdpfw.datapath import pins
+
+    pin_dir = tmp_path / "xdpfw"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f"xdpfw-loading-{dead.pid}"
+    live = tmp_path / f"xdpfw-loading-{os.getppid()}"
+    other = tmp_path / "xdpfw-other-loading-1"
+    for d in (stale, live, other):
+        d.mkdir()
+        (d / "prog").write_text("")
+    assert pins.remove_stale_staging(pin_dir) == [stale]
+    assert not stale.exists() and live.exists() and other.exists()

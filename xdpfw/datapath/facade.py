@@ -9,6 +9,7 @@ see an OSError or a netlink error.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Iterable, Sequence
@@ -44,6 +45,8 @@ from xdpfw.kernel import bpfsys
 from xdpfw.rules import Rule
 
 __all__ = ["Datapath", "DatapathConfig"]
+
+log = logging.getLogger("xdpfw.datapath")
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,8 @@ class Datapath:
         """Adopt the pinned program and maps in cfg.bpffs_dir, or load and pin a new one."""
         cfg = cfg or DatapathConfig()
         pins.finish_interrupted_upgrade(cfg.bpffs_dir)
+        for stale in pins.remove_stale_staging(cfg.bpffs_dir):
+            log.warning("removed %s, left by a load that was killed", stale)
         if (cfg.bpffs_dir / pins.PROG_PIN).exists():
             return cls._adopt(cfg)
         repinned = cls._repin_orphan(cfg)

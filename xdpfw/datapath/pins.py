@@ -32,6 +32,7 @@ __all__ = [
     "open_pins",
     "pin_all",
     "remove_pin_dir",
+    "remove_stale_staging",
     "retired_dir",
     "staging_dir",
     "unpin",
@@ -66,6 +67,34 @@ _Maps = dict[str, bpfsys.Map[Any, Any]]
 def staging_dir(pin_dir: Path) -> Path:
     """Where the compiling child pins what it loaded (bpffs names may not contain dots)."""
     return pin_dir.with_name(f"{pin_dir.name}-loading-{os.getpid()}")
+
+
+def remove_stale_staging(pin_dir: Path) -> list[Path]:
+    """Remove the staging directories of compiles whose process is gone (killed mid-load):
+    a program pinned only there filters nothing and would stay in bpffs forever."""
+    removed: list[Path] = []
+    parent, prefix = pin_dir.parent, f"{pin_dir.name}-loading-"
+    if not parent.is_dir():
+        return removed
+    for d in parent.iterdir():
+        pid = d.name[len(prefix) :]
+        if not (d.name.startswith(prefix) and pid.isdigit() and d.is_dir()):
+            continue
+        if int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        remove_pin_dir(d)
+        removed.append(d)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def upgrading_dir(pin_dir: Path) -> Path:
