@@ -105,7 +105,9 @@ def test_idle_connections_do_not_exhaust_descriptors(tmp_path: Path) -> None:
             assert health_s < 2 and add_s < 2, (health_s, add_s)
             time.sleep(max(0.0, 5 - (time.monotonic() - t0)))
         lines = log_since(srv, offset)
-        storm = [line for line in lines if STORM.search(line)]
+        # The accept storm only: the watchdog says once a second that it cannot list the
+        # attachments (no descriptor left), a separate message, bounded by its own period.
+        storm = [line for line in lines if STORM.search(line) and "xdpfw.watchdog" not in line]
         assert len(storm) <= 7, f"{len(storm)} accept-error lines in 5 s:\n" + "\n".join(
             storm[:20]
         )
@@ -125,7 +127,9 @@ def test_accept_error_storm_is_logged_once_a_second(tmp_path: Path) -> None:
             time.sleep(max(3.0, 6 - (time.monotonic() - t0)))
             lines = log_since(srv, offset)
         window = time.monotonic() - t0
-    storm = [line for line in lines if STORM.search(line)]
+    # The accept storm only: the watchdog says once a second that it cannot list the
+    # attachments (no descriptor left), a separate message, bounded by its own period.
+    storm = [line for line in lines if STORM.search(line) and "xdpfw.watchdog" not in line]
     assert storm, "no accept error logged: the storm did not happen"
     assert len(storm) <= window + 3, f"{len(storm)} lines in {window:.1f} s:\n" + "\n".join(
         storm[:20]
