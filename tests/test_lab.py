@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.traffic import udp_arrives
+from tests.traffic import no_leaked_labs, udp_arrives
 from xdpfw.kernel import netlink as nl
 from xdpfw.lab import VethLab, cleanup_stale, veth_lab
 
@@ -39,13 +39,8 @@ def _link_names() -> set[str]:
 
 @pytest.fixture(scope="module", autouse=True)
 def _no_leftovers() -> Iterator[None]:
-    cleanup_stale(PREFIX)  # leftovers of dead test runs only; parallel runs are kept
-    yield
-    mine = f"{PREFIX}-{os.getpid()}-"
-    leaked = [ns for ns in nl.netns_list() if ns.startswith(mine)]
-    for ns in leaked:
-        nl.netns_remove(ns)
-    assert not leaked, f"namespaces leaked by this test module: {leaked}"
+    with no_leaked_labs(PREFIX):
+        yield
 
 
 @pytest.fixture

@@ -7,14 +7,29 @@ bound in the root namespace; a dropped one does not.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
+from collections.abc import Iterator
 
 from xdpfw.kernel import netlink
-from xdpfw.lab import VethLab
+from xdpfw.lab import VethLab, cleanup_stale
 
-__all__ = ["send_raw", "udp_arrives", "udp_roundtrip"]
+__all__ = ["no_leaked_labs", "send_raw", "udp_arrives", "udp_roundtrip"]
+
+
+@contextlib.contextmanager
+def no_leaked_labs(prefix: str) -> Iterator[None]:
+    """Around a test module: remove labs of dead runs first, then fail on (and remove) any
+    namespace this process made under `prefix` and left behind."""
+    cleanup_stale(prefix)  # leftovers of dead test runs only; parallel runs are kept
+    yield
+    mine = f"{prefix}-{os.getpid()}-"
+    leaked = [ns for ns in netlink.netns_list() if ns.startswith(mine)]
+    for ns in leaked:
+        netlink.netns_remove(ns)
+    assert not leaked, f"namespaces leaked by this test module: {leaked}"
 
 
 def udp_roundtrip(
