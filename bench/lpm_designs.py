@@ -324,8 +324,10 @@ FRAMES4 = {
 }
 # What each design must answer (None: not judged, the design does not hold that kind).
 WANT4: dict[str, dict[str, int | None]] = {
-    "ref_hash": {"host_hit": XDP_DROP, "prefix_hit": None, "miss": XDP_PASS},
-    "ref_lpm": {"host_hit": None, "prefix_hit": XDP_DROP, "miss": XDP_PASS},
+    "ref_hash": {"host_hit": XDP_DROP, "prefix_hit": None, "prefix_hit_tbl8": None,
+                 "miss": XDP_PASS},
+    "ref_lpm": {"host_hit": None, "prefix_hit": XDP_DROP, "prefix_hit_tbl8": XDP_DROP,
+                "miss": XDP_PASS},
 }
 
 
@@ -570,8 +572,12 @@ def report(res: Mapping[str, Any]) -> str:
     lines.append("memlock (kernel's accounting, MiB): " + ", ".join(
         f"{k}: " + "+".join(f"{n} {v / 2**20:.1f}" for n, v in m.items())
         for k, m in last["memlock"].items()))
+    def judged(key: str) -> bool:  # runs before prefix_hit_tbl8 was in WANT4 judged it
+        prog, frame = key.split("/")
+        return WANT4.get(prog.removesuffix("_prealloc"), {}).get(frame, 0) is not None
+
     lines.append("verdicts all as expected: " + str(all(
-        ok for r in res["v4"]["sizes"] for ok in r["verdict_ok"].values())))
+        ok for r in res["v4"]["sizes"] for k, ok in r["verdict_ok"].items() if judged(k))))
     live = res["v4"].get("live")
     if live and "ns_per_packet" in live:
         lines.append("")
