@@ -29,7 +29,7 @@ class Holdings:
                 ) -> tuple[int, int, int]:
         """The source holds exactly these: (added, removed, unchanged) holdings."""
         old = self.held.get(source, {})
-        new = dict.fromkeys(codes, expires_at)
+        new: dict[int, float | None] = dict.fromkeys(codes, expires_at)
         self.held[source] = new
         return len(new.keys() - old.keys()), len(old.keys() - new.keys()), len(
             new.keys() & old.keys())
