@@ -499,8 +499,9 @@ class FirewallService:
 
     def add(self, new: NewRule) -> tuple[StoredRule, bool]:
         """Add a rule held by `new.source`. An identical one (match, action, mode) is not made
-        again: the source holds the existing one (a TTL given sets that holding's new expiry)
-        and it is returned, created=False."""
+        again: the source holds the existing one (a TTL given sets that holding's new expiry;
+        without one, a holding the source has stays as it is) and it is returned,
+        created=False."""
         with self.lock:  # the duplicate must not vanish before we read it back
             result = self.bulk_add([new])
             if result.added:
@@ -778,7 +779,7 @@ class FirewallService:
                     self.store.refresh(name, uniform[0], expiry(0))
                 else:
                     self.store.hold(name, ((rid, comment(i), now, expiry(i))
-                                           for rid, i in keep.items()))
+                                           for rid, i in keep.items()), exact=True)
                 _, orphans = self.store.release(name, drop) if drop else (0, [])
                 self.store.touch(name, now)
                 rules = [rule_from_code(rid, codes[i]) for i, rid in zip(fresh, ids, strict=True)]
