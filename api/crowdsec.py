@@ -58,6 +58,7 @@ __all__ = [
 log = logging.getLogger("xdpfw.crowdsec")
 
 STREAM_PATH = "/v1/decisions/stream"
+MANY_DELETES = 256  # a delta deleting more than this is applied as a full pull (one replace)
 SCOPES = "ip,range"  # the LAPI filters the stream to the scopes a firewall can enforce
 
 
@@ -245,7 +246,15 @@ class CrowdsecBouncer:
             self._failed("unreachable", str(exc))
             return self.backoff.next()
         try:
-            self._apply_full(answer) if full else self._apply_delta(answer)
+            if full:
+                self._apply_full(answer)
+            else:
+                full = self._apply_delta(answer)
+        except LapiError as exc:  # the full pull a big delta asked for
+            with self._lock:
+                self._lapi_errors += 1
+            self._failed("unreachable", str(exc))
+            return self.backoff.next()
         except XdpfwError as exc:  # a full table or disk: nothing half-done; resync next
             self._failed("failing", f"applying CrowdSec decisions failed: {exc}")
             return self.backoff.next()
@@ -297,7 +306,15 @@ class CrowdsecBouncer:
             len(bans), change.added, change.removed, change.unchanged,
         )  # fmt: skip
 
-    def _apply_delta(self, answer: StreamAnswer) -> None:
+    def _apply_delta(self, answer: StreamAnswer) -> bool:
+        """Apply a delta; True when it was applied as a full pull instead."""
+        if len(answer.deleted) > MANY_DELETES:  # one replace beats thousands of removes
+            log.info(
+                "CrowdSec bouncer: %d deletions in one delta: pulling every decision instead",
+                len(answer.deleted),
+            )
+            self._apply_full(self.client.pull(startup=True))
+            return True
         removed = 0
         for d in answer.deleted:  # first: a value deleted and banned again in one delta stays
             net = decision_network(d)
@@ -316,6 +333,7 @@ class CrowdsecBouncer:
                 "CrowdSec bouncer: %d ban(s) applied, %d removed, %d ignored",
                 added, removed, len(ignored) + len(refused),
             )  # fmt: skip
+        return False
 
     def _add(self, bans: Sequence[Ban]) -> tuple[int, list[tuple[Decision, Ignored]]]:
         """All at once; should one be refused (the exact address of a protected prefix or of
