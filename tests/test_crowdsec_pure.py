@@ -526,3 +526,24 @@ def test_healthz_and_metrics_report_the_bouncer(rig: Rig, tmp_path: Path) -> Non
         assert 'xdpfw_crowdsec_decisions_total{event="applied"} 1.0' in text
         assert "xdpfw_crowdsec_lapi_errors_total 1.0" in text
         assert "xdpfw_crowdsec_up 0.0" in text
+
+
+def test_xdpfw_status_shows_the_bouncer(rig: Rig) -> None:
+    from xdpfw.cli.client import Health
+    from xdpfw.cli.status import status_text
+
+    health: Health = {
+        "status": "ok", "prog_id": 7, "adopted": False, "rules": 3, "protected": [],
+        "interfaces": [], "capacity": {}, "crowdsec": None,
+    }  # fmt: skip
+    assert "crowdsec" not in status_text("http://x", health)
+    health["crowdsec"] = {
+        "lapi": "http://127.0.0.1:8080", "state": "unreachable",
+        "last_pull": "2026-12-01T23:00:00.000Z", "last_full_pull": None,
+        "last_error": "cannot reach the CrowdSec LAPI at http://127.0.0.1:8080: refused",
+        "consecutive_errors": 3, "lapi_errors": 3, "applied": 5, "deleted": 1, "ignored": 2,
+        "ignored_kinds": {"type captcha": 2},
+    }  # fmt: skip
+    text = status_text("http://x", health)
+    assert "crowdsec    unreachable  (http://127.0.0.1:8080)  last pull 2026-12-01T23:00:00" in text
+    assert "applied 5, deleted 1, ignored 2" in text and "cannot reach the CrowdSec LAPI" in text
