@@ -547,3 +547,18 @@ def test_xdpfw_status_shows_the_bouncer(rig: Rig) -> None:
     text = status_text("http://x", health)
     assert "crowdsec    unreachable  (http://127.0.0.1:8080)  last pull 2026-12-01T23:00:00" in text
     assert "applied 5, deleted 1, ignored 2" in text and "cannot reach the CrowdSec LAPI" in text
+
+
+def test_setup_installs_crowdsec_offline_for_tests_only() -> None:
+    """crowdsec is a test package; its offline credentials file is written before apt-get
+    installs it, and only when it is missing (the postinst fails offline without it)."""
+    from tests.test_readme import SETUP, setup_packages
+
+    assert "crowdsec" in setup_packages("test") and "crowdsec" not in setup_packages("run")
+    script = SETUP.read_text()
+    call = script.index('crowdsec_offline_credentials "${missing[@]}"')
+    assert script.index("crowdsec_offline_credentials() {") < call < script.index(
+        "apt-get -q -y"
+    )
+    body = script[script.index("crowdsec_offline_credentials() {"):call]
+    assert '[[ ! -s "$creds" ]]' in body and "online_api_credentials.yaml" in body
