@@ -562,3 +562,30 @@ def test_setup_installs_crowdsec_offline_for_tests_only() -> None:
     )
     body = script[script.index("crowdsec_offline_credentials() {"):call]
     assert '[[ ! -s "$creds" ]]' in body and "online_api_credentials.yaml" in body
+
+
+@pytest.mark.parametrize(
+    ("flags", "problem"),
+    [
+        (["--crowdsec-lapi", "http://127.0.0.1:9"], "needs --crowdsec-key-file"),
+        (["--crowdsec-lapi", "http://127.0.0.1:9", "--crowdsec-key-file", "{tmp}/none"],
+         "cannot read the CrowdSec bouncer key file"),
+    ],
+)
+def test_serve_refuses_a_bad_crowdsec_setup_before_loading_anything(
+    flags: list[str], problem: str, tmp_path: Path
+) -> None:
+    """A typo in the bouncer's flags ends `xdpfw serve` at once (exit 2, one clear line),
+    before any program is loaded or interface touched."""
+    import subprocess
+    import sys
+
+    xdpfw = str(Path(sys.executable).with_name("xdpfw"))
+    argv = [xdpfw, "serve", "--no-demo", "--state-dir", str(tmp_path / "state"),
+            "--bpffs-dir", str(tmp_path / "no-bpffs"),
+            *(f.format(tmp=tmp_path) for f in flags)]  # fmt: skip
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                       env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    assert problem in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "no-bpffs").exists()
