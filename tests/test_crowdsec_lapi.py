@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -21,7 +23,7 @@ import pytest
 
 from tests.conftest import unique_pin_dir
 from tests.crowdsec_lapi import Lapi, crowdsec_missing, private_lapi, system_crowdsec_pids
-from tests.server import Server, running_server
+from tests.server import XDPFW, Server, running_server
 from tests.traffic import no_leaked_labs, udp_arrives, udp_roundtrip
 
 pytestmark = [
@@ -99,6 +101,16 @@ def rule_packets(c: httpx.Client, rule_id: int) -> int:
     return packets
 
 
+def xdpfw(server: Server, *args: str) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XDPFW_")}
+    p = subprocess.run(
+        [XDPFW, "--api", server.url, "--state-dir", str(server.state_dir), *args],
+        capture_output=True, text=True, timeout=60, env={**env, "COLUMNS": "200"},
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    return p.stdout
+
+
 def v6_net(server: Server) -> str:
     return str(ipaddress.ip_interface(f"{server.lab.peer_ip6}/64").network)
 
@@ -121,6 +133,11 @@ def test_bans_drop_real_packets_within_one_interval_and_deletes_pass(
         assert udp_roundtrip(lab, count=10) == 0  # real packets dropped...
         assert rule_packets(c, rule["id"]) == 10  # ...and credited to the rule, exactly
         assert udp_arrives(lab, family=10)  # IPv6 untouched
+        # The README's "Verify" steps, through the real CLI.
+        listed = xdpfw(server, "rule", "ls", "--source", "crowdsec")
+        assert f"{lab.peer_ip4}/32" in listed and SCENARIO in listed
+        assert f"{lab.peer_ip4}/32" in xdpfw(server, "source", "show", "crowdsec")
+        assert f"crowdsec    ok  ({lapi.url})" in xdpfw(server, "status")
 
         lapi.add(range_=v6_net(server), duration="1h")
         wait_for("the IPv6 Range ban", lambda: not udp_arrives(lab, family=10, timeout=0.3),
