@@ -317,6 +317,8 @@ class CrowdsecBouncer:
             return True
         removed = 0
         for d in answer.deleted:  # first: a value deleted and banned again in one delta stays
+            if d.type.lower() != "ban":
+                continue  # a deleted captcha never made a rule: a ban of that value stays
             net = decision_network(d)
             if not isinstance(net, Ignored):
                 removed += self.svc.remove_where(src=net.with_prefixlen, source=SOURCE)

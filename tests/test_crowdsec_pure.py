@@ -455,6 +455,29 @@ def test_ban_over_a_protected_prefix_is_loaded_protection_wins(rig: Rig) -> None
     assert st.state == "ok" and st.applied == 4 and st.ignored == 0
 
 
+def test_a_deleted_captcha_leaves_the_ban_of_that_value(rig: Rig) -> None:
+    rig.lapi.stream(new=[d("198.51.100.1", 1), d("198.51.100.1", 2, kind="captcha")])
+    rig.bouncer.step()
+    rig.lapi.stream(deleted=[d("198.51.100.1", 2, kind="captcha", duration="-1s")])
+    rig.bouncer.step()
+    assert set(rig.held()) == {"198.51.100.1/32"}
+    assert rig.bouncer.status().deleted == 0
+
+
+def test_many_deletions_apply_as_one_full_pull(rig: Rig) -> None:
+    rig.lapi.stream(new=[d(f"10.0.{i // 256}.{i % 256}", i + 1) for i in range(400)])
+    rig.bouncer.step()
+    assert len(rig.held()) == 400
+    rig.lapi.stream(deleted=[d(f"10.0.{i // 256}.{i % 256}", i + 1, duration="-1s")
+                             for i in range(300)])  # fmt: skip
+    rig.lapi.stream(new=[d(f"10.0.{i // 256}.{i % 256}", i + 1) for i in range(300, 400)])
+    rig.bouncer.step()
+    assert rig.lapi.startups == [True, False, True]  # the delta, then a full pull at once
+    assert len(rig.held()) == 100
+    st = rig.bouncer.status()
+    assert (st.applied, st.deleted, st.last_full_pull) == (400, 300, st.last_pull)
+
+
 def test_a_rebanned_value_refreshes_its_ttl(rig: Rig) -> None:
     rig.lapi.stream(new=[d("198.51.100.1", 1, duration="10m")])
     rig.bouncer.step()
