@@ -69,6 +69,19 @@ crowdsec_offline_credentials() {
         fi
     done
 }
+
+# Under systemd the package enables and starts its own agent + LAPI (127.0.0.1:8080). The
+# tests run their own LAPI on a private config; a crowdsec installed by this script is not
+# left running (one installed before is left alone). Without systemd nothing was started.
+crowdsec_service_off() {
+    local pkg
+    for pkg in "$@"; do
+        [[ "$pkg" == crowdsec && -d /run/systemd/system ]] || continue
+        log "crowdsec: stopping and disabling the package's own service (the tests run theirs)"
+        systemctl disable --now crowdsec.service >/dev/null 2>&1 || true
+    done
+}
+
 declare -A installed=()
 while read -r pkg status; do
     [[ "$status" == installed ]] && installed[$pkg]=1
@@ -87,6 +100,7 @@ if ((${#missing[@]})); then
     apt-get -q -y -o DPkg::Lock::Timeout=300 -o Dpkg::Options::=--force-confdef \
         -o Dpkg::Options::=--force-confold install --no-install-recommends \
         "${missing[@]}" </dev/null >/dev/null
+    crowdsec_service_off "${missing[@]}"
 else
     log "debian packages present ($PROFILE)"
 fi
