@@ -11,8 +11,9 @@ values from source `crowdsec` first (`remove_where(src=..., source="crowdsec")`)
 refreshes its TTL. The mapping (ban only; Ip and Range; IPv4 and IPv6) is `xdpfw/crowdsec.py`.
 
 The LAPI going away changes nothing in the kernel: the rules stay (each until its own TTL), the
-pulls are retried with backoff (1 s doubling to 60 s), `/healthz` says `crowdsec.state:
-"unreachable"` with the error, and `xdpfw_crowdsec_lapi_errors_total` counts the failures.
+pulls are retried with backoff (1 s doubling to 60 s, or to 6 intervals if shorter), `/healthz`
+says `crowdsec.state: "unreachable"` with the error, and `xdpfw_crowdsec_lapi_errors_total`
+counts the failures.
 """
 
 from __future__ import annotations
@@ -188,7 +189,11 @@ class CrowdsecBouncer:
         self.client = client
         self.interval = interval
         self.resync = resync
-        self.backoff = backoff or Backoff(first=1.0, cap=60.0)
+        # 1 s doubling to 60 s, or to 6 intervals when that is shorter (a short interval asks
+        # for a quick return once the LAPI is back).
+        self.backoff = backoff or Backoff(
+            first=min(1.0, interval), cap=max(min(60.0, 6 * interval), min(1.0, interval))
+        )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # the counters below, read by /healthz and /metrics

@@ -615,3 +615,16 @@ def test_serve_refuses_a_bad_crowdsec_setup_before_loading_anything(
     assert r.returncode == 2, r.stderr
     assert problem in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "no-bpffs").exists()
+
+
+@pytest.mark.parametrize(("interval", "waits"), [
+    (10.0, [1, 2, 4, 8, 16, 32, 60, 60]),
+    (1.0, [1, 2, 4, 6, 6]),
+    (0.5, [0.5, 1, 2, 3, 3]),
+])  # fmt: skip
+def test_default_backoff_follows_the_interval(
+    rig: Rig, interval: float, waits: list[float]
+) -> None:
+    bouncer = CrowdsecBouncer(rig.svc, rig.bouncer.client, interval=interval)
+    bouncer.backoff.jitter = 0.0
+    assert [bouncer.backoff.next() for _ in waits] == waits
