@@ -42,6 +42,8 @@ TEST_PACKAGES=(
     "${RUN_PACKAGES[@]}" python3-pip bpfcc-tools xdp-tools bpftool netsniff-ng nftables ipset
     iptables tcpdump
 )
+# crowdsec: the real LAPI and cscli the CrowdSec bouncer tests run on a private config dir.
+TEST_PACKAGES+=(crowdsec)
 if [[ "$PROFILE" == run ]]; then
     PACKAGES=("${RUN_PACKAGES[@]}")
 else
@@ -53,6 +55,33 @@ if ((print_only)); then
 fi
 
 # --- Debian packages ---------------------------------------------------------------
+# crowdsec's postinst registers with CrowdSec's online API and fails without the internet,
+# unless online_api_credentials.yaml already exists and is not empty: then it configures
+# offline (the tests run their own LAPI on loopback; nothing here talks to the internet).
+crowdsec_offline_credentials() {
+    local pkg creds=/etc/crowdsec/online_api_credentials.yaml
+    for pkg in "$@"; do
+        [[ "$pkg" == crowdsec ]] || continue
+        if [[ ! -s "$creds" ]]; then
+            log "crowdsec: writing $creds (a comment) so its postinst configures offline"
+            mkdir -p /etc/crowdsec
+            echo "# xdpfw setup: no online API (offline install; see scripts/setup.sh)" >"$creds"
+        fi
+    done
+}
+
+# Under systemd the package enables and starts its own agent + LAPI (127.0.0.1:8080). The
+# tests run their own LAPI on a private config; a crowdsec installed by this script is not
+# left running (one installed before is left alone). Without systemd nothing was started.
+crowdsec_service_off() {
+    local pkg
+    for pkg in "$@"; do
+        [[ "$pkg" == crowdsec && -d /run/systemd/system ]] || continue
+        log "crowdsec: stopping and disabling the package's own service (the tests run theirs)"
+        systemctl disable --now crowdsec.service >/dev/null 2>&1 || true
+    done
+}
+
 declare -A installed=()
 while read -r pkg status; do
     [[ "$status" == installed ]] && installed[$pkg]=1
@@ -66,10 +95,12 @@ if ((${#missing[@]})); then
         die "missing packages (${missing[*]}); run this as root, or with sudo (sudo make $PROFILE)"
     export DEBIAN_FRONTEND=noninteractive APT_LISTCHANGES_FRONTEND=none NEEDRESTART_MODE=a
     log "installing ${missing[*]}"
+    crowdsec_offline_credentials "${missing[@]}"
     apt-get -q -o DPkg::Lock::Timeout=300 update </dev/null >/dev/null
     apt-get -q -y -o DPkg::Lock::Timeout=300 -o Dpkg::Options::=--force-confdef \
         -o Dpkg::Options::=--force-confold install --no-install-recommends \
         "${missing[@]}" </dev/null >/dev/null
+    crowdsec_service_off "${missing[@]}"
 else
     log "debian packages present ($PROFILE)"
 fi

@@ -108,6 +108,7 @@ PAIRS: dict[type, str] = {
     client.Interface: "InterfaceOut",
     client.TableUsage: "TableUsage",
     client.Health: "HealthOut",
+    client.CrowdsecHealth: "CrowdsecHealthOut",  # issue 14: CrowdSec
     # issue 13: sources
     client.Source: "SourceOut",
     client.SourceDetail: "SourceDetailOut",

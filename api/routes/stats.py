@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from api.crowdsec import CrowdsecBouncer
 from api.deps import AUTH_RESPONSES, ERROR_RESPONSES, ReadAccess, ServiceDep
 from api.models import RuleStatOut, StatsOut, TotalsOut, iso
 from api.service import FirewallService
@@ -83,15 +84,27 @@ class _Collector(Collector):
         yield reattached
 
 
+class _Families(Collector):
+    def __init__(self, families: Callable[[], Iterable[Metric]]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.families()
+
+
 @metrics_router.get(
     "/metrics",
     dependencies=[ReadAccess],
     response_class=Response,
     responses={200: {"content": {"text/plain": {}}, "description": "Prometheus exposition"}},
 )
-def metrics(svc: ServiceDep) -> Response:
+def metrics(svc: ServiceDep, request: Request) -> Response:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector(svc))
+    # -- CrowdSec bouncer (api/crowdsec.py), when it runs --
+    bouncer: CrowdsecBouncer | None = getattr(request.app.state, "crowdsec", None)
+    if bouncer is not None:
+        registry.register(_Families(bouncer.metrics))
     body = generate_latest(registry) + _rule_metrics(svc)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
