@@ -14,8 +14,9 @@ Families (the README's "Prometheus and Grafana" lists them with examples):
   readers neither wait for the service's write lock nor block a writer; recomputed only when
   the database changed): `xdpfw_rules{action,mode,source}` (holdings: a rule two sources hold
   counts once in each), `xdpfw_rules_expiring{source}` (holdings with a TTL),
-  `xdpfw_source_packets_total{source}`, `xdpfw_source_bytes_total{source}` (from
-  `FirewallService.sources()`; see `SourceCounters` for how they stay monotonic).
+  `xdpfw_source_packets_total{source}`, `xdpfw_source_bytes_total{source}` (the sums
+  `FirewallService.sources()` makes, from the holdings that connection reads and one read
+  of the counter arrays; `SourceCounters` keeps them monotonic).
 - per rule, the `XDPFW_METRICS_TOP_RULES` busiest rules only (default 100, 0: none; one
   series per rule and counter is 2M series at a million rules, not scrapeable):
   `xdpfw_rule_packets_total{rule_id}`, `xdpfw_rule_bytes_total{rule_id}`.
@@ -32,12 +33,14 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from api.ports import CounterArrays
 from xdpfw import __version__, abi
 
 if TYPE_CHECKING:
@@ -51,6 +54,7 @@ __all__ = [
     "RuleSummary",
     "RuleSummaryReader",
     "SourceCounters",
+    "source_sums",
 ]
 
 # verdict label -> counter: the partition of every frame (passed + dropped = packets).
@@ -67,27 +71,31 @@ DEFAULT_TOP_RULES = 100
 
 @dataclass(frozen=True)
 class RuleSummary:
-    """Holdings by (action, mode, source), and those with an expiry by source."""
+    """Holdings by (action, mode, source), those with an expiry by source, and the rule ids
+    each source holds (sorted; every known source, also one that holds nothing)."""
 
     rules: dict[tuple[str, str, str], int]
     expiring: dict[str, int]
+    held: dict[str, np.ndarray[Any, np.dtype[np.uint32]]]
 
 
 # Schema v2 (api/store.py): a rule is held by sources (`holdings`), each holding with its own
-# expiry. Version 1 had no holdings: every rule was the API's, its expiry on the rule.
+# expiry; `sources` lists every source, also one whose holdings all went.
 _BY_HOLDING = (
     "SELECT r.action, r.mode, h.source, COUNT(*), COUNT(h.expires_at)"
     " FROM holdings h JOIN rules r ON r.id = h.rule_id GROUP BY r.action, r.mode, h.source"
 )
-_BY_RULE = "SELECT action, mode, 'api', COUNT(*), COUNT(expires_at) FROM rules GROUP BY 1, 2"
+_HELD = "SELECT source, rule_id FROM holdings ORDER BY source, rule_id"
+_SOURCES = "SELECT name FROM sources"
 
 
 class RuleSummaryReader:
-    """Counts rules in the database file through a read-only connection of its own.
+    """Reads rules and holdings from the database file through a read-only connection.
 
     SQLite in WAL mode lets a reader see the last committed state while a writer works, so a
-    scrape during a million-rule load neither waits for it nor slows it. The counts are
-    computed again only when `PRAGMA data_version` says another connection committed.
+    scrape during a million-rule load neither waits for the service's lock nor slows the
+    load. The database is read again only when `PRAGMA data_version` says another connection
+    committed since the last scrape.
     """
 
     def __init__(self, path: Path) -> None:
@@ -95,7 +103,7 @@ class RuleSummaryReader:
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
         self._version: int | None = None
-        self._last = RuleSummary({}, {})
+        self._last = RuleSummary({}, {}, {})
 
     def _connect(self) -> sqlite3.Connection:
         if self._db is None:
@@ -110,14 +118,28 @@ class RuleSummaryReader:
             version = int(db.execute("PRAGMA data_version").fetchone()[0])
             if version == self._version:
                 return self._last
-            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
-            rows = db.execute(_BY_HOLDING if "holdings" in tables else _BY_RULE).fetchall()
+            db.execute("BEGIN")  # one snapshot for the three reads
+            try:
+                rows = db.execute(_BY_HOLDING).fetchall()
+                pairs = db.execute(_HELD).fetchall()
+                names = [n for (n,) in db.execute(_SOURCES)]
+            finally:
+                db.execute("COMMIT")
             rules: dict[tuple[str, str, str], int] = {}
-            expiring: dict[str, int] = {}
+            expiring: dict[str, int] = dict.fromkeys(names, 0)
             for action, mode, source, n, with_ttl in rows:
                 rules[(action, mode, source)] = n
                 expiring[source] = expiring.get(source, 0) + with_ttl
-            self._last, self._version = RuleSummary(rules, expiring), version
+            held: dict[str, np.ndarray[Any, np.dtype[np.uint32]]] = {}
+            ids = np.fromiter((rid for _, rid in pairs), dtype=np.uint32, count=len(pairs))
+            start = 0
+            for i in range(1, len(pairs) + 1):
+                if i == len(pairs) or pairs[i][0] != pairs[start][0]:
+                    held[pairs[start][0]] = ids[start:i]
+                    start = i
+            for name in names:
+                held.setdefault(name, np.empty(0, dtype=np.uint32))
+            self._last, self._version = RuleSummary(rules, expiring, held), version
             return self._last
 
     def close(self) -> None:
@@ -125,6 +147,25 @@ class RuleSummaryReader:
             if self._db is not None:
                 self._db.close()
                 self._db = None
+
+
+def source_sums(
+    held: dict[str, np.ndarray[Any, np.dtype[np.uint32]]], arrays: CounterArrays
+) -> list[tuple[str, int, int]]:
+    """(source, packets, bytes): the counters of each source's rules summed, as
+    `FirewallService.sources()` sums them (a rule two sources hold counts in both)."""
+    ids, packets, nbytes, _ = arrays
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+    out = []
+    for name, want in sorted(held.items()):
+        if not len(want) or not len(sorted_ids):
+            out.append((name, 0, 0))
+            continue
+        pos = np.minimum(np.searchsorted(sorted_ids, want), len(sorted_ids) - 1)
+        sel = order[pos[sorted_ids[pos] == want]]
+        out.append((name, int(packets[sel].sum()), int(nbytes[sel].sum())))
+    return out
 
 
 class SourceCounters:
@@ -254,28 +295,26 @@ class _Collector(Collector):
 
     def rules(self) -> Iterator[Metric]:
         reader = self.summary
-        if reader is not None:
-            summary = reader.read()
-            rules = GaugeMetricFamily(
-                "xdpfw_rules",
-                "Rules by action, mode and source (a rule two sources hold counts in each; "
-                "the kernel's count is xdpfw_table_entries{table=\"rules\"})",
-                labels=["action", "mode", "source"],
-            )
-            for (action, mode, source), n in sorted(summary.rules.items()):
-                rules.add_metric([action, mode, source], n)
-            yield rules
-            expiring = GaugeMetricFamily(
-                "xdpfw_rules_expiring", "Rules of each source that have a TTL", labels=["source"]
-            )
-            for source, n in sorted(summary.expiring.items()):
-                expiring.add_metric([source], n)
-            yield expiring
-        sources = getattr(self.svc, "sources", None)
-        if sources is None:
+        if reader is None:
             return
-        summaries = sources()
-        exposed = self.source_counters.update((s.name, s.packets, s.bytes) for s in summaries)
+        summary = reader.read()
+        rules = GaugeMetricFamily(
+            "xdpfw_rules",
+            "Rules by action, mode and source (a rule two sources hold counts in each; "
+            "the kernel's count is xdpfw_table_entries{table=\"rules\"})",
+            labels=["action", "mode", "source"],
+        )
+        for (action, mode, source), n in sorted(summary.rules.items()):
+            rules.add_metric([action, mode, source], n)
+        yield rules
+        expiring = GaugeMetricFamily(
+            "xdpfw_rules_expiring", "Rules of each source that have a TTL", labels=["source"]
+        )
+        for source, n in sorted(summary.expiring.items()):
+            expiring.add_metric([source], n)
+        yield expiring
+        sums = source_sums(summary.held, self.svc.counter_arrays())
+        exposed = self.source_counters.update(sums)
         packets = CounterMetricFamily(
             "xdpfw_source_packets",
             "Packets credited to the rules of a source (a rule two sources hold credits both)",

@@ -72,6 +72,7 @@ def metric_names(expr: str) -> set[str]:
     return {w for w in words if w not in PROMQL_WORDS and not re.fullmatch(r"\d+[smhdwy]?", w)}
 
 
+@pytest.mark.pure
 def test_metric_names_parser() -> None:
     assert metric_names(
         'sum by (job, instance) (rate(xdpfw_frames_total{verdict="drop"}[5m])) / on (job) '
@@ -168,7 +169,8 @@ def test_dashboard_is_valid_and_reads_only_known_names() -> None:
     assert {"xdpfw_interface_attached", "xdpfw:source_packets:rate5m",
             "xdpfw:rule_packets:rate5m"} <= names
     # Names from the service: those the pure /metrics exposes (the e2e test checks a real one).
-    assert names <= recorded() | pure_exposition_names(), names - recorded()
+    known = recorded() | pure_exposition_names()
+    assert names <= known, names - known
 
 
 def pure_exposition_names() -> set[str]:
@@ -180,6 +182,7 @@ def pure_exposition_names() -> set[str]:
         a = _api(Path(d) / "rules.sqlite3")
         try:
             a.client.post("/v1/rules", json={"src": "198.18.0.1"})
+            a.client.post("/v1/interfaces", json={"name": "eth0", "mode": "generic"})
             return exposed_names(a.client.get("/metrics").text)
         finally:
             a.store.close()
@@ -243,6 +246,47 @@ def test_attachment_rules_and_expiries(api: Any) -> None:
 
 
 @pytest.mark.pure
+def test_sources_rules_and_counters(api: Any) -> None:
+    """Per source: holdings by action/mode, expiries, and packets/bytes equal to what
+    /v1/sources sums; a shared rule counts in both; a rule leaving never lowers a counter."""
+    c = api.client
+    a = c.post("/v1/rules", json={"src": "198.18.2.1", "source": "f2b-sshd", "ttl_seconds": 60})
+    b = c.post("/v1/rules", json={"src": "198.18.2.2", "source": "f2b-sshd"})
+    shared = c.post("/v1/rules", json={"src": "198.18.2.3", "source": "crowdsec"})
+    assert c.post("/v1/rules", json={"src": "198.18.2.3", "source": "f2b-sshd"}).status_code == 200
+    ids = [r.json()["id"] for r in (a, b, shared)]
+    for rid, n in zip(ids, (100, 20, 3), strict=True):
+        api.dp.hit(rid, n, n * 60)
+    text = c.get("/metrics").text
+    assert samples(text, "xdpfw_rules") == {
+        '{action="drop",mode="enforce",source="crowdsec"}': 1.0,
+        '{action="drop",mode="enforce",source="f2b-sshd"}': 3.0,
+    }
+    assert samples(text, "xdpfw_rules_expiring") == {
+        '{source="crowdsec"}': 0.0, '{source="f2b-sshd"}': 1.0}
+    want = {s["name"]: s for s in c.get("/v1/sources").json()}
+    assert samples(text, "xdpfw_source_packets_total") == {
+        f'{{source="{n}"}}': float(want[n]["packets"]) for n in want} == {
+        '{source="crowdsec"}': 3.0, '{source="f2b-sshd"}': 123.0}
+    assert samples(text, "xdpfw_source_bytes_total") == {
+        f'{{source="{n}"}}': float(want[n]["bytes"]) for n in want}
+
+    assert c.request("DELETE", "/v1/rules", params={"src": "198.18.2.1"}).status_code == 200
+    api.dp.hit(ids[1], 5, 300)  # the rule with 100 packets left; another got 5 more
+    text = c.get("/metrics").text
+    assert c.get("/v1/sources/f2b-sshd").json()["packets"] == 28  # the raw sum fell
+    assert samples(text, "xdpfw_source_packets_total")['{source="f2b-sshd"}'] == 123.0
+    api.dp.hit(ids[1], 7, 420)
+    text = c.get("/metrics").text
+    assert samples(text, "xdpfw_source_packets_total")['{source="f2b-sshd"}'] == 130.0
+    assert c.delete("/v1/sources/f2b-sshd").status_code == 200
+    text = c.get("/metrics").text
+    assert samples(text, "xdpfw_rules") == {
+        '{action="drop",mode="enforce",source="crowdsec"}': 1.0}
+    assert set(samples(text, "xdpfw_source_packets_total")) == {'{source="crowdsec"}'}
+
+
+@pytest.mark.pure
 def test_per_rule_series_only_for_the_busiest(tmp_path: Path) -> None:
     from api.app import create_app
     from api.settings import Settings
@@ -302,7 +346,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, str
     n = 15
     tmp = tmp_path_factory.mktemp("prom")
     with running_server(tmp, unique_pin_dir("prom")) as srv, srv.client() as c:
-        r = c.post("/v1/rules", json={"src": srv.lab.peer_ip4, "ttl_seconds": 3600})
+        r = c.post("/v1/rules", json={"src": srv.lab.peer_ip4, "ttl_seconds": 3600,
+                                      "source": "f2b-prom"})
         assert r.status_code == 201, r.text
         c.post("/v1/rules", json={"src": "198.18.250.0/24", "mode": "monitor"})
         assert udp_roundtrip(srv.lab, count=n) == 0
@@ -348,4 +393,7 @@ def test_live_counters_partition_the_frames(live: tuple[Server, str, int]) -> No
     assert labels in (f'{{interface="{srv.lab.host_if}",mode="{m}"}}' for m in modes)
     packets = samples(text, "xdpfw_rule_packets_total")
     assert n in packets.values()
-    assert samples(text, "xdpfw_rules_expiring") == {'{source="api"}': 1.0}
+    assert samples(text, "xdpfw_rules_expiring") == {'{source="api"}': 0.0,
+                                                     '{source="f2b-prom"}': 1.0}
+    assert samples(text, "xdpfw_source_packets_total") == {'{source="api"}': 0.0,
+                                                           '{source="f2b-prom"}': float(n)}
