@@ -42,6 +42,11 @@ TEST_PACKAGES=(
     "${RUN_PACKAGES[@]}" python3-pip bpfcc-tools xdp-tools bpftool netsniff-ng nftables ipset
     iptables tcpdump
 )
+# issue 14 (observe): the partner programs of tests/test_fail2ban.py (fail2ban-server,
+# fail2ban-client) and tests/test_prometheus.py (promtool, from prometheus). The tests start
+# their own instances; the daemons these packages start when installed are stopped below.
+PARTNER_DAEMONS=(fail2ban prometheus)
+TEST_PACKAGES+=("${PARTNER_DAEMONS[@]}")
 if [[ "$PROFILE" == run ]]; then
     PACKAGES=("${RUN_PACKAGES[@]}")
 else
@@ -70,6 +75,17 @@ if ((${#missing[@]})); then
     apt-get -q -y -o DPkg::Lock::Timeout=300 -o Dpkg::Options::=--force-confdef \
         -o Dpkg::Options::=--force-confold install --no-install-recommends \
         "${missing[@]}" </dev/null >/dev/null
+    # A package's postinst starts its daemon (fail2ban would ban with Debian's sshd jail,
+    # prometheus would listen on :9090): stop and disable those this run installed.
+    for pkg in "${missing[@]}"; do
+        for daemon in "${PARTNER_DAEMONS[@]}"; do
+            if [[ "$pkg" == "$daemon" ]] && [[ -d /run/systemd/system ]]; then
+                log "stopping and disabling the $daemon service the package started" \
+                    "(the tests run their own)"
+                systemctl disable --now "$daemon" >/dev/null 2>&1 || true
+            fi
+        done
+    done
 else
     log "debian packages present ($PROFILE)"
 fi
