@@ -80,12 +80,13 @@ class RuleSummary:
 
 
 # Schema v2 (api/store.py): a rule is held by sources (`holdings`), each holding with its own
-# expiry; `sources` lists every source, also one whose holdings all went.
+# expiry; `sources` lists every source, also one whose holdings all went (and a holding's
+# source is always listed there: api/store.py writes both in one transaction).
 _BY_HOLDING = (
     "SELECT r.action, r.mode, h.source, COUNT(*), COUNT(h.expires_at)"
     " FROM holdings h JOIN rules r ON r.id = h.rule_id GROUP BY r.action, r.mode, h.source"
 )
-_HELD = "SELECT source, rule_id FROM holdings ORDER BY source, rule_id"
+_HELD = "SELECT rule_id FROM holdings WHERE source=? ORDER BY rule_id"
 _SOURCES = "SELECT name FROM sources"
 
 
@@ -118,11 +119,11 @@ class RuleSummaryReader:
             version = int(db.execute("PRAGMA data_version").fetchone()[0])
             if version == self._version:
                 return self._last
-            db.execute("BEGIN")  # one snapshot for the three reads
+            db.execute("BEGIN")  # one snapshot for every read
             try:
                 rows = db.execute(_BY_HOLDING).fetchall()
-                pairs = db.execute(_HELD).fetchall()
                 names = [n for (n,) in db.execute(_SOURCES)]
+                held = {name: self._held(db, name) for name in names}
             finally:
                 db.execute("COMMIT")
             rules: dict[tuple[str, str, str], int] = {}
@@ -130,17 +131,14 @@ class RuleSummaryReader:
             for action, mode, source, n, with_ttl in rows:
                 rules[(action, mode, source)] = n
                 expiring[source] = expiring.get(source, 0) + with_ttl
-            held: dict[str, np.ndarray[Any, np.dtype[np.uint32]]] = {}
-            ids = np.fromiter((rid for _, rid in pairs), dtype=np.uint32, count=len(pairs))
-            start = 0
-            for i in range(1, len(pairs) + 1):
-                if i == len(pairs) or pairs[i][0] != pairs[start][0]:
-                    held[pairs[start][0]] = ids[start:i]
-                    start = i
-            for name in names:
-                held.setdefault(name, np.empty(0, dtype=np.uint32))
             self._last, self._version = RuleSummary(rules, expiring, held), version
             return self._last
+
+    @staticmethod
+    def _held(db: sqlite3.Connection, name: str) -> np.ndarray[Any, np.dtype[np.uint32]]:
+        """One source's rule ids, in id order (the primary key's order: no sort)."""
+        cur = db.execute(_HELD, (name,))
+        return np.fromiter((rid for (rid,) in cur), dtype=np.uint32)
 
     def close(self) -> None:
         with self._lock:

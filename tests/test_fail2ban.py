@@ -207,6 +207,18 @@ def test_permanent_ban_has_no_ttl(lab: tuple[Server, Fail2ban]) -> None:
     rule = banned(srv, f"f2b-{PERM}", addr)
     assert rule is not None and rule["expires_at"] is None
 
+    # A rule already gone when fail2ban unbans (its TTL ended it, or a person removed it):
+    # the unban succeeds quietly (test_stop_flushes_every_source finds no ERROR in the log).
+    gone = "198.18.77.8"
+    f2b.client("set", PERM, "banip", gone)
+    wait_for("the second ban", lambda: banned(srv, f"f2b-{PERM}", gone) is not None)
+    with srv.client() as c:
+        r = c.request("DELETE", "/v1/rules", params={"src": gone, "source": f"f2b-{PERM}"})
+        assert r.status_code == 200 and r.json()["removed"] == 1
+    f2b.client("set", PERM, "unbanip", gone)
+    wait_for("the unban", lambda: gone not in f2b.client("status", PERM))
+    assert banned(srv, f"f2b-{PERM}", addr) is not None
+
 
 def failed_logins(addr: str, n: int) -> str:
     stamp = time.strftime("%b %d %H:%M:%S")
