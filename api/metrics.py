@@ -54,6 +54,7 @@ __all__ = [
     "RuleSummary",
     "RuleSummaryReader",
     "SourceCounters",
+    "busiest",
     "source_sums",
 ]
 
@@ -346,20 +347,39 @@ class Exposition:
         return generate_latest(self.registry) + self.rule_text()
 
     def rule_text(self) -> bytes:
-        """The busiest `top_rules` rules' counters, in the text format prometheus-client
-        writes, straight from the counter arrays (cheap for any N)."""
+        """The busiest `top_rules` rules' counters (most packets first, ties: lower id
+        first, as /v1/stats ranks them), in the text format prometheus-client writes,
+        straight from the counter arrays: no object per rule, whatever N is."""
         if self.top_rules <= 0:
             return b""
-        ranked = self.svc.top_counters(self.top_rules)
+        ids, packets, nbytes, _ = self.svc.counter_arrays()
+        pick = busiest(ids, packets, self.top_rules)
+        labels = [f'{{rule_id="{rid}"}} ' for rid in ids[pick].tolist()]
         out = []
-        for name, doc, field in (
+        for name, doc, values in (
             ("xdpfw_rule_packets_total", "Packets credited to a rule (the busiest rules)",
-             "packets"),
-            ("xdpfw_rule_bytes_total", "Bytes credited to a rule (the busiest rules)", "bytes"),
+             packets),
+            ("xdpfw_rule_bytes_total", "Bytes credited to a rule (the busiest rules)", nbytes),
         ):
             out.append(f"# HELP {name} {doc}\n# TYPE {name} counter\n")
             out.extend(
-                f'{name}{{rule_id="{rid}"}} {float(getattr(c, field))!r}\n' for rid, c in ranked
+                f"{name}{label}{float(v)!r}\n"
+                for label, v in zip(labels, values[pick].tolist(), strict=True)
             )
         return "".join(out).encode()
 
+
+def busiest(
+    ids: np.ndarray[Any, np.dtype[np.uint32]], packets: np.ndarray[Any, np.dtype[np.uint64]],
+    n: int,
+) -> np.ndarray[Any, np.dtype[np.intp]]:
+    """Indices of the n rules with the most packets, ties broken by the lower id, in that
+    order. A partition first, so a million rules cost no full sort for n = 100."""
+    down = ~packets  # uint64: ascending ~packets is descending packets
+    if n < len(ids):
+        cut = np.partition(down, n - 1)[n - 1]
+        cand = np.flatnonzero(down <= cut)  # every rule tied with the n-th one stays in
+    else:
+        cand = np.arange(len(ids))
+    order = cand[np.lexsort((ids[cand], down[cand]))]
+    return order[:n]

@@ -397,3 +397,20 @@ def test_live_counters_partition_the_frames(live: tuple[Server, str, int]) -> No
                                                      '{source="f2b-prom"}': 1.0}
     assert samples(text, "xdpfw_source_packets_total") == {'{source="api"}': 0.0,
                                                            '{source="f2b-prom"}': float(n)}
+
+
+@pytest.mark.pure
+def test_busiest_ranks_as_stats_does() -> None:
+    """Most packets first, ties by the lower id, exact at the cut (many ties there)."""
+    import numpy as np
+
+    from api.metrics import busiest
+
+    rng = np.random.default_rng(7)
+    ids = rng.permutation(np.arange(1, 5001, dtype=np.uint32))
+    packets = rng.integers(0, 20, size=5000).astype(np.uint64)  # heavy ties
+    for n in (1, 10, 100, 4999, 5000, 6000):
+        got = [(int(packets[i]), int(ids[i])) for i in busiest(ids, packets, n)]
+        pairs = zip(packets.tolist(), ids.tolist(), strict=True)
+        want = sorted(pairs, key=lambda t: (-t[0], t[1]))[:n]
+        assert got == want, n
