@@ -22,7 +22,9 @@ Families (the README's "Prometheus and Grafana" lists them with examples):
   `xdpfw_rule_packets_total{rule_id}`, `xdpfw_rule_bytes_total{rule_id}`.
 - the process: whatever prometheus_client's default registry holds (its process, platform and
   GC collectors, and any collector another part of the service registers there), plus the
-  collectors added with `Exposition.register`.
+  collectors added with `Exposition.register`, plus the families of the optional parts on
+  app.state named in `PARTS` (`app.state.crowdsec.metrics()`: the bouncer's
+  `xdpfw_crowdsec_*`, which deploy/prometheus/alerts.yml reads).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
@@ -49,8 +51,10 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_TOP_RULES",
     "FLAGS",
+    "PARTS",
     "VERDICTS",
     "Exposition",
+    "Part",
     "RuleSummary",
     "RuleSummaryReader",
     "SourceCounters",
@@ -329,6 +333,33 @@ class _Collector(Collector):
         yield nbytes
 
 
+class _Registry(Collector):
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.registry.collect()
+
+
+class Part(Protocol):
+    """An optional part of the service with Prometheus families of its own."""
+
+    def metrics(self) -> Iterable[Metric]: ...
+
+
+class _Part(Collector):
+    def __init__(self, part: Part) -> None:
+        self.part = part
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.part.metrics()
+
+
+# The attributes of app.state that hold optional parts of the service with families of their
+# own (`metrics()`): the CrowdSec bouncer (api/crowdsec.py, issue 14) when it runs.
+PARTS = ("crowdsec",)
+
+
 class Exposition:
     """What `GET /metrics` answers for one service (one per app)."""
 
@@ -343,8 +374,17 @@ class Exposition:
         """Add a collector of another part of the service (a bouncer's counters...)."""
         self.registry.register(collector)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry) + self.rule_text()
+    def render(self, parts: Iterable[Part | None] = ()) -> bytes:
+        """The exposition; `parts`: objects of optional parts of the service running in this
+        process (app.state.crowdsec...), each with a `metrics()` yielding its families."""
+        registry = self.registry
+        extra = [p for p in parts if p is not None]
+        if extra:
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(_Registry(self.registry))
+            for part in extra:
+                registry.register(_Part(part))
+        return generate_latest(registry) + self.rule_text()
 
     def rule_text(self) -> bytes:
         """The busiest `top_rules` rules' counters (most packets first, ties: lower id

@@ -20,7 +20,7 @@ import subprocess
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import yaml
@@ -414,3 +414,36 @@ def test_busiest_ranks_as_stats_does() -> None:
         pairs = zip(packets.tolist(), ids.tolist(), strict=True)
         want = sorted(pairs, key=lambda t: (-t[0], t[1]))[:n]
         assert got == want, n
+
+
+@pytest.mark.pure
+def test_optional_parts_add_their_families(api: Any) -> None:
+    """A part of the service on app.state (the CrowdSec bouncer: app.state.crowdsec) adds
+    its families to /metrics while it is there."""
+    from prometheus_client.core import CounterMetricFamily
+
+    class Bouncer:
+        def metrics(self) -> Any:
+            yield CounterMetricFamily("xdpfw_crowdsec_pull_errors", "errors", value=3)
+
+    app = api.client.app
+    assert api.client.post("/v1/rules", json={"src": "198.18.3.1"}).status_code == 201
+    assert "xdpfw_crowdsec" not in api.client.get("/metrics").text
+    app.state.crowdsec = Bouncer()
+    try:
+        text = api.client.get("/metrics").text
+        assert samples(text, "xdpfw_crowdsec_pull_errors_total") == {"": 3.0}
+        assert samples(text, "xdpfw_frames_total")  # everything else stays
+        assert samples(text, "xdpfw_rule_packets_total")
+    finally:
+        del app.state.crowdsec
+
+
+@pytest.mark.pure
+def test_the_bouncer_exposes_what_the_crowdsec_alert_reads() -> None:
+    """The contract with api/crowdsec.py (issue 14's CrowdSec part): the alert
+    XdpfwCrowdsecPullsFailing reads these two names. Skipped until that module exists."""
+    crowdsec = pytest.importorskip("api.crowdsec")
+    bouncer = crowdsec.CrowdsecBouncer(cast(Any, None), cast(Any, None))
+    names = {s.name for family in bouncer.metrics() for s in family.samples}
+    assert names >= BOUNCER_METRICS, names

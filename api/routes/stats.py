@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from api.deps import AUTH_RESPONSES, ERROR_RESPONSES, ReadAccess, ServiceDep
-from api.metrics import Exposition
+from api.metrics import PARTS, Exposition
 from api.models import RuleStatOut, StatsOut, TotalsOut, iso
 
 __all__ = ["metrics_router", "router"]
@@ -44,4 +44,5 @@ def stats(
 def metrics(request: Request) -> Response:
     """Prometheus exposition (the families: api/metrics.py, README "Prometheus and Grafana")."""
     exposition: Exposition = request.app.state.metrics
-    return Response(exposition.render(), media_type=CONTENT_TYPE_LATEST)
+    parts = [getattr(request.app.state, name, None) for name in PARTS]
+    return Response(exposition.render(parts), media_type=CONTENT_TYPE_LATEST)
