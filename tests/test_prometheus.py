@@ -444,6 +444,9 @@ def test_the_bouncer_exposes_what_the_crowdsec_alert_reads() -> None:
     """The contract with api/crowdsec.py (issue 14's CrowdSec part): the alert
     XdpfwCrowdsecPullsFailing reads these two names. Skipped until that module exists."""
     crowdsec = pytest.importorskip("api.crowdsec")
-    bouncer = crowdsec.CrowdsecBouncer(cast(Any, None), cast(Any, None))
+    import types
+
+    lapi = types.SimpleNamespace(url="http://127.0.0.1:1")  # never called: no thread runs
+    bouncer = crowdsec.CrowdsecBouncer(cast(Any, None), cast(Any, lapi))
     names = {s.name for family in bouncer.metrics() for s in family.samples}
     assert names >= BOUNCER_METRICS, names
