@@ -29,6 +29,7 @@ Families (the README's "Prometheus and Grafana" lists them with examples):
 
 from __future__ import annotations
 
+import logging
 import platform
 import sqlite3
 import threading
@@ -61,6 +62,8 @@ __all__ = [
     "busiest",
     "source_sums",
 ]
+
+log = logging.getLogger("xdpfw.metrics")
 
 # verdict label -> counter: the partition of every frame (passed + dropped = packets).
 VERDICTS: dict[str, abi.Stat] = {"pass": abi.Stat.PASSED, "drop": abi.Stat.DROPPED}
@@ -109,35 +112,57 @@ class RuleSummaryReader:
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
         self._version: int | None = None
+        self._ino = 0
+        self._failed: type[BaseException] | None = None
         self._last = RuleSummary({}, {}, {})
 
     def _connect(self) -> sqlite3.Connection:
+        ino = self.path.stat().st_ino  # the file moved aside and made again: reopen
+        if self._db is not None and ino != self._ino:
+            self._db.close()
+            self._db, self._version = None, None
         if self._db is None:
             self._db = sqlite3.connect(
                 f"file:{self.path}?mode=ro", uri=True, check_same_thread=False, timeout=5
             )
+            self._ino = ino
         return self._db
 
     def read(self) -> RuleSummary:
+        """The counts as of the last commit; on a database error, the last counts read
+        (logged once per kind of error: the service's own requests report the database)."""
         with self._lock:
-            db = self._connect()
-            version = int(db.execute("PRAGMA data_version").fetchone()[0])
-            if version == self._version:
-                return self._last
-            db.execute("BEGIN")  # one snapshot for every read
             try:
-                rows = db.execute(_BY_HOLDING).fetchall()
-                names = [n for (n,) in db.execute(_SOURCES)]
-                held = {name: self._held(db, name) for name in names}
-            finally:
-                db.execute("COMMIT")
-            rules: dict[tuple[str, str, str], int] = {}
-            expiring: dict[str, int] = dict.fromkeys(names, 0)
-            for action, mode, source, n, with_ttl in rows:
-                rules[(action, mode, source)] = n
-                expiring[source] = expiring.get(source, 0) + with_ttl
-            self._last, self._version = RuleSummary(rules, expiring, held), version
+                return self._read()
+            except (OSError, sqlite3.Error) as exc:
+                if type(exc) is not self._failed:
+                    log.warning("/metrics: cannot read rules from %s (%s); the rule and "
+                                "source families show the last counts read", self.path, exc)
+                self._failed = type(exc)
+                if self._db is not None:
+                    self._db.close()
+                self._db, self._version = None, None
+                return self._last
+
+    def _read(self) -> RuleSummary:
+        db = self._connect()
+        version = int(db.execute("PRAGMA data_version").fetchone()[0])
+        if version == self._version:
             return self._last
+        db.execute("BEGIN")  # one snapshot for every read
+        try:
+            rows = db.execute(_BY_HOLDING).fetchall()
+            names = [n for (n,) in db.execute(_SOURCES)]
+            held = {name: self._held(db, name) for name in names}
+        finally:
+            db.execute("COMMIT")
+        rules: dict[tuple[str, str, str], int] = {}
+        expiring: dict[str, int] = dict.fromkeys(names, 0)
+        for action, mode, source, n, with_ttl in rows:
+            rules[(action, mode, source)] = n
+            expiring[source] = expiring.get(source, 0) + with_ttl
+        self._last, self._version, self._failed = RuleSummary(rules, expiring, held), version, None
+        return self._last
 
     @staticmethod
     def _held(db: sqlite3.Connection, name: str) -> np.ndarray[Any, np.dtype[np.uint32]]:

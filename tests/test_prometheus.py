@@ -450,3 +450,35 @@ def test_the_bouncer_exposes_what_the_crowdsec_alert_reads() -> None:
     bouncer = crowdsec.CrowdsecBouncer(cast(Any, None), cast(Any, lapi))
     names = {s.name for family in bouncer.metrics() for s in family.samples}
     assert names >= BOUNCER_METRICS, names
+
+
+@pytest.mark.pure
+def test_rule_reader_survives_a_replaced_or_broken_database(
+    api: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    import os
+    import sqlite3
+
+    from api.metrics import RuleSummaryReader
+
+    def snapshot(to: Path) -> None:  # a consistent copy of the live database
+        with sqlite3.connect(api.store.path) as src, sqlite3.connect(to) as dst:
+            src.backup(dst)
+
+    c = api.client
+    assert c.post("/v1/rules", json={"src": "198.18.4.1"}).status_code == 201
+    copy = tmp_path / "copy.sqlite3"
+    snapshot(copy)
+    reader = RuleSummaryReader(copy)
+    assert sum(reader.read().rules.values()) == 1
+    assert c.post("/v1/rules", json={"src": "198.18.4.2"}).status_code == 201
+    snapshot(tmp_path / "new.sqlite3")
+    os.replace(tmp_path / "new.sqlite3", copy)  # moved aside and made again: read anew
+    assert sum(reader.read().rules.values()) == 2
+    copy.write_bytes(b"not a database at all" * 100)  # broken in place
+    with caplog.at_level("WARNING", logger="xdpfw.metrics"):
+        assert sum(reader.read().rules.values()) == 2  # the last counts, no exception
+        assert sum(reader.read().rules.values()) == 2
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert "cannot read rules" in caplog.records[0].message
+    reader.close()
