@@ -64,6 +64,14 @@ class Settings(BaseSettings):
         description="allow TCP to the listen address and port above every drop rule, so no "
         "rule cuts the API off (XDPFW_PROTECT_API=false turns it off)",
     )
+    # -- /metrics (api/metrics.py) --
+    metrics_top_rules: int = Field(
+        default=100,
+        ge=0,
+        le=1 << 26,
+        description="per-rule series on /metrics for the N busiest rules only (0: none); one "
+        "series per rule and counter at a million rules is not scrapeable",
+    )
 
     # -- CrowdSec bouncer (api/crowdsec.py; off unless crowdsec_lapi is set) ----------------
     crowdsec_lapi: str | None = Field(

@@ -42,8 +42,12 @@ TEST_PACKAGES=(
     "${RUN_PACKAGES[@]}" python3-pip bpfcc-tools xdp-tools bpftool netsniff-ng nftables ipset
     iptables tcpdump
 )
-# crowdsec: the real LAPI and cscli the CrowdSec bouncer tests run on a private config dir.
-TEST_PACKAGES+=(crowdsec)
+# Partner programs the tests run on private config dirs: crowdsec (the LAPI and cscli of
+# tests/test_crowdsec_lapi.py), fail2ban (fail2ban-server/-client of tests/test_fail2ban.py),
+# prometheus (promtool, tests/test_prometheus.py). The daemons their postinst starts are stopped
+# below: the tests start their own instances.
+PARTNER_DAEMONS=(crowdsec fail2ban prometheus)
+TEST_PACKAGES+=("${PARTNER_DAEMONS[@]}")
 if [[ "$PROFILE" == run ]]; then
     PACKAGES=("${RUN_PACKAGES[@]}")
 else
@@ -73,12 +77,21 @@ crowdsec_offline_credentials() {
 # Under systemd the package enables and starts its own agent + LAPI (127.0.0.1:8080). The
 # tests run their own LAPI on a private config; a crowdsec installed by this script is not
 # left running (one installed before is left alone). Without systemd nothing was started.
-crowdsec_service_off() {
-    local pkg
+partner_daemons_off() {
+    # A package's postinst starts its daemon (fail2ban would ban with Debian's sshd jail,
+    # prometheus would listen on :9090, crowdsec on :8080): stop and disable those this run
+    # installed, under systemd or under an init script (no systemd as PID 1).
+    local pkg daemon
     for pkg in "$@"; do
-        [[ "$pkg" == crowdsec && -d /run/systemd/system ]] || continue
-        log "crowdsec: stopping and disabling the package's own service (the tests run theirs)"
-        systemctl disable --now crowdsec.service >/dev/null 2>&1 || true
+        for daemon in "${PARTNER_DAEMONS[@]}"; do
+            [[ "$pkg" == "$daemon" ]] || continue
+            log "$daemon: stopping the package's own service (the tests run their own)"
+            if [[ -d /run/systemd/system ]]; then
+                systemctl disable --now "$daemon" >/dev/null 2>&1 || true
+            elif [[ -x /etc/init.d/$daemon ]]; then
+                /etc/init.d/"$daemon" stop >/dev/null 2>&1 || true
+            fi
+        done
     done
 }
 
@@ -100,7 +113,7 @@ if ((${#missing[@]})); then
     apt-get -q -y -o DPkg::Lock::Timeout=300 -o Dpkg::Options::=--force-confdef \
         -o Dpkg::Options::=--force-confold install --no-install-recommends \
         "${missing[@]}" </dev/null >/dev/null
-    crowdsec_service_off "${missing[@]}"
+    partner_daemons_off "${missing[@]}"
 else
     log "debian packages present ($PROFILE)"
 fi

@@ -586,8 +586,9 @@ def test_setup_installs_crowdsec_offline_for_tests_only() -> None:
     body = script[script.index("crowdsec_offline_credentials() {"):call]
     assert '[[ ! -s "$creds" ]]' in body and "online_api_credentials.yaml" in body
     # Under systemd, the package's own service (which it starts) is stopped after the install.
-    assert script.index("apt-get -q -y") < script.index('crowdsec_service_off "${missing[@]}"')
-    assert "systemctl disable --now crowdsec.service" in body
+    assert script.index("apt-get -q -y") < script.index('partner_daemons_off "${missing[@]}"')
+    assert "PARTNER_DAEMONS=(crowdsec " in script
+    assert 'systemctl disable --now "$daemon"' in script
 
 
 @pytest.mark.parametrize(
