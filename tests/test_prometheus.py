@@ -424,7 +424,7 @@ def test_optional_parts_add_their_families(api: Any) -> None:
 
     class Bouncer:
         def metrics(self) -> Any:
-            yield CounterMetricFamily("xdpfw_crowdsec_pull_errors", "errors", value=3)
+            yield CounterMetricFamily("xdpfw_crowdsec_lapi_errors", "errors", value=3)
 
     app = api.client.app
     assert api.client.post("/v1/rules", json={"src": "198.18.3.1"}).status_code == 201
