@@ -154,12 +154,13 @@ class _Overlaps:
             self.shown.append(f"{rule_from_code(1, code).describe()}: {problem}")
 
 
-_PAUSE_ENV = "XDPFW_TEST_PAUSE"  # "replace=SECONDS": sleep inside a replace's transaction
+_PAUSE_ENV = "XDPFW_TEST_PAUSE"  # "replace=SECONDS" (inside a replace's transaction) or
+# "replace-committed=SECONDS" (after its COMMIT, before the old-only rules leave the maps)
 
 
 def _test_pause(where: str) -> None:
-    """A test hook (tests/test_sources_e2e.py kills the server here): sleep inside the open
-    transaction, after the maps gained the new rules and before the COMMIT."""
+    """A test hook (tests/test_sources_e2e.py kills the server here): sleep at `where` when
+    XDPFW_TEST_PAUSE names it. Unset in production: one getenv per replace."""
     spec = os.environ.get(_PAUSE_ENV, "")
     name, _, seconds = spec.partition("=")
     if name == where and seconds:
@@ -787,6 +788,7 @@ class FirewallService:
                     self.dp.add_rules(rules)
                     undo.append(lambda: self.dp.remove_rules(ids))
                 _test_pause("replace")
+            _test_pause("replace-committed")  # committed; the old-only rules still in the maps
             self._unmap(orphans, rows)
             return SourceChange(
                 name, len(fresh) + len(keep) - unchanged, len(drop), unchanged,

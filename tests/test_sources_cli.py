@@ -131,3 +131,17 @@ def test_import_with_a_source_and_replace(client: Client, tmp_path: Path,
     with pytest.raises(ClientError) as exc:
         run(client, "import", str(f), "--replace")
     assert exc.value.exit_code == EXIT_USAGE and "--source" in exc.value.message
+
+
+def test_source_commands_have_help_with_examples(capsys: pytest.CaptureFixture[str]) -> None:
+    from xdpfw.cli.main import main
+
+    for argv in (["source"], ["source", "ls"], ["source", "show"], ["source", "rm"],
+                 ["source", "replace"], ["source", "export"], ["rule", "rm"], ["import"]):
+        with pytest.raises(SystemExit) as info:
+            main([*argv, "--help"])
+        assert info.value.code == 0
+        out = capsys.readouterr().out
+        assert "examples:" in out, argv
+    a = build_parser().parse_args(["source", "ls", "--api", "http://a:1"])
+    assert a.api == "http://a:1"  # the connection options work on source commands too
