@@ -8,7 +8,8 @@ from fastapi import FastAPI
 
 from api.errors import install_error_handlers
 from api.limits import BodyLimits
-from api.routes import health, interfaces, rules, stats
+from api.metrics import Exposition
+from api.routes import health, interfaces, rules, sources, stats
 from api.service import FirewallService
 from api.settings import Settings
 
@@ -26,11 +27,13 @@ def create_app(settings: Settings, service: FirewallService, token: str) -> Fast
     app.state.settings = settings
     app.state.service = service
     app.state.token = token
+    app.state.metrics = Exposition(service, settings.metrics_top_rules)
     install_error_handlers(app)
     # Outside routing: the token and the size of a body are checked before FastAPI reads it.
     app.add_middleware(BodyLimits, settings=settings, token=token)
     app.include_router(health.router)
     app.include_router(rules.router)
+    app.include_router(sources.router)
     app.include_router(stats.router)
     app.include_router(stats.metrics_router)
     app.include_router(interfaces.router)
