@@ -44,6 +44,12 @@ MAP_NAMES = (
     "xdpfw_lpm4_hint",
     "xdpfw_stats",
     "xdpfw_config",
+    # X-ray (issue 17)
+    "xdpfw_sample_ctl",
+    "xdpfw_sample_rules",
+    "xdpfw_sample_bucket",
+    "xdpfw_sample_stats",
+    "xdpfw_samples",
 )
 
 
