@@ -24,6 +24,9 @@ __all__ = [
     "RuleIn",
     "RuleOut",
     "RulePage",
+    "SampleIn",
+    "SampleOut",
+    "SamplesOut",
     "StatsOut",
     "TableUsage",
     "TotalsOut",
@@ -63,6 +66,31 @@ def _rule_schema(schema: dict[str, Any]) -> None:
     ]
 
 
+# --- X-ray (issue 17): a rule's sampling ------------------------------------------------------
+
+
+class SampleIn(BaseModel):
+    """Copy 1 in `every` frames the rule decides to the sample stream (/v1/events)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    every: int = Field(ge=1, le=1 << 31, description="1 = every frame the rule decides")
+
+
+class SampleOut(BaseModel):
+    every: int
+
+
+class SamplesOut(BaseModel):
+    """Samples of every rule: sent to the ring, and lost by reason."""
+
+    sent: int = Field(description="frames copied into the sample ring")
+    lost_ring: int = Field(description="chosen, but the ring was full")
+    lost_cap: int = Field(description="chosen, but over the cap (--sample-max-pps)")
+    lost_client: int = Field(description="read, but a slow stream's queue was full")
+    max_pps: int = Field(description="the cap, samples per second over all rules and CPUs")
+    snaplen: int = Field(description="bytes kept of each sampled frame")
+
+
 class RuleIn(BaseModel):
     """A rule to add. At least one of src, dst, proto, dport; src or dst, not both."""
 
@@ -87,6 +115,7 @@ class RuleIn(BaseModel):
         description="add a drop rule even though it overlaps a protected prefix (the protected "
         "sources stay allowed in the data plane either way)",
     )
+    sample: SampleIn | None = None  # X-ray
 
     def spec(self) -> RuleSpec:
         return RuleSpec.parse(
@@ -117,7 +146,8 @@ def bulk_rules(raw: bytes, force: bool) -> list[NewRule]:
         try:
             body = RuleIn.model_validate(obj)
             items.append(
-                NewRule(body.spec(), body.comment, body.ttl_seconds, body.force or force)
+                NewRule(body.spec(), body.comment, body.ttl_seconds, body.force or force,
+                        body.sample.every if body.sample else None)
             )
         except ValidationError as exc:
             first = exc.errors()[0]
@@ -154,10 +184,11 @@ class RuleOut(BaseModel):
     created_at: str
     expires_at: str | None
     counters: RuleCountersOut | None = None
+    sample: SampleOut | None = None  # X-ray: null when the rule is not sampled
 
     @classmethod
-    def of(cls, s: StoredRule, counters: RuleCounters | None = None, *, with_counters: bool = False
-           ) -> RuleOut:
+    def of(cls, s: StoredRule, counters: RuleCounters | None = None, *, with_counters: bool = False,
+           sample: int | None = None) -> RuleOut:
         r = s.rule
         return cls(
             id=r.id,
@@ -171,6 +202,7 @@ class RuleOut(BaseModel):
             created_at=iso(s.created_at) or "",
             expires_at=iso(s.expires_at),
             counters=RuleCountersOut.of(counters) if with_counters else None,
+            sample=SampleOut(every=sample) if sample else None,
         )
 
 
@@ -214,6 +246,7 @@ class RuleStatOut(BaseModel):
 class StatsOut(BaseModel):
     totals: TotalsOut
     rules: list[RuleStatOut]
+    samples: SamplesOut | None = None  # X-ray
 
 
 class InterfaceIn(BaseModel):

@@ -72,6 +72,7 @@ CREATE TABLE IF NOT EXISTS rules (
 );
 CREATE INDEX IF NOT EXISTS rules_expiry ON rules(expires_at) WHERE expires_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS interfaces (name TEXT PRIMARY KEY, mode TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS rule_sample (rule_id INTEGER PRIMARY KEY, every INTEGER NOT NULL);
 """
 _COLUMNS = "id, action, mode, src, dst, proto, dport, comment, created_at, expires_at"
 _TABLES = {
@@ -354,7 +355,9 @@ class Store:
 
     def delete(self, rule_ids: Iterable[int]) -> None:
         with self._sql(f"write the rule database {self.path}"):
-            self._db.executemany("DELETE FROM rules WHERE id=?", ((i,) for i in rule_ids))
+            ids = list(rule_ids)
+            self._db.executemany("DELETE FROM rules WHERE id=?", ((i,) for i in ids))
+            self._db.executemany("DELETE FROM rule_sample WHERE rule_id=?", ((i,) for i in ids))
 
     def get(self, rule_id: int) -> StoredRule | None:
         with self._sql("read the rule database"):
@@ -405,6 +408,29 @@ class Store:
     def drop_interface(self, name: str) -> None:
         with self._sql(f"write the rule database {self.path}"):
             self._db.execute("DELETE FROM interfaces WHERE name=?", (name,))
+
+    # -- X-ray (issue 17): which rules are sampled, 1 in `every` ---------------------------------
+
+    def samples(self) -> dict[int, int]:
+        """rule id -> every, of each sampled rule (rows of rules that no longer exist skipped)."""
+        with self._sql(f"read the rule database {self.path}"):
+            rows = self._db.execute(
+                "SELECT rule_id, every FROM rule_sample WHERE rule_id IN (SELECT id FROM rules)"
+            ).fetchall()
+        return {int(r["rule_id"]): int(r["every"]) for r in rows}
+
+    def set_samples(self, every: dict[int, int | None]) -> None:
+        """Inside a transaction: sample these rules 1 in `every` (None: not sampled)."""
+        with self._sql(f"write the rule database {self.path}"):
+            for rid, n in every.items():
+                if n:
+                    self._db.execute(
+                        "INSERT INTO rule_sample VALUES (?, ?)"
+                        " ON CONFLICT(rule_id) DO UPDATE SET every=excluded.every",
+                        (rid, n),
+                    )
+                else:
+                    self._db.execute("DELETE FROM rule_sample WHERE rule_id=?", (rid,))
 
     # -- protected prefixes --------------------------------------------------------------------
 

@@ -70,6 +70,9 @@ class _Svc:
     def reattach_counts(self) -> dict[str, int]:
         return {"eth1": 2}
 
+    def sample_stats(self) -> dict[str, int]:
+        return {"sent": 9, "lost_ring": 10, "lost_cap": 11, "lost_client": 12}
+
 
 def test_metrics_outcome_labels_unchanged() -> None:
     registry = CollectorRegistry(auto_describe=False)
@@ -108,10 +111,12 @@ PAIRS: dict[type, str] = {
     client.Interface: "InterfaceOut",
     client.TableUsage: "TableUsage",
     client.Health: "HealthOut",
+    client.Sample: "SampleOut",  # X-ray
+    client.SampleStats: "SamplesOut",
 }
 # Components the client does not mirror as a TypedDict: request bodies (the CLI builds them
 # as dicts and the API validates them) and error bodies (client.error_for reads them loosely).
-NOT_MIRRORED = {"RuleIn", "InterfaceIn", "ErrorOut", "HTTPValidationError", "ValidationError"}
+NOT_MIRRORED = {"RuleIn", "SampleIn", "InterfaceIn", "ErrorOut", "HTTPValidationError", "ValidationError"}
 
 
 @pytest.fixture(scope="module")

@@ -60,10 +60,11 @@ def add_rule(body: RuleIn, svc: ServiceDep, response: Response) -> RuleOut:
     Adding a rule identical in match, action and mode to an existing one creates nothing and
     answers **200** with the existing rule (so automation can repeat a call safely).
     """
-    stored, created = svc.add(NewRule(body.spec(), body.comment, body.ttl_seconds, body.force))
+    stored, created = svc.add(NewRule(body.spec(), body.comment, body.ttl_seconds, body.force,
+                                      body.sample.every if body.sample else None))
     if not created:
         response.status_code = status.HTTP_200_OK
-    return RuleOut.of(stored)
+    return RuleOut.of(stored, sample=svc.sample_of(stored.id))
 
 
 @router.get("", response_model=RulePage, dependencies=[ReadAccess])
@@ -77,8 +78,9 @@ def list_rules(
     page = svc.page(after, limit + 1)
     more = len(page) > limit
     page = page[:limit]
+    sampled = svc.sample_rules()  # X-ray
     return RulePage(
-        rules=[RuleOut.of(s) for s in page],
+        rules=[RuleOut.of(s, sample=sampled.get(s.id)) for s in page],
         next_cursor=str(page[-1].id) if more and page else None,
     )
 
@@ -90,7 +92,7 @@ def get_rule(rule_id: RuleId, svc: ServiceDep) -> RuleOut:
     """One rule with its counters."""
     stored = svc.get(rule_id)
     counters = svc.counters([rule_id]).get(rule_id)
-    return RuleOut.of(stored, counters, with_counters=True)
+    return RuleOut.of(stored, counters, with_counters=True, sample=svc.sample_of(rule_id))
 
 
 @router.delete(

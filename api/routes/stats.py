@@ -11,7 +11,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from api.deps import AUTH_RESPONSES, ERROR_RESPONSES, ReadAccess, ServiceDep
-from api.models import RuleStatOut, StatsOut, TotalsOut, iso
+from api.models import RuleStatOut, SamplesOut, StatsOut, TotalsOut, iso
 from api.service import FirewallService
 from xdpfw import abi
 
@@ -37,12 +37,19 @@ def stats(
     totals = svc.totals()
     ranked = svc.top_counters(top)
     return StatsOut(
+        samples=_samples(svc),
         totals=TotalsOut.of(totals),
         rules=[
             RuleStatOut(id=rid, packets=c.packets, bytes=c.bytes, last_hit=iso(c.last_hit))
             for rid, c in ranked
         ],
     )
+
+
+def _samples(svc: FirewallService) -> SamplesOut:
+    """X-ray's counters, with the cap and snap length in force."""
+    snaplen, max_pps = svc.sample_settings()
+    return SamplesOut(**svc.sample_stats(), max_pps=max_pps, snaplen=snaplen)
 
 
 class _Collector(Collector):
@@ -81,6 +88,16 @@ class _Collector(Collector):
         for name, n in self.svc.reattach_counts().items():
             reattached.add_metric([name], n)
         yield reattached
+        # X-ray: sampled frames, sent and lost by reason
+        samples = CounterMetricFamily(
+            "xdpfw_samples",
+            "Sampled frames of sampled rules, by outcome (sent to the ring, or lost: ring "
+            "full, over the cap, a slow stream)",
+            labels=["outcome"],
+        )
+        for outcome, n in self.svc.sample_stats().items():
+            samples.add_metric([outcome], n)
+        yield samples
 
 
 @metrics_router.get(

@@ -130,6 +130,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_prefixes=args.max_prefixes,
             max_sets=args.max_sets,
             protect=args.protect or None,
+            sample_max_pps=args.sample_max_pps,
+            sample_snaplen=args.snaplen,
         )
         if not settings.iface and not args.no_demo:
             from api.store import Store
@@ -156,6 +158,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     max_prefixes=args.max_prefixes or 16384,
                     max_sets=args.max_sets or 1024,
                     protect=args.protect or None,
+                    sample_max_pps=args.sample_max_pps,
+                    sample_snaplen=args.snaplen,
                 )
     except ValidationError as exc:
         for err in exc.errors():

@@ -386,6 +386,10 @@ class Datapath:
         """rule id -> every, of each sampled rule (as the kernel's map holds them)."""
         return self._sampling.rules()
 
+    def sample_settings(self) -> tuple[int, int]:
+        """(snap length, cap per second) as configured."""
+        return self._sampling.settings()
+
     def sample_stats(self) -> dict[str, int]:
         """Samples sent to the ring and lost (ring full, over the cap), summed over CPUs."""
         with kernel_door("reading xdpfw_sample_stats"):

@@ -47,7 +47,8 @@ class RingBuffer:
         self._fd = os.dup(fd)
         page = mmap.PAGESIZE
         try:
-            self._cons = mmap.mmap(self._fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            rw = mmap.PROT_READ | mmap.PROT_WRITE
+            self._cons = mmap.mmap(self._fd, page, mmap.MAP_SHARED, rw)
             self._prod = mmap.mmap(
                 self._fd, page + 2 * self.size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page
             )
@@ -78,7 +79,9 @@ class RingBuffer:
 
     def pending(self) -> int:
         """Bytes between the consumer and the producer position."""
-        return _U64.unpack_from(self._prod, 0)[0] - _U64.unpack_from(self._cons, 0)[0]
+        prod: int = _U64.unpack_from(self._prod, 0)[0]
+        cons: int = _U64.unpack_from(self._cons, 0)[0]
+        return prod - cons
 
     def wait(self, timeout: float) -> bool:
         """Block until data may be there (or `timeout` seconds): True when there is some."""
