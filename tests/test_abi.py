@@ -148,9 +148,8 @@ def test_map_names_agree_with_the_program() -> None:
     declared = set(
         re.findall(r"^BPF_F_TABLE\(\"\w+\",\s*[^,]+,\s*[^,]+,\s*(\w+)", PROGRAM_TEXT, re.M)
     )
-    declared |= set(re.findall(
-        r"^BPF_(?:LPM_TRIE|ARRAY|PERCPU_HASH|PERCPU_ARRAY|HASH|RINGBUF_OUTPUT)\((\w+)",
-                               PROGRAM_TEXT, re.M))
+    kinds = "LPM_TRIE|ARRAY|PERCPU_HASH|PERCPU_ARRAY|HASH|RINGBUF_OUTPUT"
+    declared |= set(re.findall(rf"^BPF_(?:{kinds})\((\w+)", PROGRAM_TEXT, re.M))
     assert declared == set(MAP_TYPES) == set(MAP_NAMES)
     for table in abi.Table:
         if table is not abi.Table.MAX:

@@ -116,7 +116,9 @@ PAIRS: dict[type, str] = {
 }
 # Components the client does not mirror as a TypedDict: request bodies (the CLI builds them
 # as dicts and the API validates them) and error bodies (client.error_for reads them loosely).
-NOT_MIRRORED = {"RuleIn", "SampleIn", "InterfaceIn", "ErrorOut", "HTTPValidationError", "ValidationError"}
+NOT_MIRRORED = {
+    "RuleIn", "SampleIn", "InterfaceIn", "ErrorOut", "HTTPValidationError", "ValidationError"
+}
 
 
 @pytest.fixture(scope="module")
