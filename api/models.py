@@ -89,6 +89,7 @@ class SamplesOut(BaseModel):
     lost_client: int = Field(description="read, but a slow stream's queue was full")
     max_pps: int = Field(description="the cap, samples per second over all rules and CPUs")
     snaplen: int = Field(description="bytes kept of each sampled frame")
+    streams: int = Field(description="open /v1/events streams")
 
 
 class RuleIn(BaseModel):

@@ -771,6 +771,10 @@ class FirewallService:
         out["lost_client"] = self.xray.lost_client if self.xray is not None else 0
         return out
 
+    def sample_streams(self) -> int:
+        """Open /v1/events streams."""
+        return self.xray.subscribers if self.xray is not None else 0
+
     def _sample_added(self, items: Sequence[NewRule]) -> None:
         """The `sample` of rules just added (or found identical): with the lock held."""
         want = {}

@@ -387,7 +387,9 @@ def test_the_docs_agree_on_one_minimum_kernel_and_say_why() -> None:
 
 # -- what each set-up profile installs ---------------------------------------------------------
 
-TEST_ONLY = {"xdp-tools", "bpftool", "netsniff-ng", "nftables", "ipset", "iptables", "tcpdump"}
+TEST_ONLY = {
+    "xdp-tools", "bpftool", "netsniff-ng", "nftables", "ipset", "iptables", "tcpdump", "tshark"
+}
 
 
 @pytest.mark.pure

@@ -49,7 +49,9 @@ def stats(
 def _samples(svc: FirewallService) -> SamplesOut:
     """X-ray's counters, with the cap and snap length in force."""
     snaplen, max_pps = svc.sample_settings()
-    return SamplesOut(**svc.sample_stats(), max_pps=max_pps, snaplen=snaplen)
+    return SamplesOut(
+        **svc.sample_stats(), max_pps=max_pps, snaplen=snaplen, streams=svc.sample_streams()
+    )
 
 
 class _Collector(Collector):

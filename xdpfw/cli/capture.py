@@ -62,6 +62,9 @@ def cmd_capture(args: argparse.Namespace, api: Client) -> int:
     if not args.json and not args.write:
         err(args, "say where the frames go: -w FILE.pcapng, -w - (standard output), or --json")
         return 2
+    if args.json and args.write == "-":
+        err(args, "--json and -w - both write to standard output: pick one (or -w FILE)")
+        return 2
     for rid in args.sample_rule or ():
         api.set_sample(rid, args.every)
     params: dict[str, str | int | list[int]] = {}

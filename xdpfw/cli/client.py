@@ -138,6 +138,7 @@ class SampleStats(TypedDict):
     lost_client: int
     max_pps: int
     snaplen: int
+    streams: int
 
 
 class Stats(TypedDict):
