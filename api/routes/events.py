@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Response, status
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from api.deps import (
     AUTH_RESPONSES,
@@ -98,9 +99,9 @@ def _hello(svc: FirewallService, hub: Hub) -> dict[str, Any]:
     }
 
 
-async def _stream(svc: FirewallService, hub: Hub, sub: Subscriber) -> AsyncIterator[bytes]:
+async def _stream(hello: dict[str, Any], hub: Hub, sub: Subscriber) -> AsyncIterator[bytes]:
     try:
-        yield _sse("hello", _hello(svc, hub))
+        yield _sse("hello", hello)
         seq = 0
         while True:
             try:
@@ -138,9 +139,10 @@ async def events(
     if hub is None or not hub.running:
         raise DatapathError("the sample reader is not running (see the service log)")
     want = Filter(frozenset(rule) if rule else None, verdict, source)
+    hello = await run_in_threadpool(_hello, svc, hub)  # netlink: never on the event loop
     sub = hub.subscribe(want, asyncio.get_running_loop())
     return StreamingResponse(
-        _stream(svc, hub, sub),
+        _stream(hello, hub, sub),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
