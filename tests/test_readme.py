@@ -430,7 +430,8 @@ def test_make_test_installs_every_tool_the_tests_and_benchmarks_run() -> None:
     from bench.cli import TOOLS
 
     test_pkgs = set(setup_packages("test"))
-    for prog in sorted({*TOOLS, "xdp-filter", "bpftool", "ping", "curl", "ip", "setpriv"}):
+    for prog in sorted({*TOOLS, "xdp-filter", "bpftool", "ping", "curl", "ip", "setpriv",
+                        "tcpdump", "tshark"}):  # X-ray's tests read captures with both
         pkg = _package_of(prog)  # fails when a tool is missing after `make setup`
         assert pkg in test_pkgs or _essential(pkg), (prog, pkg)
 

@@ -209,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--monitor", action="store_true", help="count matches but let them pass")
     p.add_argument("--ttl", type=_ttl, metavar="DURATION", help="expire after 30s, 10m, 2h, 1d")
     p.add_argument("--comment", default="", metavar="TEXT", help="free text (max 256)")
+    p.add_argument("--sample", type=_positive_int, metavar="N",  # X-ray
+                   help="sample 1 in N of the rule's frames (see `xdpfw capture`)")
     _json_flag(p, "print the new rule as JSON, not just its id")
 
     p = _sub(rsub, "rm", "remove rules by id", RULE_RM_EPILOG, cmd_rule_rm, "rule rm")

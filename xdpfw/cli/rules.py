@@ -33,6 +33,7 @@ examples:
   xdpfw rule add --src 198.18.0.0/15 --proto udp --dport 1000-2000
   xdpfw rule add --dst 2001:db8::/32 --proto tcp --dport 22 --action allow
   xdpfw rule add --proto udp --dport 53 --monitor          # count, don't drop
+  xdpfw rule add --src 198.18.7.0/24 --sample 10           # and sample 1 in 10 (capture)
 """
 
 RULE_RM_EPILOG = """examples:
@@ -80,6 +81,8 @@ def cmd_rule_add(args: argparse.Namespace, api: Client) -> int:
         body["comment"] = args.comment
     if args.ttl is not None:
         body["ttl_seconds"] = args.ttl
+    if getattr(args, "sample", None) is not None:  # X-ray
+        body["sample"] = {"every": args.sample}
     try:
         rule, created = api.add_rule(body)
     except ClientError as exc:

@@ -44,6 +44,7 @@ class Sampling:
 
     def __init__(self, maps: Mapping[str, bpfsys.Map[Any, Any]]) -> None:
         self._ctl = maps["xdpfw_sample_ctl"]
+        self._bucket = maps["xdpfw_sample_bucket"]
         self._rules_map = maps["xdpfw_sample_rules"]
         self._stats = maps["xdpfw_sample_stats"]
         self._ring_map = maps["xdpfw_samples"]
@@ -62,8 +63,11 @@ class Sampling:
         interval = 1_000_000_000 // max_pps
         burst = max(interval, int(interval * max_pps * BURST_SECONDS))
         with self._lock:
+            changed = self._conf[1:] != (interval, burst)
             self._conf = (snaplen, interval, burst)
             self._write_ctl()
+            if changed:  # a new cap starts with a full bucket, not the old cap's debt
+                self._bucket.update(U32.pack(0), abi.SampleBucket(tat=0))
 
     def _write_ctl(self) -> None:
         snaplen, interval, burst = self._conf
