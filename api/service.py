@@ -734,7 +734,10 @@ class FirewallService:
 
     def rule_sources(self, rule_id: int) -> list[str]:
         """The sources holding a rule (the `source` filter of /v1/events)."""
-        stored = self.store.get(rule_id) if not is_protected_id(rule_id) else None
+        if is_protected_id(rule_id):
+            return []
+        with self.lock:  # the store is not thread-safe: the hub's thread asks
+            stored = self.store.get(rule_id)
         if stored is None:
             return []
         held = getattr(stored, "sources", None)  # issue 13: a rule held by several sources

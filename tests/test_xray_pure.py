@@ -290,3 +290,19 @@ def test_stats_and_metrics_show_the_lost_samples(live: Live) -> None:
                        capture_output=True, text=True, timeout=20)
     assert p.returncode == 0, p.stderr
     assert "samples: 10 sent; lost: 30 over the cap (500/s), 2 ring full, 0 slow reader" in p.stdout
+
+
+def test_event_stream_source_filter(live: Live) -> None:
+    """`source=` keeps the samples of rules that source holds (every rule is the API's until
+    sources are stored per rule); a sample of a rule no source holds is left out."""
+    rid = live.http.post("/v1/rules", json={"src": "198.18.9.0/24"}).json()["id"]
+    got: list[list[tuple[str, dict[str, object]]]] = []
+    t = threading.Thread(target=lambda: got.append(_events(live, "source=api", 2)))
+    t.start()
+    live.wait_streams(1)
+    live.dp.ring.inject(record(999, abi.SAMPLED_DROP, FRAMES[0]))  # no such rule
+    live.dp.ring.inject(record(rid, abi.SAMPLED_DROP, FRAMES[3]))
+    t.join(10)
+    (events,) = got
+    assert [(e, d.get("rule")) for e, d in events] == [("hello", None), ("sample", rid)]
+    assert live.http.get("/v1/events?source=Bad!").status_code == 422

@@ -13,13 +13,16 @@ import asyncio
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from xdpfw.xray.record import Sample, decode, wall_offset_ns
 
-__all__ = ["Filter", "Hub", "SampleSource", "Subscriber"]
+__all__ = ["SOURCES_TTL", "Filter", "Hub", "SampleSource", "Subscriber"]
+
+SOURCES_TTL = 5.0
 
 log = logging.getLogger("xdpfw.xray")
 
@@ -96,6 +99,7 @@ class Hub:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._names: dict[int, str] = {}
+        self._held: dict[int, tuple[float, frozenset[str]]] = {}  # rule -> (when, sources)
         self._offset = wall_offset_ns()
         self.received = 0  # samples read from the ring
         self.delivered = 0  # queued to a subscriber (one sample, several subscribers: several)
@@ -158,11 +162,23 @@ class Hub:
         s = Sample(s.rule, s.verdict, s.ifindex, s.time_ns, s.length, s.data,
                    self.ifname(s.ifindex))
         for sub in subs:
-            if sub.want.matches(s, self.sources_of):
+            if sub.want.matches(s, self._sources):
                 if sub.offer(s):
                     self.delivered += 1
                 else:
                     self.lost_client += 1
+
+    def _sources(self, rule: int) -> frozenset[str]:
+        """The sources holding a rule, asked again after SOURCES_TTL seconds (a source filter
+        costs one look-up per rule and interval, not one per sample)."""
+        now = time.monotonic()
+        hit = self._held.get(rule)
+        if hit is None or now - hit[0] > SOURCES_TTL:
+            if len(self._held) > 65536:
+                self._held.clear()
+            hit = (now, frozenset(self.sources_of(rule)))
+            self._held[rule] = hit
+        return hit[1]
 
     def subscribe(self, want: Filter, loop: asyncio.AbstractEventLoop,
                   size: int = 4096) -> Subscriber:
