@@ -437,6 +437,16 @@ static __always_inline int finish(const struct pkt *p, const struct best *b, int
 
 /* --- X-ray (issue 17): sampling a decided frame into xdpfw_samples --------------------------- */
 
+/*
+ * XDPFW_XRAY=0 (the loader's choice on kernels before 5.18, which lack bpf_xdp_load_bytes and
+ * the BPF atomics with fetch) builds the program without sampling: the maps are the same, so
+ * the ABI is too, and xray_sample() is empty.
+ */
+#ifndef XDPFW_XRAY
+#define XDPFW_XRAY 1
+#endif
+#if XDPFW_XRAY
+
 static __always_inline void xray_count(__u32 which)
 {
 	__u32 zero = 0;
@@ -543,6 +553,12 @@ static __always_inline void xray_sample(struct xdp_md *ctx, const struct pkt *p,
 		sent = xray_emit(ctx, p, b, snaplen, XDPFW_SAMPLE_SNAP_MAX);
 	xray_count(sent ? XDPFW_SSTAT_SENT : XDPFW_SSTAT_LOST_RING);
 }
+#else
+static __always_inline void xray_sample(struct xdp_md *ctx, const struct pkt *p,
+					const struct best *b)
+{
+}
+#endif /* XDPFW_XRAY */
 /* --- end of X-ray --------------------------------------------------------------------------- */
 
 int xdpfw_prog(struct xdp_md *ctx)

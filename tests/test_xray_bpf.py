@@ -147,3 +147,26 @@ def test_removing_a_rule_stops_its_sampling(xdp: Datapath) -> None:
     xdp.remove_rules([51])
     assert xdp.sample_rules() == {}
     assert xdp.map("xdpfw_sample_ctl").lookup(b"\0\0\0\0").rules == 0
+
+
+def test_kernels_before_5_18_get_the_program_without_sampling(
+    monkeypatch: pytest.MonkeyPatch, xdp: Datapath
+) -> None:
+    """The loader builds with XDPFW_XRAY=0 there: same maps (same ABI), no sampling code,
+    and the kernel still verifies and runs it."""
+    from conftest import TEST_CAPS
+
+    from xdpfw.kernel import loader
+
+    monkeypatch.setattr(loader, "xray_supported", lambda: False)
+    assert "-DXDPFW_XRAY=0" in loader.cflags(TEST_CAPS)
+    assert loader.build_id(TEST_CAPS) != xdp.build_id  # never adopted as the other build
+    lean = loader.load(TEST_CAPS)
+    try:
+        assert set(lean.map_fds) == set(loader.MAP_NAMES)
+        frame = build_frame(src="198.18.9.1", dst="198.19.0.1")
+        assert bpfsys.prog_test_run(lean.prog_fd, frame).retval == XDP_PASS
+        full = bpfsys.prog_info(xdp.prog_fd).xlated_prog_len
+        assert bpfsys.prog_info(lean.prog_fd).xlated_prog_len < full
+    finally:
+        lean.close()

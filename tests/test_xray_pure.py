@@ -306,3 +306,34 @@ def test_event_stream_source_filter(live: Live) -> None:
     (events,) = got
     assert [(e, d.get("rule")) for e, d in events] == [("hello", None), ("sample", rid)]
     assert live.http.get("/v1/events?source=Bad!").status_code == 422
+
+
+def test_which_kernels_run_xray() -> None:
+    from xdpfw.kernel.ringbuf import xray_supported
+
+    for release, ok in (("5.11.0-1-amd64", False), ("5.17.15", False), ("5.18.0", True),
+                        ("6.1.0-57-amd64", True), ("6.18.44-fc-v669", True), ("junk", False)):
+        assert xray_supported(release) is ok, release
+
+
+def test_sampling_on_an_old_kernel_is_refused_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+    from xdpfw.datapath import sampling
+    from xdpfw.errors import DatapathError
+
+    class Empty:
+        def lookup(self, key: object) -> None:
+            return None
+
+        def items(self) -> list[object]:
+            return []
+
+        def update(self, key: object, value: object) -> None:
+            self.written = value
+
+    maps = dict.fromkeys(("xdpfw_sample_ctl", "xdpfw_sample_rules", "xdpfw_sample_bucket",
+                          "xdpfw_sample_stats", "xdpfw_samples"), Empty())
+    s = sampling.Sampling(maps)  # type: ignore[arg-type]
+    monkeypatch.setattr(sampling, "xray_supported", lambda: False)
+    with pytest.raises(DatapathError, match=r"needs Linux 5\.18 or newer"):
+        s.set({1: 1})
+    s.set({1: None})  # turning it off is always fine

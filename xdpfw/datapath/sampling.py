@@ -9,15 +9,16 @@ xdpfw.kernel.ringbuf.RingBuffer.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from xdpfw import abi
 from xdpfw.datapath.slots import U32
-from xdpfw.errors import CapacityExceeded, InvalidRule
+from xdpfw.errors import CapacityExceeded, DatapathError, InvalidRule
 from xdpfw.kernel import bpfsys
-from xdpfw.kernel.ringbuf import RingBuffer
+from xdpfw.kernel.ringbuf import XRAY_MIN_KERNEL, RingBuffer, xray_supported
 
 __all__ = ["BURST_SECONDS", "MAX_EVERY", "Sampling", "check_every", "check_snaplen"]
 
@@ -82,6 +83,13 @@ class Sampling:
     def set(self, every: Mapping[int, int | None]) -> None:
         """Sample these rules 1 in `every` (None: stop sampling the rule). Each entry written
         starts its own count again."""
+        if any(every.values()) and not xray_supported():
+            need = ".".join(map(str, XRAY_MIN_KERNEL))
+            raise DatapathError(
+                f"sampling (X-ray) needs Linux {need} or newer (bpf_xdp_load_bytes, BPF "
+                f"atomics); this kernel is {os.uname().release}, so the program was built "
+                "without it. Rules work as before; upgrade the kernel to sample them"
+            )
         with self._lock:
             grow = sum(1 for rid, n in every.items() if n and rid not in self._every)
             if len(self._every) + grow > abi.SAMPLE_MAX_RULES:

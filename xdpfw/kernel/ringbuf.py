@@ -27,7 +27,23 @@ from collections.abc import Callable
 
 from xdpfw.kernel import bpfsys
 
-__all__ = ["RingBuffer"]
+__all__ = ["XRAY_MIN_KERNEL", "RingBuffer", "xray_supported"]
+
+# X-ray's sampling needs bpf_xdp_load_bytes() (5.18) and the BPF atomics with fetch and
+# compare-and-swap (5.12); older kernels get the program built without it (XDPFW_XRAY=0).
+XRAY_MIN_KERNEL = (5, 18)
+
+
+def xray_supported(release: str | None = None) -> bool:
+    """Does this kernel (`uname -r`, or `release`) run the sampling part of the program?"""
+    text = release if release is not None else os.uname().release
+    parts: list[int] = []
+    for piece in text.split("-")[0].split(".")[:2]:
+        digits = "".join(c for c in piece if c.isdigit())
+        if not digits:
+            return False
+        parts.append(int(digits))
+    return tuple(parts) >= XRAY_MIN_KERNEL
 
 _BUSY = 1 << 31
 _DISCARD = 1 << 30
