@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from api.errors import install_error_handlers
 from api.limits import BodyLimits
 from api.metrics import Exposition
-from api.routes import health, interfaces, rules, sources, stats
+from api.routes import events, health, interfaces, rules, sources, stats
 from api.service import FirewallService
 from api.settings import Settings
 
@@ -37,6 +37,7 @@ def create_app(settings: Settings, service: FirewallService, token: str) -> Fast
     app.include_router(stats.router)
     app.include_router(stats.metrics_router)
     app.include_router(interfaces.router)
+    app.include_router(events.router)  # X-ray
     if not settings.loopback_only:
         _require_token_for_reads(app)
     return app

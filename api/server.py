@@ -221,6 +221,12 @@ def serve(settings: Settings, *, demo: bool = False, cleanup: bool = False) -> i
         )
         if not wanted:
             log.warning("attached to no interface: add one with POST /v1/interfaces")
+        try:  # X-ray: the cap and the stored sample settings, then the ring's reader
+            svc.start_xray(settings.sample_max_pps, settings.sample_snaplen)
+            stack.callback(svc.stop_xray)
+        except XdpfwError as exc:
+            print(f"xdpfw serve: {exc}", file=sys.stderr)
+            return 1
         svc.start_sweeper(settings.ttl_interval)
         stack.callback(svc.stop)
         watchdog = Watchdog(svc)

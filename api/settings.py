@@ -59,6 +59,14 @@ class Settings(BaseSettings):
     keep_alive_timeout: float = Field(
         default=5.0, gt=0, le=300, description="s an idle keep-alive connection stays open"
     )
+    # X-ray (issue 17): the kernel's cap on sampled frames, and the bytes kept of each
+    sample_max_pps: int = Field(
+        default=2000, ge=1, le=10_000_000,
+        description="samples per second over all rules and CPUs (a kernel token bucket)",
+    )
+    sample_snaplen: int = Field(
+        default=128, ge=1, le=2048, description="bytes kept of each sampled frame"
+    )
     protect_api: bool = Field(
         default=True,
         description="allow TCP to the listen address and port above every drop rule, so no "

@@ -388,7 +388,9 @@ def test_the_docs_agree_on_one_minimum_kernel_and_say_why() -> None:
 
 # -- what each set-up profile installs ---------------------------------------------------------
 
-TEST_ONLY = {"xdp-tools", "bpftool", "netsniff-ng", "nftables", "ipset", "iptables", "tcpdump"}
+TEST_ONLY = {
+    "xdp-tools", "bpftool", "netsniff-ng", "nftables", "ipset", "iptables", "tcpdump", "tshark"
+}
 
 
 @pytest.mark.pure
@@ -429,7 +431,8 @@ def test_make_test_installs_every_tool_the_tests_and_benchmarks_run() -> None:
     from bench.cli import TOOLS
 
     test_pkgs = set(setup_packages("test"))
-    for prog in sorted({*TOOLS, "xdp-filter", "bpftool", "ping", "curl", "ip", "setpriv"}):
+    for prog in sorted({*TOOLS, "xdp-filter", "bpftool", "ping", "curl", "ip", "setpriv",
+                        "tcpdump", "tshark"}):  # X-ray's tests read captures with both
         pkg = _package_of(prog)  # fails when a tool is missing after `make setup`
         assert pkg in test_pkgs or _essential(pkg), (prog, pkg)
 

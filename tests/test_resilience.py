@@ -35,6 +35,8 @@ def dump_maps(pin_dir: Path) -> dict[str, list[tuple[bytes, bytes]]]:
     for name, (key_t, val_t) in MAP_TYPES.items():
         if name in ("xdpfw_stats", "xdpfw_rule_stats"):
             continue
+        if name == "xdpfw_samples":  # X-ray's ring buffer: records in flight, no entries
+            continue
         with bpfsys.Map.from_pin(str(pin_dir / name), key_t, val_t, name) as m:
             if name == "xdpfw_lpm4_hint":  # 524,288 words: one blob
                 out[name] = [(b"", m.read_array(m.info.max_entries))]

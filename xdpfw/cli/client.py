@@ -15,12 +15,13 @@ tests/test_contracts.py checks each TypedDict below against the API's OpenAPI sc
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypedDict, cast
+from typing import Any, NotRequired, TypedDict, cast
 
 import httpx
 
@@ -80,6 +81,12 @@ class RuleCounters(TypedDict):
     last_hit: str | None
 
 
+class Sample(TypedDict):
+    """SampleOut (X-ray): a rule's sampling."""
+
+    every: int
+
+
 class Rule(TypedDict):
     id: int
     action: str
@@ -94,6 +101,7 @@ class Rule(TypedDict):
     counters: RuleCounters | None
     source: str
     sources: list[str]
+    sample: NotRequired[Sample | None]  # X-ray
 
 
 class RulePage(TypedDict):
@@ -162,9 +170,22 @@ class RuleStat(TypedDict):
     last_hit: str | None
 
 
+class SampleStats(TypedDict):
+    """SamplesOut (X-ray): sampled frames sent and lost by reason, the cap, the snap length."""
+
+    sent: int
+    lost_ring: int
+    lost_cap: int
+    lost_client: int
+    max_pps: int
+    snaplen: int
+    streams: int
+
+
 class Stats(TypedDict):
     totals: Totals
     rules: list[RuleStat]
+    samples: NotRequired[SampleStats | None]
 
 
 class Interface(TypedDict):
@@ -571,6 +592,55 @@ class Client:
     def stats(self, top: int | None = None) -> Stats:
         params = {"top": top} if top is not None else {}
         return cast(Stats, self._request("GET", "/v1/stats", params=params).json())
+
+    # X-ray (issue 17)
+
+    def set_sample(self, rule_id: int, every: int | None) -> None:
+        """PUT (every) or DELETE (None) /v1/rules/{id}/sample."""
+        if every is None:
+            self._request("DELETE", f"/v1/rules/{rule_id}/sample", ok=(204,),
+                          not_found=_no_rule(rule_id))
+        else:
+            self._request("PUT", f"/v1/rules/{rule_id}/sample", json={"every": every},
+                          not_found=_no_rule(rule_id))
+
+    def events(self, params: Mapping[str, str | int | list[int]]) -> Iterator[tuple[str, Any]]:
+        """GET /v1/events: (event, JSON data) as they come; ("keepalive", None) for the
+        stream's keepalive comments, so a caller with a deadline gets a turn every second."""
+        try:
+            with self._http.stream(
+                "GET", "/v1/events", params=dict(params),
+                timeout=httpx.Timeout(self.timeout, read=max(self.timeout, 15.0)),
+            ) as r:
+                if r.status_code != 200:
+                    r.read()
+                    raise error_for(r, self.token)
+                event, data = "message", list[str]()
+                for line in r.iter_lines():
+                    if not line:
+                        if data:
+                            yield event, json.loads("\n".join(data))
+                        event, data = "message", []
+                    elif line.startswith(":"):
+                        yield "keepalive", None
+                    else:
+                        name, _, value = line.partition(":")
+                        value = value.removeprefix(" ")
+                        if name == "event":
+                            event = value
+                        elif name == "data":
+                            data.append(value)
+        except httpx.TimeoutException as exc:
+            raise ClientError(
+                f"the event stream of {self.base_url} went silent ({type(exc).__name__}); "
+                "is the service stuck? check its log",
+                EXIT_UNREACHABLE,
+            ) from exc
+        except httpx.TransportError as exc:
+            raise ClientError(
+                f"cannot reach the xdpfw API at {self.base_url} ({_reason(exc)}): {START_HINT}",
+                EXIT_UNREACHABLE,
+            ) from exc
 
 
 def _no_source(name: str) -> str:

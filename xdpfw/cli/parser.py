@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from xdpfw.cli import humanize as hz
+from xdpfw.cli.capture import CAPTURE_EPILOG, add_capture_parser, cmd_capture
 from xdpfw.cli.connection import Handler, add_client_options, client_command
 from xdpfw.cli.importing import IMPORT_EPILOG, cmd_import
 from xdpfw.cli.rules import (
@@ -204,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="source prefix that can never be dropped, e.g. your management network "
         "(repeatable)",
     )
+    # X-ray (issue 17)
+    p.add_argument("--sample-max-pps", type=int, default=None, metavar="N",
+                   help="cap on sampled frames per second, all rules (default 2000)")
+    p.add_argument("--snaplen", type=int, default=None, metavar="BYTES",
+                   help="bytes kept of each sampled frame (default 128, at most 2048)")
     p.add_argument(
         "--no-demo",
         action="store_true",
@@ -287,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttl", type=_ttl, metavar="DURATION", help="expire after 30s, 10m, 2h, 1d")
     p.add_argument("--comment", default="", metavar="TEXT", help="free text (max 256)")
     _source_flag(p, "the source that holds the rule (default: api)")
+    p.add_argument("--sample", type=_positive_int, metavar="N",  # X-ray
+                   help="sample 1 in N of the rule's frames (see `xdpfw capture`)")
     _json_flag(p, "print the new rule as JSON, not just its id")
 
     p = _sub(rsub, "rm", "remove rules by id, or by value (--src/--dst)", RULE_RM_EPILOG,
@@ -339,6 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rules to show (default: what fits the terminal)")
     p.add_argument("-n", "--iterations", type=_positive_int, metavar="N",
                    help="exit after N refreshes")
+    # X-ray (issue 17)
+    p = _sub(sub, "capture", "write sampled frames as pcapng (or print them as JSON)",
+             CAPTURE_EPILOG, cmd_capture)
+    add_capture_parser(p, _positive_int, _positive_float)
     for client_parser in (parser, *_CLIENT_PARSERS):
         add_client_options(client_parser)
     return parser

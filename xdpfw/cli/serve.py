@@ -136,6 +136,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_sets=args.max_sets,
             protect=args.protect or None,
             **_crowdsec_flags(args),
+            sample_max_pps=args.sample_max_pps,
+            sample_snaplen=args.snaplen,
         )
         if not settings.iface and not args.no_demo:
             from api.store import Store
@@ -163,6 +165,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     max_sets=args.max_sets or 1024,
                     protect=args.protect or None,
                     **_crowdsec_flags(args),
+                    sample_max_pps=args.sample_max_pps,
+                    sample_snaplen=args.snaplen,
                 )
     except ValidationError as exc:
         for err in exc.errors():
