@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from api.auth import Tokens
 from api.errors import install_error_handlers
 from api.limits import BodyLimits
 from api.routes import health, interfaces, rules, stats
@@ -21,14 +22,18 @@ kernel when its POST returns. Mutating calls need `Authorization: Bearer <token>
 """
 
 
-def create_app(settings: Settings, service: FirewallService, token: str) -> FastAPI:
+def create_app(
+    settings: Settings, service: FirewallService, token: str, read_token: str | None = None
+) -> FastAPI:
     app = FastAPI(title="xdpfw", version="0.1.0", description=DESCRIPTION)
+    tokens = Tokens(token, read_token)
     app.state.settings = settings
     app.state.service = service
     app.state.token = token
+    app.state.tokens = tokens
     install_error_handlers(app)
     # Outside routing: the token and the size of a body are checked before FastAPI reads it.
-    app.add_middleware(BodyLimits, settings=settings, token=token)
+    app.add_middleware(BodyLimits, settings=settings, token=tokens)
     app.include_router(health.router)
     app.include_router(rules.router)
     app.include_router(stats.router)

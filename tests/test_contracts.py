@@ -106,6 +106,8 @@ PAIRS: dict[type, str] = {
     client.RuleStat: "RuleStatOut",
     client.Stats: "StatsOut",
     client.Interface: "InterfaceOut",
+    client.Problem: "Problem",
+    client.FieldError: "FieldError",
     client.TableUsage: "TableUsage",
     client.Health: "HealthOut",
 }

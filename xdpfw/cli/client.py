@@ -36,8 +36,10 @@ __all__ = [
     "BulkResult",
     "Client",
     "ClientError",
+    "FieldError",
     "Health",
     "Interface",
+    "Problem",
     "Rule",
     "RuleCounters",
     "RulePage",
@@ -149,6 +151,29 @@ class Health(TypedDict):
     capacity: dict[str, TableUsage]  # per kernel table, plus "rules" and "xdpfw_sets"
 
 
+class FieldError(TypedDict):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class Problem(TypedDict):
+    """Every 4xx/5xx answer (RFC 9457); the CLI reads detail, errors, existing_id and hint."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str | None
+    error: str | None
+    errors: list[FieldError] | None
+    existing_id: int | None
+    limit: int | None
+    setting: str | None
+    errno: int | None
+    hint: str | None
+
+
 # --- errors --------------------------------------------------------------------------------
 
 
@@ -221,6 +246,25 @@ def _detail(response: httpx.Response) -> Any:
     return body.get("detail", body) if isinstance(body, dict) else body
 
 
+def _errors(response: httpx.Response) -> list[Any] | None:
+    """A 422 problem's `errors[]` (each invalid field), None in an older server's answer."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    errors = body.get("errors") if isinstance(body, dict) else None
+    return errors if isinstance(errors, list) else None
+
+
+def _error_name(response: httpx.Response) -> str | None:
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    name = body.get("error") if isinstance(body, dict) else None
+    return name if isinstance(name, str) else None
+
+
 def _field(loc: Sequence[object]) -> str:
     parts = [str(p) for p in loc]
     if len(parts) > 1 and parts[0] in ("body", "query", "path"):
@@ -246,6 +290,14 @@ def error_for(
             EXIT_AUTH,
             status=code,
         )
+    if code == 403 and _error_name(response) == "ReadOnlyToken":
+        src = token.source if token is not None else "the request"
+        return ClientError(
+            f"the token from {src} is the read-only token: it cannot change anything. Use "
+            "the admin token (<state-dir>/token, XDPFW_TOKEN) or the local socket",
+            EXIT_AUTH,
+            status=code,
+        )
     if code == 403:
         src = token.source if token is not None else "the request"
         return ClientError(
@@ -257,6 +309,9 @@ def error_for(
         )
     if code == 422:
         problems: list[tuple[str, str]] = []
+        errors = _errors(response)
+        if errors is not None:  # an RFC 9457 problem: detail is its summary, errors[] the list
+            detail = errors
         if isinstance(detail, list):
             for d in detail:
                 if isinstance(d, dict):
