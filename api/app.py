@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from api.audit import AuditLog
 from api.auth import Tokens
 from api.errors import install_error_handlers
 from api.limits import BodyLimits
@@ -34,6 +35,8 @@ def create_app(
     install_error_handlers(app)
     # Outside routing: the token and the size of a body are checked before FastAPI reads it.
     app.add_middleware(BodyLimits, settings=settings, token=tokens)
+    # Outermost: one line per change, with the caller BodyLimits (or a dependency) named.
+    app.add_middleware(AuditLog)
     app.include_router(health.router)
     app.include_router(rules.router)
     app.include_router(stats.router)

@@ -126,7 +126,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--iface", action="append", metavar="NAME", help="interface (repeatable)")
     p.add_argument("--xdp-mode", choices=["auto", "native", "generic"], default=None)
-    p.add_argument("--listen", metavar="HOST:PORT", default=None)
     p.add_argument("--state-dir", type=Path, default=None)
     p.add_argument("--bpffs-dir", type=Path, default=None)
     p.add_argument("--max-rules", type=int, default=None)
@@ -149,6 +148,29 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="on stop, detach and remove the pins (default: keep filtering while down)",
     )
+    # -- issue 15 (ops): config file, listeners, logs --
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        default=None,
+        help="TOML settings (env XDPFW_CONFIG; default /etc/xdpfw/xdpfw.toml if it exists); "
+        "flags and XDPFW_* variables override it",
+    )
+    p.add_argument(
+        "--listen",
+        action="append",
+        metavar="HOST:PORT|unix:PATH",
+        default=None,
+        help="the TCP listener (default 127.0.0.1:8000), and/or a unix socket its group's "
+        "members use without a token (repeatable: one of each)",
+    )
+    p.add_argument("--log-format", choices=["text", "json"], default=None,
+                   help="text lines (default) or one JSON object per line")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
+    p.add_argument("--access-log", action="store_true",
+                   help="also log every request (uvicorn's access log; default off)")
+    # -- end issue 15 --
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(
