@@ -372,12 +372,16 @@ class Client:
         self.token = token or Token(None, "no token given")
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        http_url = self.base_url
+        if base_url.startswith("unix:"):  # the local socket (issue 15): no token needed
+            transport = transport or httpx.HTTPTransport(uds=base_url[len("unix:"):])
+            http_url = "http://xdpfw"
         headers = {"User-Agent": "xdpfw-cli"}
         if self.token.value:
             headers["Authorization"] = f"Bearer {self.token.value}"
         try:
             self._http = httpx.Client(
-                base_url=self.base_url, headers=headers, timeout=timeout, transport=transport
+                base_url=http_url, headers=headers, timeout=timeout, transport=transport
             )
         except (httpx.InvalidURL, ValueError) as exc:
             raise ClientError(_bad_url(base_url, exc), EXIT_USAGE) from exc
