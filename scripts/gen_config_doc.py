@@ -52,10 +52,7 @@ entry is the same as `socket = PATH`. The TCP listener is always there (default
 
 
 def _default(field: Any) -> str:
-    if field.default_factory is not None:
-        value = field.default_factory()
-    else:
-        value = field.default
+    value = field.default_factory() if field.default_factory is not None else field.default
     if value is None:
         return "(none)"
     if isinstance(value, bool):

@@ -157,7 +157,7 @@ def test_the_cli_reads_a_problem(env: Env) -> None:
     assert err.exit_code == 2 and err.problems and err.problems[0][0] == "src"
     env.dp.fail_next = errors.RuleConflict("clash", existing_id=3)
     err = error_for(env.client(ADMIN).post("/v1/rules", json={"src": "198.18.7.1"}))
-    assert "clash (existing rule 3) (HTTP 409)" == err.message
+    assert err.message == "clash (existing rule 3) (HTTP 409)"
     err = error_for(env.client(READ).post("/v1/rules", json={"src": "198.18.7.1"}))
     assert err.exit_code == 4 and "read-only token" in err.message
 
