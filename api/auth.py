@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 PEER_UID = "xdpfw.peer_uid"  # scope key: the uid of a unix-socket peer
-WHO = "xdpfw.who"  # scope key: "admin", "read" or "uid:N", once authorized
+WHO = "xdpfw.who"  # scope key: "admin", "read", "uid:N" (or "wrong-token", refused)
 
 MISSING_TOKEN = (
     "missing bearer token: send `Authorization: Bearer <token>` (the token is in "
@@ -79,9 +79,11 @@ def authorize(
             who = "admin"
         elif _matches(credentials, tokens.read):
             if write:
+                scope[WHO] = "read"  # named in the audit line of the refusal
                 return Refusal(403, "ReadOnlyToken", READ_ONLY)
             who = "read"
         else:
+            scope[WHO] = "wrong-token"
             return Refusal(403, "WrongToken", WRONG_TOKEN)
     scope[WHO] = who
     return who
