@@ -37,10 +37,11 @@ RUN_PACKAGES=(
     python3-bpfcc "linux-headers-$ARCH" python3-venv iproute2 iputils-ping curl
 )
 # test: the test suite and the benchmarks (xdp-filter as the foreign program and the rival,
-# trafgen from netsniff-ng, nftables/ipset/iptables as rivals, bpftool/tcpdump to look).
+# trafgen from netsniff-ng, nftables/ipset/iptables as rivals, bpftool/tcpdump to look;
+# systemd for systemd-analyze verify of deploy/systemd, which needs no systemd as PID 1).
 TEST_PACKAGES=(
     "${RUN_PACKAGES[@]}" python3-pip bpfcc-tools xdp-tools bpftool netsniff-ng nftables ipset
-    iptables tcpdump
+    iptables tcpdump systemd
 )
 if [[ "$PROFILE" == run ]]; then
     PACKAGES=("${RUN_PACKAGES[@]}")

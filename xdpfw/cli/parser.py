@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from xdpfw.cli import humanize as hz
+from xdpfw.cli.completion import cmd_completion, cmd_man
 from xdpfw.cli.connection import Handler, add_client_options, client_command
 from xdpfw.cli.importing import IMPORT_EPILOG, cmd_import
 from xdpfw.cli.rules import (
@@ -45,7 +46,8 @@ root (to read the token file) or pass the token.
 exit codes: 0 ok; 1 the API refused or failed, or an import was partial; 2 invalid input;
   3 the service cannot be reached; 4 missing or wrong token.
 
-shell completion (bash/zsh, needs argcomplete): eval "$(register-python-argcomplete xdpfw)"
+shell completion: eval "$(xdpfw completion bash)" (zsh: xdpfw completion zsh); manual:
+  xdpfw man | man -l -
 """
 
 
@@ -265,6 +267,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rules to show (default: what fits the terminal)")
     p.add_argument("-n", "--iterations", type=_positive_int, metavar="N",
                    help="exit after N refreshes")
+    # -- issue 15 (ops): completion and the man page, generated from this parser --
+    p = sub.add_parser(
+        "completion",
+        help="print a shell completion script (bash or zsh)",
+        description="Print a completion script generated from this command's parser.",
+        epilog='examples:\n  eval "$(xdpfw completion bash)"\n'
+        "  xdpfw completion bash > /etc/bash_completion.d/xdpfw\n"
+        '  xdpfw completion zsh > "${fpath[1]}/_xdpfw"\n',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("shell", choices=["bash", "zsh"])
+    p.set_defaults(func=cmd_completion)
+    p = sub.add_parser(
+        "man",
+        help="print the xdpfw(8) manual page (roff)",
+        description="Print the xdpfw(8) manual page, generated from this command's parser.",
+        epilog="examples:\n  xdpfw man | man -l -\n"
+        "  xdpfw man > /usr/local/share/man/man8/xdpfw.8\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.set_defaults(func=cmd_man)
+    # -- end issue 15 --
     for client_parser in (parser, *_CLIENT_PARSERS):
         add_client_options(client_parser)
     return parser
