@@ -346,3 +346,22 @@ def test_cli_finds_the_socket(tmp_path: Path) -> None:
         with pytest.raises(ClientError) as info, Client(f"unix:{where}") as c:
             c.health()
         assert info.value.exit_code == 3 and str(where) in info.value.message
+
+
+def test_errors_doc_names_every_error() -> None:
+    from api.errors import STATUS
+
+    doc = (REPO / "docs" / "errors.md").read_text()
+    for cls, status in STATUS:
+        name = f"`{cls.__name__}`"
+        assert any(line.startswith(f"| {status} |") and name in line
+                   for line in doc.splitlines()), (cls.__name__, status)
+    for name in ("MissingToken", "WrongToken", "ReadOnlyToken", "BodyTooLarge", "ValidationError"):
+        assert f"`{name}`" in doc, name
+
+
+def test_systemd_unit_is_notify_with_the_socket() -> None:
+    unit = (REPO / "deploy" / "systemd" / "xdpfw.service").read_text()
+    for line in ("Type=notify", "NotifyAccess=main", "RuntimeDirectory=xdpfw",
+                 "Environment=XDPFW_SOCKET=/run/xdpfw/api.sock"):
+        assert f"\n{line}\n" in unit, line
