@@ -365,3 +365,30 @@ def test_systemd_unit_is_notify_with_the_socket() -> None:
     for line in ("Type=notify", "NotifyAccess=main", "RuntimeDirectory=xdpfw",
                  "Environment=XDPFW_SOCKET=/run/xdpfw/api.sock"):
         assert f"\n{line}\n" in unit, line
+
+
+def test_bind_unix_mode_group_stale_and_missing_group(tmp_path: Path) -> None:
+    import grp
+    import os
+    import stat as st
+
+    from api.localsock import SocketError, bind_unix
+
+    group = grp.getgrgid(os.getegid()).gr_name
+    where = tmp_path / "run" / "api.sock"
+    with pytest.raises(SocketError, match=r"group 'xfw-no-such-group' .* does not exist: create"):
+        bind_unix(where, "xfw-no-such-group")
+    sock = bind_unix(where, group)
+    try:
+        info = where.stat()
+        assert st.S_ISSOCK(info.st_mode) and st.S_IMODE(info.st_mode) == 0o660
+        assert info.st_gid == os.getegid()
+        with pytest.raises(SocketError, match="another process serves"):
+            bind_unix(where, group)  # a live socket is never taken over
+    finally:
+        sock.close()
+    bind_unix(where, group).close()  # a stale one (nobody listening) is replaced
+    where.unlink()
+    where.write_text("not a socket")
+    with pytest.raises(SocketError, match="is not a socket"):
+        bind_unix(where, group)
