@@ -38,10 +38,11 @@ RUN_PACKAGES=(
 )
 # test: the test suite and the benchmarks (xdp-filter as the foreign program and the rival,
 # trafgen from netsniff-ng, nftables/ipset/iptables as rivals, bpftool/tcpdump to look;
-# systemd for systemd-analyze verify of deploy/systemd, which needs no systemd as PID 1).
+# systemd for systemd-analyze verify of deploy/systemd, which needs no systemd as PID 1;
+# zsh to run the zsh completion).
 TEST_PACKAGES=(
     "${RUN_PACKAGES[@]}" python3-pip bpfcc-tools xdp-tools bpftool netsniff-ng nftables ipset
-    iptables tcpdump systemd
+    iptables tcpdump systemd zsh
 )
 if [[ "$PROFILE" == run ]]; then
     PACKAGES=("${RUN_PACKAGES[@]}")

@@ -75,11 +75,38 @@ def test_every_command_and_option_is_completed() -> None:
             assert name in script
 
 
-def test_zsh_script_uses_bashcompinit() -> None:
+ZSH = shutil.which("zsh")
+
+
+def test_zsh_script_uses_bashcompinit(tmp_path: Path) -> None:
     out = subprocess.run([XDPFW, "completion", "zsh"], capture_output=True, text=True,
                          timeout=30, check=True).stdout  # fmt: skip
     assert out.startswith("#compdef xdpfw\n") and "bashcompinit" in out
     assert bash_script(build_parser()) in out
+    if ZSH is None:
+        pytest.skip("zsh is not installed")
+    script = tmp_path / "_xdpfw"
+    script.write_text(out)
+
+    def offered(*words: str) -> list[str]:
+        # COMP_WORDS/COMP_CWORD as bashcompinit sets them (0-based, under ksharrays).
+        program = (
+            f"autoload -U compinit && compinit -u -D; source {script}; "
+            f"print -r -- $_comps[xdpfw]; setopt ksharrays; "
+            f"COMP_WORDS=({' '.join(repr(w) for w in words)}); COMP_CWORD={len(words) - 1}; "
+            '_xdpfw; print -l -- "${COMPREPLY[@]}"'
+        )
+        proc = subprocess.run([str(ZSH), "-f", "-c", program], capture_output=True, text=True,
+                              timeout=20, cwd=tmp_path)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stdout.splitlines()
+        assert lines[0] == "_bash_complete -F _xdpfw"  # registered with zsh's completion
+        return [w for w in lines[1:] if w]
+
+    assert offered("xdpfw", "rule", "") == ["add", "rm", "ls", "show"]
+    # zsh itself narrows the list to the typed prefix (compadd); the values are the choices
+    assert offered("xdpfw", "rule", "add", "--proto", "") == ["tcp", "udp", "icmp", "icmpv6"]
+    assert offered("xdpfw", "--api", "unix:/x", "rule", "") == ["add", "rm", "ls", "show"]
 
 
 def test_man_page_is_current_and_renders() -> None:

@@ -128,6 +128,8 @@ declare -gA _xdpfw_words=(
 )
 
 _xdpfw() {{
+    # zsh (bashcompinit): arrays from 0, as bash has them.
+    [[ -n "${{ZSH_VERSION:-}}" ]] && setopt localoptions ksharrays
     local cur="${{COMP_WORDS[COMP_CWORD]}}" path=xdpfw word i skip=0
     # The command path so far (rule/add), skipping options and their values.
     for ((i = 1; i < COMP_CWORD; i++)); do
