@@ -118,6 +118,8 @@ PAIRS: dict[type, str] = {
     client.RuleStat: "RuleStatOut",
     client.Stats: "StatsOut",
     client.Interface: "InterfaceOut",
+    client.Problem: "Problem",
+    client.FieldError: "FieldError",
     client.TableUsage: "TableUsage",
     client.Health: "HealthOut",
     client.CrowdsecHealth: "CrowdsecHealthOut",  # issue 14: CrowdSec

@@ -171,7 +171,7 @@ def test_bulk_with_one_bad_line_leaves_maps_byte_identical(server: Server) -> No
         lines[537] = "198.18.300.1"
         r = c.post("/v1/rules/bulk", content="\n".join(lines),
                    headers={"content-type": "text/plain"})
-        assert r.status_code == 422 and "538" in r.json()["detail"][0]["msg"]
+        assert r.status_code == 422 and "538" in r.json()["errors"][0]["msg"]
         assert dump_maps(server.bpffs_dir) == before
         assert len(c.get("/v1/rules").json()["rules"]) == 3
 

@@ -38,8 +38,10 @@ __all__ = [
     "Client",
     "ClientError",
     "CrowdsecHealth",
+    "FieldError",
     "Health",
     "Interface",
+    "Problem",
     "Removed",
     "Rule",
     "RuleCounters",
@@ -227,6 +229,29 @@ class Health(TypedDict):
     crowdsec: CrowdsecHealth | None  # when the service runs the CrowdSec bouncer
 
 
+class FieldError(TypedDict):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class Problem(TypedDict):
+    """Every 4xx/5xx answer (RFC 9457); the CLI reads detail, errors, existing_id and hint."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str | None
+    error: str | None
+    errors: list[FieldError] | None
+    existing_id: int | None
+    limit: int | None
+    setting: str | None
+    errno: int | None
+    hint: str | None
+
+
 # --- errors --------------------------------------------------------------------------------
 
 
@@ -299,6 +324,25 @@ def _detail(response: httpx.Response) -> Any:
     return body.get("detail", body) if isinstance(body, dict) else body
 
 
+def _errors(response: httpx.Response) -> list[Any] | None:
+    """A 422 problem's `errors[]` (each invalid field), None in an older server's answer."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    errors = body.get("errors") if isinstance(body, dict) else None
+    return errors if isinstance(errors, list) else None
+
+
+def _error_name(response: httpx.Response) -> str | None:
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    name = body.get("error") if isinstance(body, dict) else None
+    return name if isinstance(name, str) else None
+
+
 def _field(loc: Sequence[object]) -> str:
     parts = [str(p) for p in loc]
     if len(parts) > 1 and parts[0] in ("body", "query", "path"):
@@ -324,6 +368,14 @@ def error_for(
             EXIT_AUTH,
             status=code,
         )
+    if code == 403 and _error_name(response) == "ReadOnlyToken":
+        src = token.source if token is not None else "the request"
+        return ClientError(
+            f"the token from {src} is the read-only token: it cannot change anything. Use "
+            "the admin token (<state-dir>/token, XDPFW_TOKEN) or the local socket",
+            EXIT_AUTH,
+            status=code,
+        )
     if code == 403:
         src = token.source if token is not None else "the request"
         return ClientError(
@@ -335,6 +387,9 @@ def error_for(
         )
     if code == 422:
         problems: list[tuple[str, str]] = []
+        errors = _errors(response)
+        if errors is not None:  # an RFC 9457 problem: detail is its summary, errors[] the list
+            detail = errors
         if isinstance(detail, list):
             for d in detail:
                 if isinstance(d, dict):
@@ -395,12 +450,16 @@ class Client:
         self.token = token or Token(None, "no token given")
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        http_url = self.base_url
+        if base_url.startswith("unix:"):  # the local socket (issue 15): no token needed
+            transport = transport or httpx.HTTPTransport(uds=base_url[len("unix:"):])
+            http_url = "http://xdpfw"
         headers = {"User-Agent": "xdpfw-cli"}
         if self.token.value:
             headers["Authorization"] = f"Bearer {self.token.value}"
         try:
             self._http = httpx.Client(
-                base_url=self.base_url, headers=headers, timeout=timeout, transport=transport
+                base_url=http_url, headers=headers, timeout=timeout, transport=transport
             )
         except (httpx.InvalidURL, ValueError) as exc:
             raise ClientError(_bad_url(base_url, exc), EXIT_USAGE) from exc
