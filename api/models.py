@@ -198,6 +198,7 @@ class TotalsOut(BaseModel):
     non_ip: int
     fragments: int
     bytes: int
+    limited: int  # issue 16: dropped by a limit rule
 
     @classmethod
     def of(cls, g: GlobalCounters) -> TotalsOut:

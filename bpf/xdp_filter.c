@@ -74,6 +74,17 @@ BPF_PERCPU_ARRAY(xdpfw_stats, struct xdpfw_global_stats, 1);
 /* ABI version, capacities and per-table entry counts, one element. */
 BPF_ARRAY(xdpfw_config, struct xdpfw_config, 1);
 
+/* --- rate limits (issue 16); see the rate-limit section of xdpfw_abi.h --- */
+/* Each limit rule's budget parameters, keyed by rule id. */
+BPF_F_TABLE("hash", __u32, struct xdpfw_limit, xdpfw_limits, XDPFW_MAX_LIMITS, BPF_F_NO_PREALLOC);
+/* Per limit rule, per CPU: passed / limited / banned frames. */
+BPF_PERCPU_HASH(xdpfw_limit_stats, __u32, struct xdpfw_limit_stats, XDPFW_MAX_LIMITS);
+/* GCRA state per (rule, source) or per rule; LRU: a full map evicts the least recent. */
+BPF_F_TABLE("lru_hash", struct xdpfw_bucket_key, struct xdpfw_bucket, xdpfw_buckets,
+	    XDPFW_MAX_BUCKETS, 0);
+/* Banned (rule, source) pairs: the value is the CLOCK_MONOTONIC ns the ban ends. */
+BPF_F_TABLE("lru_hash", struct xdpfw_bucket_key, __u64, xdpfw_bans, XDPFW_MAX_BANS, 0);
+
 /* What the verdict needs to know about a frame. */
 struct pkt {
 	__u64 len;          /* frame bytes */
@@ -82,6 +93,7 @@ struct pkt {
 	struct xdpfw_addr6 saddr6;
 	struct xdpfw_addr6 daddr6;
 	__u16 dport;        /* host; valid when l4_ok */
+	__u8 tcp_flags;     /* byte 13 of the TCP header; valid when l4_ok and proto TCP */
 	__u8 family;        /* 4 or 6 */
 	__u8 proto;         /* upper-layer protocol */
 	__u8 l4_ok;         /* ports were read */
@@ -93,6 +105,7 @@ struct pkt {
 struct best {
 	__u64 rank;
 	__u32 counter;
+	__u32 rule_id;
 	__u8 verdict;
 };
 
@@ -168,6 +181,8 @@ static __always_inline void parse_l4(struct cursor *c, struct pkt *p)
 		p->dport = bpf_ntohs(((struct udphdr *)l4)->dest);
 		p->l4_ok = 1;
 	}
+	if (p->proto == IPPROTO_TCP)
+		p->tcp_flags = ((__u8 *)l4)[13]; /* CWR ECE URG ACK PSH RST SYN FIN */
 }
 
 static __always_inline int parse_ipv4(struct cursor *c, struct pkt *p)
@@ -285,6 +300,13 @@ static __always_inline int slot_matches(const struct xdpfw_slot *s, const struct
 		if (p->dport < s->port_lo || p->dport > s->port_hi)
 			return 0;
 	}
+	if (s->tcp_mask) {
+		/* Flags need a whole TCP header: never a non-first fragment, nor a cut one. */
+		if (!p->l4_ok || p->proto != IPPROTO_TCP)
+			return 0;
+		if ((p->tcp_flags & s->tcp_mask) != s->tcp_want)
+			return 0;
+	}
 	return 1;
 }
 
@@ -293,6 +315,7 @@ static __always_inline void take(struct best *b, const struct xdpfw_slot *s)
 	if (s->rank > b->rank) {
 		b->rank = s->rank;
 		b->counter = s->counter;
+		b->rule_id = s->rule_id;
 		b->verdict = s->verdict;
 	}
 }
@@ -381,6 +404,100 @@ static __always_inline void lookup_v6(const struct xdpfw_config *cfg, struct pkt
 	}
 }
 
+/* --- rate limits (issue 16) ------------------------------------------------------------ */
+
+/* What a limit rule's budget said about a frame. */
+#define LIMIT_PASS 0    /* within the budget */
+#define LIMIT_OVER 1    /* over it: dropped (a monitor rule passes it) */
+#define LIMIT_BANNED 2  /* the source is banned for this rule: dropped */
+
+/*
+ * One GCRA step (xdpfw_abi.h): may a packet of `cost` ns pass the bucket whose arrival
+ * time is *tat? Writes the new time to *next (charged only if the caller stores it).
+ */
+static __always_inline int gcra(__u64 tat, __u64 cost, __u64 window, __u64 now, __u64 *next)
+{
+	__u64 base = tat > now ? tat : now;
+
+	*next = base + cost;
+	return *next - now <= window;
+}
+
+/* The budget of the limit rule credited in `b` for this frame. */
+static __always_inline int limit_check(const struct pkt *p, const struct best *b)
+{
+	struct xdpfw_bucket_key key = { .rule_id = b->rule_id };
+	struct xdpfw_bucket fresh = {}, *bk;
+	struct xdpfw_limit *lim;
+	__u64 *until, now, pkt_next = 0, byte_next = 0;
+	__u32 rule_id = b->rule_id;
+	int ok = 1;
+
+	lim = xdpfw_limits.lookup(&rule_id);
+	if (!lim)
+		return LIMIT_PASS; /* not configured yet (the rule is being added): no budget */
+	if (lim->per == XDPFW_PER_SOURCE) {
+		key.family = p->family;
+		if (p->family == 4)
+			__builtin_memcpy(key.addr, &p->saddr4, 4);
+		else
+			__builtin_memcpy(key.addr, p->saddr6.addr, 16);
+	}
+	now = bpf_ktime_get_ns();
+	if (lim->ban_ns && b->verdict == XDPFW_VERDICT_LIMIT) {
+		until = xdpfw_bans.lookup(&key);
+		if (until) {
+			if (*until > now)
+				return LIMIT_BANNED;
+			xdpfw_bans.delete(&key); /* served: the budget decides again */
+		}
+	}
+	bk = xdpfw_buckets.lookup(&key);
+	if (!bk)
+		bk = &fresh; /* new, or evicted: a full budget (tat 0) */
+	if (lim->pkt_cost_ns)
+		ok = gcra(bk->pkt_tat, lim->pkt_cost_ns, lim->pkt_window_ns, now, &pkt_next);
+	if (ok && lim->byte_rate) {
+		__u64 cost = p->len * 1000000000ULL / lim->byte_rate;
+
+		ok = gcra(bk->byte_tat, cost, lim->byte_window_ns, now, &byte_next);
+	}
+	if (!ok) {
+		if (lim->ban_ns && b->verdict == XDPFW_VERDICT_LIMIT) {
+			__u64 end = now + lim->ban_ns;
+
+			xdpfw_bans.update(&key, &end);
+		}
+		return LIMIT_OVER;
+	}
+	if (bk == &fresh) {
+		fresh.pkt_tat = pkt_next;
+		fresh.byte_tat = byte_next;
+		xdpfw_buckets.update(&key, &fresh);
+	} else {
+		if (lim->pkt_cost_ns)
+			bk->pkt_tat = pkt_next;
+		if (lim->byte_rate)
+			bk->byte_tat = byte_next;
+	}
+	return LIMIT_PASS;
+}
+
+/* Count a limit rule's outcome in xdpfw_limit_stats. */
+static __always_inline void limit_count(__u32 rule_id, int outcome)
+{
+	struct xdpfw_limit_stats *ls = xdpfw_limit_stats.lookup(&rule_id);
+
+	if (!ls)
+		return;
+	if (outcome == LIMIT_PASS)
+		ls->passed++;
+	else if (outcome == LIMIT_OVER)
+		ls->limited++;
+	else
+		ls->banned++;
+}
+
 /* The only exit: credit the rule, count the frame, return the action. */
 static __always_inline int finish(const struct pkt *p, const struct best *b, int parse)
 {
@@ -390,6 +507,17 @@ static __always_inline int finish(const struct pkt *p, const struct best *b, int
 	__u32 zero = 0;
 	__u32 counter = b->counter;
 	int action = b->verdict == XDPFW_VERDICT_DROP ? XDP_DROP : XDP_PASS;
+	int limited = 0;
+
+	if (b->verdict == XDPFW_VERDICT_LIMIT || b->verdict == XDPFW_VERDICT_LIMIT_MONITOR) {
+		int outcome = limit_check(p, b);
+
+		limit_count(b->rule_id, outcome);
+		if (outcome != LIMIT_PASS && b->verdict == XDPFW_VERDICT_LIMIT) {
+			action = XDP_DROP;
+			limited = 1;
+		}
+	}
 
 	if (b->verdict != XDPFW_VERDICT_NONE) {
 		/* An array element, no hash walk; a coarse clock, no clocksource read. */
@@ -414,8 +542,11 @@ static __always_inline int finish(const struct pkt *p, const struct best *b, int
 			g->counter[XDPFW_STAT_DROPPED]++;
 		else
 			g->counter[XDPFW_STAT_PASSED]++;
-		if (b->verdict == XDPFW_VERDICT_MONITOR)
+		if (b->verdict == XDPFW_VERDICT_MONITOR ||
+		    b->verdict == XDPFW_VERDICT_LIMIT_MONITOR)
 			g->counter[XDPFW_STAT_MONITORED]++;
+		if (limited)
+			g->counter[XDPFW_STAT_LIMITED]++;
 		if (parse == PARSE_NON_IP)
 			g->counter[XDPFW_STAT_NON_IP]++;
 		if (parse == PARSE_MALFORMED || p->malformed)

@@ -38,7 +38,8 @@ def test_the_one_list() -> None:
     assert abi.Stat.counters() == tuple(s for s in abi.Stat if s < abi.Stat.MAX)
     # The JSON names of today's API: renaming a Stat member must not rename them silently.
     assert NAMES == [
-        "packets", "passed", "dropped", "monitored", "malformed", "non_ip", "fragments", "bytes"
+        "packets", "passed", "dropped", "monitored", "malformed", "non_ip", "fragments", "bytes",
+        "limited",
     ]
 
 
@@ -57,6 +58,7 @@ def test_global_counters_and_model_outcome_name_every_counter() -> None:
     assert o.stats() == {
         abi.Stat.PACKETS: 1, abi.Stat.PASSED: 1, abi.Stat.DROPPED: 0, abi.Stat.MONITORED: 0,
         abi.Stat.MALFORMED: 0, abi.Stat.NON_IP: 0, abi.Stat.FRAGMENTS: 1, abi.Stat.BYTES: 60,
+        abi.Stat.LIMITED: 0,
     }
 
 
@@ -76,13 +78,14 @@ def test_metrics_outcome_labels_unchanged() -> None:
     registry.register(stats_route._Collector(cast(Any, _Svc())))
     text = generate_latest(registry).decode()
     samples = [line for line in text.splitlines() if line and not line.startswith("#")]
-    assert samples[:8] == [
+    assert samples[:9] == [
         'xdpfw_packets_total{outcome="passed"} 2.0',
         'xdpfw_packets_total{outcome="dropped"} 3.0',
         'xdpfw_packets_total{outcome="monitored"} 4.0',
         'xdpfw_packets_total{outcome="malformed"} 5.0',
         'xdpfw_packets_total{outcome="non_ip"} 6.0',
         'xdpfw_packets_total{outcome="fragments"} 7.0',
+        'xdpfw_packets_total{outcome="limited"} 9.0',  # issue 16: a new outcome, appended
         "xdpfw_frames_total 1.0",
         "xdpfw_bytes_total 8.0",
     ]

@@ -26,9 +26,20 @@ __all__ = [
     "SET_SLOTS",
     "VERDICT_ALLOW",
     "VERDICT_DROP",
+    "VERDICT_LIMIT",
+    "VERDICT_LIMIT_MONITOR",
     "VERDICT_MONITOR",
     "VERDICT_NONE",
+    "MAX_BANS",
+    "MAX_BUCKETS",
+    "MAX_LIMITS",
+    "PER_RULE",
+    "PER_SOURCE",
     "Addr6",
+    "Bucket",
+    "BucketKey",
+    "Limit",
+    "LimitStats",
     "Config",
     "Entry",
     "GlobalStats",
@@ -60,7 +71,7 @@ HEADER = BPF_DIR / "xdpfw_abi.h"
 PROGRAM = BPF_DIR / "xdp_filter.c"
 PROG_NAME = "xdpfw_prog"
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 MAX_VLAN = 2
 MAX_IPV6_EXT = 8
 SET_SLOTS = 31
@@ -73,6 +84,15 @@ VERDICT_NONE = 0
 VERDICT_MONITOR = 1
 VERDICT_DROP = 2
 VERDICT_ALLOW = 3
+VERDICT_LIMIT_MONITOR = 5
+VERDICT_LIMIT = 6
+
+# -- rate limits (issue 16) --
+PER_SOURCE = 0
+PER_RULE = 1
+MAX_LIMITS = 4096
+MAX_BUCKETS = 131072
+MAX_BANS = 65536
 
 
 class Stat(IntEnum):
@@ -86,7 +106,8 @@ class Stat(IntEnum):
     NON_IP = 5
     FRAGMENTS = 6
     BYTES = 7
-    MAX = 8
+    LIMITED = 8
+    MAX = 9
 
     @property
     def field(self) -> str:
@@ -128,8 +149,10 @@ class Slot(ctypes.Structure):
         ("proto", ctypes.c_uint8),
         ("verdict", ctypes.c_uint8),
         ("has_ports", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8),
+        ("tcp_mask", ctypes.c_uint8),
         ("counter", ctypes.c_uint32),
+        ("tcp_want", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 7),
     ]
 
 
@@ -172,4 +195,39 @@ class Config(ctypes.Structure):
         ("max_prefixes", ctypes.c_uint32),
         ("max_sets", ctypes.c_uint32),
         ("build_id", ctypes.c_uint8 * 8),
+    ]
+
+
+# -- rate limits (issue 16) --------------------------------------------------------------------
+
+
+class Limit(ctypes.Structure):
+    _fields_ = [
+        ("pkt_cost_ns", ctypes.c_uint64),
+        ("pkt_window_ns", ctypes.c_uint64),
+        ("byte_rate", ctypes.c_uint64),
+        ("byte_window_ns", ctypes.c_uint64),
+        ("ban_ns", ctypes.c_uint64),
+        ("per", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
+class BucketKey(ctypes.Structure):
+    _fields_ = [
+        ("rule_id", ctypes.c_uint32),
+        ("family", ctypes.c_uint32),
+        ("addr", ctypes.c_uint8 * 16),
+    ]
+
+
+class Bucket(ctypes.Structure):
+    _fields_ = [("pkt_tat", ctypes.c_uint64), ("byte_tat", ctypes.c_uint64)]
+
+
+class LimitStats(ctypes.Structure):
+    _fields_ = [
+        ("passed", ctypes.c_uint64),
+        ("limited", ctypes.c_uint64),
+        ("banned", ctypes.c_uint64),
     ]

@@ -112,6 +112,7 @@ class Totals(TypedDict):
     non_ip: int
     fragments: int
     bytes: int
+    limited: int  # issue 16
 
 
 class RuleStat(TypedDict):

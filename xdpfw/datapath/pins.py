@@ -59,6 +59,11 @@ MAP_TYPES: dict[str, tuple[type[Any], type[Any]]] = {
     "xdpfw_lpm4_hint": (ctypes.c_uint32, ctypes.c_uint64),
     "xdpfw_stats": (ctypes.c_uint32, abi.GlobalStats),
     "xdpfw_config": (ctypes.c_uint32, abi.Config),
+    # rate limits (issue 16)
+    "xdpfw_limits": (ctypes.c_uint32, abi.Limit),
+    "xdpfw_limit_stats": (ctypes.c_uint32, abi.LimitStats),
+    "xdpfw_buckets": (abi.BucketKey, abi.Bucket),
+    "xdpfw_bans": (abi.BucketKey, ctypes.c_uint64),
 }
 
 _Maps = dict[str, bpfsys.Map[Any, Any]]

@@ -44,6 +44,11 @@ MAP_NAMES = (
     "xdpfw_lpm4_hint",
     "xdpfw_stats",
     "xdpfw_config",
+    # rate limits (issue 16)
+    "xdpfw_limits",
+    "xdpfw_limit_stats",
+    "xdpfw_buckets",
+    "xdpfw_bans",
 )
 
 
