@@ -32,6 +32,7 @@ __all__ = [
     "BucketKey",
     "LimitState",
     "Outcome",
+    "credit",
     "Parsed",
     "Status",
     "evaluate",
@@ -354,6 +355,18 @@ class LimitState:
         return answer
 
 
+def credit(rules: Iterable[Rule], p: Parsed) -> Rule | None:
+    """The rule the contract credits for a parsed frame (None: no rule applies)."""
+    if p.status != "ok":
+        return None
+    matching = [r for r in rules if rule_matches(r, p)]
+    for klass in _CLASSES:
+        candidates = [r for r in matching if _verdict_class(r) in klass]
+        if candidates:
+            return max(candidates, key=specificity)
+    return None
+
+
 def evaluate(
     rules: Iterable[Rule], frame: bytes, *, limits: LimitState | None = None, now: int = 0
 ) -> Outcome:
@@ -372,16 +385,8 @@ def evaluate(
     if len(set(ids)) != len(ids):
         raise ValueError("rule ids must be unique")
     p = parse_frame(frame)
-    credited: Rule | None = None
-    verdict = abi.VERDICT_NONE
-    if p.status == "ok":
-        matching = [r for r in rules if rule_matches(r, p)]
-        for klass in _CLASSES:
-            candidates = [r for r in matching if _verdict_class(r) in klass]
-            if candidates:
-                credited = max(candidates, key=specificity)
-                verdict = _verdict_class(credited)
-                break
+    credited = credit(rules, p)
+    verdict = abi.VERDICT_NONE if credited is None else _verdict_class(credited)
     drop = verdict == abi.VERDICT_DROP
     budget = None
     if credited is not None and credited.action is Action.LIMIT:
