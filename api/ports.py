@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from xdpfw.datapath import Attachment, GlobalCounters, RuleCounters
-from xdpfw.rules import Rule
+from xdpfw.datapath import Attachment, Ban, GlobalCounters, LimitCounters, RuleCounters
+from xdpfw.rules import Limit, Rule
 
 __all__ = ["CounterArrays", "DatapathPort", "RuleIndex"]
 
@@ -74,6 +74,17 @@ class DatapathPort(Protocol):
     def detach(self, ifname: str) -> None: ...
 
     def attachments(self) -> list[Attachment]: ...
+
+    # rate limits (issue 16)
+    def rule_limits(self) -> Mapping[int, Limit]: ...
+
+    def limit_counters(
+        self, rule_ids: Iterable[int] | None = None
+    ) -> dict[int, LimitCounters]: ...
+
+    def bans(self) -> list[Ban]: ...
+
+    def unban(self, source: str | None = None, rule_id: int | None = None) -> int: ...
 
 
 if TYPE_CHECKING:

@@ -12,6 +12,7 @@ calls.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import sqlite3
@@ -26,11 +27,12 @@ from api.store import PROTECT_BASE, PROTECT_IDS, Store, StoredRule, is_protected
 from xdpfw import abi
 from xdpfw import codes as wire  # the rule wire format ("codes" names the rules here)
 from xdpfw.compiler import gc_paused
-from xdpfw.datapath import Attachment, GlobalCounters, RuleCounters
+from xdpfw.datapath import Attachment, Ban, GlobalCounters, LimitCounters, RuleCounters
 from xdpfw.errors import InterfaceNotFound, InvalidRule, RuleConflict, RuleNotFound, XdpfwError
 from xdpfw.rules import (
     MAX_RULE_ID,
     Action,
+    Limit,
     Network,
     Rule,
     RuleSpec,
@@ -55,6 +57,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("xdpfw.service")
+
+# Verdicts that drop packets: a protected prefix refuses them (issue 16: limits drop too).
+_DROPPING = (abi.VERDICT_DROP, abi.VERDICT_LIMIT)
 
 
 @dataclass(frozen=True)
@@ -181,6 +186,10 @@ def api_allow_rule(host: str, port: int) -> Rule | None:
     return spec.with_id(API_RULE_ID)
 
 
+def _with_limit(rule: Rule, limit: Limit | None) -> Rule:
+    return rule if limit is None else dataclasses.replace(rule, limit=limit)
+
+
 def _within(a: Network, b: Network) -> bool:
     if isinstance(a, ipaddress.IPv4Network) and isinstance(b, ipaddress.IPv4Network):
         return a.subnet_of(b)
@@ -254,14 +263,16 @@ class FirewallService:
             remove: list[int] = []
             add: list[Rule] = []
             agree = 0
+            limits = self.store.limits()  # issue 16: a limit rule agrees only with its budget
+            in_limits = self.dp.rule_limits() if limits else {}
             for rid, code in self.store.codes():
                 have = in_maps.get(rid)
-                if have == code:
+                if have == code and in_limits.get(rid) == limits.get(rid):
                     agree += 1
                     continue
                 if have is not None:
                     remove.append(rid)
-                add.append(rule_from_code(rid, code))
+                add.append(_with_limit(rule_from_code(rid, code), limits.get(rid)))
             if agree + len(remove) < n_user:  # rules in the maps that the database lacks
                 known = set(self.store.ids())
                 remove.extend(
@@ -303,7 +314,7 @@ class FirewallService:
             self.dp.add_rules(new)
 
     def _check_protected_code(self, code: int) -> None:
-        if wire.verdict(code) != abi.VERDICT_DROP or not self.protected:
+        if wire.verdict(code) not in _DROPPING or not self.protected:
             return
         key = wire.key(code)
         direction = wire.key_dir(key)
@@ -353,7 +364,7 @@ class FirewallService:
         if lost:
             hits = dict.fromkeys(lost, 0)
             for _, code in self.store.codes():
-                if wire.verdict(code) != abi.VERDICT_DROP:
+                if wire.verdict(code) not in _DROPPING:
                     continue
                 rule = rule_from_code(1, code)
                 for net in lost:
@@ -397,6 +408,7 @@ class FirewallService:
             [item.comment for item in items],
             [item.ttl_seconds for item in items],
             [item.force for item in items],
+            [item.spec.limit for item in items],
         )
 
     def bulk_add_codes(self, batch: NewCodes) -> BulkResult:
@@ -412,6 +424,7 @@ class FirewallService:
         comments: Sequence[str],
         ttls: Sequence[int | None],
         forces: Sequence[bool],
+        limits: Sequence[Limit | None] | None = None,
     ) -> BulkResult:
         with self.lock, gc_paused():
             now = time.time()
@@ -429,6 +442,8 @@ class FirewallService:
                     raise RuleConflict(
                         f"{rule_from_code(1, code).describe()} is {what}: it is allowed already"
                     )
+                if limits is not None and (lim := limits[i]) is not None:
+                    self._check_limit_duplicate(existing, lim)
                 if existing is not None:
                     dups.append(existing)
                 elif code in seen:
@@ -441,11 +456,18 @@ class FirewallService:
                 expiry = [
                     now + ttl if (ttl := ttls[i]) else None for i in fresh
                 ]
+                got = {} if limits is None else {
+                    rid: lim for i, rid in zip(fresh, ids, strict=True)
+                    if (lim := limits[i]) is not None
+                }
                 self.store.insert_codes(
-                    (rid, codes[i], comments[i], now, exp)
-                    for i, rid, exp in zip(fresh, ids, expiry, strict=True)
+                    ((rid, codes[i], comments[i], now, exp)
+                     for i, rid, exp in zip(fresh, ids, expiry, strict=True)),
+                    got,
                 )
                 rules = [rule_from_code(rid, codes[i]) for i, rid in zip(fresh, ids, strict=True)]
+                if got:
+                    rules = [_with_limit(r, got.get(r.id)) for r in rules]
                 self.dp.add_rules(rules)
                 undo.append(lambda: self.dp.remove_rules(ids))
             stored = [
@@ -454,6 +476,30 @@ class FirewallService:
             ]
             dups.extend(ids[seen[code]] for code in again)
             return BulkResult(stored, dups)
+
+    # -- rate limits (issue 16) ------------------------------------------------------------------
+
+    def _check_limit_duplicate(self, existing: int | None, limit: Limit) -> None:
+        """A limit rule whose match exists already with another budget is a conflict."""
+        if existing is None:
+            return
+        have = self.dp.rule_limits().get(existing)
+        if have is not None and have != limit:
+            raise RuleConflict(
+                f"rule {existing} has this match with another limit ({have}); remove it "
+                "first to change the budget"
+            )
+
+    def limit_counters(self, rule_ids: Sequence[int] | None = None) -> dict[int, LimitCounters]:
+        return self.dp.limit_counters(rule_ids)
+
+    def bans(self) -> list[Ban]:
+        with self.lock:
+            return self.dp.bans()
+
+    def unban(self, source: str | None = None, rule_id: int | None = None) -> int:
+        with self.lock:
+            return self.dp.unban(source, rule_id)
 
     @contextmanager
     def _changing(self, what: str) -> Iterator[list[Callable[[], object]]]:
@@ -488,6 +534,7 @@ class FirewallService:
         the kernel is touched (the rule stays enforced, its counters kept). If the maps then
         refuse (the datapath undid its own part), the rows are put back as they were."""
         rows = self.store.rows(rule_ids)
+        extras = self.store.extras_rows(rule_ids)  # issue 16
         with self.store.transaction():
             self.store.delete(rule_ids)
         try:
@@ -496,6 +543,7 @@ class FirewallService:
             try:
                 with self.store.transaction():
                     self.store.restore(rows)
+                    self.store.restore_extras(extras)
             except Exception as again:  # both sides failed: only a restart reconciles
                 log.critical(
                     "could not restore %d rule row(s) after the maps refused their removal "

@@ -25,8 +25,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from xdpfw import codes as wire
 from xdpfw.errors import CapacityExceeded, DatabaseCorrupt, StorageError, StorageFull
-from xdpfw.rules import MAX_RULE_ID, Rule, RuleSpec, code_from_texts, code_texts
+from xdpfw.rules import (
+    MAX_RULE_ID,
+    Limit,
+    Rule,
+    RuleSpec,
+    TcpFlags,
+    code_from_texts,
+    code_texts,
+)
 
 __all__ = [
     "ID_LIMIT",
@@ -72,7 +81,18 @@ CREATE TABLE IF NOT EXISTS rules (
 );
 CREATE INDEX IF NOT EXISTS rules_expiry ON rules(expires_at) WHERE expires_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS interfaces (name TEXT PRIMARY KEY, mode TEXT NOT NULL);
+-- issue 16: a rule's TCP flags and rate limit, beside its row (created on open when missing)
+CREATE TABLE IF NOT EXISTS rule_extras (
+    rule_id INTEGER PRIMARY KEY,
+    tcp_flags TEXT,
+    rate_limit TEXT
+);
 """
+# The rules with their extras (issue 16), for every read that makes a Rule or a code.
+_RULES_JOINED = (
+    "SELECT r.*, e.tcp_flags AS tcp_flags, e.rate_limit AS rate_limit FROM rules r"
+    " LEFT JOIN rule_extras e ON e.rule_id = r.id"
+)
 _COLUMNS = "id, action, mode, src, dst, proto, dport, comment, created_at, expires_at"
 _TABLES = {
     "meta": {"key", "value"},
@@ -169,8 +189,26 @@ def _row_to_rule(row: sqlite3.Row) -> StoredRule:
         dst=row["dst"],
         proto=row["proto"],
         dport=row["dport"],
+        tcp_flags=row["tcp_flags"],
+        limit=_limit_of(row["rate_limit"]),
     )
     return StoredRule(spec.with_id(row["id"]), row["comment"], row["created_at"], row["expires_at"])
+
+
+def _limit_of(text: str | None) -> Limit | None:
+    return None if text is None else Limit.from_dict(json.loads(text))
+
+
+def _extras(rid: int, code: int, limit: Limit | None) -> tuple[int, str | None, str | None] | None:
+    """The rule_extras row of a rule, None when it has no TCP flags and no limit."""
+    flags = wire.tcp_flags(code)
+    if flags is None and limit is None:
+        return None
+    return (
+        rid,
+        None if flags is None else str(TcpFlags(*flags)),
+        None if limit is None else json.dumps(limit.to_dict()),
+    )
 
 
 class Store:
@@ -300,21 +338,65 @@ class Store:
         return list(range(start, start + count))
 
     def insert(self, rules: Iterable[StoredRule]) -> None:
+        rules = list(rules)
         self.insert_codes(
-            (r.id, r.rule.code(), r.comment, r.created_at, r.expires_at) for r in rules
+            ((r.id, r.rule.code(), r.comment, r.created_at, r.expires_at) for r in rules),
+            {r.id: r.rule.limit for r in rules if r.rule.limit is not None},
         )
 
     def insert_codes(
-        self, rows: Iterable[tuple[int, int, str, float, float | None]]
+        self,
+        rows: Iterable[tuple[int, int, str, float, float | None]],
+        limits: dict[int, Limit] | None = None,
     ) -> None:
-        """Insert (id, code, comment, created_at, expires_at) rows: no Rule objects needed."""
+        """Insert (id, code, comment, created_at, expires_at) rows: no Rule objects needed.
+        `limits`: the rate limits of the limit rules among them (issue 16)."""
+        extras: list[tuple[int, str | None, str | None]] = []
+        tcp_bits, limit_bits = wire.TCP_MASK.mask, wire.LIMIT.mask
+
+        def texts() -> Iterable[tuple[object, ...]]:
+            for rid, code, comment, created, expires in rows:
+                if code & (tcp_bits | limit_bits):
+                    extra = _extras(rid, code, (limits or {}).get(rid))
+                    if extra is not None:
+                        extras.append(extra)
+                yield (rid, *code_texts(code), comment, created, expires)
+
         with self._sql(f"write the rule database {self.path}"):
             self._db.executemany(
                 "INSERT INTO rules (id, action, mode, src, dst, proto, dport, comment,"
                 " created_at, expires_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                ((rid, *code_texts(code), comment, created, expires)
-                 for rid, code, comment, created, expires in rows),
+                texts(),
             )
+            if extras:
+                self._db.executemany("INSERT INTO rule_extras VALUES (?,?,?)", extras)
+
+    # -- issue 16: the extras (TCP flags, rate limits) of rules --------------------------------
+
+    def extras_rows(self, rule_ids: Iterable[int]) -> list[tuple[object, ...]]:
+        """The rule_extras rows of these ids (for `restore_extras`)."""
+        ids = json.dumps(list(rule_ids))
+        with self._sql("read the rule database"):
+            cur = self._db.cursor()
+            cur.row_factory = None
+            cur.execute(
+                "SELECT rule_id, tcp_flags, rate_limit FROM rule_extras"
+                " WHERE rule_id IN (SELECT value FROM json_each(?))",
+                (ids,),
+            )
+            return cur.fetchall()
+
+    def restore_extras(self, rows: Iterable[tuple[object, ...]]) -> None:
+        with self._sql(f"write the rule database {self.path}"):
+            self._db.executemany("INSERT INTO rule_extras VALUES (?,?,?)", rows)
+
+    def limits(self) -> dict[int, Limit]:
+        """The rate limit of every limit rule."""
+        with self._sql("read the rule database"):
+            rows = self._db.execute(
+                "SELECT rule_id, rate_limit FROM rule_extras WHERE rate_limit IS NOT NULL"
+            ).fetchall()
+        return {r["rule_id"]: Limit.from_dict(json.loads(r["rate_limit"])) for r in rows}
 
     def rows(self, rule_ids: Iterable[int]) -> list[tuple[object, ...]]:
         """The stored rows of these ids, as they are (no parsing: cheap for 100k ids), for
@@ -341,9 +423,17 @@ class Store:
         with self._sql("read the rule database"):
             cur = self._db.cursor()
             cur.row_factory = None
-            cur.execute("SELECT id, action, mode, src, dst, proto, dport FROM rules ORDER BY id")
-            for rid, action, mode, src, dst, proto, dport in cur:
-                yield rid, code_from_texts(action, mode, src, dst, proto, dport)
+            cur.execute(
+                "SELECT r.id, action, mode, src, dst, proto, dport, e.tcp_flags FROM rules r"
+                " LEFT JOIN rule_extras e ON e.rule_id = r.id ORDER BY r.id"
+            )
+            for rid, action, mode, src, dst, proto, dport, flags in cur:
+                if action == "limit":  # its limit is not part of the code; any valid one does
+                    yield rid, code_from_texts(
+                        action, mode, src, dst, proto, dport, flags, Limit.parse(pps=1)
+                    )
+                    continue
+                yield rid, code_from_texts(action, mode, src, dst, proto, dport, flags)
 
     def ids(self) -> Iterator[int]:
         with self._sql("read the rule database"):
@@ -354,23 +444,26 @@ class Store:
 
     def delete(self, rule_ids: Iterable[int]) -> None:
         with self._sql(f"write the rule database {self.path}"):
-            self._db.executemany("DELETE FROM rules WHERE id=?", ((i,) for i in rule_ids))
+            ids = [(i,) for i in rule_ids]
+            self._db.executemany("DELETE FROM rules WHERE id=?", ids)
+            if self._db.execute("SELECT 1 FROM rule_extras LIMIT 1").fetchone() is not None:
+                self._db.executemany("DELETE FROM rule_extras WHERE rule_id=?", ids)
 
     def get(self, rule_id: int) -> StoredRule | None:
         with self._sql("read the rule database"):
-            row = self._db.execute("SELECT * FROM rules WHERE id=?", (rule_id,)).fetchone()
+            row = self._db.execute(f"{_RULES_JOINED} WHERE r.id=?", (rule_id,)).fetchone()
         return _row_to_rule(row) if row is not None else None
 
     def page(self, after: int, limit: int) -> list[StoredRule]:
         with self._sql("read the rule database"):
             rows = self._db.execute(
-                "SELECT * FROM rules WHERE id>? ORDER BY id LIMIT ?", (after, limit)
+                f"{_RULES_JOINED} WHERE r.id>? ORDER BY r.id LIMIT ?", (after, limit)
             ).fetchall()
         return [_row_to_rule(r) for r in rows]
 
     def all(self) -> list[StoredRule]:
         with self._sql("read the rule database"):
-            rows = self._db.execute("SELECT * FROM rules ORDER BY id").fetchall()
+            rows = self._db.execute(f"{_RULES_JOINED} ORDER BY r.id").fetchall()
         return [_row_to_rule(r) for r in rows]
 
     def count(self) -> int:

@@ -159,7 +159,9 @@ def test_pack_unpack_round_trip(
 
 
 @given(_keys(), _VERDICTS, st.integers(1, 255), st.integers(0, 255))
-def test_tcp_flags_round_trip_and_leave_the_rest(k: int, verdict: int, mask: int, want: int) -> None:
+def test_tcp_flags_round_trip_and_leave_the_rest(
+    k: int, verdict: int, mask: int, want: int
+) -> None:
     want &= mask
     code = codes.pack(k, verdict, 6, None, (mask, want))
     assert codes.tcp_flags(code) == (mask, want)
@@ -221,7 +223,8 @@ def _rules(draw: st.DrawFn) -> Rule:
     proto = draw(protos if net is None else st.none() | protos)
     ports = draw(st.none() | _PORT_RANGES) if proto in (Proto.TCP, Proto.UDP) else None
     src, dst = (net, None) if draw(st.booleans()) else (None, net)
-    flags = draw(st.none() | st.sampled_from(("syn", "RST", "FIN,!ACK"))) if proto is Proto.TCP else None
+    tcp_texts = st.none() | st.sampled_from(("syn", "RST", "FIN,!ACK"))
+    flags = draw(tcp_texts) if proto is Proto.TCP else None
     limit = Limit.parse(pps=draw(st.integers(1, 10**6))) if action is Action.LIMIT else None
     spec = RuleSpec(
         action=action, mode=mode, src=src, dst=dst, proto=proto, dport=ports,

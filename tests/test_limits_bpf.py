@@ -182,7 +182,7 @@ def test_removing_a_limit_rule_clears_its_state(dp: Datapath) -> None:
     assert dp.bans() == [] and dp.limit_counters() == {}
     key = ctypes.c_uint32(7)
     assert dp.map("xdpfw_limits").lookup(key) is None
-    assert not [k for k in dp.map("xdpfw_buckets").keys() if k.rule_id == 7]
+    assert not [k for k in dp.map("xdpfw_buckets") if k.rule_id == 7]
     # a new rule with the same id starts clean
     dp.add_rules([L(7, Limit.parse(pps=1, burst=1), src=SRC_A)])
     assert verdicts(dp, [udp(SRC_A)] * 2) == ["pass", "drop"]

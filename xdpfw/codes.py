@@ -169,8 +169,8 @@ CODE_FIELDS = (PORT_HI, PORT_LO, HAS_PORTS, PROTO, VERDICT, LIMIT, TCP_MASK, TCP
 # VERDICT and LIMIT read together: the slot's verdict byte (abi.VERDICT_*).
 _SLOT_VERDICT_BITS = (1 << (VERDICT.width + LIMIT.width)) - 1
 assert LIMIT.shift == VERDICT.shift + VERDICT.width
-assert abi.VERDICT_LIMIT == abi.VERDICT_DROP | 1 << VERDICT.width
-assert abi.VERDICT_LIMIT_MONITOR == abi.VERDICT_MONITOR | 1 << VERDICT.width
+assert abi.VERDICT_DROP | 1 << VERDICT.width == abi.VERDICT_LIMIT
+assert abi.VERDICT_MONITOR | 1 << VERDICT.width == abi.VERDICT_LIMIT_MONITOR
 
 # TCP flag bits (byte 13 of the TCP header, RFC 9293 + RFC 3168), by name.
 TCP_FLAG_NAMES = {"FIN": 0x01, "SYN": 0x02, "RST": 0x04, "PSH": 0x08, "ACK": 0x10,

@@ -392,6 +392,11 @@ class Datapath:
 
     # -- rate limits (issue 16) ------------------------------------------------------------------
 
+    def rule_limits(self) -> dict[int, Limit]:
+        """The budget of every limit rule in the maps."""
+        with self._lock:
+            return dict(self._limits)
+
     def limit_counters(self, rule_ids: Iterable[int] | None = None) -> dict[int, LimitCounters]:
         """Per limit rule: frames passed within the budget, limited and banned."""
         with kernel_door("reading xdpfw_limit_stats"):

@@ -137,9 +137,9 @@ class LimitMaps:
                 out[int(k.value)] = _sum(per_cpu)
             return out
         for rule_id in rule_ids:
-            per_cpu = self._stats.lookup_percpu(ctypes.c_uint32(rule_id))
-            if per_cpu is not None:
-                out[rule_id] = _sum(per_cpu)
+            found = self._stats.lookup_percpu(ctypes.c_uint32(rule_id))
+            if found is not None:
+                out[rule_id] = _sum(found)
         return out
 
     def bans(self) -> list[Ban]:
@@ -168,7 +168,7 @@ class LimitMaps:
         return n
 
     def bucket_count(self) -> int:
-        return sum(1 for _ in self._buckets.keys())
+        return sum(1 for _ in self._buckets)
 
 
 def _sum(per_cpu: list[abi.LimitStats]) -> LimitCounters:

@@ -24,10 +24,9 @@ from __future__ import annotations
 import ctypes
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
-
 
 from xdpfw.abi import Stat
 from xdpfw.datapath.limits import bucket_key
@@ -113,9 +112,9 @@ class ClockedDiffer:
                 outcomes.append(out)
                 continue
             rep.limit_frames += 1
-            out = self._check_limited(rep, rule, p, frame, fd)
-            if out is not None:
-                outcomes.append(out)
+            checked = self._check_limited(rep, rule, p, frame, fd)
+            if checked is not None:
+                outcomes.append(checked)
             if len(rep.mismatches) >= self.max_mismatches:
                 return rep
         self._check_totals(rep, outcomes, g0, r0, l0)
@@ -218,7 +217,7 @@ class ClockedDiffer:
         outcomes: Sequence[model.Outcome],
         g0: dict[Stat, int],
         r0: dict[int, tuple[int, int]],
-        l0: dict[int, object],
+        l0: Mapping[int, object],
     ) -> None:
         g1 = self.dp.global_counters().by_stat()
         want = model.total_stats(outcomes)

@@ -349,7 +349,10 @@ def build_frame(
             raise ValueError("IPv4 options are at most 40 bytes")
         options = ip_options + bytes(-len(ip_options) % 4)
         pseudo = s.packed + d.packed
-        l4 = payload if frag_offset else _l4(number, pseudo, sport, dport, icmp_type, payload, tcp_flags)
+        l4 = (
+            payload if frag_offset
+            else _l4(number, pseudo, sport, dport, icmp_type, payload, tcp_flags)
+        )
         ihl = 5 + len(options) // 4
         frag = (0x2000 if more_fragments else 0) | frag_offset
         header = (

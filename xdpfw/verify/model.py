@@ -32,9 +32,9 @@ __all__ = [
     "BucketKey",
     "LimitState",
     "Outcome",
-    "credit",
     "Parsed",
     "Status",
+    "credit",
     "evaluate",
     "parse_frame",
     "rule_matches",
@@ -222,7 +222,8 @@ def rule_matches(rule: RuleSpec, p: Parsed) -> bool:
             return False
     if rule.proto is not None and rule.proto.number != p.proto:
         return False
-    if rule.tcp_flags is not None and (p.tcp_flags is None or not rule.tcp_flags.matches(p.tcp_flags)):
+    flags = rule.tcp_flags
+    if flags is not None and (p.tcp_flags is None or not flags.matches(p.tcp_flags)):
         return False  # flags need a whole TCP header: never a non-first fragment
     return not (rule.dport is not None and (p.dport is None or p.dport not in rule.dport))
 
