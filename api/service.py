@@ -338,8 +338,9 @@ class FirewallService:
                 hit = f"source {src.with_prefixlen} overlaps"
             else:
                 continue
+            kind = "limit" if wire.verdict(code) == abi.VERDICT_LIMIT else "drop"
             raise RuleConflict(
-                f"this drop rule {hit} the protected prefix {net.with_prefixlen}; protected "
+                f"this {kind} rule {hit} the protected prefix {net.with_prefixlen}; protected "
                 "sources are never dropped (they are allowed above every drop rule). Send "
                 '"force": true to add it anyway.'
             )

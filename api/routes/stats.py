@@ -11,7 +11,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from api.deps import AUTH_RESPONSES, ERROR_RESPONSES, ReadAccess, ServiceDep
-from api.models import RuleStatOut, StatsOut, TotalsOut, iso
+from api.models import LimitCountersOut, RuleStatOut, StatsOut, TotalsOut, iso
 from api.service import FirewallService
 from xdpfw import abi
 
@@ -36,10 +36,14 @@ def stats(
     """Totals and per-rule counters, busiest rule first (`top=N` keeps the first N)."""
     totals = svc.totals()
     ranked = svc.top_counters(top)
+    limits = svc.limit_counters()  # issue 16: limit rules also say passed / limited / banned
     return StatsOut(
         totals=TotalsOut.of(totals),
         rules=[
-            RuleStatOut(id=rid, packets=c.packets, bytes=c.bytes, last_hit=iso(c.last_hit))
+            RuleStatOut(
+                id=rid, packets=c.packets, bytes=c.bytes, last_hit=iso(c.last_hit),
+                limit=LimitCountersOut.of(limits[rid]) if rid in limits else None,
+            )
             for rid, c in ranked
         ],
     )

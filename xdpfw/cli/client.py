@@ -69,10 +69,46 @@ START_HINT = (
 # --- the API's shapes (api/models.py) ------------------------------------------------------
 
 
+# -- issue 16: rate limits --
+
+
+class LimitCounters(TypedDict):
+    passed: int
+    limited: int
+    banned: int
+
+
+class Limit(TypedDict):
+    pps: int | None
+    burst: int | None
+    bps: int | None
+    burst_bytes: int | None
+    per: str
+    ban_seconds: int
+
+
+class Ban(TypedDict):
+    rule_id: int
+    source: str
+    expires_in: float
+
+
+class Bans(TypedDict):
+    bans: list[Ban]
+
+
+class Unban(TypedDict):
+    unbanned: int
+
+
+# --
+
+
 class RuleCounters(TypedDict):
     packets: int
     bytes: int
     last_hit: str | None
+    limit: LimitCounters | None
 
 
 class Rule(TypedDict):
@@ -87,6 +123,8 @@ class Rule(TypedDict):
     created_at: str
     expires_at: str | None
     counters: RuleCounters | None
+    tcp_flags: str | None  # issue 16
+    limit: Limit | None
 
 
 class RulePage(TypedDict):
@@ -120,6 +158,7 @@ class RuleStat(TypedDict):
     packets: int
     bytes: int
     last_hit: str | None
+    limit: LimitCounters | None  # issue 16
 
 
 class Stats(TypedDict):

@@ -203,6 +203,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--monitor", action="store_true", help="count matches but let them pass")
     p.add_argument("--ttl", type=_ttl, metavar="DURATION", help="expire after 30s, 10m, 2h, 1d")
     p.add_argument("--comment", default="", metavar="TEXT", help="free text (max 256)")
+    # -- issue 16: rate limits and TCP flags --
+    m.add_argument("--tcp-flags", metavar="FLAGS",
+                   help='"syn" (SYN set, ACK clear) or e.g. "SYN,!ACK", "RST" (with --proto tcp)')
+    lim = p.add_argument_group("rate limit (makes the rule a limit rule)")
+    lim.add_argument("--limit", metavar="RATE",
+                     help="100/s (packets) or 2mb/s, 500kb/s, 9000b/s (bytes); per second")
+    lim.add_argument("--burst", metavar="N",
+                     help="packets (or bytes: 64kb) that may pass at once; default: one second")
+    lim.add_argument("--per", choices=["source", "rule"],
+                     help="a budget per source address (default) or one for the rule")
+    lim.add_argument("--ban", metavar="DURATION",
+                     help="drop a source that goes over for this long (30s, 10m, 1h)")
+    # --
     _json_flag(p, "print the new rule as JSON, not just its id")
 
     p = _sub(rsub, "rm", "remove rules by id", RULE_RM_EPILOG, cmd_rule_rm, "rule rm")
