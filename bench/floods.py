@@ -85,7 +85,9 @@ def cost(plain: Datapath, limits: Datapath, repeat: int, reps: int) -> dict[str,
     for name in ("over", "banned"):
         for _ in range(3):
             bpfsys.prog_test_run(limits.prog_fd, frames[name], 1)
-    runs: dict[str, dict[str, list[float]]] = {p: {f: [] for f in frames} for p in ("plain", "limits")}
+    runs: dict[str, dict[str, list[float]]] = {
+        p: {f: [] for f in frames} for p in ("plain", "limits")
+    }
     verdicts: dict[str, int] = {}
     for _ in range(reps):
         for fname, frame in frames.items():
@@ -155,7 +157,9 @@ def run(quick: bool = False) -> dict[str, Any]:
         res: dict[str, Any] = {
             "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "kernel": os.uname().release,
-            "cost": cost(plain, limits, repeat=20_000 if quick else 200_000, reps=3 if quick else 7),
+            "cost": cost(
+                plain, limits, repeat=20_000 if quick else 200_000, reps=3 if quick else 7
+            ),
             "flood": flood(limits, seconds=1.0 if quick else 6.0, mix=100),
         }
     finally:
