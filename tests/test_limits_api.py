@@ -184,3 +184,16 @@ def test_cli_bad_limit_flags(argv: list[str], words: str) -> None:
 
     with pytest.raises(InvalidRule, match=words):
         limit_body(_add("--src", "198.18.0.1", *argv))
+
+
+def test_stats_and_top_show_limited_and_banned() -> None:
+    from xdpfw.cli import top
+    from xdpfw.cli.client import RuleStat
+    from xdpfw.cli.stats import TOTALS, limited_text
+
+    row: RuleStat = {"id": 1, "packets": 9, "bytes": 9, "last_hit": None,
+                     "limit": {"passed": 3, "limited": 4, "banned": 2}}
+    assert limited_text(row) == "4 +2 banned"
+    assert limited_text({**row, "limit": {"passed": 3, "limited": 4, "banned": 0}}) == "4"
+    assert limited_text({**row, "limit": None}) == "-"
+    assert "limited" in TOTALS and "limited" in top.TOP_LINE

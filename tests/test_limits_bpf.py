@@ -200,11 +200,13 @@ def test_limit_parameters_in_the_map_are_the_contract(dp: Datapath) -> None:
 def test_clocked_differential_100k_frames(dp: Datapath) -> None:
     """Program and model agree frame by frame on 100k frames, budgets refilling meanwhile."""
     rules = [
-        L(1, Limit.parse(pps=4000, burst=4), src="198.18.40.0/24"),
-        L(2, Limit.parse(pps=2000, burst=3, ban_seconds=1), src="198.18.41.0/24"),
-        L(3, Limit.parse(bps=400_000, burst_bytes=3000, per="rule"), dst="198.19.7.0/24"),
-        L(4, Limit.parse(pps=3000, burst=2), mode="monitor", src="198.18.42.0/24"),
-        L(5, Limit.parse(pps=5000, burst=5, bps=900_000, burst_bytes=4000),
+        # rates well below what each source sends even on a loaded machine (a few thousand
+        # frames a second in all), so every rule is over its budget part of the time
+        L(1, Limit.parse(pps=400, burst=4), src="198.18.40.0/24"),
+        L(2, Limit.parse(pps=200, burst=3, ban_seconds=1), src="198.18.41.0/24"),
+        L(3, Limit.parse(bps=40_000, burst_bytes=3000, per="rule"), dst="198.19.7.0/24"),
+        L(4, Limit.parse(pps=300, burst=2), mode="monitor", src="198.18.42.0/24"),
+        L(5, Limit.parse(pps=500, burst=5, bps=90_000, burst_bytes=4000),
           proto="tcp", dport=80, tcp_flags="syn"),
         R(6, src="198.18.40.9"),  # drop beats the limit
         R(7, action="allow", src="198.18.41.9"),  # allow beats the limit
@@ -225,11 +227,28 @@ def test_clocked_differential_100k_frames(dp: Datapath) -> None:
         return build_frame(src=src, dst=dst, proto="udp", dport=53,
                            payload=bytes(rng.choice([0, 200, 1000])))
 
+    pool = [frame() for _ in range(3000)]  # distinct frames, sent in random order
     differ = ClockedDiffer(dp)
-    rep = differ.check(frame() for _ in range(100_000))
+    rep = differ.check(rng.choice(pool) for _ in range(100_000))
     assert rep.mismatches == [], rep.mismatches
     assert rep.frames == 100_000
     # the check exercised every answer, mostly unambiguously
-    assert rep.answers["passed"] > 1000 and rep.answers["limited"] > 1000
+    assert rep.answers["passed"] > 500 and rep.answers["limited"] > 1000
     assert rep.answers["banned"] > 100
     assert rep.ambiguous < rep.limit_frames // 20
+
+
+def test_a_restarted_service_adopts_the_limits_from_the_pins(dp: Datapath) -> None:
+    from xdpfw.datapath import DatapathConfig
+
+    lim = Limit.parse(pps=100, burst=7, bps=5000, burst_bytes=9000, ban_seconds=30)
+    dp.add_rules([L(3, lim, src=SRC_A), L(4, Limit.parse(pps=3, per="rule"), proto="udp")])
+    assert verdicts(dp, [udp(SRC_A)] * 2) == ["pass", "pass"]
+    again = Datapath.open(DatapathConfig(bpffs_dir=dp.cfg.bpffs_dir, caps=dp.caps,
+                                         upgrade=False))
+    try:
+        assert again.adopted
+        assert again.rule_limits() == {3: lim, 4: Limit.parse(pps=3, per="rule")}
+        assert again.limit_counters([3])[3].passed == 2
+    finally:
+        again.close()

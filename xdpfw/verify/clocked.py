@@ -64,6 +64,8 @@ class ClockedDiffer:
         self.rules: tuple[Rule, ...] = tuple(dp.rules())
         self.state = model.LimitState()
         self.max_mismatches = max_mismatches
+        # frame -> (parsed, credited rule): the rules do not change during a check
+        self._credit: dict[bytes, tuple[model.Parsed, Rule | None]] = {}
         self._stats = dp.map("xdpfw_limit_stats")
         self._buckets = dp.map("xdpfw_buckets")
         self._bans = dp.map("xdpfw_bans")
@@ -101,8 +103,11 @@ class ClockedDiffer:
         fd = self.dp.prog_fd
         for frame in frames:
             rep.frames += 1
-            p = model.parse_frame(frame)
-            rule = model.credit(self.rules, p)
+            known = self._credit.get(frame)
+            if known is None:
+                p = model.parse_frame(frame)
+                known = self._credit[frame] = (p, model.credit(self.rules, p))
+            p, rule = known
             if rule is None or rule.action is not Action.LIMIT:
                 out = model.evaluate(self.rules, frame)
                 got = run(fd, frame).verdict
