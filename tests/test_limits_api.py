@@ -197,3 +197,18 @@ def test_stats_and_top_show_limited_and_banned() -> None:
     assert limited_text({**row, "limit": {"passed": 3, "limited": 4, "banned": 0}}) == "4"
     assert limited_text({**row, "limit": None}) == "-"
     assert "limited" in TOTALS and "limited" in top.TOP_LINE
+
+
+def test_bulk_json_takes_limit_rules(api: Api) -> None:
+    body = [SYN_LIMIT, {"src": "198.18.3.0/24"},
+            {"action": "limit", "src": "198.18.4.0/24", "limit": {"bps": 100_000}}]
+    r = api.client.post("/v1/rules/bulk", json=body)
+    assert r.status_code == 201, r.text
+    ids = r.json()["ids"]
+    assert {rid: lim.pps or lim.bps for rid, lim in api.dp.limits.items()} == {
+        ids[0]: 100, ids[2]: 100_000,
+    }
+    assert api.store.limits()[ids[2]].burst_bytes == 100_000
+    bad = [SYN_LIMIT, {"action": "limit", "src": "198.18.5.0/24"}]
+    r = api.client.post("/v1/rules/bulk", json=bad)
+    assert r.status_code == 422 and "element 1" in r.text
