@@ -252,9 +252,10 @@ class FirewallService:
                 now = time.time()
                 with self.store.transaction():
                     self.store.insert_codes(
-                        (rid, code, "adopted from pinned maps", now, None)
-                        for rid, code in sorted(in_maps.items())
-                        if not is_protected_id(rid)
+                        ((rid, code, "adopted from pinned maps", now, None)
+                         for rid, code in sorted(in_maps.items())
+                         if not is_protected_id(rid)),
+                        self.dp.rule_limits(),  # issue 16: limit rules keep their budgets
                     )
                     self.store.mark_reconciled()
                 self.store.created = False

@@ -212,3 +212,22 @@ def test_bulk_json_takes_limit_rules(api: Api) -> None:
     bad = [SYN_LIMIT, {"action": "limit", "src": "198.18.5.0/24"}]
     r = api.client.post("/v1/rules/bulk", json=bad)
     assert r.status_code == 422 and "element 1" in r.text
+
+
+def test_a_lost_database_adopts_limit_rules_with_their_budgets(tmp_path: Path) -> None:
+    from tests.fakes import FakeDatapath
+    from xdpfw.rules import RuleSpec
+
+    dp = FakeDatapath()
+    lim = Limit.parse(pps=7, burst=9, ban_seconds=60)
+    dp.add_rules([
+        RuleSpec.parse(action="limit", src="198.18.6.0/24", proto="tcp", tcp_flags="syn",
+                       limit=lim).with_id(12),
+    ])
+    api = _api(tmp_path / "new.sqlite3", dp)  # a new database next to maps holding rules
+    try:
+        [rule] = api.client.get("/v1/rules").json()["rules"]
+        assert (rule["id"], rule["tcp_flags"], rule["limit"]["pps"]) == (12, "SYN,!ACK", 7)
+        assert api.store.limits() == {12: lim}
+    finally:
+        api.store.close()
