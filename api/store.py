@@ -20,7 +20,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -347,7 +347,7 @@ class Store:
     def insert_codes(
         self,
         rows: Iterable[tuple[int, int, str, float, float | None]],
-        limits: dict[int, Limit] | None = None,
+        limits: Mapping[int, Limit] | None = None,
     ) -> None:
         """Insert (id, code, comment, created_at, expires_at) rows: no Rule objects needed.
         `limits`: the rate limits of the limit rules among them (issue 16)."""
