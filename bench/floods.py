@@ -79,26 +79,43 @@ def _open(tag: str) -> Datapath:
     return Datapath.open(DatapathConfig(bpffs_dir=pins, caps=CAPS))
 
 
-def cost(plain: Datapath, limits: Datapath, repeat: int, reps: int) -> dict[str, Any]:
+def _open_percpu() -> Datapath:
+    """The same program built with per-CPU buckets (loader variant XDPFW_PERCPU_BUCKETS),
+    loaded but not pinned: only this benchmark uses it."""
+    from xdpfw.datapath import pins
+    from xdpfw.kernel import loader
+
+    loaded = loader.load(CAPS, ("XDPFW_PERCPU_BUCKETS",))
+    cfg = DatapathConfig(bpffs_dir=Path(f"/sys/fs/bpf/xdpfw-bench-floods-percpu-{os.getpid()}"),
+                         caps=CAPS)
+    dp = Datapath(cfg, loaded.prog_fd, pins.wrap_maps(loaded), CAPS, adopted=False)
+    dp._writer.write_config()
+    return dp
+
+
+def cost(progs: dict[str, Datapath], repeat: int, reps: int) -> dict[str, Any]:
     frames = {k: _frame(v) for k, v in SOURCES.items()}
     # put the "over" and "banned" sources into their state first
-    for name in ("over", "banned"):
-        for _ in range(3):
-            bpfsys.prog_test_run(limits.prog_fd, frames[name], 1)
-    runs: dict[str, dict[str, list[float]]] = {
-        p: {f: [] for f in frames} for p in ("plain", "limits")
-    }
-    verdicts: dict[str, int] = {}
+    for pname, dp in progs.items():
+        if pname == "plain":
+            continue
+        for name in ("over", "banned"):
+            for _ in range(3):
+                bpfsys.prog_test_run(dp.prog_fd, frames[name], 1)
+    runs: dict[str, dict[str, list[float]]] = {p: {f: [] for f in frames} for p in progs}
+    verdicts: dict[str, dict[str, int]] = {p: {} for p in progs if p != "plain"}
     for _ in range(reps):
         for fname, frame in frames.items():
-            for pname, dp in (("plain", plain), ("limits", limits)):
+            for pname, dp in progs.items():
                 r = bpfsys.prog_test_run(dp.prog_fd, frame, repeat)
                 runs[pname][fname].append(float(r.duration_ns))
-                if pname == "limits":
-                    verdicts[fname] = r.retval
+                if pname != "plain":
+                    verdicts[pname][fname] = r.retval
     want = {"miss": XDP_PASS, "within": XDP_PASS, "over": XDP_DROP, "banned": XDP_DROP,
             "drop": XDP_DROP}
-    assert verdicts == want, verdicts
+    for pname, got in verdicts.items():
+        assert got == want, (pname, got)
+    limits = progs["limits"]
     c = limits.limit_counters()
     out: dict[str, Any] = {"repeat": repeat, "reps": reps, "frames": {}}
     for fname in frames:
@@ -107,6 +124,8 @@ def cost(plain: Datapath, limits: Datapath, repeat: int, reps: int) -> dict[str,
             "plain_ns": p, "limits_ns": lim,
             "extra_ns": round(lim["median"] - p["median"], 1),
         }
+        if "percpu" in runs:
+            out["frames"][fname]["percpu_ns"] = stats(runs["percpu"][fname])
     out["counters"] = {rid: vars(v) for rid, v in c.items()}
     return out
 
@@ -152,27 +171,36 @@ def flood(limits: Datapath, seconds: float, mix: int) -> dict[str, Any]:
 
 def run(quick: bool = False) -> dict[str, Any]:
     plain, limits = _open("plain"), _open("limits")
+    percpu = None
     try:
+        percpu = _open_percpu()
         limits.add_rules(_rules())
+        percpu.add_rules(_rules())
+        progs = {"plain": plain, "limits": limits, "percpu": percpu}
         res: dict[str, Any] = {
             "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "kernel": os.uname().release,
-            "cost": cost(
-                plain, limits, repeat=20_000 if quick else 200_000, reps=3 if quick else 7
-            ),
+            "cost": cost(progs, repeat=20_000 if quick else 200_000, reps=3 if quick else 7),
             "flood": flood(limits, seconds=1.0 if quick else 6.0, mix=100),
         }
     finally:
         plain.close(cleanup=True)
         limits.close(cleanup=True)
+        if percpu is not None:
+            percpu.close()
     return res
 
 
 def report(res: dict[str, Any]) -> str:
-    lines = ["| frame | no rules (ns) | with limit rules (ns) | extra (ns) |", "|---|---|---|---|"]
+    lines = [
+        "| frame | no rules (ns) | limit rules, shared buckets (ns) | extra (ns) |"
+        " per-CPU buckets (ns) |",
+        "|---|---|---|---|---|",
+    ]
     for name, f in res["cost"]["frames"].items():
+        pc = f.get("percpu_ns", {}).get("median")
         lines.append(f"| {name} | {f['plain_ns']['median']:.1f} | {f['limits_ns']['median']:.1f}"
-                     f" | {f['extra_ns']:+.1f} |")
+                     f" | {f['extra_ns']:+.1f} | {'-' if pc is None else f'{pc:.1f}'} |")
     fl = res["flood"]
     lines += [
         "",

@@ -79,9 +79,18 @@ BPF_ARRAY(xdpfw_config, struct xdpfw_config, 1);
 BPF_F_TABLE("hash", __u32, struct xdpfw_limit, xdpfw_limits, XDPFW_MAX_LIMITS, BPF_F_NO_PREALLOC);
 /* Per limit rule, per CPU: passed / limited / banned frames. */
 BPF_PERCPU_HASH(xdpfw_limit_stats, __u32, struct xdpfw_limit_stats, XDPFW_MAX_LIMITS);
-/* GCRA state per (rule, source) or per rule; LRU: a full map evicts the least recent. */
+/*
+ * GCRA state per (rule, source) or per rule; LRU: a full map evicts the least recent.
+ * Shared by the CPUs (the contract). XDPFW_PERCPU_BUCKETS builds the per-CPU variant the
+ * benchmark compares it with (bench/floods.py); the product never sets it.
+ */
+#ifdef XDPFW_PERCPU_BUCKETS
+BPF_F_TABLE("lru_percpu_hash", struct xdpfw_bucket_key, struct xdpfw_bucket, xdpfw_buckets,
+	    XDPFW_MAX_BUCKETS, 0);
+#else
 BPF_F_TABLE("lru_hash", struct xdpfw_bucket_key, struct xdpfw_bucket, xdpfw_buckets,
 	    XDPFW_MAX_BUCKETS, 0);
+#endif
 /* Banned (rule, source) pairs: the value is the CLOCK_MONOTONIC ns the ban ends. */
 BPF_F_TABLE("lru_hash", struct xdpfw_bucket_key, __u64, xdpfw_bans, XDPFW_MAX_BANS, 0);
 
