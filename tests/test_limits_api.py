@@ -231,3 +231,14 @@ def test_a_lost_database_adopts_limit_rules_with_their_budgets(tmp_path: Path) -
         assert api.store.limits() == {12: lim}
     finally:
         api.store.close()
+
+
+def test_tcp_flag_texts() -> None:
+    from xdpfw.rules import TcpFlags
+
+    syn = TcpFlags.parse("syn")
+    assert (syn.mask, syn.want) == (0x12, 0x02) and str(syn) == "SYN,!ACK"
+    assert TcpFlags.parse("SYN,!ACK") == syn == TcpFlags.parse(" syn,!ack ")
+    only = TcpFlags.parse("SYN")
+    assert (only.mask, only.want) == (0x02, 0x02) and str(only) == "SYN"
+    assert TcpFlags.parse(str(TcpFlags.parse("FIN,!ACK,cwr"))) == TcpFlags.parse("CWR,FIN,!ACK")

@@ -407,11 +407,12 @@ class TcpFlags:
 
     @classmethod
     def parse(cls, text: str) -> TcpFlags:
-        """ "syn" (SYN set, ACK clear: a connection attempt) or a list like "SYN,!ACK", "RST",
-        "FIN,ACK": each flag named must be set, each "!flag" clear, the others are ignored."""
+        """ "syn" (lower case: SYN set, ACK clear, a connection attempt) or a list like
+        "SYN,!ACK", "RST", "FIN,ACK" (names in any case): each flag named must be set, each
+        "!flag" clear, the others are ignored; so "SYN" alone is SYN set, ACK either way."""
         if not isinstance(text, str) or not text.strip():
             raise InvalidRule("tcp_flags", 'expected "syn" or flags like "SYN,!ACK"')
-        if text.strip().lower() == "syn":
+        if text.strip() == "syn":
             return cls(codes.TCP_SYN | codes.TCP_ACK, codes.TCP_SYN)
         mask = want = 0
         for part in text.split(","):
