@@ -62,6 +62,13 @@ def _rule_schema(schema: dict[str, Any]) -> None:
     schema["not"] = named("src", "dst")
     schema["if"] = named("dport")
     schema["then"] = {"required": ["proto"], "properties": {"proto": {"enum": ["tcp", "udp"]}}}
+    # issue 16: flags need tcp; a limit rule needs its budget, and only a limit rule has one
+    schema["allOf"] = [
+        {"if": named("tcp_flags"),
+         "then": {"required": ["proto"], "properties": {"proto": {"const": "tcp"}}}},
+        {"if": {"required": ["action"], "properties": {"action": {"const": "limit"}}},
+         "then": named("limit"), "else": {"not": named("limit")}},
+    ]
     schema["examples"] = [
         {"src": "198.18.7.0/24", "comment": "abuse ticket 4711", "ttl_seconds": 3600},
         {"action": "allow", "src": "198.18.7.9", "proto": "tcp", "dport": "22"},
