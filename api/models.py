@@ -10,17 +10,22 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from api.service import InterfaceState, NewRule, SourceSummary
 from api.store import StoredRule
-from xdpfw.datapath import Attachment, GlobalCounters, RuleCounters
+from xdpfw.datapath import Attachment, Ban, GlobalCounters, LimitCounters, RuleCounters
 from xdpfw.errors import InvalidRule
 from xdpfw.importers import bad_summary
-from xdpfw.rules import RuleSpec
+from xdpfw.rules import Limit, RuleSpec
 from xdpfw.sources import DEFAULT_SOURCE, SOURCE_PATTERN
 
 __all__ = [
+    "BanOut",
+    "BansOut",
     "BulkOut",
     "HealthOut",
     "InterfaceIn",
     "InterfaceOut",
+    "LimitCountersOut",
+    "LimitIn",
+    "LimitOut",
     "RemovedOut",
     "RuleCountersOut",
     "RuleIn",
@@ -35,6 +40,7 @@ __all__ = [
     "StatsOut",
     "TableUsage",
     "TotalsOut",
+    "UnbanOut",
     "bulk_rules",
     "iso",
 ]
@@ -64,10 +70,19 @@ def _rule_schema(schema: dict[str, Any]) -> None:
     schema["not"] = named("src", "dst")
     schema["if"] = named("dport")
     schema["then"] = {"required": ["proto"], "properties": {"proto": {"enum": ["tcp", "udp"]}}}
+    # issue 16: flags need tcp; a limit rule needs its budget, and only a limit rule has one
+    schema["allOf"] = [
+        {"if": named("tcp_flags"),
+         "then": {"required": ["proto"], "properties": {"proto": {"const": "tcp"}}}},
+        {"if": {"required": ["action"], "properties": {"action": {"const": "limit"}}},
+         "then": named("limit"), "else": {"not": named("limit")}},
+    ]
     schema["examples"] = [
         {"src": "198.18.7.0/24", "comment": "abuse ticket 4711", "ttl_seconds": 3600},
         {"action": "allow", "src": "198.18.7.9", "proto": "tcp", "dport": "22"},
         {"mode": "monitor", "proto": "udp", "dport": "1000-2000"},
+        {"action": "limit", "proto": "tcp", "dport": "80", "tcp_flags": "syn",
+         "limit": {"pps": 100, "burst": 200, "per": "source", "ban_seconds": 600}},
     ]
 
 
@@ -95,6 +110,78 @@ class SamplesOut(BaseModel):
     max_pps: int = Field(description="the cap, samples per second over all rules and CPUs")
     snaplen: int = Field(description="bytes kept of each sampled frame")
     streams: int = Field(description="open /v1/events streams")
+# -- rate limits and TCP flags (issue 16) -------------------------------------------------------
+
+
+class LimitIn(BaseModel):
+    """A limit rule's budget: pps and/or bps, each with its burst; per source or per rule."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    pps: int | None = Field(default=None, description="packets per second (>= 1)")
+    burst: int | None = Field(
+        default=None, description="packets that may pass at once (>= 1; default: pps)"
+    )
+    bps: int | None = Field(default=None, description="bytes per second (>= 1)")
+    burst_bytes: int | None = Field(
+        default=None, description="bytes that may pass at once (>= 1514; default: bps)"
+    )
+    per: Literal["source", "rule"] = Field(
+        default="source", description="a budget per source address, or one for the rule"
+    )
+    ban_seconds: int | None = Field(
+        default=None, description="drop a source that goes over for this long (per source)"
+    )
+
+    def limit(self) -> Limit:
+        return Limit.parse(
+            pps=self.pps, burst=self.burst, bps=self.bps, burst_bytes=self.burst_bytes,
+            per=self.per, ban_seconds=self.ban_seconds,
+        )
+
+
+class LimitOut(BaseModel):
+    pps: int | None = None
+    burst: int | None = None
+    bps: int | None = None
+    burst_bytes: int | None = None
+    per: str
+    ban_seconds: int
+
+    @classmethod
+    def of(cls, lim: Limit) -> LimitOut:
+        return cls(
+            pps=lim.pps, burst=lim.burst, bps=lim.bps, burst_bytes=lim.burst_bytes,
+            per=lim.per.value, ban_seconds=lim.ban_seconds,
+        )
+
+
+class LimitCountersOut(BaseModel):
+    passed: int = Field(description="frames within the budget")
+    limited: int = Field(description="frames over the budget (dropped, or would be: monitor)")
+    banned: int = Field(description="frames dropped while their source was banned")
+
+    @classmethod
+    def of(cls, c: LimitCounters) -> LimitCountersOut:
+        return cls(passed=c.passed, limited=c.limited, banned=c.banned)
+
+
+class BanOut(BaseModel):
+    rule_id: int
+    source: str
+    expires_in: float = Field(description="seconds until the ban ends")
+
+    @classmethod
+    def of(cls, b: Ban) -> BanOut:
+        return cls(rule_id=b.rule_id, source=b.source, expires_in=round(b.expires_in, 3))
+
+
+class BansOut(BaseModel):
+    bans: list[BanOut]
+
+
+class UnbanOut(BaseModel):
+    unbanned: int
 
 
 class RuleIn(BaseModel):
@@ -102,7 +189,7 @@ class RuleIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_rule_schema)
 
-    action: Literal["drop", "allow"] = "drop"
+    action: Literal["drop", "allow", "limit"] = "drop"
     mode: Literal["enforce", "monitor"] = "enforce"
     src: str | None = Field(
         default=None, max_length=64, pattern=_CIDR_PATTERN, description="CIDR or bare address"
@@ -114,6 +201,13 @@ class RuleIn(BaseModel):
     dport: Annotated[int, Field(ge=0, le=65535)] | Annotated[
         str, Field(pattern=r"^[0-9]{1,5}(-[0-9]{1,5})?$")
     ] | None = Field(default=None, description='22 or "1000-2000" (tcp/udp only)')
+    # -- issue 16 --
+    tcp_flags: str | None = Field(
+        default=None, max_length=64, pattern=r"^[!A-Za-z, ]+$",
+        description='"syn" (SYN set, ACK clear) or e.g. "SYN,!ACK", "RST" (proto tcp only)',
+    )
+    limit: LimitIn | None = Field(default=None, description='the budget of "action": "limit"')
+    # --
     comment: str = Field(default="", max_length=256)
     ttl_seconds: int | None = Field(default=None, ge=1, le=MAX_TTL)
     force: bool = Field(
@@ -137,6 +231,8 @@ class RuleIn(BaseModel):
             dst=self.dst,
             proto=self.proto,
             dport=self.dport,
+            tcp_flags=self.tcp_flags,
+            limit=None if self.limit is None else self.limit.limit(),
         )
 
 
@@ -178,12 +274,16 @@ class RuleCountersOut(BaseModel):
     packets: int
     bytes: int
     last_hit: str | None
+    limit: LimitCountersOut | None = None  # issue 16: a limit rule's passed/limited/banned
 
     @classmethod
-    def of(cls, c: RuleCounters | None) -> RuleCountersOut:
+    def of(
+        cls, c: RuleCounters | None, limit: LimitCounters | None = None
+    ) -> RuleCountersOut:
+        lim = None if limit is None else LimitCountersOut.of(limit)
         if c is None:
-            return cls(packets=0, bytes=0, last_hit=None)
-        return cls(packets=c.packets, bytes=c.bytes, last_hit=iso(c.last_hit))
+            return cls(packets=0, bytes=0, last_hit=None, limit=lim)
+        return cls(packets=c.packets, bytes=c.bytes, last_hit=iso(c.last_hit), limit=lim)
 
 
 class RuleOut(BaseModel):
@@ -203,10 +303,13 @@ class RuleOut(BaseModel):
                         "holding's): the one asked for, else the first")
     sources: list[str] = Field(description="every source holding the rule, first first")
     sample: SampleOut | None = None  # X-ray: null when the rule is not sampled
+    # -- issue 16 --
+    tcp_flags: str | None = None
+    limit: LimitOut | None = None
 
     @classmethod
     def of(cls, s: StoredRule, counters: RuleCounters | None = None, *, with_counters: bool = False,
-           sample: int | None = None) -> RuleOut:
+           sample: int | None = None, limit_counters: LimitCounters | None = None) -> RuleOut:
         r = s.rule
         return cls(
             id=r.id,
@@ -219,10 +322,12 @@ class RuleOut(BaseModel):
             comment=s.comment,
             created_at=iso(s.created_at) or "",
             expires_at=iso(s.expires_at),
-            counters=RuleCountersOut.of(counters) if with_counters else None,
+            counters=RuleCountersOut.of(counters, limit_counters) if with_counters else None,
             source=s.source,
             sources=list(s.sources),
             sample=SampleOut(every=sample) if sample else None,
+            tcp_flags=str(r.tcp_flags) if r.tcp_flags is not None else None,
+            limit=LimitOut.of(r.limit) if r.limit is not None else None,
         )
 
 
@@ -298,6 +403,7 @@ class TotalsOut(BaseModel):
     non_ip: int
     fragments: int
     bytes: int
+    limited: int  # issue 16: dropped by a limit rule
 
     @classmethod
     def of(cls, g: GlobalCounters) -> TotalsOut:
@@ -309,6 +415,9 @@ class RuleStatOut(BaseModel):
     packets: int
     bytes: int
     last_hit: str | None
+    limit: LimitCountersOut | None = Field(
+        default=None, description="a limit rule's passed / limited / banned frames"
+    )
 
 
 class StatsOut(BaseModel):

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from xdpfw.datapath import Attachment, GlobalCounters, RuleCounters
-from xdpfw.rules import Rule
+from xdpfw.datapath import Attachment, Ban, GlobalCounters, LimitCounters, RuleCounters
+from xdpfw.rules import Limit, Rule
 from xdpfw.xray.hub import SampleSource
 
 __all__ = ["CounterArrays", "DatapathPort", "RuleIndex"]
@@ -88,6 +88,16 @@ class DatapathPort(Protocol):
     def sample_stats(self) -> dict[str, int]: ...
 
     def sample_ring(self) -> SampleSource: ...
+    # rate limits (issue 16)
+    def rule_limits(self) -> Mapping[int, Limit]: ...
+
+    def limit_counters(
+        self, rule_ids: Iterable[int] | None = None
+    ) -> dict[int, LimitCounters]: ...
+
+    def bans(self) -> list[Ban]: ...
+
+    def unban(self, source: str | None = None, rule_id: int | None = None) -> int: ...
 
 
 if TYPE_CHECKING:

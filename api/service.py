@@ -12,6 +12,7 @@ calls.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -37,7 +38,7 @@ from api.store import (
 from xdpfw import abi
 from xdpfw import codes as wire  # the rule wire format ("codes" names the rules here)
 from xdpfw.compiler import gc_paused
-from xdpfw.datapath import Attachment, GlobalCounters, RuleCounters
+from xdpfw.datapath import Attachment, Ban, GlobalCounters, LimitCounters, RuleCounters
 from xdpfw.errors import (
     InterfaceNotFound,
     InvalidRule,
@@ -49,6 +50,7 @@ from xdpfw.errors import (
 from xdpfw.rules import (
     MAX_RULE_ID,
     Action,
+    Limit,
     Network,
     Rule,
     RuleSpec,
@@ -78,6 +80,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("xdpfw.service")
+
+# Verdicts that drop packets: a protected prefix refuses them (issue 16: limits drop too).
+_DROPPING = (abi.VERDICT_DROP, abi.VERDICT_LIMIT)
 
 
 @dataclass(frozen=True)
@@ -295,6 +300,10 @@ def api_allow_rule(host: str, port: int) -> Rule | None:
     return spec.with_id(API_RULE_ID)
 
 
+def _with_limit(rule: Rule, limit: Limit | None) -> Rule:
+    return rule if limit is None else dataclasses.replace(rule, limit=limit)
+
+
 def _within(a: Network, b: Network) -> bool:
     if isinstance(a, ipaddress.IPv4Network) and isinstance(b, ipaddress.IPv4Network):
         return a.subnet_of(b)
@@ -358,9 +367,10 @@ class FirewallService:
                 now = time.time()
                 with self.store.transaction():
                     self.store.insert_codes(
-                        (rid, code, "adopted from pinned maps", now, None)
-                        for rid, code in sorted(in_maps.items())
-                        if not is_protected_id(rid)
+                        ((rid, code, "adopted from pinned maps", now, None)
+                         for rid, code in sorted(in_maps.items())
+                         if not is_protected_id(rid)),
+                        limits=self.dp.rule_limits(),  # issue 16: limit rules keep budgets
                     )
                     self.store.mark_reconciled()
                 self.store.created = False
@@ -369,14 +379,16 @@ class FirewallService:
             remove: list[int] = []
             add: list[Rule] = []
             agree = 0
+            limits = self.store.limits()  # issue 16: a limit rule agrees only with its budget
+            in_limits = self.dp.rule_limits() if limits else {}
             for rid, code in self.store.codes():
                 have = in_maps.get(rid)
-                if have == code:
+                if have == code and in_limits.get(rid) == limits.get(rid):
                     agree += 1
                     continue
                 if have is not None:
                     remove.append(rid)
-                add.append(rule_from_code(rid, code))
+                add.append(_with_limit(rule_from_code(rid, code), limits.get(rid)))
             if agree + len(remove) < n_user:  # rules in the maps that the database lacks
                 known = set(self.store.ids())
                 remove.extend(
@@ -426,8 +438,8 @@ class FirewallService:
             )
 
     def _overlap(self, code: int) -> str | None:
-        """How a drop rule overlaps a protected prefix, or None."""
-        if wire.verdict(code) != abi.VERDICT_DROP or not self.protected:
+        """How a drop (or limit) rule overlaps a protected prefix, or None."""
+        if wire.verdict(code) not in _DROPPING or not self.protected:
             return None
         key = wire.key(code)
         direction = wire.key_dir(key)
@@ -451,7 +463,8 @@ class FirewallService:
                 hit = f"source {src.with_prefixlen} overlaps"
             else:
                 continue
-            return f"this drop rule {hit} the protected prefix {net.with_prefixlen}"
+            kind = "limit" if wire.verdict(code) == abi.VERDICT_LIMIT else "drop"
+            return f"this {kind} rule {hit} the protected prefix {net.with_prefixlen}"
         return None
 
     def _warn_unprotected(self) -> None:
@@ -474,7 +487,7 @@ class FirewallService:
         if lost:
             hits = dict.fromkeys(lost, 0)
             for _, code in self.store.codes():
-                if wire.verdict(code) != abi.VERDICT_DROP:
+                if wire.verdict(code) not in _DROPPING:
                     continue
                 rule = rule_from_code(1, code)
                 for net in lost:
@@ -524,6 +537,7 @@ class FirewallService:
                 [item.ttl_seconds for item in items],
                 [item.force for item in items],
                 [item.source for item in items],
+                limits=[item.spec.limit for item in items],
             )
             self._sample_added(items)  # X-ray
             return result
@@ -545,6 +559,7 @@ class FirewallService:
         sources: Sequence[str],
         *,
         lenient: bool = False,
+        limits: Sequence[Limit | None] | None = None,
     ) -> BulkResult:
         for name in set(sources):
             check_source(name)
@@ -573,6 +588,8 @@ class FirewallService:
                     raise RuleConflict(
                         f"{rule_from_code(1, code).describe()} is {what}: it is allowed already"
                     )
+                if limits is not None and (lim := limits[i]) is not None:
+                    self._check_limit_duplicate(existing, lim)
                 if existing is not None:
                     dups.append(existing)
                     holds.append((i, existing))
@@ -588,13 +605,18 @@ class FirewallService:
 
             with self._changing("an add") as undo:
                 ids = self.store.next_ids(len(fresh))
+                got = {} if limits is None else {
+                    rid: lim for i, rid in zip(fresh, ids, strict=True)
+                    if (lim := limits[i]) is not None
+                }
                 new_rows: dict[str, list[tuple[int, int, str, float, float | None]]] = {}
                 for i, rid in zip(fresh, ids, strict=True):
                     new_rows.setdefault(sources[i], []).append(
                         (rid, codes[i], comments[i], now, expiry(i))
                     )
                 for name, rows in new_rows.items():
-                    self.store.insert_codes(rows, name)
+                    mine = {rid: got[rid] for rid, *_ in rows if rid in got} if got else None
+                    self.store.insert_codes(rows, name, mine)
                 held: dict[str, list[tuple[int, str, float, float | None]]] = {}
                 for i, rid in [*holds, *((i, ids[pos]) for i, pos in again)]:
                     held.setdefault(sources[i], []).append((rid, comments[i], now, expiry(i)))
@@ -602,6 +624,8 @@ class FirewallService:
                     self.store.hold(name, hrows)
                     self.store.touch(name, now)
                 rules = [rule_from_code(rid, codes[i]) for i, rid in zip(fresh, ids, strict=True)]
+                if got:
+                    rules = [_with_limit(r, got.get(r.id)) for r in rules]
                 if rules:
                     self.dp.add_rules(rules)
                     undo.append(lambda: self.dp.remove_rules(ids))
@@ -611,6 +635,30 @@ class FirewallService:
             ]
             dups.extend(ids[pos] for _, pos in again)
             return BulkResult(stored, dups, overlaps.shown, overlaps.count)
+
+    # -- rate limits (issue 16) ------------------------------------------------------------------
+
+    def _check_limit_duplicate(self, existing: int | None, limit: Limit) -> None:
+        """A limit rule whose match exists already with another budget is a conflict."""
+        if existing is None:
+            return
+        have = self.dp.rule_limits().get(existing)
+        if have is not None and have != limit:
+            raise RuleConflict(
+                f"rule {existing} has this match with another limit ({have}); remove it "
+                "first to change the budget"
+            )
+
+    def limit_counters(self, rule_ids: Sequence[int] | None = None) -> dict[int, LimitCounters]:
+        return self.dp.limit_counters(rule_ids)
+
+    def bans(self) -> list[Ban]:
+        with self.lock:
+            return self.dp.bans()
+
+    def unban(self, source: str | None = None, rule_id: int | None = None) -> int:
+        with self.lock:
+            return self.dp.unban(source, rule_id)
 
     @contextmanager
     def _changing(self, what: str) -> Iterator[list[Callable[[], object]]]:
@@ -674,7 +722,7 @@ class FirewallService:
         except BaseException as exc:
             try:
                 with self.store.transaction():
-                    self.store.restore(rows)
+                    self.store.restore(rows)  # with their extras (issue 16)
             except Exception as again:  # both sides failed: only a restart reconciles
                 log.critical(
                     "could not restore %d rule row(s) after the maps refused their removal "

@@ -20,14 +20,23 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from xdpfw import codes as wire
 from xdpfw.errors import CapacityExceeded, DatabaseCorrupt, StorageError, StorageFull
-from xdpfw.rules import MAX_RULE_ID, Rule, RuleSpec, code_from_texts, code_texts
+from xdpfw.rules import (
+    MAX_RULE_ID,
+    Limit,
+    Rule,
+    RuleSpec,
+    TcpFlags,
+    code_from_texts,
+    code_texts,
+)
 from xdpfw.sources import DEFAULT_SOURCE
 
 __all__ = [
@@ -79,6 +88,12 @@ CREATE TABLE IF NOT EXISTS rules (
 CREATE INDEX IF NOT EXISTS rules_expiry ON rules(expires_at) WHERE expires_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS interfaces (name TEXT PRIMARY KEY, mode TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS rule_sample (rule_id INTEGER PRIMARY KEY, every INTEGER NOT NULL);
+-- issue 16: a rule's TCP flags and rate limit, beside its row (created on open when missing)
+CREATE TABLE IF NOT EXISTS rule_extras (
+    rule_id INTEGER PRIMARY KEY,
+    tcp_flags TEXT,
+    rate_limit TEXT
+);
 """
 # v2: sources. A rule (one kernel rule) is held by one or more sources; each holding has its
 # own comment, creation and expiry (rules.expires_at is no longer used: NULL). `sources` keeps
@@ -239,6 +254,7 @@ class Rows(NamedTuple):
 
     rules: list[tuple[object, ...]]
     holdings: list[tuple[object, ...]]
+    extras: Sequence[tuple[object, ...]] = ()  # rule_extras rows (issue 16)
 
 
 def _spec_of(row: sqlite3.Row) -> RuleSpec:
@@ -249,6 +265,24 @@ def _spec_of(row: sqlite3.Row) -> RuleSpec:
         dst=row["dst"],
         proto=row["proto"],
         dport=row["dport"],
+        tcp_flags=row["tcp_flags"],
+        limit=_limit_of(row["rate_limit"]),
+    )
+
+
+def _limit_of(text: str | None) -> Limit | None:
+    return None if text is None else Limit.from_dict(json.loads(text))
+
+
+def _extras(rid: int, code: int, limit: Limit | None) -> tuple[int, str | None, str | None] | None:
+    """The rule_extras row of a rule, None when it has no TCP flags and no limit."""
+    flags = wire.tcp_flags(code)
+    if flags is None and limit is None:
+        return None
+    return (
+        rid,
+        None if flags is None else str(TcpFlags(*flags)),
+        None if limit is None else json.dumps(limit.to_dict()),
     )
 
 
@@ -417,28 +451,46 @@ class Store:
     def insert(self, rules: Iterable[StoredRule]) -> None:
         """Insert rules, each held by its `source` (test helper and adoption)."""
         by_source: dict[str, list[tuple[int, int, str, float, float | None]]] = {}
+        limits: dict[int, Limit] = {}
         for r in rules:
             by_source.setdefault(r.source, []).append(
                 (r.id, r.rule.code(), r.comment, r.created_at, r.expires_at)
             )
+            if r.rule.limit is not None:
+                limits[r.id] = r.rule.limit
         for source, rows in by_source.items():
-            self.insert_codes(rows, source)
+            mine = {rid: limits[rid] for rid, *_ in rows if rid in limits}
+            self.insert_codes(rows, source, mine)
 
     def insert_codes(
         self,
         rows: Iterable[tuple[int, int, str, float, float | None]],
         source: str = DEFAULT_SOURCE,
+        limits: Mapping[int, Limit] | None = None,
     ) -> None:
         """Insert (id, code, comment, created_at, expires_at) rows as new rules, each held by
-        `source` (inside a transaction): no Rule objects needed."""
+        `source` (inside a transaction): no Rule objects needed. `limits`: the rate limits of
+        the limit rules among them (issue 16)."""
         rows = rows if isinstance(rows, Sequence) else list(rows)
+        extras: list[tuple[int, str | None, str | None]] = []
+        tcp_bits, limit_bits = wire.TCP_MASK.mask, wire.LIMIT.mask
+
+        def texts() -> Iterable[tuple[object, ...]]:
+            for rid, code, comment, created, _ in rows:
+                if code & (tcp_bits | limit_bits):
+                    extra = _extras(rid, code, (limits or {}).get(rid))
+                    if extra is not None:
+                        extras.append(extra)
+                yield (rid, *code_texts(code), comment, created)
+
         with self._sql(f"write the rule database {self.path}"):
             self._db.executemany(
                 "INSERT INTO rules (id, action, mode, src, dst, proto, dport, comment,"
                 " created_at, expires_at) VALUES (?,?,?,?,?,?,?,?,?,NULL)",
-                ((rid, *code_texts(code), comment, created)
-                 for rid, code, comment, created, _ in rows),
+                texts(),
             )
+            if extras:
+                self._db.executemany("INSERT INTO rule_extras VALUES (?,?,?)", extras)
             self._db.executemany(
                 f"INSERT INTO holdings ({_HOLDING_COLUMNS}) VALUES (?,?,?,?,?)",
                 ((source, rid, comment, created, expires)
@@ -469,6 +521,16 @@ class Store:
                 ((source, rid, comment, created, expires)
                  for rid, comment, created, expires in rows),
             )
+
+    # -- issue 16: the extras (TCP flags, rate limits) of rules --------------------------------
+
+    def limits(self) -> dict[int, Limit]:
+        """The rate limit of every limit rule."""
+        with self._sql("read the rule database"):
+            rows = self._db.execute(
+                "SELECT rule_id, rate_limit FROM rule_extras WHERE rate_limit IS NOT NULL"
+            ).fetchall()
+        return {r["rule_id"]: Limit.from_dict(json.loads(r["rate_limit"])) for r in rows}
 
     def touch(self, source: str, when: float) -> None:
         """The source changed at `when` (made if new)."""
@@ -528,6 +590,10 @@ class Store:
                 )
             ]
             self._db.executemany("DELETE FROM rules WHERE id=?", ((i,) for i in orphans))
+            for side in ("rule_sample", "rule_extras"):  # X-ray's and issue 16's, beside the row
+                self._db.executemany(
+                    f"DELETE FROM {side} WHERE rule_id=?", ((i,) for i in orphans)
+                )
         return removed, orphans
 
     def release_pairs(self, pairs: Sequence[tuple[str, int]]) -> tuple[int, list[int]]:
@@ -616,7 +682,13 @@ class Store:
                 " (SELECT value FROM json_each(?)) ORDER BY source, rule_id",
                 (ids,),
             )
-            return Rows(rules, cur.fetchall())
+            holdings = cur.fetchall()
+            cur.execute(
+                "SELECT rule_id, tcp_flags, rate_limit FROM rule_extras WHERE rule_id IN"
+                " (SELECT value FROM json_each(?))",
+                (ids,),
+            )
+            return Rows(rules, holdings, cur.fetchall())
 
     def restore(self, rows: Rows) -> None:
         """Put back rows read by `rows` (inside a transaction); what is still there stays."""
@@ -629,6 +701,7 @@ class Store:
                 f"INSERT OR REPLACE INTO holdings ({_HOLDING_COLUMNS}) VALUES (?,?,?,?,?)",
                 rows.holdings,
             )
+            self._db.executemany("INSERT OR IGNORE INTO rule_extras VALUES (?,?,?)", rows.extras)
             for source in {h[0] for h in rows.holdings}:
                 self._db.execute(
                     "INSERT OR IGNORE INTO sources VALUES (?, ?)", (source, time.time())
@@ -639,9 +712,17 @@ class Store:
         with self._sql("read the rule database"):
             cur = self._db.cursor()
             cur.row_factory = None
-            cur.execute("SELECT id, action, mode, src, dst, proto, dport FROM rules ORDER BY id")
-            for rid, action, mode, src, dst, proto, dport in cur:
-                yield rid, code_from_texts(action, mode, src, dst, proto, dport)
+            cur.execute(
+                "SELECT r.id, action, mode, src, dst, proto, dport, e.tcp_flags FROM rules r"
+                " LEFT JOIN rule_extras e ON e.rule_id = r.id ORDER BY r.id"
+            )
+            for rid, action, mode, src, dst, proto, dport, flags in cur:
+                if action == "limit":  # its limit is not part of the code; any valid one does
+                    yield rid, code_from_texts(
+                        action, mode, src, dst, proto, dport, flags, Limit.parse(pps=1)
+                    )
+                    continue
+                yield rid, code_from_texts(action, mode, src, dst, proto, dport, flags)
 
     def ids(self) -> Iterator[int]:
         with self._sql("read the rule database"):
@@ -657,12 +738,18 @@ class Store:
             self._db.executemany("DELETE FROM holdings WHERE rule_id=?", ((i,) for i in ids))
             self._db.executemany("DELETE FROM rules WHERE id=?", ((i,) for i in ids))
             self._db.executemany("DELETE FROM rule_sample WHERE rule_id=?", ((i,) for i in ids))
+            if self._db.execute("SELECT 1 FROM rule_extras LIMIT 1").fetchone() is not None:
+                self._db.executemany(
+                    "DELETE FROM rule_extras WHERE rule_id=?", ((i,) for i in ids)
+                )
 
     _HELD = (
         "SELECT r.id AS id, r.action AS action, r.mode AS mode, r.src AS src, r.dst AS dst,"
         " r.proto AS proto, r.dport AS dport, h.source AS source, h.comment AS comment,"
-        " h.created_at AS created_at, h.expires_at AS expires_at"
+        " h.created_at AS created_at, h.expires_at AS expires_at,"
+        " e.tcp_flags AS tcp_flags, e.rate_limit AS rate_limit"  # issue 16
         " FROM holdings h JOIN rules r ON r.id=h.rule_id"
+        " LEFT JOIN rule_extras e ON e.rule_id = r.id"
     )
 
     def _held_rules(self, rows: Sequence[sqlite3.Row]) -> list[StoredRule]:

@@ -81,6 +81,26 @@ BPF_ARRAY(xdpfw_sample_bucket, struct xdpfw_sample_bucket, 1);
 BPF_PERCPU_ARRAY(xdpfw_sample_stats, struct xdpfw_sample_stats, 1);
 BPF_RINGBUF_OUTPUT(xdpfw_samples, XDPFW_SAMPLE_RING_BYTES / 4096);
 
+/* --- rate limits (issue 16); see the rate-limit section of xdpfw_abi.h --- */
+/* Each limit rule's budget parameters, keyed by rule id. */
+BPF_F_TABLE("hash", __u32, struct xdpfw_limit, xdpfw_limits, XDPFW_MAX_LIMITS, BPF_F_NO_PREALLOC);
+/* Per limit rule, per CPU: passed / limited / banned frames. */
+BPF_PERCPU_HASH(xdpfw_limit_stats, __u32, struct xdpfw_limit_stats, XDPFW_MAX_LIMITS);
+/*
+ * GCRA state per (rule, source) or per rule; LRU: a full map evicts the least recent.
+ * Shared by the CPUs (the contract). XDPFW_PERCPU_BUCKETS builds the per-CPU variant the
+ * benchmark compares it with (bench/floods.py); the product never sets it.
+ */
+#ifdef XDPFW_PERCPU_BUCKETS
+BPF_F_TABLE("lru_percpu_hash", struct xdpfw_bucket_key, struct xdpfw_bucket, xdpfw_buckets,
+	    XDPFW_MAX_BUCKETS, 0);
+#else
+BPF_F_TABLE("lru_hash", struct xdpfw_bucket_key, struct xdpfw_bucket, xdpfw_buckets,
+	    XDPFW_MAX_BUCKETS, 0);
+#endif
+/* Banned (rule, source) pairs: the value is the CLOCK_MONOTONIC ns the ban ends. */
+BPF_F_TABLE("lru_hash", struct xdpfw_bucket_key, __u64, xdpfw_bans, XDPFW_MAX_BANS, 0);
+
 /* What the verdict needs to know about a frame. */
 struct pkt {
 	__u64 len;          /* frame bytes */
@@ -89,6 +109,7 @@ struct pkt {
 	struct xdpfw_addr6 saddr6;
 	struct xdpfw_addr6 daddr6;
 	__u16 dport;        /* host; valid when l4_ok */
+	__u8 tcp_flags;     /* byte 13 of the TCP header; valid when l4_ok and proto TCP */
 	__u8 family;        /* 4 or 6 */
 	__u8 proto;         /* upper-layer protocol */
 	__u8 l4_ok;         /* ports were read */
@@ -100,7 +121,7 @@ struct pkt {
 struct best {
 	__u64 rank;
 	__u32 counter;
-	__u32 rule_id;  /* for X-ray: which rule a sampled frame is reported under */
+	__u32 rule_id;  /* the winning rule: limit state and X-ray's samples are under it */
 	__u8 verdict;
 };
 
@@ -176,6 +197,8 @@ static __always_inline void parse_l4(struct cursor *c, struct pkt *p)
 		p->dport = bpf_ntohs(((struct udphdr *)l4)->dest);
 		p->l4_ok = 1;
 	}
+	if (p->proto == IPPROTO_TCP)
+		p->tcp_flags = ((__u8 *)l4)[13]; /* CWR ECE URG ACK PSH RST SYN FIN */
 }
 
 static __always_inline int parse_ipv4(struct cursor *c, struct pkt *p)
@@ -293,6 +316,13 @@ static __always_inline int slot_matches(const struct xdpfw_slot *s, const struct
 		if (p->dport < s->port_lo || p->dport > s->port_hi)
 			return 0;
 	}
+	if (s->tcp_mask) {
+		/* Flags need a whole TCP header: never a non-first fragment, nor a cut one. */
+		if (!p->l4_ok || p->proto != IPPROTO_TCP)
+			return 0;
+		if ((p->tcp_flags & s->tcp_mask) != s->tcp_want)
+			return 0;
+	}
 	return 1;
 }
 
@@ -390,15 +420,128 @@ static __always_inline void lookup_v6(const struct xdpfw_config *cfg, struct pkt
 	}
 }
 
-/* The only exit: credit the rule, count the frame, return the action. */
-static __always_inline int finish(const struct pkt *p, const struct best *b, int parse)
+/* --- rate limits (issue 16) ------------------------------------------------------------ */
+
+/* What a limit rule's budget said about a frame. */
+#define LIMIT_PASS 0    /* within the budget */
+#define LIMIT_OVER 1    /* over it: dropped (a monitor rule passes it) */
+#define LIMIT_BANNED 2  /* the source is banned for this rule: dropped */
+
+/*
+ * One GCRA step (xdpfw_abi.h): may a packet of `cost` ns pass the bucket whose arrival
+ * time is *tat? Writes the new time to *next (charged only if the caller stores it).
+ */
+static __always_inline int gcra(__u64 tat, __u64 cost, __u64 window, __u64 now, __u64 *next)
+{
+	__u64 base = tat > now ? tat : now;
+
+	*next = base + cost;
+	return *next - now <= window;
+}
+
+/* The budget of the limit rule credited in `b` for this frame. */
+static __always_inline int limit_check(const struct pkt *p, const struct best *b)
+{
+	struct xdpfw_bucket_key key = { .rule_id = b->rule_id };
+	struct xdpfw_bucket fresh = {}, *bk;
+	struct xdpfw_limit *lim;
+	__u64 *until, now, pkt_next = 0, byte_next = 0;
+	__u32 rule_id = b->rule_id;
+	int ok = 1;
+
+	lim = xdpfw_limits.lookup(&rule_id);
+	if (!lim)
+		return LIMIT_PASS; /* not configured yet (the rule is being added): no budget */
+	if (lim->per == XDPFW_PER_SOURCE) {
+		key.family = p->family;
+		if (p->family == 4)
+			__builtin_memcpy(key.addr, &p->saddr4, 4);
+		else
+			__builtin_memcpy(key.addr, p->saddr6.addr, 16);
+	}
+	now = bpf_ktime_get_ns();
+	if (lim->ban_ns && b->verdict == XDPFW_VERDICT_LIMIT) {
+		until = xdpfw_bans.lookup(&key);
+		if (until) {
+			if (*until > now)
+				return LIMIT_BANNED;
+			xdpfw_bans.delete(&key); /* served: the budget decides again */
+		}
+	}
+	bk = xdpfw_buckets.lookup(&key);
+	if (!bk)
+		bk = &fresh; /* new, or evicted: a full budget (tat 0) */
+	if (lim->pkt_cost_ns)
+		ok = gcra(bk->pkt_tat, lim->pkt_cost_ns, lim->pkt_window_ns, now, &pkt_next);
+	if (ok && lim->byte_rate) {
+		__u64 cost = p->len * 1000000000ULL / lim->byte_rate;
+
+		ok = gcra(bk->byte_tat, cost, lim->byte_window_ns, now, &byte_next);
+	}
+	if (!ok) {
+		if (lim->ban_ns && b->verdict == XDPFW_VERDICT_LIMIT) {
+			__u64 end = now + lim->ban_ns;
+
+			xdpfw_bans.update(&key, &end);
+		}
+		return LIMIT_OVER;
+	}
+	if (bk == &fresh) {
+		fresh.pkt_tat = pkt_next;
+		fresh.byte_tat = byte_next;
+		xdpfw_buckets.update(&key, &fresh);
+	} else {
+		if (lim->pkt_cost_ns)
+			bk->pkt_tat = pkt_next;
+		if (lim->byte_rate)
+			bk->byte_tat = byte_next;
+	}
+	return LIMIT_PASS;
+}
+
+/* Count a limit rule's outcome in xdpfw_limit_stats. */
+static __always_inline void limit_count(__u32 rule_id, int outcome)
+{
+	struct xdpfw_limit_stats *ls = xdpfw_limit_stats.lookup(&rule_id);
+
+	if (!ls)
+		return;
+	if (outcome == LIMIT_PASS)
+		ls->passed++;
+	else if (outcome == LIMIT_OVER)
+		ls->limited++;
+	else
+		ls->banned++;
+}
+
+/*
+ * A limit rule's budget decides the frame it won (other verdicts: nothing to do). Counts the
+ * outcome; returns 1 when the frame is dropped for it (over the budget, or banned).
+ */
+static __always_inline int limit_apply(const struct pkt *p, const struct best *b)
+{
+	int outcome;
+
+	if (b->verdict != XDPFW_VERDICT_LIMIT && b->verdict != XDPFW_VERDICT_LIMIT_MONITOR)
+		return 0;
+	outcome = limit_check(p, b);
+	limit_count(b->rule_id, outcome);
+	return outcome != LIMIT_PASS && b->verdict == XDPFW_VERDICT_LIMIT;
+}
+
+/*
+ * The only exit: credit the rule, count the frame, return the action. `limited`: what
+ * limit_apply() said (0 on the exits before a lookup).
+ */
+static __always_inline int finish(const struct pkt *p, const struct best *b, int parse,
+				  int limited)
 {
 	struct xdpfw_global_stats *g;
 	struct xdpfw_rule_stats *rs;
 	__u64 *seen;
 	__u32 zero = 0;
 	__u32 counter = b->counter;
-	int action = b->verdict == XDPFW_VERDICT_DROP ? XDP_DROP : XDP_PASS;
+	int action = b->verdict == XDPFW_VERDICT_DROP || limited ? XDP_DROP : XDP_PASS;
 
 	if (b->verdict != XDPFW_VERDICT_NONE) {
 		/* An array element, no hash walk; a coarse clock, no clocksource read. */
@@ -423,8 +566,11 @@ static __always_inline int finish(const struct pkt *p, const struct best *b, int
 			g->counter[XDPFW_STAT_DROPPED]++;
 		else
 			g->counter[XDPFW_STAT_PASSED]++;
-		if (b->verdict == XDPFW_VERDICT_MONITOR)
+		if (b->verdict == XDPFW_VERDICT_MONITOR ||
+		    b->verdict == XDPFW_VERDICT_LIMIT_MONITOR)
 			g->counter[XDPFW_STAT_MONITORED]++;
+		if (limited)
+			g->counter[XDPFW_STAT_LIMITED]++;
 		if (parse == PARSE_NON_IP)
 			g->counter[XDPFW_STAT_NON_IP]++;
 		if (parse == PARSE_MALFORMED || p->malformed)
@@ -487,7 +633,7 @@ static __always_inline int xray_token(const struct xdpfw_sample_ctl *ctl)
  * and submit it. Returns 0 when the ring is full.
  */
 static __always_inline int xray_emit(struct xdp_md *ctx, const struct pkt *p, const struct best *b,
-				     __u32 snaplen, const __u32 room)
+				     int limited, __u32 snaplen, const __u32 room)
 {
 	struct xdpfw_sample_hdr *h;
 	__u64 n = p->len < snaplen ? p->len : snaplen;
@@ -505,9 +651,11 @@ static __always_inline int xray_emit(struct xdp_md *ctx, const struct pkt *p, co
 	h->rule_id = b->rule_id;
 	h->ifindex = ctx->ingress_ifindex;
 	h->frame_len = p->len;
-	h->verdict = b->verdict == XDPFW_VERDICT_DROP ? XDPFW_SAMPLED_DROP :
-		     b->verdict == XDPFW_VERDICT_MONITOR ? XDPFW_SAMPLED_MONITOR :
-							   XDPFW_SAMPLED_PASS;
+	h->verdict = limited ? XDPFW_SAMPLED_LIMITED :
+		     b->verdict == XDPFW_VERDICT_DROP ? XDPFW_SAMPLED_DROP :
+		     b->verdict == XDPFW_VERDICT_MONITOR ||
+				     b->verdict == XDPFW_VERDICT_LIMIT_MONITOR ? XDPFW_SAMPLED_MONITOR :
+										 XDPFW_SAMPLED_PASS;
 	h->pad = 0;
 	if (n < 1 || bpf_xdp_load_bytes(ctx, 0, (void *)(h + 1), n) < 0)
 		n = 0; /* the header alone still says what happened */
@@ -521,7 +669,7 @@ static __always_inline int xray_emit(struct xdp_md *ctx, const struct pkt *p, co
  * read for a frame a rule decided, and nothing for the rest.
  */
 static __always_inline void xray_sample(struct xdp_md *ctx, const struct pkt *p,
-					const struct best *b)
+					const struct best *b, int limited)
 {
 	struct xdpfw_sample_ctl *ctl;
 	struct xdpfw_sample_rule *r;
@@ -546,16 +694,16 @@ static __always_inline void xray_sample(struct xdp_md *ctx, const struct pkt *p,
 	}
 	snaplen = ctl->snaplen;
 	if (snaplen <= XDPFW_SAMPLE_SNAP_SMALL)
-		sent = xray_emit(ctx, p, b, snaplen, XDPFW_SAMPLE_SNAP_SMALL);
+		sent = xray_emit(ctx, p, b, limited, snaplen, XDPFW_SAMPLE_SNAP_SMALL);
 	else if (snaplen <= XDPFW_SAMPLE_SNAP_MEDIUM)
-		sent = xray_emit(ctx, p, b, snaplen, XDPFW_SAMPLE_SNAP_MEDIUM);
+		sent = xray_emit(ctx, p, b, limited, snaplen, XDPFW_SAMPLE_SNAP_MEDIUM);
 	else
-		sent = xray_emit(ctx, p, b, snaplen, XDPFW_SAMPLE_SNAP_MAX);
+		sent = xray_emit(ctx, p, b, limited, snaplen, XDPFW_SAMPLE_SNAP_MAX);
 	xray_count(sent ? XDPFW_SSTAT_SENT : XDPFW_SSTAT_LOST_RING);
 }
 #else
 static __always_inline void xray_sample(struct xdp_md *ctx, const struct pkt *p,
-					const struct best *b)
+					const struct best *b, int limited)
 {
 }
 #endif /* XDPFW_XRAY */
@@ -569,13 +717,13 @@ int xdpfw_prog(struct xdp_md *ctx)
 	struct xdpfw_config *cfg;
 	__u32 zero = 0;
 	__u16 ethertype = 0;
-	int parse;
+	int parse, limited;
 
 	p.len = c.end - c.pos;
 
 	parse = parse_eth(&c, &ethertype);
 	if (parse != PARSE_OK)
-		return finish(&p, &b, parse);
+		return finish(&p, &b, parse, 0);
 
 	/* ARP and every other non-IP frame always passes: we filter IP only. */
 	if (ethertype == bpf_htons(ETH_P_IP))
@@ -585,11 +733,11 @@ int xdpfw_prog(struct xdp_md *ctx)
 	else
 		parse = PARSE_NON_IP;
 	if (parse != PARSE_OK)
-		return finish(&p, &b, parse);
+		return finish(&p, &b, parse, 0);
 
 	cfg = xdpfw_config.lookup(&zero);
 	if (!cfg)
-		return finish(&p, &b, parse);
+		return finish(&p, &b, parse, 0);
 
 	if (p.family == 4)
 		lookup_v4(cfg, &p, &b);
@@ -600,6 +748,7 @@ int xdpfw_prog(struct xdp_md *ctx)
 
 		eval_entry(xdpfw_any.lookup(&key), &p, &b);
 	}
-	xray_sample(ctx, &p, &b); /* X-ray: the one call site, after the verdict */
-	return finish(&p, &b, parse);
+	limited = limit_apply(&p, &b);
+	xray_sample(ctx, &p, &b, limited); /* X-ray: the one call site, after the verdict */
+	return finish(&p, &b, parse, limited);
 }

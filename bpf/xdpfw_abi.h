@@ -23,7 +23,11 @@
  *      (now a per-CPU array; pad[5] became pad + counter); xdpfw_lpm4_hint added.
  *   3  struct xdpfw_rule_stats 24 -> 16 bytes: last_hit_ns moved to the shared,
  *      memory-mapped xdpfw_rule_seen (added).
- *   4  X-ray: xdpfw_sample_ctl, xdpfw_sample_rules, xdpfw_sample_bucket,
+ *   4  rate limits and TCP flags: struct xdpfw_slot 24 -> 32 bytes (tcp_mask in the old
+ *      pad, tcp_want); verdicts LIMIT and LIMIT_MONITOR; the rank's top bits are the
+ *      verdict class, no longer the verdict, and its id field is never 0;
+ *      XDPFW_STAT_LIMITED; maps xdpfw_limits, xdpfw_limit_stats, xdpfw_buckets, xdpfw_bans.
+ *      X-ray: xdpfw_sample_ctl, xdpfw_sample_rules, xdpfw_sample_bucket,
  *      xdpfw_sample_stats and the ring buffer xdpfw_samples (added).
  */
 #define XDPFW_ABI_VERSION 4
@@ -35,11 +39,16 @@
 /* Slots a rule set (see struct xdpfw_set) holds besides the entry's own. */
 #define XDPFW_SET_SLOTS 31
 
-/* Verdict class of a slot; also the top bits of its rank (higher wins). */
+/*
+ * Verdict of a slot. The rank's top bits hold its class (see below), not this number:
+ * allow > drop > limit > monitor (limit-monitor is in the monitor class).
+ */
 #define XDPFW_VERDICT_NONE 0
-#define XDPFW_VERDICT_MONITOR 1 /* drop rule in monitor mode: pass, count */
-#define XDPFW_VERDICT_DROP 2    /* drop rule in enforce mode */
-#define XDPFW_VERDICT_ALLOW 3   /* allow rule: pass, beats every drop */
+#define XDPFW_VERDICT_MONITOR 1       /* drop rule in monitor mode: pass, count */
+#define XDPFW_VERDICT_DROP 2          /* drop rule in enforce mode */
+#define XDPFW_VERDICT_ALLOW 3         /* allow rule: pass, beats every drop */
+#define XDPFW_VERDICT_LIMIT_MONITOR 5 /* limit rule in monitor mode: pass, count would-limit */
+#define XDPFW_VERDICT_LIMIT 6         /* limit rule: pass within the budget, drop the rest */
 
 /* Index of the global per-CPU counters in struct xdpfw_global_stats. */
 #define XDPFW_STAT_PACKETS 0    /* every frame the program saw */
@@ -50,7 +59,8 @@
 #define XDPFW_STAT_NON_IP 5     /* ARP and every other non-IP ethertype */
 #define XDPFW_STAT_FRAGMENTS 6  /* IPv4/IPv6 fragments, first or not */
 #define XDPFW_STAT_BYTES 7      /* bytes of every frame */
-#define XDPFW_STAT_MAX 8
+#define XDPFW_STAT_LIMITED 8    /* dropped by a limit rule (over its budget, or banned) */
+#define XDPFW_STAT_MAX 9
 
 /* Index of the lookup tables in struct xdpfw_config.n_entries. */
 #define XDPFW_TBL_SRC4 0        /* xdpfw_src4: exact IPv4 source */
@@ -78,14 +88,15 @@
 /*
  * One rule as the data plane sees it, inside a lookup entry. The control
  * plane precomputes `rank` so that the data plane compares one integer:
- *   bits 62-63 verdict class (allow 3 > drop 2 > monitor 1)
+ *   bits 62-63 verdict class (allow 3 > drop 2 > limit 1 > monitor 0)
  *   bits 54-61 source prefix length (0 when the rule names no source)
  *   bits 46-53 destination prefix length
  *   bit  45    protocol named
  *   bits 29-44 port narrowness: 65536 - (port_hi - port_lo + 1), 0 = no ports
- *   bits 0-28  XDPFW_RANK_ID_MASK - rule_id (lower id wins a tie)
+ *   bits 0-28  XDPFW_RANK_ID_MASK - rule_id + 1 (lower id wins a tie; never 0)
  * This is exactly the "most specific" order of the rule contract, with the
- * verdict class first. rank 0 marks an empty slot.
+ * verdict class first (TCP flags add no specificity). rank 0 marks an empty slot;
+ * no rule's rank is 0, not even a monitor rule's (class 0), as the id field is not.
  */
 #define XDPFW_RANK_ID_MASK 0x1fffffffULL
 
@@ -97,8 +108,11 @@ struct xdpfw_slot {
 	__u8 proto;      /* IPPROTO_*; 0 = any protocol */
 	__u8 verdict;    /* XDPFW_VERDICT_* */
 	__u8 has_ports;  /* 1: needs an L4 header with dport in range */
-	__u8 pad;
+	__u8 tcp_mask;   /* TCP flags looked at (FIN 0x01 .. CWR 0x80); 0 = no flag match */
 	__u32 counter;   /* host; the rule's index in xdpfw_rule_stats, 1..max_rules */
+	__u8 tcp_want;   /* (flags & tcp_mask) == tcp_want; needs a TCP header (never a
+			  * non-first fragment or a truncated header) */
+	__u8 pad[7];
 };
 
 /*
@@ -197,10 +211,10 @@ struct xdpfw_config {
 #define XDPFW_SAMPLE_MAX_RULES 65536    /* rules that may be sampled at once */
 
 /* What the rule did with a sampled frame (struct xdpfw_sample_hdr.verdict). */
-#define XDPFW_SAMPLED_PASS 1            /* an allow rule: passed */
+#define XDPFW_SAMPLED_PASS 1            /* an allow rule, or a limit rule within budget */
 #define XDPFW_SAMPLED_DROP 2            /* a drop rule in enforce mode: dropped */
-#define XDPFW_SAMPLED_MONITOR 3         /* a drop rule in monitor mode: passed, counted */
-#define XDPFW_SAMPLED_LIMITED 4         /* reserved: dropped by a rate-limit rule (issue 16) */
+#define XDPFW_SAMPLED_MONITOR 3         /* a monitor-mode rule (drop or limit): passed */
+#define XDPFW_SAMPLED_LIMITED 4         /* a limit rule: over the budget or banned, dropped */
 
 /* Index of the per-CPU sampling counters in struct xdpfw_sample_stats. */
 #define XDPFW_SSTAT_SENT 0              /* records submitted to the ring */
@@ -251,5 +265,73 @@ struct xdpfw_sample_hdr {
 	__u8 pad;
 };
 /* --- end of X-ray ------------------------------------------------------------------------ */
+/*
+ * --- Rate limits (issue 16) -----------------------------------------------------------
+ * A limit rule (slot verdict LIMIT or LIMIT_MONITOR) has its parameters in xdpfw_limits,
+ * keyed by rule id. Only a frame whose best slot is a limit rule touches the maps below:
+ * allow and drop rules (blocklists) rank above every limit rule and are decided first.
+ *
+ * Budgets are GCRA (a token bucket written as a "theoretical arrival time"): a packet of
+ * cost c ns passes when max(tat, now) + c - now <= window, and then tat = max(tat, now) + c;
+ * a packet over the budget leaves tat unchanged. Packets: c = pkt_cost_ns = 10^9 / pps
+ * (floored), window = burst * c, so `burst` packets pass at once after an idle period and
+ * pps per second after that. Bytes: c = len * 10^9 / byte_rate (floored), window =
+ * burst_bytes * 10^9 / byte_rate (floored). With both, a packet passes when both pass, and
+ * only then are both charged. now = bpf_ktime_get_ns() (CLOCK_MONOTONIC).
+ *
+ * Buckets are shared by the CPUs (one LRU hash, no per-CPU copies): the budget is the
+ * source's, whichever CPUs receive it. Updates are plain stores: two CPUs racing on the
+ * same bucket can each pass a packet the other already counted (a lost update admits at
+ * most one extra packet per racing CPU per race), never drop one the budget allows.
+ */
+#define XDPFW_PER_SOURCE 0      /* one bucket per (rule, source address) */
+#define XDPFW_PER_RULE 1        /* one bucket per rule (family 0, address 0) */
+
+#ifndef XDPFW_MAX_LIMITS
+#define XDPFW_MAX_LIMITS 4096   /* limit rules */
+#endif
+#ifndef XDPFW_MAX_BUCKETS
+#define XDPFW_MAX_BUCKETS 131072 /* live buckets (LRU: the least recent is evicted) */
+#endif
+#ifndef XDPFW_MAX_BANS
+#define XDPFW_MAX_BANS 65536    /* live bans (LRU) */
+#endif
+
+/* Value of xdpfw_limits (key: __u32 rule id, host), written by the control plane. */
+struct xdpfw_limit {
+	__u64 pkt_cost_ns;     /* host; 10^9 / pps, 0 = no packet rate */
+	__u64 pkt_window_ns;   /* host; burst * pkt_cost_ns */
+	__u64 byte_rate;       /* host; bytes per second, 0 = no byte rate */
+	__u64 byte_window_ns;  /* host; burst_bytes * 10^9 / byte_rate */
+	__u64 ban_ns;          /* host; ban length after going over, 0 = no ban */
+	__u32 per;             /* host; XDPFW_PER_* */
+	__u32 pad;
+};
+
+/* Key of xdpfw_buckets and xdpfw_bans. */
+struct xdpfw_bucket_key {
+	__u32 rule_id;         /* host */
+	__u32 family;          /* host; 4 or 6, 0 for a per-rule bucket */
+	__u8 addr[16];         /* be; an IPv4 source in the first 4 bytes; zero per rule */
+};
+
+/* Value of xdpfw_buckets: the GCRA state. */
+struct xdpfw_bucket {
+	__u64 pkt_tat;         /* host; ns, CLOCK_MONOTONIC */
+	__u64 byte_tat;        /* host */
+};
+
+/*
+ * Value of xdpfw_limit_stats (per CPU, key: __u32 rule id): the frames credited to a limit
+ * rule, split by what the budget said. A monitor-mode rule counts "would limit" in limited
+ * and passes the frame. The control plane creates the zeroed element with the rule.
+ */
+struct xdpfw_limit_stats {
+	__u64 passed;          /* host; within the budget */
+	__u64 limited;         /* host; over the budget (dropped unless monitor) */
+	__u64 banned;          /* host; dropped while the source was banned */
+};
+
+/* xdpfw_bans: key struct xdpfw_bucket_key, value __u64 host: banned until (ns, CLOCK_MONOTONIC). */
 
 #endif /* XDPFW_ABI_H */

@@ -17,9 +17,9 @@ import numpy as np
 from api.ports import CounterArrays
 from xdpfw.abi import Table
 from xdpfw.compiler import Capacities, RuleCompiler
-from xdpfw.datapath import Attachment, GlobalCounters, RuleCounters
+from xdpfw.datapath import Attachment, Ban, GlobalCounters, LimitCounters, RuleCounters
 from xdpfw.errors import ForeignProgram, InterfaceNotFound, RuleNotFound, XdpfwError
-from xdpfw.rules import Rule
+from xdpfw.rules import Limit, Rule
 
 __all__ = ["FakeDatapath"]
 
@@ -50,6 +50,10 @@ class FakeDatapath:
         default_factory=lambda: {"sent": 0, "lost_ring": 0, "lost_cap": 0}
     )
     ring: FakeRing = field(default_factory=lambda: FakeRing())
+    # rate limits (issue 16): budgets by rule id, counters, bans the test sets
+    limits: dict[int, Limit] = field(default_factory=dict)
+    limit_hits: dict[int, LimitCounters] = field(default_factory=dict)
+    banned: list[Ban] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.compiler = RuleCompiler(self.caps)
@@ -67,6 +71,10 @@ class FakeDatapath:
         self.compiler.commit(plan)
         for r in plan.added:
             self.hits[r.id] = RuleCounters(0, 0, None)
+        for r in rules:
+            if r.limit is not None:
+                self.limits[r.id] = r.limit
+                self.limit_hits[r.id] = LimitCounters()
         self.changes += 1
 
     def remove_rules(self, rule_ids: Iterable[int]) -> list[Rule]:
@@ -76,8 +84,30 @@ class FakeDatapath:
         for r in plan.removed:
             self.hits.pop(r.id, None)
             self.sampled.pop(r.id, None)
+            self.limits.pop(r.id, None)
+            self.limit_hits.pop(r.id, None)
         self.changes += 1
         return plan.removed
+
+    # -- rate limits (issue 16) ----------------------------------------------------------------
+
+    def rule_limits(self) -> dict[int, Limit]:
+        return dict(self.limits)
+
+    def limit_counters(self, rule_ids: Iterable[int] | None = None) -> dict[int, LimitCounters]:
+        ids = self.limit_hits if rule_ids is None else rule_ids
+        return {rid: self.limit_hits[rid] for rid in ids if rid in self.limit_hits}
+
+    def bans(self) -> list[Ban]:
+        return list(self.banned)
+
+    def unban(self, source: str | None = None, rule_id: int | None = None) -> int:
+        keep = [b for b in self.banned
+                if (source is not None and b.source != source)
+                or (rule_id is not None and b.rule_id != rule_id)]
+        n = len(self.banned) - len(keep)
+        self.banned = keep
+        return n
 
     def rules(self) -> list[Rule]:
         return [self.compiler.rules[rid] for rid in sorted(self.compiler.rules)]

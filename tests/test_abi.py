@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 from conftest import TEST_CAPS
 
-from xdpfw import abi
+from xdpfw import abi, codes
 from xdpfw.compiler import Capacities
 from xdpfw.datapath.pins import MAP_TYPES
 from xdpfw.kernel import bpfsys
 from xdpfw.kernel.loader import MAP_NAMES
-from xdpfw.rules import MAX_RULE_ID, RuleSpec
+from xdpfw.rules import MAX_RULE_ID, Limit, RuleSpec
 
 HEADER_TEXT = abi.HEADER.read_text()
 PROGRAM_TEXT = abi.PROGRAM.read_text()
@@ -60,6 +60,12 @@ def _mirror(name: str) -> int | None:
         "MAX_RULES": caps.max_rules,
         "MAX_PREFIXES": caps.max_prefixes,
         "MAX_SETS": caps.max_sets,
+        # rate limits (issue 16)
+        "PER_SOURCE": abi.PER_SOURCE,
+        "PER_RULE": abi.PER_RULE,
+        "MAX_LIMITS": abi.MAX_LIMITS,
+        "MAX_BUCKETS": abi.MAX_BUCKETS,
+        "MAX_BANS": abi.MAX_BANS,
     }
     if name in scalars:
         return scalars[name]
@@ -109,7 +115,10 @@ def test_every_define_equals_its_mirror(name: str) -> None:
 def test_every_verdict_mirror_has_a_define() -> None:
     defines = header_defines()
     verdicts = [n for n in dir(abi) if n.startswith("VERDICT_")]
-    assert verdicts == ["VERDICT_ALLOW", "VERDICT_DROP", "VERDICT_MONITOR", "VERDICT_NONE"]
+    assert verdicts == [
+        "VERDICT_ALLOW", "VERDICT_DROP", "VERDICT_LIMIT", "VERDICT_LIMIT_MONITOR",
+        "VERDICT_MONITOR", "VERDICT_NONE",
+    ]
     for name in verdicts:
         assert defines.get(name) == getattr(abi, name), f"abi.{name} has no matching define"
 
@@ -252,7 +261,9 @@ def test_map_types_match_bcc(name: str, bcc_types: dict[str, tuple[type[Any], ty
 
 @pytest.mark.pure
 def test_percpu_maps_are_the_counter_maps() -> None:
-    assert _percpu_maps() == {"xdpfw_rule_stats", "xdpfw_stats", "xdpfw_sample_stats"}
+    assert _percpu_maps() == {
+        "xdpfw_rule_stats", "xdpfw_stats", "xdpfw_sample_stats", "xdpfw_limit_stats"
+    }
 
 
 @pytest.mark.pure
@@ -291,9 +302,9 @@ def test_loaded_maps_have_the_mirrored_sizes(dp: Any) -> None:
 
 @pytest.mark.pure
 def test_struct_sizes_are_what_the_header_implies() -> None:
-    assert ctypes.sizeof(abi.Slot) == 24
-    assert ctypes.sizeof(abi.Entry) == 32
-    assert ctypes.sizeof(abi.Set) == 24 * abi.SET_SLOTS
+    assert ctypes.sizeof(abi.Slot) == 32
+    assert ctypes.sizeof(abi.Entry) == 40
+    assert ctypes.sizeof(abi.Set) == 32 * abi.SET_SLOTS
     assert ctypes.sizeof(abi.Lpm4Key) == 8
     assert ctypes.sizeof(abi.Lpm6Key) == 20
     assert ctypes.sizeof(abi.RuleStats) == 16
@@ -364,7 +375,7 @@ _RANK_CASES: list[tuple[dict[str, Any], int, dict[str, int]]] = [
     (
         {"mode": "monitor", "dst": "2001:db8:1::/48", "proto": "udp", "dport": "1000-2000"},
         123456,
-        {"verdict": 1, "src_len": 0, "dst_len": 48, "proto": 1, "narrow": 65536 - 1001},
+        {"verdict": 0, "src_len": 0, "dst_len": 48, "proto": 1, "narrow": 65536 - 1001},
     ),
     (
         {"proto": "udp", "dport": "0-65535"},
@@ -381,6 +392,18 @@ _RANK_CASES: list[tuple[dict[str, Any], int, dict[str, int]]] = [
         2,
         {"verdict": 3, "src_len": 0, "dst_len": 0, "proto": 0, "narrow": 0},
     ),
+    # rate limits (issue 16): class 1 between drop and monitor; monitor-mode limits are class 0
+    (
+        {"action": "limit", "src": "198.18.0.0/16", "proto": "tcp", "dport": 80,
+         "tcp_flags": "syn", "limit": Limit.parse(pps=10)},
+        77,
+        {"verdict": 1, "src_len": 16, "dst_len": 0, "proto": 1, "narrow": 65535},
+    ),
+    (
+        {"action": "limit", "mode": "monitor", "src": "0.0.0.0/0", "limit": Limit.parse(bps=9000)},
+        MAX_RULE_ID,
+        {"verdict": 0, "src_len": 0, "dst_len": 0, "proto": 0, "narrow": 0},
+    ),
 ]
 
 
@@ -394,8 +417,8 @@ def test_rank_fields_follow_the_header_comment(
     rank = rule.rank()
     assert 0 < rank < 1 << 64
     fields = _decode(rank, layout)
-    assert fields == {**expected, "id": abi.RANK_ID_MASK - rule_id}
-    assert fields["verdict"] == rule.verdict
+    assert fields == {**expected, "id": abi.RANK_ID_MASK - rule_id + 1}
+    assert fields["verdict"] == codes.verdict_class(rule.verdict)
 
 
 @pytest.mark.pure
@@ -416,3 +439,12 @@ def test_rank_orders_like_the_contract() -> None:
     assert rank(9, proto="udp", dport="10-11") > rank(1, proto="udp", dport="10-12")
     assert rank(1, proto="udp") > rank(2, proto="udp")
     assert rank(1, proto="udp", dport="0-65535") > rank(2, proto="udp")
+    # allow > enforce drop > limit > monitor, whatever the specificity (issue 16)
+    lim = Limit.parse(pps=5)
+    assert rank(9, src="0.0.0.0/0") > rank(1, action="limit", src="198.18.0.1", limit=lim)
+    assert rank(9, action="limit", src="0.0.0.0/0", limit=lim) > rank(
+        1, mode="monitor", src="198.18.0.1", proto="tcp", dport=1
+    )
+    assert rank(9, action="limit", src="0.0.0.0/0", limit=lim) > rank(
+        1, action="limit", mode="monitor", src="198.18.0.1", limit=lim
+    )

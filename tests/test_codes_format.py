@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from xdpfw import abi, codes
 from xdpfw.codes import Field
-from xdpfw.rules import Action, Mode, PortRange, Proto, Rule, RuleSpec
+from xdpfw.rules import Action, Limit, Mode, PortRange, Proto, Rule, RuleSpec, TcpFlags
 
 pytestmark = pytest.mark.pure
 
@@ -123,7 +123,10 @@ def _keys(draw: st.DrawFn) -> int:
     return codes.pack_key(addr, plen, v6=v6, direction=direction)
 
 
-_VERDICTS = st.sampled_from((abi.VERDICT_MONITOR, abi.VERDICT_DROP, abi.VERDICT_ALLOW))
+_VERDICTS = st.sampled_from(
+    (abi.VERDICT_MONITOR, abi.VERDICT_DROP, abi.VERDICT_ALLOW, abi.VERDICT_LIMIT,
+     abi.VERDICT_LIMIT_MONITOR)
+)
 _PORTS = st.none() | st.tuples(st.integers(0, 65535), st.integers(0, 65535)).map(
     lambda p: (min(p), max(p))
 )
@@ -142,7 +145,8 @@ def test_pack_unpack_round_trip(
         ports,
     )
     assert codes.code_of_key(codes.key(code)) == code & codes.KEY.mask
-    assert codes.is_plain(code) == (proto == 0 and ports is None)
+    limit = verdict in (abi.VERDICT_LIMIT, abi.VERDICT_LIMIT_MONITOR)
+    assert codes.is_plain(code) == (proto == 0 and ports is None and not limit)
     if codes.is_plain(code) and k:
         net = codes.net_code(
             codes.key_addr(k),
@@ -152,6 +156,18 @@ def test_pack_unpack_round_trip(
             verdict=verdict,
         )
         assert net == code
+
+
+@given(_keys(), _VERDICTS, st.integers(1, 255), st.integers(0, 255))
+def test_tcp_flags_round_trip_and_leave_the_rest(
+    k: int, verdict: int, mask: int, want: int
+) -> None:
+    want &= mask
+    code = codes.pack(k, verdict, 6, None, (mask, want))
+    assert codes.tcp_flags(code) == (mask, want)
+    assert codes.unpack(code) == (k, verdict, 6, None)
+    assert not codes.is_plain(code)
+    assert codes.tcp_flags(codes.pack(k, verdict, 6)) is None
 
 
 @given(_keys())
@@ -181,10 +197,12 @@ def test_trie_positions_sort_by_address_then_length(keys: list[int]) -> None:
 # -- the rank is the rule contract's order -----------------------------------------------------
 
 
-_CLASS = {  # README: allow beats drop beats monitor
-    (Action.ALLOW, Mode.ENFORCE): 2,
-    (Action.DROP, Mode.ENFORCE): 1,
+_CLASS = {  # README: allow beats drop beats limit beats monitor
+    (Action.ALLOW, Mode.ENFORCE): 3,
+    (Action.DROP, Mode.ENFORCE): 2,
+    (Action.LIMIT, Mode.ENFORCE): 1,
     (Action.DROP, Mode.MONITOR): 0,
+    (Action.LIMIT, Mode.MONITOR): 0,
 }
 
 
@@ -205,7 +223,13 @@ def _rules(draw: st.DrawFn) -> Rule:
     proto = draw(protos if net is None else st.none() | protos)
     ports = draw(st.none() | _PORT_RANGES) if proto in (Proto.TCP, Proto.UDP) else None
     src, dst = (net, None) if draw(st.booleans()) else (None, net)
-    spec = RuleSpec(action=action, mode=mode, src=src, dst=dst, proto=proto, dport=ports)
+    tcp_texts = st.none() | st.sampled_from(("syn", "RST", "FIN,!ACK"))
+    flags = draw(tcp_texts) if proto is Proto.TCP else None
+    limit = Limit.parse(pps=draw(st.integers(1, 10**6))) if action is Action.LIMIT else None
+    spec = RuleSpec(
+        action=action, mode=mode, src=src, dst=dst, proto=proto, dport=ports,
+        tcp_flags=None if flags is None else TcpFlags.parse(flags), limit=limit,
+    )
     spec.validate()
     return spec.with_id(draw(st.integers(1, codes.MAX_RULE_ID)))
 
@@ -242,7 +266,10 @@ def test_rank_orders_rules_as_the_contract_says(a: Rule, b: Rule) -> None:
 def _slot_code(entry_key: int, r: Rule) -> int | None:
     ports = None if r.dport is None else (r.dport.lo, r.dport.hi)
     proto = r.proto.number if r.proto is not None else 0
-    return codes.from_slot(entry_key, r.rank(), verdict=r.verdict, proto=proto, ports=ports)
+    tcp = None if r.tcp_flags is None else (r.tcp_flags.mask, r.tcp_flags.want)
+    return codes.from_slot(
+        entry_key, r.rank(), verdict=r.verdict, proto=proto, ports=ports, tcp=tcp
+    )
 
 
 @given(_rules())

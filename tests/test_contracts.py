@@ -38,7 +38,8 @@ def test_the_one_list() -> None:
     assert abi.Stat.counters() == tuple(s for s in abi.Stat if s < abi.Stat.MAX)
     # The JSON names of today's API: renaming a Stat member must not rename them silently.
     assert NAMES == [
-        "packets", "passed", "dropped", "monitored", "malformed", "non_ip", "fragments", "bytes"
+        "packets", "passed", "dropped", "monitored", "malformed", "non_ip", "fragments", "bytes",
+        "limited",
     ]
 
 
@@ -57,6 +58,7 @@ def test_global_counters_and_model_outcome_name_every_counter() -> None:
     assert o.stats() == {
         abi.Stat.PACKETS: 1, abi.Stat.PASSED: 1, abi.Stat.DROPPED: 0, abi.Stat.MONITORED: 0,
         abi.Stat.MALFORMED: 0, abi.Stat.NON_IP: 0, abi.Stat.FRAGMENTS: 1, abi.Stat.BYTES: 60,
+        abi.Stat.LIMITED: 0,
     }
 
 
@@ -83,7 +85,7 @@ def test_metrics_frame_labels_come_from_the_list() -> None:
     assert {metrics_mod.VERDICTS["pass"], metrics_mod.VERDICTS["drop"]} == {
         abi.Stat.PASSED, abi.Stat.DROPPED}
     assert [s.field for s in metrics_mod.FLAGS] == ["monitored", "malformed", "non_ip",
-                                                     "fragments"]
+                                                     "fragments", "limited"]
     collector = metrics_mod._Collector(cast(Any, _Svc()), metrics_mod.SourceCounters())
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Frames(collector))
@@ -96,6 +98,7 @@ def test_metrics_frame_labels_come_from_the_list() -> None:
         'xdpfw_frames_flagged_total{flag="malformed"} 5.0',
         'xdpfw_frames_flagged_total{flag="non_ip"} 6.0',
         'xdpfw_frames_flagged_total{flag="fragments"} 7.0',
+        'xdpfw_frames_flagged_total{flag="limited"} 9.0',  # issue 16
         "xdpfw_bytes_total 8.0",
     ]
 
@@ -130,11 +133,18 @@ PAIRS: dict[type, str] = {
     client.Removed: "RemovedOut",
     client.Sample: "SampleOut",  # X-ray
     client.SampleStats: "SamplesOut",
+    # issue 16
+    client.LimitCounters: "LimitCountersOut",
+    client.Limit: "LimitOut",
+    client.Ban: "BanOut",
+    client.Bans: "BansOut",
+    client.Unban: "UnbanOut",
 }
 # Components the client does not mirror as a TypedDict: request bodies (the CLI builds them
 # as dicts and the API validates them) and error bodies (client.error_for reads them loosely).
 NOT_MIRRORED = {
-    "RuleIn", "SampleIn", "InterfaceIn", "ErrorOut", "HTTPValidationError", "ValidationError"
+    "RuleIn", "SampleIn", "LimitIn", "InterfaceIn", "ErrorOut", "HTTPValidationError",
+    "ValidationError",
 }
 
 

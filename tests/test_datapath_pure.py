@@ -26,9 +26,9 @@ def test_slot_and_entry_structs_have_the_mirrors_layout() -> None:
     assert SLOT.size == ctypes.sizeof(abi.Slot) and ENTRY.size == ctypes.sizeof(abi.Entry)
     values = [(i + 1) * 0x0101 & 0xFF for i in range(len(_SLOT_FIELDS))]
     values[0] = 0x1122334455667788  # rank
-    values[-1] = 0xA1B2C3D4  # counter
+    values[_SLOT_FIELDS.index("counter")] = 0xA1B2C3D4
     slot = abi.Slot.from_buffer_copy(SLOT.pack(*values))
-    assert [getattr(slot, f) for f in _SLOT_FIELDS] == values and slot.pad == 0
+    assert [getattr(slot, f) for f in _SLOT_FIELDS] == values and not any(bytes(slot.pad))
     entry = abi.Entry.from_buffer_copy(ENTRY.pack(*values, 4242))
     assert [getattr(entry.first, f) for f in _SLOT_FIELDS] == values
     assert entry.set_id == 4242 and entry.pad == 0
@@ -82,9 +82,17 @@ def test_read_slot_agrees_with_codes_from_slot() -> None:
         if rng.random() < 0.5:
             lo = rng.randrange(65536)
             ports = (lo, rng.randrange(lo, 65536))
-        verdict, proto = rng.randrange(1, 4), rng.choice([0, 6, 17])
-        raw = SLOT.pack(r, 42, *(ports or (0, 0)), proto, verdict, ports is not None, 3)
-        want = codes.from_slot(k, r, verdict=verdict, proto=proto, ports=ports)
+        verdict = rng.choice([1, 2, 3, abi.VERDICT_LIMIT, abi.VERDICT_LIMIT_MONITOR])
+        proto = rng.choice([0, 6, 17])
+        tcp = None
+        if proto == 6 and rng.random() < 0.5:
+            mask = rng.randrange(1, 256)
+            tcp = (mask, rng.randrange(256) & mask)
+        mask, want_flags = tcp or (0, 0)
+        raw = SLOT.pack(
+            r, 42, *(ports or (0, 0)), proto, verdict, ports is not None, mask, 3, want_flags
+        )
+        want = codes.from_slot(k, r, verdict=verdict, proto=proto, ports=ports, tcp=tcp)
         assert read_slot(k, raw, 0) == (r, 42, -1 if want is None else want, 3)
 
 

@@ -13,7 +13,7 @@ from typing import TypedDict
 
 import pytest
 
-from xdpfw import abi
+from xdpfw import abi, codes
 from xdpfw.rules import Rule, RuleSpec
 from xdpfw.verify.frames import (
     ETH_P_8021AD,
@@ -503,7 +503,8 @@ def test_evaluate_credits_the_highest_ranked_match() -> None:
         best = max(matching, key=Rule.rank)
         verdicts.append(out.verdict)
         assert out.rule_id == best.id
-        assert out.verdict == best.rank() >> 62
+        assert out.verdict == best.verdict
+        assert codes.verdict_class(out.verdict) == best.rank() >> 62
         assert out.action == ("drop" if out.verdict == abi.VERDICT_DROP else "pass")
     for verdict in (abi.VERDICT_ALLOW, abi.VERDICT_DROP, abi.VERDICT_MONITOR):
         assert verdicts.count(verdict) > 30
@@ -526,6 +527,7 @@ def test_total_stats() -> None:
         abi.Stat.NON_IP: 1,
         abi.Stat.FRAGMENTS: 1,
         abi.Stat.BYTES: sum(len(f) for f in frames),
+        abi.Stat.LIMITED: 0,
     }
 
 

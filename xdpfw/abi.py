@@ -18,8 +18,13 @@ __all__ = [
     "HINT_DST",
     "HINT_SRC",
     "HINT_WORDS",
+    "MAX_BANS",
+    "MAX_BUCKETS",
     "MAX_IPV6_EXT",
+    "MAX_LIMITS",
     "MAX_VLAN",
+    "PER_RULE",
+    "PER_SOURCE",
     "PROGRAM",
     "PROG_NAME",
     "RANK_ID_MASK",
@@ -35,12 +40,18 @@ __all__ = [
     "SET_SLOTS",
     "VERDICT_ALLOW",
     "VERDICT_DROP",
+    "VERDICT_LIMIT",
+    "VERDICT_LIMIT_MONITOR",
     "VERDICT_MONITOR",
     "VERDICT_NONE",
     "Addr6",
+    "Bucket",
+    "BucketKey",
     "Config",
     "Entry",
     "GlobalStats",
+    "Limit",
+    "LimitStats",
     "Lpm4Key",
     "Lpm6Key",
     "RuleStats",
@@ -88,6 +99,15 @@ VERDICT_NONE = 0
 VERDICT_MONITOR = 1
 VERDICT_DROP = 2
 VERDICT_ALLOW = 3
+VERDICT_LIMIT_MONITOR = 5
+VERDICT_LIMIT = 6
+
+# -- rate limits (issue 16) --
+PER_SOURCE = 0
+PER_RULE = 1
+MAX_LIMITS = 4096
+MAX_BUCKETS = 131072
+MAX_BANS = 65536
 
 
 class Stat(IntEnum):
@@ -101,7 +121,8 @@ class Stat(IntEnum):
     NON_IP = 5
     FRAGMENTS = 6
     BYTES = 7
-    MAX = 8
+    LIMITED = 8
+    MAX = 9
 
     @property
     def field(self) -> str:
@@ -143,8 +164,10 @@ class Slot(ctypes.Structure):
         ("proto", ctypes.c_uint8),
         ("verdict", ctypes.c_uint8),
         ("has_ports", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8),
+        ("tcp_mask", ctypes.c_uint8),
         ("counter", ctypes.c_uint32),
+        ("tcp_want", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 7),
     ]
 
 
@@ -198,10 +221,10 @@ SAMPLE_SNAP_MEDIUM = 512
 SAMPLE_SNAP_MAX = 2048  # the largest snap length
 SAMPLE_MAX_RULES = 65536  # rules sampled at once (entries of xdpfw_sample_rules)
 
-SAMPLED_PASS = 1  # SampleHdr.verdict: an allow rule passed the frame
+SAMPLED_PASS = 1  # SampleHdr.verdict: an allow rule (or a limit rule within budget) passed it
 SAMPLED_DROP = 2  # a drop rule (enforce) dropped it
-SAMPLED_MONITOR = 3  # a drop rule in monitor mode passed and counted it
-SAMPLED_LIMITED = 4  # reserved for rate-limit rules (issue 16)
+SAMPLED_MONITOR = 3  # a monitor-mode rule (drop or limit) passed and counted it
+SAMPLED_LIMITED = 4  # a limit rule dropped it (over the budget, or banned)
 
 
 class SampleStat(IntEnum):
@@ -256,4 +279,39 @@ class SampleHdr(ctypes.Structure):
         ("cap_len", ctypes.c_uint16),
         ("verdict", ctypes.c_uint8),
         ("pad", ctypes.c_uint8),
+    ]
+
+
+# -- rate limits (issue 16) --------------------------------------------------------------------
+
+
+class Limit(ctypes.Structure):
+    _fields_ = [
+        ("pkt_cost_ns", ctypes.c_uint64),
+        ("pkt_window_ns", ctypes.c_uint64),
+        ("byte_rate", ctypes.c_uint64),
+        ("byte_window_ns", ctypes.c_uint64),
+        ("ban_ns", ctypes.c_uint64),
+        ("per", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
+class BucketKey(ctypes.Structure):
+    _fields_ = [
+        ("rule_id", ctypes.c_uint32),
+        ("family", ctypes.c_uint32),
+        ("addr", ctypes.c_uint8 * 16),
+    ]
+
+
+class Bucket(ctypes.Structure):
+    _fields_ = [("pkt_tat", ctypes.c_uint64), ("byte_tat", ctypes.c_uint64)]
+
+
+class LimitStats(ctypes.Structure):
+    _fields_ = [
+        ("passed", ctypes.c_uint64),
+        ("limited", ctypes.c_uint64),
+        ("banned", ctypes.c_uint64),
     ]

@@ -11,8 +11,15 @@ A **code** is a rule's match, action and mode (not its id). Equal codes mean the
     16-31  PORT_LO    lower port
     32     HAS_PORTS  the rule names a dport range
     33-40  PROTO      IP protocol number, 0 = any
-    41-42  VERDICT    abi.VERDICT_* (monitor 1, drop 2, allow 3)
-    43-    KEY        the entry key, below
+    41-42  VERDICT    monitor 1, drop 2, allow 3
+    43     LIMIT      a rate-limit rule (VERDICT says enforce: drop 2, or monitor 1)
+    44-51  TCP_MASK   TCP flags the rule looks at (FIN 0x01 ... CWR 0x80; 0 = none)
+    52-59  TCP_WANT   their required values (TCP_WANT & ~TCP_MASK == 0)
+    60-    KEY        the entry key, below
+
+VERDICT and LIMIT together (bits 41-43) are the slot's verdict byte, ``abi.VERDICT_*``:
+monitor 1, drop 2, allow 3, limit-monitor 5 (LIMIT | monitor), limit 6 (LIMIT | drop).
+``pack``/``unpack``/``verdict`` take and give that byte.
 
 A **key** (``code >> KEY.shift``; 0 = the address-less table)::
 
@@ -29,12 +36,17 @@ a prefix's descendants are one contiguous range of positions.
 The **rank** is the 64-bit priority the data plane compares (bpf/xdpfw_abi.h, struct
 xdpfw_slot), the rule contract's "most specific" order with the verdict class on top::
 
-    0-28   ID_INV     RANK_ID_MASK - rule id (the lower id wins a tie)
+    0-28   ID_INV     RANK_ID_MASK - rule id + 1 (the lower id wins a tie; never 0)
     29-44  NARROW     PORT_SPAN (65536) - port range width, 0 = no ports
     45     PROTO_NAMED
     46-53  DST_PLEN
     54-61  SRC_PLEN
-    62-63  VERDICT
+    62-63  VERDICT    the verdict *class* (`verdict_class`): allow 3 > drop 2 > limit 1 >
+                      monitor 0 (drop and limit rules in monitor mode are both class 0)
+
+TCP flags do not add specificity: two rules that differ only in their flags tie on
+everything but the id. ID_INV is never 0, so no rank is 0 (0 marks an empty slot), not even
+that of a monitor rule on 0.0.0.0/0 with the highest id.
 
 Hot loops (bulk loads) bind a field's ``shift``/``bits`` to locals instead of calling the
 accessors; they still never spell a number. tests/test_codes_format.py checks that the fields
@@ -61,6 +73,7 @@ __all__ = [
     "HAS_PORTS",
     "KEY",
     "KEY_FIELDS",
+    "LIMIT",
     "MAX_RULE_ID",
     "PLEN",
     "PORT_HI",
@@ -76,10 +89,16 @@ __all__ = [
     "RANK_SRC_PLEN",
     "RANK_VERDICT",
     "TABLE_BITS",
+    "TCP_ACK",
+    "TCP_FLAG_NAMES",
+    "TCP_MASK",
+    "TCP_SYN",
+    "TCP_WANT",
     "TRIE_ADDR",
     "TRIE_PLEN",
     "V6",
     "VERDICT",
+    "VERDICT_CLASS",
     "Field",
     "Unpacked",
     "code_of_key",
@@ -101,10 +120,12 @@ __all__ = [
     "proto",
     "rank",
     "rank_plens",
+    "tcp_flags",
     "trie_key",
     "trie_position",
     "unpack",
     "verdict",
+    "verdict_class",
 ]
 
 
@@ -140,8 +161,22 @@ PORT_LO = Field("port_lo", 16, 16)
 HAS_PORTS = Field("has_ports", 32, 1)
 PROTO = Field("proto", 33, 8)
 VERDICT = Field("verdict", 41, 2)
-KEY = Field("key", 43, 0)
-CODE_FIELDS = (PORT_HI, PORT_LO, HAS_PORTS, PROTO, VERDICT, KEY)
+LIMIT = Field("limit", 43, 1)
+TCP_MASK = Field("tcp_mask", 44, 8)
+TCP_WANT = Field("tcp_want", 52, 8)
+KEY = Field("key", 60, 0)
+CODE_FIELDS = (PORT_HI, PORT_LO, HAS_PORTS, PROTO, VERDICT, LIMIT, TCP_MASK, TCP_WANT, KEY)
+# VERDICT and LIMIT read together: the slot's verdict byte (abi.VERDICT_*).
+_SLOT_VERDICT_BITS = (1 << (VERDICT.width + LIMIT.width)) - 1
+assert LIMIT.shift == VERDICT.shift + VERDICT.width
+assert abi.VERDICT_DROP | 1 << VERDICT.width == abi.VERDICT_LIMIT
+assert abi.VERDICT_MONITOR | 1 << VERDICT.width == abi.VERDICT_LIMIT_MONITOR
+
+# TCP flag bits (byte 13 of the TCP header, RFC 9293 + RFC 3168), by name.
+TCP_FLAG_NAMES = {"FIN": 0x01, "SYN": 0x02, "RST": 0x04, "PSH": 0x08, "ACK": 0x10,
+                  "URG": 0x20, "ECE": 0x40, "CWR": 0x80}
+TCP_SYN = TCP_FLAG_NAMES["SYN"]
+TCP_ACK = TCP_FLAG_NAMES["ACK"]
 
 # -- a key -------------------------------------------------------------------------------------
 DIR = Field("dir", 0, 2)
@@ -171,11 +206,25 @@ RANK_SRC_PLEN = Field("src_plen", 54, 8)
 RANK_VERDICT = Field("verdict", 62, 2)
 RANK_FIELDS = (RANK_ID, RANK_NARROW, RANK_PROTO, RANK_DST_PLEN, RANK_SRC_PLEN, RANK_VERDICT)
 
+# The rank's verdict class of each slot verdict: allow > drop > limit > monitor.
+VERDICT_CLASS = {
+    abi.VERDICT_ALLOW: 3,
+    abi.VERDICT_DROP: 2,
+    abi.VERDICT_LIMIT: 1,
+    abi.VERDICT_MONITOR: 0,
+    abi.VERDICT_LIMIT_MONITOR: 0,
+}
+_CLASS_OF = tuple(VERDICT_CLASS.get(v, 0) for v in range(_SLOT_VERDICT_BITS + 1))
+
 MAX_RULE_ID = RANK_ID.bits
 assert MAX_RULE_ID == abi.RANK_ID_MASK
 
 PORT_SPAN = PORT_HI.bits + 1  # ports 0-65535: RANK_NARROW is PORT_SPAN - a range's width
-PROTO_PORTS = PORT_HI.mask | PORT_LO.mask | HAS_PORTS.mask | PROTO.mask  # zero: is_plain
+# Everything but the key and the drop/allow/monitor verdict; zero: is_plain.
+PROTO_PORTS = (
+    PORT_HI.mask | PORT_LO.mask | HAS_PORTS.mask | PROTO.mask | LIMIT.mask | TCP_MASK.mask
+    | TCP_WANT.mask
+)
 
 
 # -- keys --------------------------------------------------------------------------------------
@@ -246,26 +295,46 @@ class Unpacked(NamedTuple):
     ports: tuple[int, int] | None
 
 
-def pack(k: int, verdict: int, proto: int = 0, ports: tuple[int, int] | None = None) -> int:
-    """The code of a rule: entry key, verdict class, protocol number (0 any), dport range."""
+def pack(
+    k: int,
+    verdict: int,
+    proto: int = 0,
+    ports: tuple[int, int] | None = None,
+    tcp: tuple[int, int] | None = None,
+) -> int:
+    """The code of a rule: entry key, slot verdict (abi.VERDICT_*), protocol number (0 any),
+    dport range, TCP flags as (mask, want)."""
     code = (k << KEY.shift) | (verdict << VERDICT.shift) | (proto << PROTO.shift)
     if ports is not None:
         code |= HAS_PORTS.mask | (ports[0] << PORT_LO.shift) | ports[1]
+    if tcp is not None and tcp[0]:
+        code |= (tcp[0] << TCP_MASK.shift) | (tcp[1] << TCP_WANT.shift)
     return code
 
 
 def unpack(code: int) -> Unpacked:
-    """All of a code's fields in one call (bulk loads unpack every rule)."""
+    """All of a code's fields but the TCP flags in one call (bulk loads unpack every rule)."""
     has_ports = code & HAS_PORTS.mask
     return _tuple_new(
         Unpacked,
         (
             code >> KEY.shift,
-            (code >> VERDICT.shift) & VERDICT.bits,
+            (code >> VERDICT.shift) & _SLOT_VERDICT_BITS,
             (code >> PROTO.shift) & PROTO.bits,
             ((code >> PORT_LO.shift) & PORT_LO.bits, code & PORT_HI.bits) if has_ports else None,
         ),
     )
+
+
+def tcp_flags(code: int) -> tuple[int, int] | None:
+    """(mask, want) of a rule's TCP flag match; None when it names no flags."""
+    mask = (code >> TCP_MASK.shift) & TCP_MASK.bits
+    return (mask, (code >> TCP_WANT.shift) & TCP_WANT.bits) if mask else None
+
+
+def verdict_class(verdict: int) -> int:
+    """The rank's class of a slot verdict (allow 3, drop 2, limit 1, monitor 0)."""
+    return _CLASS_OF[verdict]
 
 
 _tuple_new = tuple.__new__
@@ -281,7 +350,8 @@ def code_of_key(k: int) -> int:
 
 
 def verdict(code: int) -> int:
-    return (code >> VERDICT.shift) & VERDICT.bits
+    """The slot verdict (abi.VERDICT_*, limit rules included)."""
+    return (code >> VERDICT.shift) & _SLOT_VERDICT_BITS
 
 
 def proto(code: int) -> int:
@@ -319,12 +389,12 @@ def rank(code: int, rule_id: int) -> int:
         hi = code & PORT_HI.bits
         narrow = PORT_SPAN - (hi - lo + 1)
     return (
-        (((code >> VERDICT.shift) & VERDICT.bits) << RANK_VERDICT.shift)
+        (_CLASS_OF[(code >> VERDICT.shift) & _SLOT_VERDICT_BITS] << RANK_VERDICT.shift)
         | ((plen if direction == DIR_SRC else 0) << RANK_SRC_PLEN.shift)
         | ((plen if direction == DIR_DST else 0) << RANK_DST_PLEN.shift)
         | ((1 if code & PROTO.mask else 0) << RANK_PROTO.shift)
         | (narrow << RANK_NARROW.shift)
-        | (RANK_ID.bits - rule_id)
+        | (RANK_ID.bits - rule_id + 1)
     )
 
 
@@ -334,7 +404,13 @@ def rank_plens(r: int) -> tuple[int, int]:
 
 
 def from_slot(
-    k: int, r: int, *, verdict: int, proto: int, ports: tuple[int, int] | None
+    k: int,
+    r: int,
+    *,
+    verdict: int,
+    proto: int,
+    ports: tuple[int, int] | None,
+    tcp: tuple[int, int] | None = None,
 ) -> int | None:
     """The code of a slot found in the entry with key ``k``; None when the slot is inherited.
 
@@ -350,4 +426,4 @@ def from_slot(
         own = src_len if direction == DIR_SRC else dst_len
         if own != key_plen(k):
             return None
-    return pack(k, verdict, proto, ports)
+    return pack(k, verdict, proto, ports, tcp)

@@ -5,8 +5,15 @@ names matches. The verdict for a packet (see xdpfw.verify.model for the executab
 
 1. any matching allow rule -> PASS, credited to the most specific matching allow rule;
 2. else any matching enforce drop rule -> DROP, credited to the most specific one;
-3. else any matching monitor rule -> PASS ("monitored"), credited to the most specific one;
-4. else PASS, credited to nobody.
+3. else any matching enforce limit rule -> its budget decides: PASS within it, DROP over it
+   ("limited"; a ban set by going over drops outright until it ends), credited to the most
+   specific limit rule;
+4. else any matching monitor rule (drop or limit in monitor mode) -> PASS ("monitored"),
+   credited to the most specific one (a limit rule counts "would limit" over its budget);
+5. else PASS, credited to nobody.
+
+A rule may also match TCP flags (`TcpFlags`: "syn" is SYN set and ACK clear); flags need a
+whole TCP header, so they never match a non-first fragment, and add no specificity.
 
 "Most specific" is: longest src prefix, then longest dst prefix, then proto named, then the
 narrower port range, then the lowest rule id. `rank()` encodes exactly that order, with the
@@ -26,13 +33,17 @@ from xdpfw.errors import InvalidRule
 
 __all__ = [
     "MAX_RULE_ID",
+    "MIN_BURST_BYTES",
     "Action",
+    "Limit",
     "Mode",
     "Network",
+    "Per",
     "PortRange",
     "Proto",
     "Rule",
     "RuleSpec",
+    "TcpFlags",
     "code_from_texts",
     "code_texts",
     "fast_ipv4",
@@ -53,6 +64,7 @@ MAX_RULE_ID = codes.MAX_RULE_ID
 class Action(StrEnum):
     DROP = "drop"
     ALLOW = "allow"
+    LIMIT = "limit"
 
 
 class Mode(StrEnum):
@@ -205,6 +217,9 @@ class RuleSpec:
     dst: Network | None = None
     proto: Proto | None = None
     dport: PortRange | None = None
+    # -- rate limits and TCP flags (issue 16) --
+    tcp_flags: TcpFlags | None = None
+    limit: Limit | None = None  # exactly for Action.LIMIT; not part of the code
     # Memoised code (see `code()`; slots keep rules small: no per-object __dict__).
     _code: int = field(default=-1, init=False, repr=False, compare=False)
 
@@ -218,6 +233,8 @@ class RuleSpec:
         dst: str | Network | None = None,
         proto: str | Proto | None = None,
         dport: int | str | PortRange | None = None,
+        tcp_flags: str | TcpFlags | None = None,
+        limit: Limit | None = None,
     ) -> RuleSpec:
         """Validate raw values; raise InvalidRule naming the field and the problem."""
         act = _enum(Action, action, "action")
@@ -226,7 +243,10 @@ class RuleSpec:
         d = parse_network(dst, "dst") if dst is not None else None
         p = _enum(Proto, proto, "proto") if proto is not None else None
         ports = parse_port_range(dport, "dport") if dport is not None else None
-        spec = cls(action=act, mode=mod, src=s, dst=d, proto=p, dport=ports)
+        flags = TcpFlags.parse(tcp_flags) if isinstance(tcp_flags, str) else tcp_flags
+        spec = cls(
+            action=act, mode=mod, src=s, dst=d, proto=p, dport=ports, tcp_flags=flags, limit=limit
+        )
         spec.validate()
         return spec
 
@@ -242,7 +262,17 @@ class RuleSpec:
         if self.dport is not None and self.proto not in (Proto.TCP, Proto.UDP):
             raise InvalidRule("dport", "dport needs proto tcp or udp")
         if self.action is Action.ALLOW and self.mode is Mode.MONITOR:
-            raise InvalidRule("mode", "monitor applies to drop rules only (allow never drops)")
+            raise InvalidRule(
+                "mode", "monitor applies to drop rules and limit rules only (allow never drops)"
+            )
+        if self.tcp_flags is not None and self.proto is not Proto.TCP:
+            raise InvalidRule("tcp_flags", "tcp_flags needs proto tcp")
+        if self.action is Action.LIMIT and self.limit is None:
+            raise InvalidRule(
+                "limit", 'a limit rule needs "limit": {"pps": N} and/or {"bps": N}'
+            )
+        if self.action is not Action.LIMIT and self.limit is not None:
+            raise InvalidRule("limit", 'limit parameters need "action": "limit"')
         fam = self.family
         if fam is not None and self.proto is not None and self.proto.family not in (None, fam):
             raise InvalidRule(
@@ -259,6 +289,8 @@ class RuleSpec:
     def verdict(self) -> int:
         if self.action is Action.ALLOW:
             return abi.VERDICT_ALLOW
+        if self.action is Action.LIMIT:
+            return abi.VERDICT_LIMIT_MONITOR if self.mode is Mode.MONITOR else abi.VERDICT_LIMIT
         return abi.VERDICT_MONITOR if self.mode is Mode.MONITOR else abi.VERDICT_DROP
 
     def match_key(self) -> int:
@@ -286,6 +318,7 @@ class RuleSpec:
                 self.verdict,
                 self.proto.number if self.proto is not None else 0,
                 None if ports is None else (ports.lo, ports.hi),
+                None if self.tcp_flags is None else (self.tcp_flags.mask, self.tcp_flags.want),
             )
             object.__setattr__(self, "_code", code)
         return code
@@ -299,6 +332,8 @@ class RuleSpec:
             dst=self.dst,
             proto=self.proto,
             dport=self.dport,
+            tcp_flags=self.tcp_flags,
+            limit=self.limit,
         )
 
     def describe(self) -> str:
@@ -311,6 +346,10 @@ class RuleSpec:
             parts.append(str(self.proto))
         if self.dport is not None:
             parts.append(f"dport {self.dport}")
+        if self.tcp_flags is not None:
+            parts.append(f"flags {self.tcp_flags}")
+        if self.limit is not None:
+            parts.append(f"limit {self.limit}")
         return " ".join(parts)
 
 
@@ -326,7 +365,10 @@ class Rule(RuleSpec):
             raise InvalidRule("id", f"rule id {self.id} is out of range 1-{MAX_RULE_ID}")
 
     def spec(self) -> RuleSpec:
-        return RuleSpec(self.action, self.mode, self.src, self.dst, self.proto, self.dport)
+        return RuleSpec(
+            self.action, self.mode, self.src, self.dst, self.proto, self.dport,
+            self.tcp_flags, self.limit,
+        )
 
     def rank(self) -> int:
         """The 64-bit priority the data plane compares (layout in bpf/xdpfw_abi.h)."""
@@ -338,6 +380,197 @@ class Rule(RuleSpec):
 
 
 E = TypeVar("E", bound=StrEnum)
+
+
+# -- rate limits and TCP flags (issue 16) ------------------------------------------------------
+
+# Smallest burst_bytes: one whole untagged Ethernet frame at MTU 1500 (so it can ever pass).
+MIN_BURST_BYTES = 1514
+_MAX_PPS = 10**9  # the packet cost is 10^9 // pps ns: at least 1
+_MAX_BPS = 10**12
+_MAX_BURST = 10**9
+_MAX_BAN = 86400 * 365
+_NS = 10**9
+
+
+class Per(StrEnum):
+    SOURCE = "source"
+    RULE = "rule"
+
+
+@dataclass(frozen=True, slots=True)
+class TcpFlags:
+    """A TCP flag match: (flags & mask) == want (flag bits as in the TCP header)."""
+
+    mask: int
+    want: int
+
+    @classmethod
+    def parse(cls, text: str) -> TcpFlags:
+        """ "syn" (lower case: SYN set, ACK clear, a connection attempt) or a list like
+        "SYN,!ACK", "RST", "FIN,ACK" (names in any case): each flag named must be set, each
+        "!flag" clear, the others are ignored; so "SYN" alone is SYN set, ACK either way."""
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidRule("tcp_flags", 'expected "syn" or flags like "SYN,!ACK"')
+        if text.strip() == "syn":
+            return cls(codes.TCP_SYN | codes.TCP_ACK, codes.TCP_SYN)
+        mask = want = 0
+        for part in text.split(","):
+            word = part.strip().upper()
+            neg = word.startswith("!")
+            name = word[1:].strip() if neg else word
+            bit = codes.TCP_FLAG_NAMES.get(name)
+            if bit is None:
+                names = ", ".join(codes.TCP_FLAG_NAMES)
+                raise InvalidRule(
+                    "tcp_flags", f"{part.strip()!r} is not a TCP flag (one of {names}, or !FLAG)"
+                )
+            if mask & bit:
+                raise InvalidRule("tcp_flags", f"{name} is named twice")
+            mask |= bit
+            want |= 0 if neg else bit
+        return cls(mask, want)
+
+    def matches(self, flags: int) -> bool:
+        return flags & self.mask == self.want
+
+    def __str__(self) -> str:
+        if (self.mask, self.want) == (codes.TCP_SYN | codes.TCP_ACK, codes.TCP_SYN):
+            return "SYN,!ACK"
+        out = []
+        for name, bit in codes.TCP_FLAG_NAMES.items():
+            if self.mask & bit:
+                out.append(name if self.want & bit else "!" + name)
+        return ",".join(out)
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """A limit rule's budget: packets and/or bytes per second, each with its burst, per
+    source address or for the whole rule, and an optional ban after going over.
+
+    The data plane's arithmetic is exact integers (bpf/xdpfw_abi.h, rate limits): a packet
+    costs `pkt_cost_ns` = 10^9 // pps, the burst window is burst * pkt_cost_ns.
+    """
+
+    pps: int | None = None
+    burst: int | None = None
+    bps: int | None = None
+    burst_bytes: int | None = None
+    per: Per = Per.SOURCE
+    ban_seconds: int = 0
+
+    @classmethod
+    def parse(
+        cls,
+        *,
+        pps: int | None = None,
+        burst: int | None = None,
+        bps: int | None = None,
+        burst_bytes: int | None = None,
+        per: str | Per = Per.SOURCE,
+        ban_seconds: int | None = None,
+    ) -> Limit:
+        """Validate; a missing burst is one second's worth of the rate."""
+        for name, v in (("pps", pps), ("burst", burst), ("bps", bps),
+                        ("burst_bytes", burst_bytes), ("ban_seconds", ban_seconds)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                raise InvalidRule(f"limit.{name}", "expected a whole number")
+        if pps is None and bps is None:
+            raise InvalidRule("limit", 'a limit needs a rate: "pps" and/or "bps"')
+        if pps is not None and not 1 <= pps <= _MAX_PPS:
+            raise InvalidRule("limit.pps", f"pps must be 1-{_MAX_PPS} (0 would drop everything:"
+                              " use a drop rule)")
+        if bps is not None and not 1 <= bps <= _MAX_BPS:
+            raise InvalidRule("limit.bps", f"bps (bytes per second) must be 1-{_MAX_BPS}")
+        if burst is not None and pps is None:
+            raise InvalidRule("limit.burst", "burst goes with pps (burst_bytes with bps)")
+        if burst_bytes is not None and bps is None:
+            raise InvalidRule("limit.burst_bytes", "burst_bytes goes with bps")
+        if pps is not None:
+            burst = pps if burst is None else burst
+            if not 1 <= burst <= _MAX_BURST:
+                raise InvalidRule("limit.burst", f"burst must be 1-{_MAX_BURST} packets "
+                                  "(below one packet nothing would pass)")
+        if bps is not None:
+            burst_bytes = max(bps, MIN_BURST_BYTES) if burst_bytes is None else burst_bytes
+            if not MIN_BURST_BYTES <= burst_bytes <= _MAX_BPS:
+                raise InvalidRule(
+                    "limit.burst_bytes",
+                    f"burst_bytes must be {MIN_BURST_BYTES}-{_MAX_BPS} (below one full frame "
+                    "a full-size packet would never pass)",
+                )
+        p = _enum(Per, per, "limit.per")
+        ban = 0 if ban_seconds is None else ban_seconds
+        if not 0 <= ban <= _MAX_BAN:
+            raise InvalidRule("limit.ban_seconds", f"ban_seconds must be 0-{_MAX_BAN}")
+        if ban and p is Per.RULE:
+            raise InvalidRule(
+                "limit.ban_seconds",
+                'a ban is per source: it needs "per": "source" (a per-rule ban would drop '
+                "every source)",
+            )
+        return cls(pps, burst, bps, burst_bytes, p, ban)
+
+    # -- the data plane's parameters (struct xdpfw_limit) --
+    @property
+    def pkt_cost_ns(self) -> int:
+        return _NS // self.pps if self.pps else 0
+
+    @property
+    def pkt_window_ns(self) -> int:
+        return (self.burst or 0) * self.pkt_cost_ns
+
+    @property
+    def byte_window_ns(self) -> int:
+        return (self.burst_bytes or 0) * _NS // self.bps if self.bps else 0
+
+    def byte_cost_ns(self, length: int) -> int:
+        return length * _NS // self.bps if self.bps else 0
+
+    @property
+    def ban_ns(self) -> int:
+        return self.ban_seconds * _NS
+
+    def to_dict(self) -> dict[str, int | str]:
+        out: dict[str, int | str] = {}
+        if self.pps is not None:
+            out["pps"] = self.pps
+            out["burst"] = self.burst or 0
+        if self.bps is not None:
+            out["bps"] = self.bps
+            out["burst_bytes"] = self.burst_bytes or 0
+        out["per"] = self.per.value
+        out["ban_seconds"] = self.ban_seconds
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> Limit:
+        def num(name: str) -> int | None:
+            v = data.get(name)
+            if v is None:
+                return None
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise InvalidRule(f"limit.{name}", "expected a whole number")
+            return v
+
+        per = data.get("per", Per.SOURCE)
+        return cls.parse(
+            pps=num("pps"), burst=num("burst"), bps=num("bps"),
+            burst_bytes=num("burst_bytes"), per=per if isinstance(per, str) else "?",
+            ban_seconds=num("ban_seconds"),
+        )
+
+    def __str__(self) -> str:
+        parts = []
+        if self.pps is not None:
+            parts.append(f"{self.pps}/s burst {self.burst}")
+        if self.bps is not None:
+            parts.append(f"{self.bps}B/s burst {self.burst_bytes}B")
+        parts.append(f"per {self.per}")
+        if self.ban_seconds:
+            parts.append(f"ban {self.ban_seconds}s")
+        return " ".join(parts)
 
 
 def _enum(kind: type[E], value: object, field: str) -> E:
@@ -358,6 +591,8 @@ _VERDICT_ACTION_MODE = {
     abi.VERDICT_ALLOW: (Action.ALLOW, Mode.ENFORCE),
     abi.VERDICT_DROP: (Action.DROP, Mode.ENFORCE),
     abi.VERDICT_MONITOR: (Action.DROP, Mode.MONITOR),
+    abi.VERDICT_LIMIT: (Action.LIMIT, Mode.ENFORCE),
+    abi.VERDICT_LIMIT_MONITOR: (Action.LIMIT, Mode.MONITOR),
 }
 _VERDICT_OF_TEXT = {
     ("drop", "enforce"): abi.VERDICT_DROP,
@@ -373,9 +608,12 @@ _unpack = codes.unpack
 _KEY_SHIFT, _ADDR_SHIFT, _V6_MASK = codes.KEY.shift, codes.ADDR.shift, codes.V6.mask
 _PLEN_SHIFT, _PLEN_BITS = codes.PLEN.shift, codes.PLEN.bits
 _DIR_BITS, _DIR_SRC, _DIR_DST = codes.DIR.bits, codes.DIR_SRC, codes.DIR_DST
-_VERDICT_SHIFT, _VERDICT_BITS = codes.VERDICT.shift, codes.VERDICT.bits
+_VERDICT_SHIFT, _VERDICT_BITS = codes.VERDICT.shift, codes.VERDICT.bits | codes.LIMIT.mask >> (
+    codes.VERDICT.shift
+)
 _TABLE_BITS, _SRC4 = codes.TABLE_BITS, codes.pack_key(0, 0, v6=False, direction=codes.DIR_SRC)
 _PROTO_PORTS = codes.PROTO_PORTS
+_TCP_BITS = codes.TCP_MASK.mask
 _V4_BYTES = codes.ADDR_BITS_V4 // 8
 
 
@@ -405,6 +643,9 @@ def rule_from_code(rule_id: int, code: int) -> Rule:
     _set(rule, "dst", net if direction == _DIR_DST else None)
     _set(rule, "proto", _PROTO_BY_NUMBER.get(proto))
     _set(rule, "dport", None if ports is None else PortRange(*ports))
+    flags = codes.tcp_flags(code) if code & _TCP_BITS else None
+    _set(rule, "tcp_flags", None if flags is None else TcpFlags(*flags))
+    _set(rule, "limit", None)  # limit parameters live beside the code (Datapath, store)
     _set(rule, "_code", code)
     _set(rule, "id", rule_id)
     _set(rule, "_rank", 0)
@@ -429,7 +670,10 @@ def _ipv4_text(key: int) -> str:
 def code_texts(
     code: int,
 ) -> tuple[str, str, str | None, str | None, str | None, str | None]:
-    """(action, mode, src, dst, proto, dport) as the database and the API spell them."""
+    """(action, mode, src, dst, proto, dport) as the database and the API spell them.
+
+    A code's TCP flags are not among them: `code_tcp_flags` spells them.
+    """
     key = code >> _KEY_SHIFT
     action, mode = _VERDICT_TEXTS[(code >> _VERDICT_SHIFT) & _VERDICT_BITS]
     if key & _TABLE_BITS == _SRC4 and not code & _PROTO_PORTS:  # an IPv4 blocklist entry
@@ -500,8 +744,15 @@ def code_from_texts(
     dst: str | None,
     proto: str | None,
     dport: str | None,
+    tcp_flags: str | None = None,
+    limit: Limit | None = None,
 ) -> int:
     """The code of a rule spelled as in the database; raises InvalidRule for a bad one."""
+    if tcp_flags is not None or limit is not None or action == Action.LIMIT:
+        return RuleSpec.parse(
+            action=action, mode=mode, src=src, dst=dst, proto=proto, dport=dport,
+            tcp_flags=tcp_flags, limit=limit,
+        ).code()
     if dst is None and proto is None and dport is None and src is not None:
         verdict = _VERDICT_OF_TEXT.get((action, mode))
         fast = fast_ipv4(src) if verdict is not None else None

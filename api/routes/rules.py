@@ -121,7 +121,9 @@ def get_rule(rule_id: RuleId, svc: ServiceDep) -> RuleOut:
     """One rule with its counters."""
     stored = svc.get(rule_id)
     counters = svc.counters([rule_id]).get(rule_id)
-    return RuleOut.of(stored, counters, with_counters=True, sample=svc.sample_of(rule_id))
+    limited = svc.limit_counters([rule_id]).get(rule_id) if stored.rule.limit else None
+    return RuleOut.of(stored, counters, with_counters=True, sample=svc.sample_of(rule_id),
+                      limit_counters=limited)
 
 
 @router.delete(

@@ -9,7 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from api.deps import AUTH_RESPONSES, ERROR_RESPONSES, ReadAccess, ServiceDep
 from api.metrics import PARTS, Exposition
-from api.models import RuleStatOut, SamplesOut, StatsOut, TotalsOut, iso
+from api.models import LimitCountersOut, RuleStatOut, SamplesOut, StatsOut, TotalsOut, iso
 from api.service import FirewallService
 
 __all__ = ["metrics_router", "router"]
@@ -27,11 +27,15 @@ def stats(
     """Totals and per-rule counters, busiest rule first (`top=N` keeps the first N)."""
     totals = svc.totals()
     ranked = svc.top_counters(top)
+    limits = svc.limit_counters()  # issue 16: limit rules also say passed / limited / banned
     return StatsOut(
         samples=_samples(svc),
         totals=TotalsOut.of(totals),
         rules=[
-            RuleStatOut(id=rid, packets=c.packets, bytes=c.bytes, last_hit=iso(c.last_hit))
+            RuleStatOut(
+                id=rid, packets=c.packets, bytes=c.bytes, last_hit=iso(c.last_hit),
+                limit=LimitCountersOut.of(limits[rid]) if rid in limits else None,
+            )
             for rid, c in ranked
         ],
     )

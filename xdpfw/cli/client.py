@@ -77,10 +77,46 @@ START_HINT = (
 # --- the API's shapes (api/models.py) ------------------------------------------------------
 
 
+# -- issue 16: rate limits --
+
+
+class LimitCounters(TypedDict):
+    passed: int
+    limited: int
+    banned: int
+
+
+class Limit(TypedDict):
+    pps: int | None
+    burst: int | None
+    bps: int | None
+    burst_bytes: int | None
+    per: str
+    ban_seconds: int
+
+
+class Ban(TypedDict):
+    rule_id: int
+    source: str
+    expires_in: float
+
+
+class Bans(TypedDict):
+    bans: list[Ban]
+
+
+class Unban(TypedDict):
+    unbanned: int
+
+
+# --
+
+
 class RuleCounters(TypedDict):
     packets: int
     bytes: int
     last_hit: str | None
+    limit: LimitCounters | None
 
 
 class Sample(TypedDict):
@@ -104,6 +140,8 @@ class Rule(TypedDict):
     source: str
     sources: list[str]
     sample: NotRequired[Sample | None]  # X-ray
+    tcp_flags: str | None  # issue 16
+    limit: Limit | None
 
 
 class RulePage(TypedDict):
@@ -163,6 +201,7 @@ class Totals(TypedDict):
     non_ip: int
     fragments: int
     bytes: int
+    limited: int  # issue 16
 
 
 class RuleStat(TypedDict):
@@ -170,6 +209,7 @@ class RuleStat(TypedDict):
     packets: int
     bytes: int
     last_hit: str | None
+    limit: LimitCounters | None  # issue 16
 
 
 class SampleStats(TypedDict):

@@ -39,6 +39,8 @@ def print_json(obj: object) -> None:
 def rule_verdict(rule: Rule) -> str:
     if rule["action"] == "allow":
         return "allow"
+    if rule["action"] == "limit":  # issue 16
+        return "limit (monitor)" if rule["mode"] == "monitor" else "limit"
     return "monitor" if rule["mode"] == "monitor" else "drop"
 
 
@@ -52,4 +54,13 @@ def rule_match(rule: Rule) -> str:
         parts.append(rule["proto"])
     if rule["dport"]:
         parts.append(f"dport {rule['dport']}")
+    if rule.get("tcp_flags"):  # issue 16
+        parts.append(f"flags {rule['tcp_flags']}")
+    lim = rule.get("limit")
+    if lim:
+        rate = f"{lim['pps']}/s burst {lim['burst']}" if lim["pps"] else \
+            f"{lim['bps']}B/s burst {lim['burst_bytes']}B"
+        parts.append(f"limit {rate} per {lim['per']}")
+        if lim["ban_seconds"]:
+            parts.append(f"ban {lim['ban_seconds']}s")
     return printable(" ".join(parts) or "any")

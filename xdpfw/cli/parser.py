@@ -319,6 +319,19 @@ def build_parser() -> argparse.ArgumentParser:
     _source_flag(p, "the source that holds the rule (default: api)")
     p.add_argument("--sample", type=_positive_int, metavar="N",  # X-ray
                    help="sample 1 in N of the rule's frames (see `xdpfw capture`)")
+    # -- issue 16: rate limits and TCP flags --
+    m.add_argument("--tcp-flags", metavar="FLAGS",
+                   help='"syn" (SYN set, ACK clear) or e.g. "SYN,!ACK", "RST" (with --proto tcp)')
+    lim = p.add_argument_group("rate limit (makes the rule a limit rule)")
+    lim.add_argument("--limit", metavar="RATE",
+                     help="100/s (packets) or 2mb/s, 500kb/s, 9000b/s (bytes); per second")
+    lim.add_argument("--burst", metavar="N",
+                     help="packets (or bytes: 64kb) that may pass at once; default: one second")
+    lim.add_argument("--per", choices=["source", "rule"],
+                     help="a budget per source address (default) or one for the rule")
+    lim.add_argument("--ban", metavar="DURATION",
+                     help="drop a source that goes over for this long (30s, 10m, 1h)")
+    # --
     _json_flag(p, "print the new rule as JSON, not just its id")
 
     p = _sub(rsub, "rm", "remove rules by id, or by value (--src/--dst)", RULE_RM_EPILOG,

@@ -8,9 +8,10 @@ from typing import TYPE_CHECKING
 
 from xdpfw.cli import humanize as hz
 from xdpfw.cli.output import err, print_json, printable, rule_match, rule_verdict
+from xdpfw.errors import InvalidRule
 
 if TYPE_CHECKING:
-    from xdpfw.cli.client import Client
+    from xdpfw.cli.client import Client, RuleCounters
 
 __all__ = [
     "FLAGS",
@@ -22,6 +23,7 @@ __all__ = [
     "cmd_rule_ls",
     "cmd_rule_rm",
     "cmd_rule_show",
+    "limit_body",
 ]
 
 RULE_ADD_EPILOG = """Prints the new rule's id (the whole rule with --json). Adding a rule identical
@@ -35,6 +37,9 @@ examples:
   xdpfw rule add --proto udp --dport 53 --monitor          # count, don't drop
   xdpfw rule add --src 198.18.7.9 --ttl 1h --source fail2ban.sshd   # again: new expiry
   xdpfw rule add --src 198.18.7.0/24 --sample 10           # and sample 1 in 10 (capture)
+  xdpfw rule add --proto tcp --dport 80 --tcp-flags syn --limit 100/s --burst 200 \
+      --per source --ban 10m                               # SYN flood: 100 SYN/s per source
+  xdpfw rule add --src 198.18.0.0/16 --limit 2mb/s --per rule   # 2 MB/s for the network
 """
 
 RULE_RM_EPILOG = """By id, the rule goes whoever holds it. By value (--src/--dst), the rules whose
@@ -74,11 +79,67 @@ FLAGS = {
     "comment": "--comment",
     "ttl_seconds": "--ttl",
     "source": "--source",
+    "tcp_flags": "--tcp-flags",
+    "limit": "--limit",
 }
+
+# -- issue 16: --limit RATE, --burst, --per, --ban, --tcp-flags -> the API's fields --
+
+_BYTE_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3}
+
+
+def _bytes(text: str, flag: str) -> int:
+    t = text.strip().lower()
+    for unit in sorted(_BYTE_UNITS, key=len, reverse=True):
+        if t.endswith(unit) and t[: -len(unit)].isdigit():
+            return int(t[: -len(unit)]) * _BYTE_UNITS[unit]
+    raise InvalidRule(flag, f"{text!r} is not a size (e.g. 1514b, 64kb, 2mb)")
+
+
+def limit_body(args: argparse.Namespace) -> dict[str, object]:
+    """The rate-limit and TCP-flag fields of a rule add body (empty when none was given)."""
+    body: dict[str, object] = {}
+    if args.tcp_flags is not None:
+        body["tcp_flags"] = args.tcp_flags
+    if args.limit is None:
+        for flag, value in (("--burst", args.burst), ("--per", args.per), ("--ban", args.ban)):
+            if value is not None:
+                raise InvalidRule(flag, f"{flag} needs --limit RATE")
+        return body
+    rate, slash, unit = args.limit.strip().lower().partition("/")
+    if slash and unit not in ("s", "sec"):
+        raise InvalidRule("--limit", f"{args.limit!r}: the rate is per second (100/s, 2mb/s)")
+    limit: dict[str, object] = {}
+    if rate.isdigit():
+        limit["pps"] = int(rate)
+        if args.burst is not None:
+            if not args.burst.strip().isdigit():
+                raise InvalidRule("--burst", f"{args.burst!r}: a packet limit's burst is packets")
+            limit["burst"] = int(args.burst)
+    else:
+        try:
+            limit["bps"] = _bytes(rate, "--limit")
+        except InvalidRule:
+            raise InvalidRule(
+                "--limit", f"{args.limit!r} is not a rate (100/s packets, 2mb/s bytes)"
+            ) from None
+        if args.burst is not None:
+            limit["burst_bytes"] = _bytes(args.burst, "--burst")
+    if args.per is not None:
+        limit["per"] = args.per
+    if args.ban is not None:
+        try:
+            limit["ban_seconds"] = hz.parse_duration(args.ban)
+        except ValueError as exc:
+            raise InvalidRule("--ban", str(exc)) from exc
+    body["action"] = "limit"
+    body["limit"] = limit
+    return body
+
 
 
 def cmd_rule_add(args: argparse.Namespace, api: Client) -> int:
-    from xdpfw.cli.client import ClientError
+    from xdpfw.cli.client import EXIT_USAGE, ClientError
 
     body: dict[str, object] = {"action": args.action}
     if args.monitor:
@@ -87,6 +148,10 @@ def cmd_rule_add(args: argparse.Namespace, api: Client) -> int:
         value = getattr(args, name)
         if value is not None:
             body[name] = value
+    try:
+        body.update(limit_body(args))  # issue 16
+    except InvalidRule as exc:
+        raise ClientError(f"invalid rule: {exc}", EXIT_USAGE) from exc
     if args.comment:
         body["comment"] = args.comment
     if args.ttl is not None:
@@ -193,7 +258,8 @@ def cmd_rule_show(args: argparse.Namespace, api: Client) -> int:
     if args.json:
         print_json(rule)
         return 0
-    c = rule["counters"] or {"packets": 0, "bytes": 0, "last_hit": None}
+    none: RuleCounters = {"packets": 0, "bytes": 0, "last_hit": None, "limit": None}
+    c = rule["counters"] or none
     created = rule["created_at"]
     expires = rule["expires_at"]
     fields = [
@@ -208,6 +274,10 @@ def cmd_rule_show(args: argparse.Namespace, api: Client) -> int:
         ("bytes", _exact(c["bytes"], hz.bytes_(c["bytes"]))),
         ("last hit", f"{c['last_hit']} ({hz.ago(c['last_hit'])})" if c["last_hit"] else "never"),
     ]
+    lc = c.get("limit")  # issue 16: a limit rule's budget answers
+    if lc:
+        fields += [("passed", hz.count(lc["passed"])), ("limited", hz.count(lc["limited"])),
+                   ("banned", hz.count(lc["banned"]))]
     for name, value in fields:
         print(f"{name:<10}{printable(value)}")
     return 0

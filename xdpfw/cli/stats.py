@@ -13,7 +13,7 @@ from xdpfw.cli import humanize as hz
 from xdpfw.cli.output import print_json, rule_match, rule_verdict
 
 if TYPE_CHECKING:
-    from xdpfw.cli.client import Client, Rule, Stats
+    from xdpfw.cli.client import Client, Rule, RuleStat, Stats
 
 __all__ = [
     "STATS_EPILOG",
@@ -23,6 +23,7 @@ __all__ = [
     "RuleCache",
     "Sample",
     "cmd_stats",
+    "limited_text",
 ]
 
 STATS_EPILOG = """Counters are cumulative since the rule was added. RATE is "-" unless --interval S
@@ -39,6 +40,15 @@ examples:
 # The totals' JSON field names (client.Totals), in ABI order, and how people read them.
 TOTALS: tuple[str, ...] = tuple(stat.field for stat in abi.Stat.counters())
 TOTAL_LABELS = {"packets": "frames", "non_ip": "non-IP"}
+
+
+def limited_text(r: RuleStat) -> str:
+    """A limit rule's limited frames, and banned ones when there are any; "-" for others."""
+    lim = r.get("limit")
+    if not lim:
+        return "-"
+    text = hz.count(lim["limited"])
+    return f"{text} +{hz.count(lim['banned'])} banned" if lim["banned"] else text
 
 
 def _totals(stats: Stats) -> dict[str, int]:
@@ -153,15 +163,16 @@ def cmd_stats(args: argparse.Namespace, api: Client) -> int:
             hz.bytes_(r["bytes"]),
             hz.rate(rates.pps.get(r["id"]) if rates else None),
             hz.ago(r["last_hit"]),
+            limited_text(r),
         ]
         for r in stats["rules"]
     ]
     if rows:
         print(
             hz.table(
-                ["RULE", "MATCH", "ACTION", "PACKETS", "BYTES", "RATE", "LAST HIT"],
+                ["RULE", "MATCH", "ACTION", "PACKETS", "BYTES", "RATE", "LAST HIT", "LIMITED"],
                 rows,
-                right=(0, 3, 4, 5),
+                right=(0, 3, 4, 5, 7),
             )
         )
     else:

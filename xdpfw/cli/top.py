@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from xdpfw.cli import humanize as hz
 from xdpfw.cli.output import printable
-from xdpfw.cli.stats import TOTAL_LABELS, Rates, RuleCache, Sample
+from xdpfw.cli.stats import TOTAL_LABELS, Rates, RuleCache, Sample, limited_text
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -29,7 +29,7 @@ examples:
 """
 
 # The totals whose rates `top` shows after "in PPS B/s", in this order (names from TOTALS).
-TOP_LINE = ("dropped", "passed", "monitored", "malformed", "non_ip")
+TOP_LINE = ("dropped", "passed", "monitored", "limited", "malformed", "non_ip")
 
 
 class _Keys:
@@ -188,6 +188,7 @@ def _top_view(
         ("PACKETS", "right"),
         ("BYTES", "right"),
         ("LAST HIT", "right"),
+        ("LIMITED", "right"),  # issue 16: a limit rule's limited (+ banned) frames
     ):
         table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for row in ranked:
@@ -202,6 +203,7 @@ def _top_view(
             Text(hz.count(row["packets"])),
             Text(hz.bytes_(row["bytes"])),
             Text(hz.ago(row["last_hit"])),
+            Text(limited_text(row)),
         )
     parts: list[RenderableType] = [head, line]
     if problem:

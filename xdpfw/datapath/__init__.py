@@ -28,6 +28,7 @@ from xdpfw.datapath.attach import Attachment
 from xdpfw.datapath.counters import COUNTER_QUARANTINE_S, GlobalCounters, RuleCounters
 from xdpfw.datapath.facade import Datapath, DatapathConfig
 from xdpfw.datapath.keys import decode_key, encode_key
+from xdpfw.datapath.limits import Ban, LimitCounters
 from xdpfw.datapath.pins import MAP_TYPES, PROG_PIN
 from xdpfw.datapath.sets import SET_QUARANTINE_S
 
@@ -37,9 +38,11 @@ __all__ = [
     "PROG_PIN",
     "SET_QUARANTINE_S",
     "Attachment",
+    "Ban",
     "Datapath",
     "DatapathConfig",
     "GlobalCounters",
+    "LimitCounters",
     "RuleCounters",
     "decode_key",
     "encode_key",

@@ -67,6 +67,7 @@ class GlobalCounters:
     non_ip: int
     fragments: int
     bytes: int
+    limited: int = 0  # dropped by a limit rule (issue 16)
 
     def by_stat(self) -> dict[abi.Stat, int]:
         """The same numbers keyed by XDPFW_STAT_* (what the model and the harness compare)."""

@@ -9,6 +9,7 @@ see an OSError or a netlink error.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -36,6 +37,7 @@ from xdpfw.datapath.counters import (
     read_global,
 )
 from xdpfw.datapath.hint import PrefixHint
+from xdpfw.datapath.limits import Ban, LimitCounters, LimitMaps
 from xdpfw.datapath.sampling import Sampling
 from xdpfw.datapath.sets import SetAllocator
 from xdpfw.datapath.slots import U32
@@ -44,7 +46,7 @@ from xdpfw.datapath.writer import PlanWriter
 from xdpfw.errors import DatapathError, RuleNotFound
 from xdpfw.kernel import bpfsys
 from xdpfw.kernel.ringbuf import RingBuffer
-from xdpfw.rules import Rule
+from xdpfw.rules import Limit, Rule
 
 __all__ = ["Datapath", "DatapathConfig"]
 
@@ -90,6 +92,9 @@ class Datapath:
         self._hint = PrefixHint(maps["xdpfw_lpm4_hint"])
         self._writer = PlanWriter(maps, self.compiler, caps, self._sets, self._counters, self._hint)
         self._sampling = Sampling(maps)  # X-ray (issue 17)
+        # rate limits (issue 16): each limit rule's budget, beside its code
+        self._limit_maps = LimitMaps(maps)
+        self._limits: dict[int, Limit] = {}
         self._closed = False
         self.upgraded_from: int | None = None  # program id replaced by an upgrade
         self.repinned: list[str] = []  # interfaces of an orphan re-pinned and adopted by open
@@ -193,6 +198,8 @@ class Datapath:
                 )
             self._counters.index.adopt({rid: found.counters[rid] for rid in self.compiler.rules})
             self._hint.adopt(found.trie_keys)
+            stored = self._limit_maps.read()
+            self._limits = {rid: stored[rid] for rid in self.compiler.rules if rid in stored}
         self._sets.adopt(self._sets.of.values())
 
     def _upgrade(self) -> Datapath:
@@ -292,13 +299,17 @@ class Datapath:
     def rules(self) -> list[Rule]:
         with self._lock:
             rules = self.compiler.rules
-            return [rules[rid] for rid in sorted(rules)]
+            return [self._with_limit(rules[rid]) for rid in sorted(rules)]
 
     def get_rule(self, rule_id: int) -> Rule:
         rule = self.compiler.rules.get(rule_id)
         if rule is None:
             raise RuleNotFound(rule_id)
-        return rule
+        return self._with_limit(rule)
+
+    def _with_limit(self, rule: Rule) -> Rule:
+        limit = self._limits.get(rule.id)
+        return rule if limit is None else dataclasses.replace(rule, limit=limit)
 
     def add_rule(self, rule: Rule) -> None:
         self.add_rules([rule])
@@ -306,8 +317,19 @@ class Datapath:
     def add_rules(self, rules: Sequence[Rule]) -> None:
         """Add rules, all or nothing. In the maps when this returns."""
         with self._lock:
-            plan = self.compiler.plan_add(rules)
-            self._writer.apply(plan)
+            limited = [(r.id, r.limit) for r in rules if r.limit is not None]
+            if limited:  # the budget first: a limit slot never lands without one
+                with kernel_door("writing xdpfw_limits"):
+                    self._limit_maps.install(limited)
+            try:
+                plan = self.compiler.plan_add(rules)
+                self._writer.apply(plan)
+            except BaseException:
+                if limited:
+                    with kernel_door("removing from xdpfw_limits"):
+                        self._limit_maps.remove(rid for rid, _ in limited)
+                raise
+            self._limits.update(limited)
             let_go(plan.entries)  # a big plan freed in pieces (see let_go)
 
     def remove_rule(self, rule_id: int) -> Rule:
@@ -319,7 +341,14 @@ class Datapath:
             self._writer.apply(plan)
             with kernel_door("removing sample entries"):  # X-ray: a removed rule is not sampled
                 self._sampling.forget(r.id for r in plan.removed)
-            return plan.removed
+            gone = [r.id for r in plan.removed if r.id in self._limits]
+            if gone:
+                with kernel_door("removing from xdpfw_limits"):
+                    self._limit_maps.remove(gone)
+            removed = [self._with_limit(r) for r in plan.removed]
+            for rid in gone:
+                del self._limits[rid]
+            return removed
 
     # -- counters ------------------------------------------------------------------------------
 
@@ -399,6 +428,27 @@ class Datapath:
         """A reader of the sample ring buffer (one reader at a time)."""
         with kernel_door("mapping xdpfw_samples"):
             return self._sampling.open_ring()
+    # -- rate limits (issue 16) ------------------------------------------------------------------
+
+    def rule_limits(self) -> dict[int, Limit]:
+        """The budget of every limit rule in the maps."""
+        with self._lock:
+            return dict(self._limits)
+
+    def limit_counters(self, rule_ids: Iterable[int] | None = None) -> dict[int, LimitCounters]:
+        """Per limit rule: frames passed within the budget, limited and banned."""
+        with kernel_door("reading xdpfw_limit_stats"):
+            return self._limit_maps.counters(rule_ids)
+
+    def bans(self) -> list[Ban]:
+        """The (rule, source) pairs banned now."""
+        with kernel_door("reading xdpfw_bans"):
+            return self._limit_maps.bans()
+
+    def unban(self, source: str | None = None, rule_id: int | None = None) -> int:
+        """Lift bans (of a source, of a rule, or all); how many were lifted."""
+        with self._lock, kernel_door("writing xdpfw_bans"):
+            return self._limit_maps.unban(source, rule_id)
 
     def map(self, name: str) -> bpfsys.Map[Any, Any]:
         """A map by name (tests and diagnostics)."""

@@ -65,6 +65,11 @@ MAP_TYPES: dict[str, tuple[type[Any], type[Any]]] = {
     "xdpfw_sample_bucket": (ctypes.c_uint32, abi.SampleBucket),
     "xdpfw_sample_stats": (ctypes.c_uint32, abi.SampleStats),
     "xdpfw_samples": (ctypes.c_uint8 * 0, ctypes.c_uint8 * 0),
+    # rate limits (issue 16)
+    "xdpfw_limits": (ctypes.c_uint32, abi.Limit),
+    "xdpfw_limit_stats": (ctypes.c_uint32, abi.LimitStats),
+    "xdpfw_buckets": (abi.BucketKey, abi.Bucket),
+    "xdpfw_bans": (abi.BucketKey, ctypes.c_uint64),
 }
 
 _Maps = dict[str, bpfsys.Map[Any, Any]]

@@ -47,7 +47,7 @@ def _format(ctype: type[ctypes.Structure], base: int) -> tuple[str, int]:
             out.append(fmt)
             continue
         size = ctypes.sizeof(ftype)
-        out.append("x" * size if name == "pad" else _CHARS[ftype])
+        out.append("x" * size if name == "pad" else _CHARS[ftype])  # pad: a byte or an array
         at = off + size
     return "".join(out), at
 
@@ -61,7 +61,8 @@ def struct_of(ctype: type[ctypes.Structure]) -> struct.Struct:
     return s
 
 
-SLOT = struct_of(abi.Slot)  # rank, rule_id, port_lo, port_hi, proto, verdict, has_ports, counter
+# rank, rule_id, port_lo, port_hi, proto, verdict, has_ports, tcp_mask, counter, tcp_want
+SLOT = struct_of(abi.Slot)
 ENTRY = struct_of(abi.Entry)  # the first slot's fields, then set_id
 ENTRY_SET_ID = abi.Entry.set_id.offset
 U32 = struct.Struct("=I")  # an array index or a set id as a map key
@@ -78,7 +79,9 @@ def slot_fields(rule: Rule, counter: int) -> tuple[int, ...]:
         rule.proto.number if rule.proto is not None else 0,
         rule.verdict,
         1 if ports is not None else 0,
+        rule.tcp_flags.mask if rule.tcp_flags is not None else 0,
         counter,
+        rule.tcp_flags.want if rule.tcp_flags is not None else 0,
     )
 
 
@@ -99,6 +102,7 @@ _KEY_PLEN, _KEY_PLEN_BITS = codes.PLEN.shift, codes.PLEN.bits
 _DIR_BITS = codes.DIR.bits
 _KEY, _VERDICT, _PROTO = codes.KEY.shift, codes.VERDICT.shift, codes.PROTO.shift
 _HAS_PORTS, _PORT_LO = codes.HAS_PORTS.mask, codes.PORT_LO.shift
+_TCP_MASK, _TCP_WANT = codes.TCP_MASK.shift, codes.TCP_WANT.shift
 
 
 def read_slot(k: int, raw: bytes, off: int) -> tuple[int, int, int, int]:
@@ -108,7 +112,9 @@ def read_slot(k: int, raw: bytes, off: int) -> tuple[int, int, int, int]:
     `codes.from_slot` with its fields bound to locals (tests/test_datapath_pure.py checks
     the two agree): the rank's prefix length tells the entry's own rule from a covering one.
     """
-    r, rule_id, lo, hi, proto, verdict, has_ports, counter = SLOT.unpack_from(raw, off)
+    r, rule_id, lo, hi, proto, verdict, has_ports, tcp_mask, counter, tcp_want = (
+        SLOT.unpack_from(raw, off)
+    )
     if not r:
         return r, rule_id, -1, counter
     src_len = (r >> _SRC_PLEN) & _RANK_PLEN_BITS
@@ -122,4 +128,6 @@ def read_slot(k: int, raw: bytes, off: int) -> tuple[int, int, int, int]:
     code = (k << _KEY) | (verdict << _VERDICT) | (proto << _PROTO)
     if has_ports:
         code |= _HAS_PORTS | (lo << _PORT_LO) | hi
+    if tcp_mask:
+        code |= (tcp_mask << _TCP_MASK) | (tcp_want << _TCP_WANT)
     return r, rule_id, code, counter

@@ -51,6 +51,11 @@ MAP_NAMES = (
     "xdpfw_sample_bucket",
     "xdpfw_sample_stats",
     "xdpfw_samples",
+    # rate limits (issue 16)
+    "xdpfw_limits",
+    "xdpfw_limit_stats",
+    "xdpfw_buckets",
+    "xdpfw_bans",
 )
 
 
@@ -96,8 +101,12 @@ def build_id(caps: Capacities) -> bytes:
     return h.digest()[:8]
 
 
+# Build variants a benchmark may ask for (never the product): name -> what it changes.
+VARIANTS = {"XDPFW_PERCPU_BUCKETS": "rate-limit buckets per CPU instead of shared (issue 16)"}
+
+
 @contextlib.contextmanager
-def _bcc_module(caps: Capacities) -> Iterator[object]:
+def _bcc_module(caps: Capacities, variants: tuple[str, ...] = ()) -> Iterator[object]:
     try:
         ensure_kernel_headers()
     except KernelHeadersMissing as exc:
@@ -108,7 +117,8 @@ def _bcc_module(caps: Capacities) -> Iterator[object]:
     captured = io.StringIO()
     try:
         with _capture_fd2(captured):
-            module = BPF(src_file=str(abi.PROGRAM).encode(), cflags=cflags(caps))
+            flags = cflags(caps) + [f"-D{v}" for v in variants if v in VARIANTS]
+            module = BPF(src_file=str(abi.PROGRAM).encode(), cflags=flags)
     except Exception as exc:
         raise CompileError(
             f"bcc could not compile {abi.PROGRAM}: {exc}\n{captured.getvalue()[-4000:]}"
@@ -135,9 +145,13 @@ def _capture_fd2(sink: io.StringIO) -> Iterator[None]:
             sink.write(tmp.read().decode(errors="replace"))
 
 
-def load(caps: Capacities) -> LoadedProgram:
-    """Compile, verify and load the program; return duplicated fds of it and all its maps."""
-    with _bcc_module(caps) as module:
+def load(caps: Capacities, variants: tuple[str, ...] = ()) -> LoadedProgram:
+    """Compile, verify and load the program; return duplicated fds of it and all its maps.
+    `variants`: names from VARIANTS (benchmarks only)."""
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown build variants {unknown}; known: {sorted(VARIANTS)}")
+    with _bcc_module(caps, variants) as module:
         bpf = module
         try:
             fn = bpf.load_func(abi.PROG_NAME.encode(), bpf.XDP)  # type: ignore[attr-defined]

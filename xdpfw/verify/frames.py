@@ -262,6 +262,7 @@ def _l4(
     dport: int,
     icmp_type: int,
     payload: bytes,
+    tcp_flags: int = _TCP_SYN,
 ) -> bytes:
     """The L4 header and payload; ``pseudo`` is the pseudo-header minus length and protocol."""
 
@@ -278,7 +279,7 @@ def _l4(
     if proto == IPPROTO_TCP:
         # seq, ack, data offset 5 words, flags SYN, window, checksum, urgent pointer
         seg = (
-            struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 5 << 4, _TCP_SYN, _TCP_WINDOW, 0, 0)
+            struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 5 << 4, tcp_flags, _TCP_WINDOW, 0, 0)
             + payload
         )
         csum = internet_checksum(pseudo_sum(seg))
@@ -309,6 +310,7 @@ def build_frame(
     eth_dst: str = "02:00:00:00:00:02",
     icmp_type: int | None = None,
     ident: int = 1,
+    tcp_flags: int = _TCP_SYN,
 ) -> bytes:
     """One IPv4 or IPv6 frame (the family follows the addresses; both must agree).
 
@@ -319,7 +321,7 @@ def build_frame(
     fields, or (IPv6) a fragment header appended after ext_headers; for IPv6, give fragment
     fields either here or as an ExtHeader(44), not both.
     icmp_type: default echo request (8 for ICMP, 128 for ICMPv6). ident: IPv4 identification
-    and IPv6 fragment identification.
+    and IPv6 fragment identification. tcp_flags: byte 13 of the TCP header (default SYN).
     """
     s = ipaddress.ip_address(src)
     d = ipaddress.ip_address(dst)
@@ -347,7 +349,10 @@ def build_frame(
             raise ValueError("IPv4 options are at most 40 bytes")
         options = ip_options + bytes(-len(ip_options) % 4)
         pseudo = s.packed + d.packed
-        l4 = payload if frag_offset else _l4(number, pseudo, sport, dport, icmp_type, payload)
+        l4 = (
+            payload if frag_offset
+            else _l4(number, pseudo, sport, dport, icmp_type, payload, tcp_flags)
+        )
         ihl = 5 + len(options) // 4
         frag = (0x2000 if more_fragments else 0) | frag_offset
         header = (
@@ -379,7 +384,7 @@ def build_frame(
         chain.append(ExtHeader(EXT_FRAGMENT, 8, frag_offset, more_fragments, ident))
     non_first = any(h.is_non_first_fragment for h in chain)
     pseudo = s.packed + d.packed
-    l4 = payload if non_first else _l4(number, pseudo, sport, dport, icmp_type, payload)
+    l4 = payload if non_first else _l4(number, pseudo, sport, dport, icmp_type, payload, tcp_flags)
     kinds = [h.kind for h in chain] + [number]  # kinds[i + 1] follows chain[i]
     ext = b"".join(h.encode(kinds[i + 1]) for i, h in enumerate(chain))
     first = kinds[0]

@@ -79,7 +79,10 @@ MIN_FRAME = model.ETH_HLEN
 MAX_FRAME = 4096 - 256 - 320
 
 _STATS = tuple(s for s in Stat if s is not Stat.MAX)
-_SLOT = SLOT  # struct xdpfw_slot (the last field: counter index)
+_SLOT = SLOT  # struct xdpfw_slot
+_SLOT_NAMES = [f[0] for f in abi.Slot._fields_ if f[0] != "pad"]  # SLOT's fields, in order
+_COUNTER = _SLOT_NAMES.index("counter")  # the counter index (the datapath assigns it)
+_N_SLOT = len(_SLOT_NAMES)
 _ENTRY = ENTRY  # struct xdpfw_entry: the first slot, then set_id
 _U32 = struct.Struct("=I")
 
@@ -626,7 +629,11 @@ def table_snapshot(dp: Datapath) -> dict[str, list[tuple[bytes, bytes]]]:
 
 def _slot_of(rule: Rule) -> tuple[int, ...]:
     """A rule's slot as SLOT unpacks it, without the counter index (the datapath assigns it)."""
-    return slot_fields(rule, 0)[:-1]
+    return _without_counter(slot_fields(rule, 0))
+
+
+def _without_counter(s: Sequence[int]) -> tuple[int, ...]:
+    return tuple(s[:_COUNTER]) + tuple(s[_COUNTER + 1 :])
 
 
 def entry_mismatches(dp: Datapath, rules: Sequence[Rule] | None = None) -> list[str]:
@@ -648,8 +655,8 @@ def entry_mismatches(dp: Datapath, rules: Sequence[Rule] | None = None) -> list[
             continue
         for raw_key, raw in dp.map(table.map_name).dump_raw():
             fields = _ENTRY.unpack(raw)
-            slots = [fields[:8]]
-            set_id = fields[8]
+            slots = [fields[:_N_SLOT]]
+            set_id = fields[_N_SLOT]
             if set_id:
                 raw_set = sets.lookup_raw(_U32.pack(set_id)) or b""
                 for i in range(abi.SET_SLOTS):
@@ -658,8 +665,8 @@ def entry_mismatches(dp: Datapath, rules: Sequence[Rule] | None = None) -> list[
                         break
                     slots.append(s)
             for s in slots:
-                counters.setdefault(s[1], set()).add(s[7])
-            got[decode_key(table, bytes(raw_key))] = tuple(tuple(s[:7]) for s in slots)
+                counters.setdefault(s[1], set()).add(s[_COUNTER])
+            got[decode_key(table, bytes(raw_key))] = tuple(_without_counter(s) for s in slots)
     problems: list[str] = []
     for key in sorted(want.keys() | got.keys(), key=str):
         if key not in got:

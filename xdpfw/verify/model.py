@@ -5,9 +5,13 @@ independently of bpf/xdp_filter.c, but it must agree with it bit for bit:
 
 * `parse_frame` mirrors parse_eth / parse_ipv4 / parse_ipv6 / parse_l4, check for check and in
   the same order (the order decides which counters a broken frame bumps);
-* `evaluate` applies the rule contract of xdpfw.rules directly (allow > enforce drop > monitor,
-  then most specific) instead of comparing precomputed ranks, and `Outcome` carries the global
-  counter increments that finish() would make for the frame.
+* `evaluate` applies the rule contract of xdpfw.rules directly (allow > enforce drop > limit >
+  monitor, then most specific) instead of comparing precomputed ranks, and `Outcome` carries
+  the global counter increments that finish() would make for the frame.
+
+Rate limits make the verdict depend on time and on the frames before: `LimitState` is the
+buckets and bans of the data plane, and `evaluate(..., limits=state, now=ns)` takes the clock
+as an argument (the kernel's is bpf_ktime_get_ns, CLOCK_MONOTONIC).
 """
 
 from __future__ import annotations
@@ -25,9 +29,12 @@ __all__ = [
     "ETH_HLEN",
     "IPV6_EXT_KINDS",
     "Address",
+    "BucketKey",
+    "LimitState",
     "Outcome",
     "Parsed",
     "Status",
+    "credit",
     "evaluate",
     "parse_frame",
     "rule_matches",
@@ -82,6 +89,7 @@ class Parsed:
     dport: int | None = None
     fragment: bool = False
     l4_truncated: bool = False
+    tcp_flags: int | None = None  # byte 13 of a whole TCP header (issue 16)
 
     @property
     def malformed(self) -> bool:
@@ -94,16 +102,18 @@ def _u16(frame: bytes, offset: int) -> int:
     return value
 
 
-def _parse_l4(frame: bytes, pos: int, proto: int) -> tuple[int | None, bool]:
-    """parse_l4(): (dport, l4_truncated) for the L4 header at ``pos``."""
+def _parse_l4(frame: bytes, pos: int, proto: int) -> tuple[int | None, bool, int | None]:
+    """parse_l4(): (dport, l4_truncated, tcp_flags) for the L4 header at ``pos``."""
     need = _L4_NEED.get(proto)
     if need is None:
-        return None, False  # nothing we read
+        return None, False, None  # nothing we read
     if pos + need > len(frame):
-        return None, True
-    if proto in (_TCP, _UDP):
-        return _u16(frame, pos + 2), False  # dest port at offset 2 in both headers
-    return None, False
+        return None, True, None
+    if proto == _TCP:
+        return _u16(frame, pos + 2), False, frame[pos + 13]
+    if proto == _UDP:
+        return _u16(frame, pos + 2), False, None  # dest port at offset 2 in both headers
+    return None, False, None
 
 
 def _parse_ipv4(frame: bytes, pos: int) -> Parsed:
@@ -123,9 +133,10 @@ def _parse_ipv4(frame: bytes, pos: int) -> Parsed:
     fragment = bool(frag & (_IP_MF | _IP_OFFSET))
     dport: int | None = None
     truncated = False
+    flags: int | None = None
     if not frag & _IP_OFFSET:  # a non-first fragment carries no L4 header
-        dport, truncated = _parse_l4(frame, pos + hlen, proto)
-    return Parsed("ok", end, 4, src, dst, proto, dport, fragment, truncated)
+        dport, truncated, flags = _parse_l4(frame, pos + hlen, proto)
+    return Parsed("ok", end, 4, src, dst, proto, dport, fragment, truncated, flags)
 
 
 def _parse_ipv6(frame: bytes, pos: int) -> Parsed:
@@ -168,8 +179,8 @@ def _parse_ipv6(frame: bytes, pos: int) -> Parsed:
         # The bound is spent: a chain that goes on cannot be judged.
         if nexthdr in IPV6_EXT_KINDS:
             return broken()
-    dport, truncated = _parse_l4(frame, pos, nexthdr)
-    return Parsed("ok", end, 6, src, dst, nexthdr, dport, fragment, truncated)
+    dport, truncated, flags = _parse_l4(frame, pos, nexthdr)
+    return Parsed("ok", end, 6, src, dst, nexthdr, dport, fragment, truncated, flags)
 
 
 def parse_frame(frame: bytes) -> Parsed:
@@ -211,6 +222,9 @@ def rule_matches(rule: RuleSpec, p: Parsed) -> bool:
             return False
     if rule.proto is not None and rule.proto.number != p.proto:
         return False
+    flags = rule.tcp_flags
+    if flags is not None and (p.tcp_flags is None or not flags.matches(p.tcp_flags)):
+        return False  # flags need a whole TCP header: never a non-first fragment
     return not (rule.dport is not None and (p.dport is None or p.dport not in rule.dport))
 
 
@@ -248,6 +262,8 @@ class Outcome:
     malformed: int = 0
     non_ip: int = 0
     fragments: int = 0
+    limited: int = 0  # issue 16: dropped by a limit rule
+    budget: str | None = None  # a limit rule's answer: "passed", "limited" or "banned"
     parsed: Parsed | None = field(default=None, compare=False)
 
     def stats(self) -> dict[abi.Stat, int]:
@@ -268,33 +284,117 @@ def total_stats(outcomes: Iterable[Outcome]) -> dict[abi.Stat, int]:
 def _verdict_class(rule: RuleSpec) -> int:
     if rule.action is Action.ALLOW:
         return abi.VERDICT_ALLOW
+    if rule.action is Action.LIMIT:
+        return abi.VERDICT_LIMIT_MONITOR if rule.mode is Mode.MONITOR else abi.VERDICT_LIMIT
     return abi.VERDICT_MONITOR if rule.mode is Mode.MONITOR else abi.VERDICT_DROP
 
 
-def evaluate(rules: Iterable[Rule], frame: bytes) -> Outcome:
+# The classes in precedence order; within one, the most specific rule is credited.
+_CLASSES = (
+    (abi.VERDICT_ALLOW,),
+    (abi.VERDICT_DROP,),
+    (abi.VERDICT_LIMIT,),
+    (abi.VERDICT_MONITOR, abi.VERDICT_LIMIT_MONITOR),
+)
+
+BucketKey = tuple[int, int, bytes]  # (rule id, family 4/6 or 0 per rule, address bytes)
+
+
+@dataclass
+class LimitState:
+    """The data plane's rate-limit state: GCRA arrival times per bucket, bans (ns).
+
+    `decide` is the C's limit_check() step for step (xdpfw_abi.h, rate limits); `peek`
+    answers without changing anything (the harness asks it at two times).
+    """
+
+    buckets: dict[BucketKey, list[int]] = field(default_factory=dict)  # [pkt_tat, byte_tat]
+    bans: dict[BucketKey, int] = field(default_factory=dict)
+
+    @staticmethod
+    def key(rule: RuleSpec, rule_id: int, p: Parsed) -> BucketKey:
+        assert rule.limit is not None
+        if rule.limit.per.value == "rule" or p.src is None:
+            return (rule_id, 0, bytes(16))
+        return (rule_id, p.src.version, p.src.packed.ljust(16, b"\0"))
+
+    def peek(self, rule: Rule, p: Parsed, now: int) -> tuple[str, list[int] | None, int | None]:
+        """(answer, new bucket or None, new ban end or None) at time ``now``, unapplied."""
+        lim = rule.limit
+        assert lim is not None
+        k = self.key(rule, rule.id, p)
+        enforce = rule.mode is Mode.ENFORCE
+        if lim.ban_seconds and enforce:
+            until = self.bans.get(k)
+            if until is not None and until > now:
+                return "banned", None, None
+        tat = self.buckets.get(k, [0, 0])
+        new = list(tat)
+        ok = True
+        if lim.pps:
+            base = max(tat[0], now)
+            new[0] = base + lim.pkt_cost_ns
+            ok = new[0] - now <= lim.pkt_window_ns
+        if ok and lim.bps:
+            base = max(tat[1], now)
+            new[1] = base + lim.byte_cost_ns(p.length)
+            ok = new[1] - now <= lim.byte_window_ns
+        if not ok:
+            ban = now + lim.ban_ns if lim.ban_seconds and enforce else None
+            return "limited", None, ban
+        return "passed", new, None
+
+    def decide(self, rule: Rule, p: Parsed, now: int) -> str:
+        answer, bucket, ban = self.peek(rule, p, now)
+        k = self.key(rule, rule.id, p)
+        if answer != "banned" and ban is None and k in self.bans and self.bans[k] <= now:
+            del self.bans[k]  # an expired ban: served, the budget decides again
+        if bucket is not None:
+            self.buckets[k] = bucket
+        if ban is not None:
+            self.bans[k] = ban
+        return answer
+
+
+def credit(rules: Iterable[Rule], p: Parsed) -> Rule | None:
+    """The rule the contract credits for a parsed frame (None: no rule applies)."""
+    if p.status != "ok":
+        return None
+    matching = [r for r in rules if rule_matches(r, p)]
+    for klass in _CLASSES:
+        candidates = [r for r in matching if _verdict_class(r) in klass]
+        if candidates:
+            return max(candidates, key=specificity)
+    return None
+
+
+def evaluate(
+    rules: Iterable[Rule], frame: bytes, *, limits: LimitState | None = None, now: int = 0
+) -> Outcome:
     """The data plane's answer for ``frame`` under ``rules``.
 
     A frame that did not parse passes, credited to nobody. Otherwise, among the matching
     rules: any allow -> pass, credited to the most specific allow; else any enforce drop ->
-    drop, credited to the most specific one; else any monitor -> pass ("monitored"), credited
-    to the most specific one; else pass, credited to nobody.
+    drop, credited to the most specific one; else any enforce limit -> its budget at time
+    ``now`` in ``limits`` decides (pass within it, drop over it or while banned), credited to
+    the most specific one; else any monitor (drop or limit) -> pass ("monitored"), credited
+    to the most specific one, a limit rule's budget still counted; else pass, to nobody.
+    ``limits`` is updated; it is required when a limit rule is credited.
     """
     rules = list(rules)
     ids = [r.id for r in rules]
     if len(set(ids)) != len(ids):
         raise ValueError("rule ids must be unique")
     p = parse_frame(frame)
-    credited: Rule | None = None
-    verdict = abi.VERDICT_NONE
-    if p.status == "ok":
-        matching = [r for r in rules if rule_matches(r, p)]
-        for klass in (abi.VERDICT_ALLOW, abi.VERDICT_DROP, abi.VERDICT_MONITOR):
-            candidates = [r for r in matching if _verdict_class(r) == klass]
-            if candidates:
-                credited = max(candidates, key=specificity)
-                verdict = klass
-                break
+    credited = credit(rules, p)
+    verdict = abi.VERDICT_NONE if credited is None else _verdict_class(credited)
     drop = verdict == abi.VERDICT_DROP
+    budget = None
+    if credited is not None and credited.action is Action.LIMIT:
+        if limits is None:
+            raise ValueError("a limit rule matched: evaluate needs limits= (a LimitState)")
+        budget = limits.decide(credited, p, now)
+        drop = verdict == abi.VERDICT_LIMIT and budget != "passed"
     return Outcome(
         action="drop" if drop else "pass",
         rule_id=None if credited is None else credited.id,
@@ -302,9 +402,11 @@ def evaluate(rules: Iterable[Rule], frame: bytes) -> Outcome:
         bytes=len(frame),
         passed=0 if drop else 1,
         dropped=1 if drop else 0,
-        monitored=1 if verdict == abi.VERDICT_MONITOR else 0,
+        monitored=1 if verdict in (abi.VERDICT_MONITOR, abi.VERDICT_LIMIT_MONITOR) else 0,
         malformed=1 if p.malformed else 0,
         non_ip=1 if p.status == "non_ip" else 0,
         fragments=1 if p.fragment else 0,
+        limited=1 if drop and verdict == abi.VERDICT_LIMIT else 0,
+        budget=budget,
         parsed=p,
     )
