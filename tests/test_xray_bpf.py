@@ -16,7 +16,7 @@ import pytest
 
 from xdpfw.datapath import Datapath
 from xdpfw.kernel import bpfsys
-from xdpfw.rules import RuleSpec
+from xdpfw.rules import Limit, RuleSpec
 from xdpfw.verify.frames import build_frame
 from xdpfw.xray.record import Sample, decode, wall_offset_ns
 
@@ -91,6 +91,26 @@ def test_frames_of_every_kind_come_out_whole(xdp: Datapath) -> None:
     for s in got:
         assert abs(s.time_ns / 1e9 - t0) < 5  # CLOCK_MONOTONIC turned into wall time
         assert s.ifindex == 1  # BPF_PROG_TEST_RUN runs on lo
+
+
+def test_a_limit_rule_reports_pass_then_limited(xdp: Datapath) -> None:
+    """A sampled rate-limit rule (issue 16): frames within the budget come out as "pass",
+    those over it (dropped by the budget, decided before the sample is taken) as "limited";
+    a monitor-mode limit rule's frames as "monitor"."""
+    xdp.add_rules([
+        RuleSpec.parse(action="limit", limit=Limit.parse(pps=1, burst=3),
+                       src="198.18.9.0/24").with_id(41),
+        RuleSpec.parse(action="limit", mode="monitor", limit=Limit.parse(pps=1, burst=1),
+                       src="198.18.10.0/24").with_id(42),
+    ])
+    xdp.sample_set({41: 1, 42: 1})
+    frame = build_frame(src="198.18.9.1", dst="198.19.0.1", proto="udp")
+    got = [run(xdp, frame) for _ in range(5)]
+    assert got == [XDP_PASS] * 3 + [XDP_DROP] * 2
+    assert [(s.rule, s.verdict) for s in drain(xdp)] == [(41, "pass")] * 3 + [(41, "limited")] * 2
+    watched = build_frame(src="198.18.10.1", dst="198.19.0.1", proto="udp")
+    assert [run(xdp, watched) for _ in range(3)] == [XDP_PASS] * 3
+    assert [(s.rule, s.verdict) for s in drain(xdp)] == [(42, "monitor")] * 3
 
 
 def test_snaplen_keeps_the_first_bytes_and_the_length(xdp: Datapath) -> None:
