@@ -8,7 +8,7 @@ from fastapi import FastAPI
 
 from api.errors import install_error_handlers
 from api.limits import BodyLimits
-from api.routes import health, interfaces, rules, stats
+from api.routes import health, interfaces, lookup, rules, stats
 from api.service import FirewallService
 from api.settings import Settings
 
@@ -34,6 +34,7 @@ def create_app(settings: Settings, service: FirewallService, token: str) -> Fast
     app.include_router(stats.router)
     app.include_router(stats.metrics_router)
     app.include_router(interfaces.router)
+    app.include_router(lookup.router)
     if not settings.loopback_only:
         _require_token_for_reads(app)
     return app

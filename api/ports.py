@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from xdpfw.abi import Table
 from xdpfw.datapath import Attachment, GlobalCounters, RuleCounters
 from xdpfw.rules import Rule
 
@@ -36,6 +37,13 @@ class RuleIndex(Protocol):
     def find_code(self, code: int) -> int | None: ...
 
     def find_duplicate(self, rule: Rule) -> int | None: ...
+
+    # the entries as the program finds them (xdpfw/lookup.py)
+    def has_entry(self, k: int) -> bool: ...
+
+    def slots(self, k: int) -> tuple[int, ...]: ...
+
+    def prefix_lengths(self, table: Table) -> list[int]: ...
 
     def __len__(self) -> int: ...
 

@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from api.lookup import LookupAnswer
+from api.lookup import lookup as lookup_packet
 from api.ports import CounterArrays, DatapathPort
 from api.store import PROTECT_BASE, PROTECT_IDS, Store, StoredRule, is_protected_id
 from xdpfw import abi
@@ -522,6 +524,18 @@ class FirewallService:
                 self.remove(due)
                 log.info("expired %d rule(s): %s", len(due), due[:20])
             return due
+
+    # -- lookup (api/lookup.py) -----------------------------------------------------------
+
+    def lookup(
+        self,
+        src: str,
+        dst: str | None = None,
+        proto: str | int | None = None,
+        dport: int | None = None,
+    ) -> LookupAnswer:
+        """The verdict the data plane gives such a packet, the credited rule, every match."""
+        return lookup_packet(self, src, dst, proto, dport)
 
     # -- TTL sweeper ---------------------------------------------------------------------------
 

@@ -68,6 +68,8 @@ __all__ = [
     "gc_paused",
     "key_of",
     "let_go",
+    "table_of",
+    "trie_of",
 ]
 
 MAX_SLOTS = 1 + abi.SET_SLOTS
@@ -204,6 +206,17 @@ def _table_of(k: int) -> Table:
     return (_EXACT_BY_BITS if key_is_exact(k) else _LPM_BY_BITS)[key_table(k)]
 
 
+def table_of(k: int) -> Table:
+    """The table an entry with this compact key lives in."""
+    return _table_of(k)
+
+
+def trie_of(k: int) -> Table:
+    """The trie of the key's direction and family (also for a host key: where the prefixes
+    covering that host live)."""
+    return _LPM_BY_BITS[key_table(k)]
+
+
 _ANY_KEY = TableKey(Table.ANY)
 _tuple_new = tuple.__new__
 
@@ -303,6 +316,19 @@ class RuleCompiler:
     @property
     def n_sets(self) -> int:
         return self._n_sets
+
+    def has_entry(self, k: int) -> bool:
+        """Whether the maps hold an entry under this compact key."""
+        return k in self._own
+
+    def slots(self, k: int) -> tuple[int, ...]:
+        """The rule ids in the entry under this compact key, best first (its own rules and,
+        in a trie, those of the prefixes covering it); () when there is no entry."""
+        return self._slot_ids(k) if k in self._own else ()
+
+    def prefix_lengths(self, table: Table) -> list[int]:
+        """The prefix lengths that have entries in a trie, longest first."""
+        return sorted(self._trie_plens[table], reverse=True)
 
     def find_duplicate(self, rule: Rule) -> int | None:
         return self.find_code(rule.code())
