@@ -108,6 +108,11 @@ PAIRS: dict[type, str] = {
     client.Interface: "InterfaceOut",
     client.TableUsage: "TableUsage",
     client.Health: "HealthOut",
+    # GET /v1/lookup
+    client.Lookup: "LookupOut",
+    client.LookupMatch: "LookupMatchOut",
+    client.LookupEntry: "LookupEntryOut",
+    client.LookupPacket: "LookupPacketOut",
 }
 # Components the client does not mirror as a TypedDict: request bodies (the CLI builds them
 # as dicts and the API validates them) and error bodies (client.error_for reads them loosely).

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -91,7 +92,8 @@ def packets(rng: random.Random, rules: list[Rule], n: int) -> Iterator[dict[str,
 
 
 def frame_of(p: dict[str, Any]) -> bytes:
-    return build_frame(src=p["src"], dst=p["dst"], proto=p["proto"], dport=80 if p["dport"] is None else p["dport"])
+    dport = 80 if p["dport"] is None else p["dport"]
+    return build_frame(src=p["src"], dst=p["dst"], proto=p["proto"], dport=dport)
 
 
 def compiled(rules: list[Rule]) -> RuleCompiler:
@@ -278,3 +280,38 @@ def test_route_answers_with_the_stored_rules(client: tuple[TestClient, FirewallS
     r = c.get("/v1/lookup", params={"src": "198.18.0.1", "dport": 22})
     assert r.status_code == 422 and "dport" in r.text
     assert c.get("/v1/lookup").status_code == 422
+
+
+@pytest.mark.pure
+def test_cli_lookup_prints_the_verdict_and_the_rules(
+    client: tuple[TestClient, FirewallService], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from xdpfw.cli.client import Client, ClientError
+    from xdpfw.cli.main import build_parser
+
+    c, svc = client
+    wide, _ = svc.add(NewRule(RuleSpec.parse(src="198.18.7.0/24"), comment="feed"))
+    allow, _ = svc.add(NewRule(RuleSpec.parse(src="198.18.7.9", action="allow", proto="tcp",
+                                              dport=22), comment="admin"))
+    api = Client("http://testserver", "t0ken", transport=c._transport)
+
+    def run(*argv: str) -> str:
+        args = build_parser().parse_args(["lookup", *argv])
+        from xdpfw.cli.lookup import cmd_lookup
+
+        assert cmd_lookup(args, api) == 0
+        return capsys.readouterr().out
+
+    out = run("198.18.7.9", "--dst", "198.19.0.1", "--proto", "tcp", "--dport", "22")
+    assert out.splitlines()[0] == "198.18.7.9 -> 198.19.0.1 tcp dport 22: pass"
+    assert f"credited: rule {allow.id}, allow src 198.18.7.9/32 tcp dport 22 (admin)" in out
+    assert f"{wide.id}" in out and "xdpfw_src4_lpm" in out and "feed" in out
+    out = run("198.18.7.9")
+    assert out.splitlines()[0] == "198.18.7.9: drop" and f"rule {wide.id}," in out
+    assert "admin" not in out  # a tcp/22 rule does not match a packet of no named protocol
+    assert run("203.0.113.9").splitlines() == ["203.0.113.9: pass", "  no rule matches"]
+    body = json.loads(run("198.18.7.1", "--json"))
+    assert body["verdict"] == "drop" and body["rule"]["id"] == wide.id
+    with pytest.raises(ClientError) as info:
+        run("198.18.7.1", "--proto", "gre")
+    assert "--proto" in info.value.message and info.value.exit_code == 2

@@ -17,19 +17,19 @@ router = APIRouter(
 )
 
 
-class PacketOut(BaseModel):
+class LookupPacketOut(BaseModel):
     src: str
     dst: str | None
     proto: int | None = Field(description="IP protocol number; null: one no rule names")
     dport: int | None
 
 
-class MatchOut(BaseModel):
+class LookupMatchOut(BaseModel):
     table: str = Field(description="the kernel map whose entry held the rule")
     rule: RuleOut
 
 
-class EntryOut(BaseModel):
+class LookupEntryOut(BaseModel):
     table: str
     network: str = Field(description="the entry's key ('*' for the address-less table)")
 
@@ -40,9 +40,9 @@ class LookupOut(BaseModel):
     )
     rule_id: int | None = Field(description="the credited rule (its counters count the packet)")
     rule: RuleOut | None
-    matches: list[MatchOut] = Field(description="every matching rule, best first")
-    entries: list[EntryOut] = Field(description="the entries the program looks up")
-    packet: PacketOut
+    matches: list[LookupMatchOut] = Field(description="every matching rule, best first")
+    entries: list[LookupEntryOut] = Field(description="the entries the program looks up")
+    packet: LookupPacketOut
 
 
 @router.get("", response_model=LookupOut, dependencies=[ReadAccess])
@@ -62,15 +62,15 @@ def lookup(
     one whose destination (protocol) no rule names: only rules naming none can match.
     """
     answer = svc.lookup(src, dst, proto, dport)
-    matches = [MatchOut(table=m.table, rule=RuleOut.of(m.stored)) for m in answer.matches]
+    matches = [LookupMatchOut(table=m.table, rule=RuleOut.of(m.stored)) for m in answer.matches]
     p = answer.packet
     return LookupOut(
         verdict=answer.decision.verdict,
         rule_id=answer.decision.rule_id,
         rule=matches[0].rule if answer.decision.rule_id is not None else None,
         matches=matches,
-        entries=[EntryOut(table=t, network=n) for t, n in answer.decision.looked_up],
-        packet=PacketOut(
+        entries=[LookupEntryOut(table=t, network=n) for t, n in answer.decision.looked_up],
+        packet=LookupPacketOut(
             src=str(p.src), dst=None if p.dst is None else str(p.dst), proto=p.proto,
             dport=p.dport,
         ),

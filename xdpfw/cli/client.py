@@ -38,6 +38,10 @@ __all__ = [
     "ClientError",
     "Health",
     "Interface",
+    "Lookup",
+    "LookupEntry",
+    "LookupMatch",
+    "LookupPacket",
     "Rule",
     "RuleCounters",
     "RulePage",
@@ -147,6 +151,33 @@ class Health(TypedDict):
     protected: list[str]
     interfaces: list[Interface]
     capacity: dict[str, TableUsage]  # per kernel table, plus "rules" and "xdpfw_sets"
+
+
+# GET /v1/lookup (api/routes/lookup.py)
+class LookupPacket(TypedDict):
+    src: str
+    dst: str | None
+    proto: int | None
+    dport: int | None
+
+
+class LookupMatch(TypedDict):
+    table: str
+    rule: Rule
+
+
+class LookupEntry(TypedDict):
+    table: str
+    network: str
+
+
+class Lookup(TypedDict):
+    verdict: str
+    rule_id: int | None
+    rule: Rule | None
+    matches: list[LookupMatch]
+    entries: list[LookupEntry]
+    packet: LookupPacket
 
 
 # --- errors --------------------------------------------------------------------------------
@@ -450,6 +481,16 @@ class Client:
             timeout=timeout,
         )
         return cast(BulkResult, r.json())
+
+    def lookup(
+        self, src: str, dst: str | None = None, proto: str | None = None, dport: int | None = None
+    ) -> Lookup:
+        """GET /v1/lookup: the data plane's verdict for such a packet and the rules matching."""
+        params: dict[str, str | int] = {"src": src}
+        for name, value in (("dst", dst), ("proto", proto), ("dport", dport)):
+            if value is not None:
+                params[name] = value
+        return cast(Lookup, self._request("GET", "/v1/lookup", params=params).json())
 
     def stats(self, top: int | None = None) -> Stats:
         params = {"top": top} if top is not None else {}

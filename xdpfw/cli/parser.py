@@ -11,6 +11,7 @@ from typing import Any
 from xdpfw.cli import humanize as hz
 from xdpfw.cli.connection import Handler, add_client_options, client_command
 from xdpfw.cli.importing import IMPORT_EPILOG, cmd_import
+from xdpfw.cli.lookup import LOOKUP_EPILOG, cmd_lookup
 from xdpfw.cli.rules import (
     RULE_ADD_EPILOG,
     RULE_LS_EPILOG,
@@ -34,6 +35,7 @@ MAIN_EPILOG = """examples:
   xdpfw rule ls
   xdpfw import firehol_level1.netset --comment firehol
   xdpfw stats --top 10
+  xdpfw lookup 203.0.113.9                      # blocked? by which rule?
   xdpfw top                                     # live; q quits
   xdpfw COMMAND --help                          # more examples per command
 
@@ -229,6 +231,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-rejected", type=int, default=20, metavar="N",
                    help="bad lines to describe on stderr (default 20; --json has them all)")
     _json_flag(p, "print the summary as JSON")
+
+    # -- lookup (issue 13) --
+    p = _sub(sub, "lookup", "what the firewall does with a packet from ADDR, and which rules "
+             "match it", LOOKUP_EPILOG, cmd_lookup)
+    p.add_argument("addr", metavar="ADDR", help="the packet's source address")
+    p.add_argument("--dst", metavar="ADDR", help="its destination address")
+    p.add_argument("--proto", metavar="P", help="tcp, udp, icmp, icmpv6 or a protocol number")
+    p.add_argument("--dport", type=int, metavar="N", help="its destination port (tcp/udp)")
+    _json_flag(p, "print the API's answer as JSON")
 
     p = _sub(sub, "stats", "per-rule counters and totals", STATS_EPILOG, cmd_stats)
     p.add_argument("--top", type=_positive_int, metavar="N", help="only the N busiest rules")
