@@ -24,11 +24,13 @@ from __future__ import annotations
 import gc
 import ipaddress
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import numpy as np
 from sortedcontainers import SortedList
 
 from xdpfw import abi
@@ -37,9 +39,12 @@ from xdpfw.codes import (
     ADDR,
     ADDR_BITS_V4,
     ADDR_BITS_V6,
+    CODE_LOW,
+    DIR,
     DIR_DST,
     DIR_SRC,
     KEY,
+    KEY_LOW,
     PLEN,
     TABLE_BITS,
     TRIE_ADDR,
@@ -56,11 +61,12 @@ from xdpfw.codes import (
     trie_position,
 )
 from xdpfw.errors import CapacityExceeded, RuleConflict, RuleNotFound
-from xdpfw.rules import Network, Rule, rule_from_code
+from xdpfw.rules import MAX_RULE_ID, Network, Rule, rule_from_code
 
 __all__ = [
     "MAX_SLOTS",
     "Capacities",
+    "HostBatch",
     "Plan",
     "RuleCompiler",
     "RuleView",
@@ -257,8 +263,33 @@ class RuleView(Mapping[int, Rule]):
 
 
 @dataclass
+class HostBatch:
+    """New exact-host entries of one table, one rule each, as columns (a bulk load's common
+    case: no entry to merge, no trie to walk, no Rule object). ``ids``/``keys``/``codes`` are
+    parallel lists (the compiler's own terms, for `commit`); the numpy columns are what the
+    writer packs into map keys and values."""
+
+    table: Table
+    ids: list[int]
+    keys: list[int]  # compact keys
+    codes: list[int]
+    rule_ids: np.ndarray[Any, np.dtype[np.uint32]]
+    low: np.ndarray[Any, np.dtype[np.uint64]]  # code & CODE_LOW
+    key_low: np.ndarray[Any, np.dtype[np.uint64]]  # key & KEY_LOW
+
+    def addresses(self) -> bytes:
+        """The entries' map keys, back to back (big-endian addresses)."""
+        if self.table in (Table.SRC4, Table.DST4):
+            shift = ADDR.shift
+            return np.array([k >> shift for k in self.keys], dtype=">u4").tobytes()
+        width = ADDR_BITS_V6 // 8
+        return b"".join((k >> ADDR.shift).to_bytes(width, "big") for k in self.keys)
+
+
+@dataclass
 class Plan:
-    """What a change does to the tables: new slot lists (empty = delete the entry)."""
+    """What a change does to the tables: new slot lists (empty = delete the entry), plus (a
+    bulk load) new host entries as columns (`hosts`)."""
 
     entries: dict[TableKey, tuple[Rule, ...]] = field(default_factory=dict)
     added: list[Rule] = field(default_factory=list)
@@ -269,6 +300,15 @@ class Plan:
     inherit: dict[int, tuple[int, ...]] = field(default_factory=dict, repr=False)  # LPM keys
     counts: list[int] = field(default_factory=list, repr=False)
     n_sets: int = field(default=0, repr=False)
+    hosts: list[HostBatch] = field(default_factory=list, repr=False)
+
+    @property
+    def added_ids(self) -> list[int]:
+        """Every rule the plan adds: those of `added` and of `hosts`."""
+        out = [r.id for r in self.added]
+        for h in self.hosts:
+            out.extend(h.ids)
+        return out
 
 
 class RuleCompiler:
@@ -395,6 +435,89 @@ class RuleCompiler:
             )
         self._plan_keys(plan, added, {}, batch)
         return plan
+
+    def plan_codes(self, rule_ids: Sequence[int], codes: Sequence[int]) -> Plan:
+        """`plan_add` of rules given as ids and codes (all or nothing), for bulk loads.
+
+        A code whose key is an exact host with no entry yet, and no other code of the batch
+        under the same key, becomes a new one-slot entry planned as columns (`Plan.hosts`):
+        its slots cannot interact with any other entry (exact tables inherit nothing, and a
+        trie never holds a host). The rest (prefixes, shared keys, address-less rules) are
+        planned as `plan_add` plans them. Raises before anything changes.
+        """
+        n = len(codes)
+        if len(rule_ids) != n:
+            raise ValueError(f"{len(rule_ids)} ids for {n} codes")
+        key_shift = KEY.shift
+        keys = [c >> key_shift for c in codes]
+        key_low = np.array([k & KEY_LOW for k in keys], dtype=np.uint64)
+        plen = (key_low >> np.uint64(PLEN.shift)) & np.uint64(PLEN.bits)
+        v6 = (key_low & np.uint64(V6.mask)) != 0
+        exact = ((key_low & np.uint64(DIR.bits)) != 0) & (
+            plen == np.where(v6, np.uint64(ADDR_BITS_V6), np.uint64(ADDR_BITS_V4))
+        )
+        own = self._own
+        if len(set(keys)) != n:  # a key twice in the batch: those go the general way
+            twice = {k for k, c in Counter(keys).items() if c > 1}
+            exact &= np.array([k not in twice for k in keys], dtype=bool)
+        fast = np.flatnonzero(exact)
+        if own:
+            fresh = np.array([keys[i] not in own for i in fast.tolist()], dtype=bool)
+            fast = fast[fresh] if len(fast) else fast
+        fast_set = np.zeros(n, dtype=bool)
+        fast_set[fast] = True
+        slow = np.flatnonzero(~fast_set).tolist()
+        plan = self.plan_add(rule_from_code(rule_ids[i], codes[i]) for i in slow)
+        if not fast.size:
+            return plan
+        ids_all = np.asarray(rule_ids, dtype=np.int64)
+        fast_ids = ids_all[fast]
+        if (
+            len(np.unique(ids_all)) != n
+            or fast_ids.min() < 1
+            or fast_ids.max() > MAX_RULE_ID
+            or not self._codes.keys().isdisjoint(fast_ids.tolist())
+        ):
+            bad = self._bad_id(rule_ids)
+            raise RuleConflict(f"rule id {bad} already exists or repeats", bad)
+        low = np.array([codes[i] & CODE_LOW for i in fast.tolist()], dtype=np.uint64)
+        table_bits = key_low[fast] & np.uint64(TABLE_BITS)
+        counts = plan.counts or self.table_counts()
+        for bits, table in _EXACT_BY_BITS.items():
+            sel = np.flatnonzero(table_bits == np.uint64(bits))
+            if not len(sel):
+                continue
+            where = fast[sel].tolist()
+            plan.hosts.append(
+                HostBatch(
+                    table,
+                    [rule_ids[i] for i in where],
+                    [keys[i] for i in where],
+                    [codes[i] for i in where],
+                    fast_ids[sel].astype(np.uint32),
+                    low[sel],
+                    key_low[fast][sel],
+                )
+            )
+            counts[table] += len(sel)
+            if counts[table] > self.caps.limit(table):
+                raise CapacityExceeded(
+                    table.map_name, self.caps.limit(table), "raise the capacity at load time"
+                )
+        if len(self._codes) + len(plan.added) + len(fast) > self.caps.max_rules:
+            raise CapacityExceeded(
+                "rule table", self.caps.max_rules, "raise --max-rules or remove rules"
+            )
+        plan.counts = counts
+        return plan
+
+    def _bad_id(self, rule_ids: Sequence[int]) -> int:
+        seen: set[int] = set()
+        for rid in rule_ids:
+            if rid in self._codes or rid in seen or not 1 <= rid <= MAX_RULE_ID:
+                return rid
+            seen.add(rid)
+        return rule_ids[0]
 
     def plan_remove(self, rule_ids: Iterable[int]) -> Plan:
         plan = Plan()
@@ -632,6 +755,9 @@ class RuleCompiler:
                 self._inherit[k] = slots
             else:
                 self._inherit.pop(k, None)
+        for h in plan.hosts:
+            codes.update(zip(h.ids, h.codes, strict=True))
+            own.update(zip(h.keys, h.ids, strict=True))
         if plan.counts:
             self._counts = list(plan.counts)
         self._n_sets = plan.n_sets if plan.counts else self._n_sets

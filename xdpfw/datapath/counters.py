@@ -165,6 +165,38 @@ class CounterIndex:
             raise
         return out
 
+    def alloc_many(self, rule_ids: _U32Array) -> _U32Array:
+        """`alloc` for many ids at once: every id whose home index is free (the common case
+        of a bulk load) in numpy, the others one by one. Indices in the order of the ids."""
+        n = len(rule_ids)
+        if n == 0:
+            return np.zeros(0, dtype=np.uint32)
+        ids = rule_ids.astype(np.int64)
+        homes = 1 + (ids - 1) % self.size
+        held = np.frombuffer(self._held, dtype=np.uint8)
+        free = (self.view[homes] == 0) & (held[homes] == 0)
+        # two ids of one batch with the same home (ids a whole table apart): the later ones
+        # go the slow way
+        _, first = np.unique(homes, return_index=True)
+        once = np.zeros(n, dtype=bool)
+        once[first] = True
+        fast = free & once
+        if self.moved and not self.moved.keys().isdisjoint(ids[fast].tolist()):
+            fast[:] = False  # an id already holding a moved index: let alloc refuse it
+        out = np.zeros(n, dtype=np.uint32)
+        out[fast] = homes[fast]
+        self.view[homes[fast]] = rule_ids[fast]
+        if fast.any():
+            self.high = max(self.high, int(homes[fast].max()) + 1)
+        slow = np.flatnonzero(~fast)
+        if len(slow):
+            try:
+                out[slow] = self.alloc(rule_ids[slow].tolist())
+            except BaseException:
+                self.release(rule_ids[fast].tolist())
+                raise
+        return out
+
     def _any_free(self) -> int:
         while self._spare:
             idx = self._spare.popleft()
@@ -254,7 +286,7 @@ class Counters:
         with contextlib.suppress(BufferError):  # a view escaped: GC unmaps it
             self._seen_mem.close()
 
-    def zero(self, indices: Sequence[int]) -> None:
+    def zero(self, indices: Sequence[int] | _U32Array) -> None:
         """Zero the counters of indices about to be handed out."""
         self._stats.update_array(indices, bytes(self._stats.value_size))
         self.seen[indices] = 0

@@ -307,6 +307,16 @@ class Datapath:
             self._writer.apply(plan)
             let_go(plan.entries)  # a big plan freed in pieces (see let_go)
 
+    def add_codes(self, rule_ids: Sequence[int], codes: Sequence[int]) -> None:
+        """`add_rules` of rules given as ids and codes (`RuleSpec.code()`), all or nothing:
+        the bulk path. New exact hosts are planned and written as columns (numpy, batched
+        map writes, no Rule object); the rest as `add_rules` does. In the maps when this
+        returns."""
+        with self._lock:
+            plan = self.compiler.plan_codes(rule_ids, codes)
+            self._writer.apply(plan)
+            let_go(plan.entries)
+
     def remove_rule(self, rule_id: int) -> Rule:
         return self.remove_rules([rule_id])[0]
 

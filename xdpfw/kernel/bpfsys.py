@@ -1070,15 +1070,20 @@ class Map(Generic[K, V]):
         size = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
         return mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
 
-    def update_array(self, indices: Sequence[int], value: bytes) -> None:
-        """Set elements `indices` of an array map to the same raw value (all CPUs)."""
-        if not indices:
+    def update_array(self, indices: Sequence[int] | Any, value: bytes) -> None:
+        """Set elements `indices` (ints, or a numpy integer array) of an array map to the
+        same raw value (all CPUs)."""
+        if not len(indices):
             return
         blob = self._value_blob(value)
         step = 65536
         for i in range(0, len(indices), step):
             part = indices[i : i + step]
-            kbuf = _cbuf(struct.pack(f"={len(part)}I", *part))
+            packed = (
+                part.astype("=u4").tobytes() if hasattr(part, "astype")
+                else struct.pack(f"={len(part)}I", *part)
+            )
+            kbuf = _cbuf(packed)
             vbuf = _cbuf(blob * len(part))
             if not self._batch(Cmd.MAP_UPDATE_BATCH, kbuf, vbuf, len(part), BPF_ANY):
                 for k in part:
@@ -1119,6 +1124,42 @@ class Map(Generic[K, V]):
         if self._batch(Cmd.MAP_UPDATE_BATCH, kbuf, vbuf, len(kraw), flags):
             return
         self._update_each(kraw, vraw, flags)
+
+    def update_batch_raw(
+        self, keys: bytes, values: bytes, count: int, *, step: int = 65536
+    ) -> None:
+        """`update_batch` of `count` elements given as two packed buffers (keys back to back,
+        values back to back: what a columnar writer builds with numpy), `step` elements per
+        BPF_MAP_UPDATE_BATCH (per element where the map type has no batch support, as LPM
+        tries on kernels before 6.x). Plain (not per-CPU) maps. On a failure part-way,
+        BpfError with ``.applied`` = the elements applied (the first ones)."""
+        ks, vs = self.key_size, self.value_size
+        if self.percpu:
+            raise TypeError(f"{self.name}: update_batch_raw takes plain maps only")
+        if len(keys) != count * ks or len(values) != count * vs:
+            raise ValueError(
+                f"{self.name}: {len(keys)} key / {len(values)} value bytes for {count} elements"
+            )
+        done = 0
+        kview, vview = memoryview(keys), memoryview(values)
+        try:
+            while done < count:
+                n = min(step, count - done)
+                kpart = kview[done * ks : (done + n) * ks]
+                vpart = vview[done * vs : (done + n) * vs]
+                if not self._batch_ok.get(Cmd.MAP_UPDATE_BATCH, True) or not self._batch(
+                    Cmd.MAP_UPDATE_BATCH, _cbuf(bytes(kpart)), _cbuf(bytes(vpart)), n, BPF_ANY
+                ):
+                    self._update_each(
+                        [bytes(kpart[i * ks : (i + 1) * ks]) for i in range(n)],
+                        [bytes(vpart[i * vs : (i + 1) * vs]) for i in range(n)],
+                        BPF_ANY,
+                    )
+                done += n
+        except BpfError as exc:
+            exc.applied = done + (exc.applied or 0)
+            exc.requested = count
+            raise
 
     def delete_batch(self, keys: Sequence[K | _Raw]) -> None:
         """Delete many elements with one BPF_MAP_DELETE_BATCH (per-element fallback).
