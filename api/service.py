@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import overload
 
 from api.lookup import LookupAnswer
 from api.lookup import lookup as lookup_packet
@@ -27,7 +28,7 @@ from api.ports import CounterArrays, DatapathPort
 from api.store import PROTECT_BASE, PROTECT_IDS, Store, StoredRule, is_protected_id
 from xdpfw import abi
 from xdpfw import codes as wire  # the rule wire format ("codes" names the rules here)
-from xdpfw.compiler import gc_paused
+from xdpfw.compiler import gc_paused, let_go
 from xdpfw.datapath import Attachment, GlobalCounters, RuleCounters
 from xdpfw.errors import InterfaceNotFound, InvalidRule, RuleConflict, RuleNotFound, XdpfwError
 from xdpfw.rules import (
@@ -46,6 +47,7 @@ __all__ = [
     "API_RULE_ID",
     "LOOPBACK",
     "PROTECT_BASE",
+    "AddedRules",
     "BulkResult",
     "FirewallService",
     "Health",
@@ -78,10 +80,58 @@ class NewCodes:
     force: bool = False
 
 
+class AddedRules(Sequence[StoredRule]):
+    """The rules a bulk add made, as ids and codes; a StoredRule is built only when asked
+    for (a million Rule objects cost seconds, and the bulk route needs only the ids)."""
+
+    def __init__(
+        self, ids: list[int], codes: list[int], comments: list[str], now: float,
+        expiry: list[float | None],
+    ) -> None:
+        self.ids, self._codes, self._comments, self._now, self._expiry = (
+            ids, codes, comments, now, expiry
+        )
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @overload
+    def __getitem__(self, i: int) -> StoredRule: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[StoredRule]: ...
+
+    def __getitem__(self, i: int | slice) -> StoredRule | list[StoredRule]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return StoredRule(
+            rule_from_code(self.ids[i], self._codes[i]), self._comments[i], self._now,
+            self._expiry[i],
+        )
+
+    def release(self) -> None:
+        """Free the columns a piece at a time (see compiler.let_go)."""
+        let_go(self.ids, self._codes, self._comments, self._expiry)
+
+
 @dataclass(frozen=True)
 class BulkResult:
-    added: list[StoredRule]
+    added: Sequence[StoredRule]
     duplicates: list[int]  # ids of existing identical rules
+
+    @property
+    def ids(self) -> list[int]:
+        """The ids of the added rules, in input order."""
+        if isinstance(self.added, AddedRules):
+            return self.added.ids
+        return [s.id for s in self.added]
+
+    def release(self) -> None:
+        """Free a big result in pieces, so the event loop keeps its turns."""
+        if isinstance(self.added, AddedRules):
+            self.added.release()
+        elif isinstance(self.added, list):
+            let_go(self.added)
 
 
 @dataclass(frozen=True)
@@ -447,15 +497,12 @@ class FirewallService:
                     (rid, codes[i], comments[i], now, exp)
                     for i, rid, exp in zip(fresh, ids, expiry, strict=True)
                 )
-                rules = [rule_from_code(rid, codes[i]) for i, rid in zip(fresh, ids, strict=True)]
-                self.dp.add_rules(rules)
+                new_codes = [codes[i] for i in fresh]
+                self.dp.add_codes(ids, new_codes)  # the columnar bulk path (no Rule objects)
                 undo.append(lambda: self.dp.remove_rules(ids))
-            stored = [
-                StoredRule(rule, comments[i], now, exp)
-                for rule, i, exp in zip(rules, fresh, expiry, strict=True)
-            ]
+            added = AddedRules(ids, new_codes, [comments[i] for i in fresh], now, expiry)
             dups.extend(ids[seen[code]] for code in again)
-            return BulkResult(stored, dups)
+            return BulkResult(added, dups)
 
     @contextmanager
     def _changing(self, what: str) -> Iterator[list[Callable[[], object]]]:

@@ -241,6 +241,13 @@ def _compact(key: TableKey) -> int:
     return pack_key(int.from_bytes(key.addr, "big"), key.plen, v6=v6, direction=direction)
 
 
+def _distinct(ids: np.ndarray[Any, np.dtype[np.int64]]) -> bool:
+    """No id twice (ids of a bulk load come ascending: checked without sorting)."""
+    if len(ids) < 2 or bool((np.diff(ids) > 0).all()):
+        return True
+    return len(np.unique(ids)) == len(ids)
+
+
 class RuleView(Mapping[int, Rule]):
     """Rule id -> Rule, made on demand from the compiler's codes (read only)."""
 
@@ -473,7 +480,7 @@ class RuleCompiler:
         ids_all = np.asarray(rule_ids, dtype=np.int64)
         fast_ids = ids_all[fast]
         if (
-            len(np.unique(ids_all)) != n
+            not _distinct(ids_all)
             or fast_ids.min() < 1
             or fast_ids.max() > MAX_RULE_ID
             or not self._codes.keys().isdisjoint(fast_ids.tolist())

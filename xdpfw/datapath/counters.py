@@ -177,10 +177,15 @@ class CounterIndex:
         free = (self.view[homes] == 0) & (held[homes] == 0)
         # two ids of one batch with the same home (ids a whole table apart): the later ones
         # go the slow way
-        _, first = np.unique(homes, return_index=True)
-        once = np.zeros(n, dtype=bool)
-        once[first] = True
-        fast = free & once
+        if n > 1 and not (
+            bool((np.diff(ids) > 0).all()) and int(ids[-1]) - int(ids[0]) < self.size
+        ):
+            _, first = np.unique(homes, return_index=True)
+            once = np.zeros(n, dtype=bool)
+            once[first] = True
+            fast = free & once
+        else:  # ascending ids less than a table apart: every home is different
+            fast = free
         if self.moved and not self.moved.keys().isdisjoint(ids[fast].tolist()):
             fast[:] = False  # an id already holding a moved index: let alloc refuse it
         out = np.zeros(n, dtype=np.uint32)
