@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import errno
+import ipaddress
 import random
 from collections.abc import Iterator
 
@@ -23,7 +24,7 @@ import pytest
 from conftest import unique_pin_dir
 
 from xdpfw import abi, codes
-from xdpfw.compiler import Capacities, RuleCompiler
+from xdpfw.compiler import LPM_TABLES, Capacities, RuleCompiler
 from xdpfw.datapath import Datapath, DatapathConfig
 from xdpfw.datapath.slots import entry_bytes, entry_columns
 from xdpfw.errors import CapacityExceeded, RuleConflict
@@ -126,6 +127,47 @@ def test_plan_codes_leaves_the_state_plan_add_leaves() -> None:
         assert _state(a) == _state(b)
 
 
+def _prefix_list(rng: random.Random, n: int, first_id: int) -> list[Rule]:
+    """A blocklist's shape: IPv4 prefixes /8-/31, most alone, some nested (in the batch or
+    with what is loaded already), in both directions, with hosts."""
+    out: list[Rule] = []
+    seen: set[int] = set()
+    while len(out) < n:
+        plen = rng.choice((20, 22, 24, 24, 24, 26, 28, 30, 31, 32)) if rng.random() < 0.98 \
+            else rng.choice((8, 12, 16))
+        base = 0xC6120000 if rng.random() < 0.1 else rng.getrandbits(32)
+        addr = ((base + rng.randrange(1 << 20)) & 0xFFFFFFFF) >> (32 - plen) << (32 - plen)
+        side = "src" if rng.random() < 0.85 else "dst"
+        net = f"{ipaddress.IPv4Address(addr)}/{plen}"
+        spec = RuleSpec.parse(**{side: net}, mode="monitor" if rng.random() < 0.1 else "enforce")
+        if spec.code() not in seen:
+            seen.add(spec.code())
+            out.append(spec.with_id(first_id + len(out)))
+    return out
+
+
+@pytest.mark.pure
+def test_isolated_prefixes_go_as_columns_and_nested_ones_the_general_way() -> None:
+    rng = random.Random(8)
+    caps = Capacities(max_rules=65_536, max_prefixes=65_536, max_sets=16_384)
+    a, b = RuleCompiler(caps), RuleCompiler(caps)
+    columns = general = 0
+    for round_ in range(6):
+        rules = [r for r in _prefix_list(rng, 3000, 1 + round_ * 10_000)
+                 if a.find_code(r.code()) is None]
+        a.commit(a.plan_add(rules))
+        plan = b.plan_codes([r.id for r in rules], [r.code() for r in rules])
+        columns += sum(len(h.ids) for h in plan.hosts if h.table in LPM_TABLES)
+        general += len(plan.added)
+        b.commit(plan)
+        assert _state(a) == _state(b), round_
+        # the tries' own bookkeeping agrees too (what later plans walk)
+        for t in LPM_TABLES:
+            assert list(a._trie_keys[t]) == list(b._trie_keys[t])
+            assert a._trie_plens[t] == b._trie_plens[t]
+    assert columns > 8000 and general > 300, (columns, general)
+
+
 @pytest.mark.pure
 def test_a_refused_batch_changes_nothing() -> None:
     caps = Capacities(max_rules=100, max_prefixes=10, max_sets=8)
@@ -167,7 +209,10 @@ def test_add_codes_maps_equal_a_fresh_compile_and_the_program_agrees(dp: Datapat
     frames = 0
     for _ in range(8):
         dp.remove_rules([r.id for r in dp.rules()])
-        first, _ = fit(_batch(rng, 1, rng.randint(200, 1500)), dp.caps)
+        mixed = _batch(rng, 1, rng.randint(200, 1500))
+        mixed += [r.spec().with_id(20_000 + i) for i, r in
+                  enumerate(_prefix_list(rng, 800, 1)) if r.code() not in {m.code() for m in mixed}]
+        first, _ = fit(mixed, dp.caps)
         _add(dp, first)
         assert harness.entry_mismatches(dp) == []
         second = [r for r in _batch(rng, 5000, rng.randint(50, 500))

@@ -271,10 +271,11 @@ class RuleView(Mapping[int, Rule]):
 
 @dataclass
 class HostBatch:
-    """New exact-host entries of one table, one rule each, as columns (a bulk load's common
-    case: no entry to merge, no trie to walk, no Rule object). ``ids``/``keys``/``codes`` are
-    parallel lists (the compiler's own terms, for `commit`); the numpy columns are what the
-    writer packs into map keys and values."""
+    """New one-slot entries of one table that touch no other entry (exact hosts, isolated
+    IPv4 prefixes: see `plan_codes`), as columns: a bulk load's common case, with no entry to
+    merge, no trie to walk and no Rule object. ``ids``/``keys``/``codes`` are parallel lists
+    (the compiler's own terms, for `commit`); the numpy columns are what the writer packs
+    into map keys and values (xdpfw/datapath/keys.py, slots.py)."""
 
     table: Table
     ids: list[int]
@@ -283,14 +284,6 @@ class HostBatch:
     rule_ids: np.ndarray[Any, np.dtype[np.uint32]]
     low: np.ndarray[Any, np.dtype[np.uint64]]  # code & CODE_LOW
     key_low: np.ndarray[Any, np.dtype[np.uint64]]  # key & KEY_LOW
-
-    def addresses(self) -> bytes:
-        """The entries' map keys, back to back (big-endian addresses)."""
-        if self.table in (Table.SRC4, Table.DST4):
-            shift = ADDR.shift
-            return np.array([k >> shift for k in self.keys], dtype=">u4").tobytes()
-        width = ADDR_BITS_V6 // 8
-        return b"".join((k >> ADDR.shift).to_bytes(width, "big") for k in self.keys)
 
 
 @dataclass
@@ -446,39 +439,48 @@ class RuleCompiler:
     def plan_codes(self, rule_ids: Sequence[int], codes: Sequence[int]) -> Plan:
         """`plan_add` of rules given as ids and codes (all or nothing), for bulk loads.
 
-        A code whose key is an exact host with no entry yet, and no other code of the batch
-        under the same key, becomes a new one-slot entry planned as columns (`Plan.hosts`):
-        its slots cannot interact with any other entry (exact tables inherit nothing, and a
-        trie never holds a host). The rest (prefixes, shared keys, address-less rules) are
-        planned as `plan_add` plans them. Raises before anything changes.
+        A code that makes a new one-slot entry touching no other entry is planned as columns
+        (`Plan.hosts`): an exact host whose key has no entry yet, and an IPv4 prefix whose key
+        is new and which no other prefix of its trie (in the maps or in the batch) covers or
+        lies inside (nothing to inherit, nobody inherits from it). No other code of the batch
+        may share its key. The rest (nested prefixes, shared keys, IPv6 prefixes, address-less
+        rules) are planned as `plan_add` plans them. Raises before anything changes.
         """
         n = len(codes)
         if len(rule_ids) != n:
             raise ValueError(f"{len(rule_ids)} ids for {n} codes")
+        u64 = np.uint64
         key_shift = KEY.shift
         keys = [c >> key_shift for c in codes]
-        key_low = np.array([k & KEY_LOW for k in keys], dtype=np.uint64)
-        plen = (key_low >> np.uint64(PLEN.shift)) & np.uint64(PLEN.bits)
-        v6 = (key_low & np.uint64(V6.mask)) != 0
-        exact = ((key_low & np.uint64(DIR.bits)) != 0) & (
-            plen == np.where(v6, np.uint64(ADDR_BITS_V6), np.uint64(ADDR_BITS_V4))
-        )
-        own = self._own
+        key_low = np.array([k & KEY_LOW for k in keys], dtype=u64)
+        plen = (key_low >> u64(PLEN.shift)) & u64(PLEN.bits)
+        v6 = (key_low & u64(V6.mask)) != 0
+        addressed = (key_low & u64(DIR.bits)) != 0
+        exact = addressed & (plen == np.where(v6, u64(ADDR_BITS_V6), u64(ADDR_BITS_V4)))
+        prefix4 = addressed & ~v6 & ~exact  # IPv4 prefixes, the only prefixes done as columns
+        cand = exact | prefix4
         if len(set(keys)) != n:  # a key twice in the batch: those go the general way
             twice = {k for k, c in Counter(keys).items() if c > 1}
-            exact &= np.array([k not in twice for k in keys], dtype=bool)
-        fast = np.flatnonzero(exact)
+            cand &= np.array([k not in twice for k in keys], dtype=bool)
+        own = self._own
         if own:
-            fresh = np.array([keys[i] not in own for i in fast.tolist()], dtype=bool)
-            fast = fast[fresh] if len(fast) else fast
-        fast_set = np.zeros(n, dtype=bool)
-        fast_set[fast] = True
-        slow = np.flatnonzero(~fast_set).tolist()
+            where = np.flatnonzero(cand)
+            cand[where] = np.array([keys[i] not in own for i in where.tolist()], dtype=bool)
+        table_bits = key_low & u64(TABLE_BITS)
+        fast = cand & exact
+        for bits, table in _LPM_BY_BITS.items():
+            if bits & V6.mask:
+                continue
+            in_trie = prefix4 & (table_bits == u64(bits))
+            if in_trie.any():
+                fast |= self._isolated(table, keys, plen, in_trie, cand & in_trie)
+        fast_at = np.flatnonzero(fast)
+        slow = np.flatnonzero(~fast).tolist()
         plan = self.plan_add(rule_from_code(rule_ids[i], codes[i]) for i in slow)
-        if not fast.size:
+        if not fast_at.size:
             return plan
         ids_all = np.asarray(rule_ids, dtype=np.int64)
-        fast_ids = ids_all[fast]
+        fast_ids = ids_all[fast_at]
         if (
             not _distinct(ids_all)
             or fast_ids.min() < 1
@@ -487,23 +489,25 @@ class RuleCompiler:
         ):
             bad = self._bad_id(rule_ids)
             raise RuleConflict(f"rule id {bad} already exists or repeats", bad)
-        low = np.array([codes[i] & CODE_LOW for i in fast.tolist()], dtype=np.uint64)
-        table_bits = key_low[fast] & np.uint64(TABLE_BITS)
+        low = np.array([codes[i] & CODE_LOW for i in fast_at.tolist()], dtype=u64)
+        fast_bits, fast_exact, fast_kl = table_bits[fast_at], exact[fast_at], key_low[fast_at]
         counts = plan.counts or self.table_counts()
-        for bits, table in _EXACT_BY_BITS.items():
-            sel = np.flatnonzero(table_bits == np.uint64(bits))
+        groups = [(b, t, True) for b, t in _EXACT_BY_BITS.items()]
+        groups += [(b, t, False) for b, t in _LPM_BY_BITS.items()]
+        for bits, table, is_exact in groups:
+            sel = np.flatnonzero((fast_bits == u64(bits)) & (fast_exact == is_exact))
             if not len(sel):
                 continue
-            where = fast[sel].tolist()
+            at = fast_at[sel].tolist()
             plan.hosts.append(
                 HostBatch(
                     table,
-                    [rule_ids[i] for i in where],
-                    [keys[i] for i in where],
-                    [codes[i] for i in where],
+                    [rule_ids[i] for i in at],
+                    [keys[i] for i in at],
+                    [codes[i] for i in at],
                     fast_ids[sel].astype(np.uint32),
                     low[sel],
-                    key_low[fast][sel],
+                    fast_kl[sel],
                 )
             )
             counts[table] += len(sel)
@@ -511,12 +515,49 @@ class RuleCompiler:
                 raise CapacityExceeded(
                     table.map_name, self.caps.limit(table), "raise the capacity at load time"
                 )
-        if len(self._codes) + len(plan.added) + len(fast) > self.caps.max_rules:
+        if len(self._codes) + len(plan.added) + len(fast_at) > self.caps.max_rules:
             raise CapacityExceeded(
                 "rule table", self.caps.max_rules, "raise --max-rules or remove rules"
             )
         plan.counts = counts
         return plan
+
+    def _isolated(
+        self,
+        table: Table,
+        keys: list[int],
+        plen: np.ndarray[Any, np.dtype[np.uint64]],
+        in_trie: np.ndarray[Any, np.dtype[np.bool_]],
+        cand: np.ndarray[Any, np.dtype[np.bool_]],
+    ) -> np.ndarray[Any, np.dtype[np.bool_]]:
+        """Which of the batch's IPv4 prefixes `cand` (of `table`) no other prefix of the trie
+        (in the maps, or `in_trie` in the batch) covers or lies inside: sorted by address then
+        length, a prefix has a descendant iff the next one starts inside it, and an ancestor
+        iff some earlier one ends at or after its start."""
+        u64 = np.uint64
+        out = np.zeros(len(keys), dtype=bool)
+        at = np.flatnonzero(in_trie)
+        addr_shift = ADDR.shift
+        addr = np.array([keys[i] >> addr_shift for i in at.tolist()], dtype=u64)
+        lens = plen[at]
+        have = self._trie_keys[table]
+        if len(have):
+            pos = np.fromiter(have, dtype=u64, count=len(have))
+            addr = np.concatenate([addr, pos >> u64(TRIE_ADDR.shift)])
+            lens = np.concatenate([lens, pos & u64(TRIE_PLEN.bits)])
+        order = np.lexsort((lens, addr))
+        a, ln = addr[order], lens[order]
+        hi = a | ((u64(1) << (u64(ADDR_BITS_V4) - ln)) - u64(1))
+        desc = np.zeros(len(a), dtype=bool)
+        desc[:-1] = a[1:] <= hi[:-1]
+        anc = np.zeros(len(a), dtype=bool)
+        if len(a) > 1:
+            anc[1:] = np.maximum.accumulate(hi)[:-1] >= a[1:]
+        alone = np.empty(len(a), dtype=bool)
+        alone[order] = ~(desc | anc)
+        out[at] = alone[: len(at)]
+        result: np.ndarray[Any, np.dtype[np.bool_]] = out & cand
+        return result
 
     def _bad_id(self, rule_ids: Sequence[int]) -> int:
         seen: set[int] = set()
@@ -765,6 +806,12 @@ class RuleCompiler:
         for h in plan.hosts:
             codes.update(zip(h.ids, h.codes, strict=True))
             own.update(zip(h.keys, h.ids, strict=True))
+            if h.table in LPM_TABLES:
+                self._trie_keys[h.table].update(map(trie_position, h.keys))
+                trie_plens = self._trie_plens[h.table]
+                lens = (h.key_low >> np.uint64(PLEN.shift)) & np.uint64(PLEN.bits)
+                for p, c in zip(*np.unique(lens, return_counts=True), strict=True):
+                    trie_plens[int(p)] = trie_plens.get(int(p), 0) + int(c)
         if plan.counts:
             self._counts = list(plan.counts)
         self._n_sets = plan.n_sets if plan.counts else self._n_sets

@@ -20,7 +20,7 @@ from xdpfw.abi import Table
 from xdpfw.compiler import Capacities, HostBatch, Plan, RuleCompiler, TableKey
 from xdpfw.datapath.counters import Counters
 from xdpfw.datapath.hint import PrefixHint
-from xdpfw.datapath.keys import encode_key
+from xdpfw.datapath.keys import batch_keys, encode_key
 from xdpfw.datapath.sets import SetAllocator
 from xdpfw.datapath.slots import U32, entry_bytes, entry_columns, slot_bytes
 from xdpfw.datapath.translate import kernel_door, kernel_error
@@ -69,6 +69,8 @@ class PlanWriter:
             index.release(plan.added_ids)
             raise
         hint = self._hint.changes(plan, old_entries)
+        for h in plan.hosts:  # new isolated IPv4 prefixes light their /24s like any other
+            hint.extend(self._hint.batch_changes(h.table, h.keys))
         written: list[tuple[HostBatch, bytes, int]] = []  # host entries in the maps
         try:
             self._counters.zero(ctrs)
@@ -141,7 +143,7 @@ class PlanWriter:
         """New one-slot host entries, packed with numpy and written in batches; `written`
         records what reached the maps (for `_unwrite_hosts`)."""
         for h, ctrs in zip(hosts, counters, strict=True):
-            keys = h.addresses()
+            keys = batch_keys(h)
             values = entry_columns(h.rule_ids, h.low, h.key_low, ctrs)
             try:
                 self._maps[h.table.map_name].update_batch_raw(keys, values, len(h.ids))
