@@ -109,6 +109,13 @@ class AddedRules(Sequence[StoredRule]):
             self._expiry[i],
         )
 
+    def __eq__(self, other: object) -> bool:  # as the list of StoredRules it stands for
+        if not isinstance(other, Sequence):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
     def release(self) -> None:
         """Free the columns a piece at a time (see compiler.let_go)."""
         let_go(self.ids, self._codes, self._comments, self._expiry)

@@ -26,6 +26,7 @@ from typing import Any
 
 import httpx
 
+from bench.bulkpath import run_bulkpath
 from bench.lab import SERVER_LAB_PREFIX, TrafficLab
 from bench.lists import MasterList
 from bench.ours import pin_dir
@@ -180,6 +181,7 @@ def run_control(p: Profile, lab: TrafficLab, master: MasterList, res: dict[str, 
         if total > stage:
             (tmp / "stage2.txt").write_text("\n".join(master.lines(total, stage)) + "\n")
         _rivals_bulk(p, lab, master, res4)
+        res4["bulk_path"] = run_bulkpath(p, master)
         with veth_lab(prefix=SERVER_LAB_PREFIX) as vlab:
             srv = Server(vlab.host_if, tmp / "state", pins, p.server_caps)
             try:

@@ -284,6 +284,28 @@ def markdown(res: dict[str, Any]) -> str:
                           f"{xfc['median'] * 1e3:.1f} ms"))
         lines += [f"| {a} | {b} |" for a, b in rows4]
         lines.append("")
+        bp = r4.get("bulk_path", {})
+        if bp.get("steps_s"):
+            base = r4.get("ipset_restore_s")
+            lines += [f"The bulk path step by step, {bp['entries']:,} entries in one "
+                      "FirewallService.bulk_add_codes call (in process):", "",
+                      "| step | s | us/entry | x ipset restore |", "|---|---:|---:|---:|"]
+            for step, secs in bp["steps_s"].items():
+                ratio = f"{secs / base:.2f}" if base else "-"
+                lines.append(f"| {step} | {secs:.2f} | {secs / bp['entries'] * 1e6:.2f} | "
+                             f"{ratio} |")
+            lines.append("")
+            lines += ["SQLite, the same rows three ways (one transaction each):", "",
+                      "| layout | s |", "|---|---:|"]
+            lines += [f"| {k} | {v:.2f} |" for k, v in bp.get("sqlite", {}).items()]
+            pa = bp.get("paths", {})
+            if "add_codes_s" in pa:
+                lines += ["", f"| Datapath entry point, {pa['entries']:,} entries | s |",
+                          "|---|---:|",
+                          f"| add_rules (Rule objects, general planner) | "
+                          f"{pa['add_rules_s']:.2f} |",
+                          f"| add_codes (columns) | {pa['add_codes_s']:.2f} |"]
+            lines.append("")
         top = sp.get("profile", {}).get("top_tottime", [])[:8]
         if top:
             lines += [f"cProfile of FirewallService.bulk_add ({sp['rules']:,} rules), by own "
