@@ -8,7 +8,7 @@ from fastapi import FastAPI
 
 from api.errors import install_error_handlers
 from api.limits import BodyLimits
-from api.routes import health, interfaces, lookup, rules, stats
+from api.routes import health, interfaces, lookup, rules, sources, stats
 from api.service import FirewallService
 from api.settings import Settings
 
@@ -31,6 +31,7 @@ def create_app(settings: Settings, service: FirewallService, token: str) -> Fast
     app.add_middleware(BodyLimits, settings=settings, token=token)
     app.include_router(health.router)
     app.include_router(rules.router)
+    app.include_router(sources.router)
     app.include_router(stats.router)
     app.include_router(stats.metrics_router)
     app.include_router(interfaces.router)

@@ -27,6 +27,7 @@ log = logging.getLogger("xdpfw.api")
 STATUS: list[tuple[type[e.XdpfwError], int]] = [
     (e.InvalidRule, 422),
     (e.RuleNotFound, 404),
+    (e.SourceNotFound, 404),
     (e.InterfaceNotFound, 404),
     (e.RuleConflict, 409),
     (e.ForeignProgram, 409),

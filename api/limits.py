@@ -28,6 +28,7 @@ from api.settings import Settings
 
 __all__ = [
     "BULK_PATHS",
+    "BULK_PREFIXES",
     "CLOSE",
     "MISSING_TOKEN",
     "WRONG_TOKEN",
@@ -42,6 +43,7 @@ MISSING_TOKEN = (
 )
 WRONG_TOKEN = "wrong token"
 BULK_PATHS: tuple[str, ...] = ("/v1/rules/bulk",)
+BULK_PREFIXES: tuple[str, ...] = ("/v1/sources/",)  # issue 13: PUT /v1/sources/{name}
 _READS = frozenset({"GET", "HEAD", "OPTIONS"})
 # On a refusal before the body is read: the server closes the connection after answering,
 # instead of reading (and dropping) the rest of a body it will never use.
@@ -98,7 +100,7 @@ class BodyLimits:
     def limit_for(self, path: str, headers: Headers) -> BodyTooLarge:
         """The limit of a request, as the error that exceeding it raises."""
         s = self.settings
-        if path.rstrip("/") in self.bulk_paths:
+        if path.rstrip("/") in self.bulk_paths or path.startswith(BULK_PREFIXES):
             ctype = headers.get("content-type", "").split(";")[0].strip().lower()
             if ctype == "text/plain":
                 return BodyTooLarge(s.max_bulk_bytes, "XDPFW_MAX_BULK_BYTES", "a text/plain bulk")

@@ -2,7 +2,8 @@
 
 The decision comes from `xdpfw.lookup` (the entries the program would look up, their slots,
 the rank: the kernel's own steps over the compiler's state); this module adds what the
-database knows about each matching rule (comment, times) under the service lock, so the
+database knows about each matching rule (comment, times, the sources holding it) under the
+service lock, so the
 answer describes one state between two changes. The service's own allow rules (protected
 prefixes, the API's port) are not in the database: they are reported with a comment saying
 what they are.
@@ -71,6 +72,7 @@ def lookup(
                     if is_protected_id(slot.rule_id)
                     else "in the kernel maps, not in the database (reconciled at the next start)"
                 )
-                s = StoredRule(rule_from_code(slot.rule_id, slot.code), comment, 0.0, None)
+                # no source holds the service's own rules
+                s = StoredRule(rule_from_code(slot.rule_id, slot.code), comment, 0.0, None, "", ())
             matches.append(Match(s, slot.table))
     return LookupAnswer(packet, decision, matches)

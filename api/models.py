@@ -8,22 +8,27 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from api.service import InterfaceState, NewRule
+from api.service import InterfaceState, NewRule, SourceSummary
 from api.store import StoredRule
 from xdpfw.datapath import Attachment, GlobalCounters, RuleCounters
 from xdpfw.errors import InvalidRule
 from xdpfw.importers import bad_summary
 from xdpfw.rules import RuleSpec
+from xdpfw.sources import DEFAULT_SOURCE, SOURCE_PATTERN
 
 __all__ = [
     "BulkOut",
     "HealthOut",
     "InterfaceIn",
     "InterfaceOut",
+    "RemovedOut",
     "RuleCountersOut",
     "RuleIn",
     "RuleOut",
     "RulePage",
+    "SourceChangeOut",
+    "SourceDetailOut",
+    "SourceOut",
     "StatsOut",
     "TableUsage",
     "TotalsOut",
@@ -87,6 +92,12 @@ class RuleIn(BaseModel):
         description="add a drop rule even though it overlaps a protected prefix (the protected "
         "sources stay allowed in the data plane either way)",
     )
+    # -- issue 13: sources --
+    source: str = Field(
+        default=DEFAULT_SOURCE, pattern=SOURCE_PATTERN,
+        description="the source that holds the rule (a rule leaves the kernel when its last "
+        "source lets it go); re-adding a rule the source holds sets its new expiry",
+    )
 
     def spec(self) -> RuleSpec:
         return RuleSpec.parse(
@@ -99,8 +110,9 @@ class RuleIn(BaseModel):
         )
 
 
-def bulk_rules(raw: bytes, force: bool) -> list[NewRule]:
-    """A JSON bulk body (an array of RuleIn) -> rules; InvalidRule naming every bad element."""
+def bulk_rules(raw: bytes, force: bool, source: str | None = None) -> list[NewRule]:
+    """A JSON bulk body (an array of RuleIn) -> rules; InvalidRule naming every bad element.
+    `source`: every rule's holder (a PUT /v1/sources body), else each element's own."""
     try:
         data = json.loads(raw)
     except ValueError as exc:
@@ -117,7 +129,8 @@ def bulk_rules(raw: bytes, force: bool) -> list[NewRule]:
         try:
             body = RuleIn.model_validate(obj)
             items.append(
-                NewRule(body.spec(), body.comment, body.ttl_seconds, body.force or force)
+                NewRule(body.spec(), body.comment, body.ttl_seconds, body.force or force,
+                        source or body.source)
             )
         except ValidationError as exc:
             first = exc.errors()[0]
@@ -154,6 +167,10 @@ class RuleOut(BaseModel):
     created_at: str
     expires_at: str | None
     counters: RuleCountersOut | None = None
+    # -- issue 13: sources --
+    source: str = Field(description="the holder this view shows (comment and times are its "
+                        "holding's): the one asked for, else the first")
+    sources: list[str] = Field(description="every source holding the rule, first first")
 
     @classmethod
     def of(cls, s: StoredRule, counters: RuleCounters | None = None, *, with_counters: bool = False
@@ -171,6 +188,8 @@ class RuleOut(BaseModel):
             created_at=iso(s.created_at) or "",
             expires_at=iso(s.expires_at),
             counters=RuleCountersOut.of(counters) if with_counters else None,
+            source=s.source,
+            sources=list(s.sources),
         )
 
 
@@ -184,6 +203,54 @@ class BulkOut(BaseModel):
     duplicates: int
     ids: list[int] = Field(description="ids of the added rules, in input order")
     duplicate_ids: list[int] = Field(description="ids of existing identical rules that were kept")
+    # -- issue 13: sources --
+    overlaps: list[str] = Field(
+        default_factory=list,
+        description="entries of a source load that overlap a protected prefix, loaded anyway "
+        "(protection wins in the data plane); the first 100",
+    )
+    overlap_count: int = 0
+
+
+# -- issue 13: sources ---------------------------------------------------------------------------
+
+
+class SourceChangeOut(BaseModel):
+    """What a replace (PUT /v1/sources/{name}) did."""
+
+    source: str
+    added: int = Field(description="holdings added: new rules, or rules other sources held")
+    removed: int = Field(description="holdings removed (a rule leaves with its last holder)")
+    unchanged: int = Field(description="holdings kept: rule id, counters and last hit unchanged")
+    overlaps: list[str] = Field(
+        description="entries overlapping a protected prefix, loaded anyway; the first 100"
+    )
+    overlap_count: int
+
+
+class SourceOut(BaseModel):
+    name: str
+    rules: int
+    packets: int = Field(description="summed over the source's rules (a shared rule counts in "
+                         "each of its sources)")
+    bytes: int
+    last_hit: str | None
+    updated_at: str
+
+    @classmethod
+    def of(cls, s: SourceSummary) -> SourceOut:
+        return cls(name=s.name, rules=s.rules, packets=s.packets, bytes=s.bytes,
+                   last_hit=iso(s.last_hit), updated_at=iso(s.updated_at) or "")
+
+
+class SourceDetailOut(SourceOut):
+    """A source and one page of its rules (follow `next_cursor`)."""
+
+    page: RulePage
+
+
+class RemovedOut(BaseModel):
+    removed: int = Field(description="holdings removed")
 
 
 class TotalsOut(BaseModel):

@@ -14,23 +14,41 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import overload
+
+import numpy as np
 
 from api.lookup import LookupAnswer
 from api.lookup import lookup as lookup_packet
 from api.ports import CounterArrays, DatapathPort
-from api.store import PROTECT_BASE, PROTECT_IDS, Store, StoredRule, is_protected_id
+from api.store import (
+    ANY_SOURCE,
+    PROTECT_BASE,
+    PROTECT_IDS,
+    Rows,
+    Store,
+    StoredRule,
+    is_protected_id,
+)
 from xdpfw import abi
 from xdpfw import codes as wire  # the rule wire format ("codes" names the rules here)
 from xdpfw.compiler import gc_paused, let_go
 from xdpfw.datapath import Attachment, GlobalCounters, RuleCounters
-from xdpfw.errors import InterfaceNotFound, InvalidRule, RuleConflict, RuleNotFound, XdpfwError
+from xdpfw.errors import (
+    InterfaceNotFound,
+    InvalidRule,
+    RuleConflict,
+    RuleNotFound,
+    SourceNotFound,
+    XdpfwError,
+)
 from xdpfw.rules import (
     MAX_RULE_ID,
     Action,
@@ -40,12 +58,14 @@ from xdpfw.rules import (
     parse_network,
     rule_from_code,
 )
+from xdpfw.sources import DEFAULT_SOURCE, check_source
 
 API_RULE_ID = MAX_RULE_ID  # the last reserved id; protected prefixes count up from PROTECT_BASE
 
 __all__ = [
     "API_RULE_ID",
     "LOOPBACK",
+    "MAX_OVERLAPS",
     "PROTECT_BASE",
     "AddedRules",
     "BulkResult",
@@ -54,6 +74,8 @@ __all__ = [
     "InterfaceState",
     "NewCodes",
     "NewRule",
+    "SourceChange",
+    "SourceSummary",
     "api_allow_rule",
     "is_protected_id",
 ]
@@ -67,6 +89,7 @@ class NewRule:
     comment: str = ""
     ttl_seconds: int | None = None
     force: bool = False
+    source: str = DEFAULT_SOURCE  # the holder (xdpfw/sources.py)
 
 
 @dataclass(frozen=True)
@@ -78,6 +101,13 @@ class NewCodes:
     comment: str = ""
     ttl_seconds: int | None = None
     force: bool = False
+    source: str = DEFAULT_SOURCE
+    # A source load: entries overlapping a protected prefix are loaded anyway (protection
+    # wins in the data plane) and reported, instead of refusing the batch (409).
+    overlaps_ok: bool = False
+
+
+MAX_OVERLAPS = 100  # overlapping entries named in one answer (`overlap_count` has them all)
 
 
 class AddedRules(Sequence[StoredRule]):
@@ -86,11 +116,12 @@ class AddedRules(Sequence[StoredRule]):
 
     def __init__(
         self, ids: list[int], codes: list[int], comments: list[str], now: float,
-        expiry: list[float | None],
+        expiry: list[float | None], sources: list[str],
     ) -> None:
         self.ids, self._codes, self._comments, self._now, self._expiry = (
             ids, codes, comments, now, expiry
         )
+        self._sources = sources
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -104,9 +135,10 @@ class AddedRules(Sequence[StoredRule]):
     def __getitem__(self, i: int | slice) -> StoredRule | list[StoredRule]:
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
+        source = self._sources[i]
         return StoredRule(
             rule_from_code(self.ids[i], self._codes[i]), self._comments[i], self._now,
-            self._expiry[i],
+            self._expiry[i], source, (source,),
         )
 
     def __eq__(self, other: object) -> bool:  # as the list of StoredRules it stands for
@@ -118,13 +150,15 @@ class AddedRules(Sequence[StoredRule]):
 
     def release(self) -> None:
         """Free the columns a piece at a time (see compiler.let_go)."""
-        let_go(self.ids, self._codes, self._comments, self._expiry)
+        let_go(self.ids, self._codes, self._comments, self._expiry, self._sources)
 
 
 @dataclass(frozen=True)
 class BulkResult:
     added: Sequence[StoredRule]
-    duplicates: list[int]  # ids of existing identical rules
+    duplicates: list[int]  # ids of existing identical rules (now held by this source too)
+    overlaps: list[str] = field(default_factory=list)  # the first MAX_OVERLAPS, described
+    overlap_count: int = 0
 
     @property
     def ids(self) -> list[int]:
@@ -139,6 +173,85 @@ class BulkResult:
             self.added.release()
         elif isinstance(self.added, list):
             let_go(self.added)
+
+
+@dataclass(frozen=True)
+class SourceChange:
+    """What a replace did: holdings added (new rules, or rules other sources held), removed
+    (a rule leaves the kernel with its last holder), unchanged (rule id, counters kept)."""
+
+    source: str
+    added: int
+    removed: int
+    unchanged: int
+    overlaps: list[str] = field(default_factory=list)
+    overlap_count: int = 0
+
+
+@dataclass(frozen=True)
+class SourceSummary:
+    """A source: its rules, and their counters summed (a rule shared with another source
+    counts in both sums)."""
+
+    name: str
+    rules: int
+    packets: int
+    bytes: int
+    last_hit: float | None
+    updated_at: float
+
+
+class _Overlaps:
+    """Entries of a source load that overlap a protected prefix: counted, the first few
+    described."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.shown: list[str] = []
+
+    def note(self, code: int, problem: str) -> None:
+        self.count += 1
+        if len(self.shown) < MAX_OVERLAPS:
+            self.shown.append(f"{rule_from_code(1, code).describe()}: {problem}")
+
+
+_PAUSE_ENV = "XDPFW_TEST_PAUSE"  # "replace=SECONDS": sleep inside a replace's transaction
+
+
+def _test_pause(where: str) -> None:
+    """A test hook (tests/test_sources_e2e.py kills the server here): sleep inside the open
+    transaction, after the maps gained the new rules and before the COMMIT."""
+    spec = os.environ.get(_PAUSE_ENV, "")
+    name, _, seconds = spec.partition("=")
+    if name == where and seconds:
+        log.warning("test pause: %s for %s s (%s)", where, seconds, _PAUSE_ENV)
+        time.sleep(float(seconds))
+
+
+class _CounterSums:
+    """Counters summed per source, from one read of every rule's counters."""
+
+    def __init__(self, svc: FirewallService) -> None:
+        self._svc = svc
+        ids, self._packets, self._bytes, self._last = svc.counter_arrays()
+        self._order = np.argsort(ids, kind="stable")
+        self._ids = ids[self._order]
+
+    def of(self, name: str, held: Sequence[int], updated_at: float) -> SourceSummary:
+        want = np.asarray(held, dtype=np.uint32)
+        if not len(want) or not len(self._ids):
+            return SourceSummary(name, len(held), 0, 0, None, updated_at)
+        pos = np.minimum(np.searchsorted(self._ids, want), len(self._ids) - 1)
+        pos = pos[self._ids[pos] == want]  # rules with counters (all, unless one is missing)
+        sel = self._order[pos]
+        packets = int(self._packets[sel].sum())
+        nbytes = int(self._bytes[sel].sum())
+        last_hit = None
+        if len(sel) and int(self._last[sel].max()):
+            rid = int(self._ids[pos[int(self._last[sel].argmax())]])
+            c = self._svc.counters([rid]).get(rid)
+            last_hit = c.last_hit if c is not None else None
+        return SourceSummary(name, len(held), packets, nbytes, last_hit, updated_at)
 
 
 @dataclass(frozen=True)
@@ -362,8 +475,17 @@ class FirewallService:
             self.dp.add_rules(new)
 
     def _check_protected_code(self, code: int) -> None:
+        problem = self._overlap(code)
+        if problem is not None:
+            raise RuleConflict(
+                f"{problem}; protected sources are never dropped (they are allowed above "
+                'every drop rule). Send "force": true to add it anyway.'
+            )
+
+    def _overlap(self, code: int) -> str | None:
+        """How a drop rule overlaps a protected prefix, or None."""
         if wire.verdict(code) != abi.VERDICT_DROP or not self.protected:
-            return
+            return None
         key = wire.key(code)
         direction = wire.key_dir(key)
         v6 = wire.key_v6(key)
@@ -386,11 +508,8 @@ class FirewallService:
                 hit = f"source {src.with_prefixlen} overlaps"
             else:
                 continue
-            raise RuleConflict(
-                f"this drop rule {hit} the protected prefix {net.with_prefixlen}; protected "
-                "sources are never dropped (they are allowed above every drop rule). Send "
-                '"force": true to add it anyway.'
-            )
+            return f"this drop rule {hit} the protected prefix {net.with_prefixlen}"
+        return None
 
     def _warn_unprotected(self) -> None:
         """Say at start when prefixes protected last time are not now and drop rules hit them.
@@ -440,29 +559,34 @@ class FirewallService:
     # -- rules ---------------------------------------------------------------------------------
 
     def add(self, new: NewRule) -> tuple[StoredRule, bool]:
-        """Add a rule; an identical one (match, action, mode) is returned instead, created=False."""
+        """Add a rule held by `new.source`. An identical one (match, action, mode) is not made
+        again: the source holds the existing one (a TTL given sets that holding's new expiry)
+        and it is returned, created=False."""
         with self.lock:  # the duplicate must not vanish before we read it back
             result = self.bulk_add([new])
             if result.added:
                 return result.added[0], True
-            existing = self.store.get(result.duplicates[0])
+            existing = self.store.get(result.duplicates[0], new.source)
         assert existing is not None
         return existing, False
 
     def bulk_add(self, items: Sequence[NewRule]) -> BulkResult:
-        """All or nothing. Duplicates of existing rules (or within the batch) are skipped."""
+        """All or nothing. Duplicates of existing rules (or within the batch) make no new
+        rule; each item's source holds the rule (a new holding, or its expiry refreshed)."""
         return self._add_codes(
             [item.spec.code() for item in items],
             [item.comment for item in items],
             [item.ttl_seconds for item in items],
             [item.force for item in items],
+            [item.source for item in items],
         )
 
     def bulk_add_codes(self, batch: NewCodes) -> BulkResult:
-        """`bulk_add` for rules given as codes, sharing one comment, TTL and force."""
+        """`bulk_add` for rules given as codes, sharing one comment, TTL, force and source."""
         n = len(batch.codes)
         return self._add_codes(
-            batch.codes, [batch.comment] * n, [batch.ttl_seconds] * n, [batch.force] * n
+            batch.codes, [batch.comment] * n, [batch.ttl_seconds] * n, [batch.force] * n,
+            [batch.source] * n, lenient=batch.overlaps_ok,
         )
 
     def _add_codes(
@@ -471,45 +595,75 @@ class FirewallService:
         comments: Sequence[str],
         ttls: Sequence[int | None],
         forces: Sequence[bool],
+        sources: Sequence[str],
+        *,
+        lenient: bool = False,
     ) -> BulkResult:
+        for name in set(sources):
+            check_source(name)
         with self.lock, gc_paused():
             now = time.time()
             find = self.dp.compiler.find_code
             fresh: list[int] = []  # indexes into codes
             dups: list[int] = []  # ids of existing identical rules
-            again: list[int] = []  # codes repeated within the batch
+            holds: list[tuple[int, int]] = []  # (index, existing id): holdings of existing rules
+            again: list[tuple[int, int]] = []  # (index, position in fresh): repeats in the batch
             seen: dict[int, int] = {}  # code -> position in fresh
+            overlaps = _Overlaps()
             for i, code in enumerate(codes):
                 if not forces[i]:
-                    self._check_protected_code(code)
+                    problem = self._overlap(code)
+                    if problem is not None:
+                        if not lenient:
+                            self._check_protected_code(code)
+                        overlaps.note(code, problem)
                 existing = find(code)
                 if existing is not None and is_protected_id(existing):
                     what = "the API's own port" if existing == API_RULE_ID else "a protected prefix"
+                    if lenient:
+                        overlaps.note(code, f"it is {what}, allowed already: not added")
+                        continue
                     raise RuleConflict(
                         f"{rule_from_code(1, code).describe()} is {what}: it is allowed already"
                     )
                 if existing is not None:
                     dups.append(existing)
+                    holds.append((i, existing))
                 elif code in seen:
-                    again.append(code)
+                    again.append((i, seen[code]))
                 else:
                     seen[code] = len(fresh)
                     fresh.append(i)
+
+            def expiry(i: int) -> float | None:
+                ttl = ttls[i]
+                return now + ttl if ttl else None
+
             with self._changing("an add") as undo:
                 ids = self.store.next_ids(len(fresh))
-                expiry = [
-                    now + ttl if (ttl := ttls[i]) else None for i in fresh
-                ]
-                self.store.insert_codes(
-                    (rid, codes[i], comments[i], now, exp)
-                    for i, rid, exp in zip(fresh, ids, expiry, strict=True)
-                )
+                new_rows: dict[str, list[tuple[int, int, str, float, float | None]]] = {}
+                for i, rid in zip(fresh, ids, strict=True):
+                    new_rows.setdefault(sources[i], []).append(
+                        (rid, codes[i], comments[i], now, expiry(i))
+                    )
+                for name, rows in new_rows.items():
+                    self.store.insert_codes(rows, name)
+                held: dict[str, list[tuple[int, str, float, float | None]]] = {}
+                for i, rid in [*holds, *((i, ids[pos]) for i, pos in again)]:
+                    held.setdefault(sources[i], []).append((rid, comments[i], now, expiry(i)))
+                for name, hrows in held.items():
+                    self.store.hold(name, hrows)
+                    self.store.touch(name, now)
                 new_codes = [codes[i] for i in fresh]
-                self.dp.add_codes(ids, new_codes)  # the columnar bulk path (no Rule objects)
-                undo.append(lambda: self.dp.remove_rules(ids))
-            added = AddedRules(ids, new_codes, [comments[i] for i in fresh], now, expiry)
-            dups.extend(ids[seen[code]] for code in again)
-            return BulkResult(added, dups)
+                if fresh:
+                    self.dp.add_codes(ids, new_codes)  # the columnar bulk path (no Rule objects)
+                    undo.append(lambda: self.dp.remove_rules(ids))
+            added = AddedRules(
+                ids, new_codes, [comments[i] for i in fresh], now, [expiry(i) for i in fresh],
+                [sources[i] for i in fresh],
+            )
+            dups.extend(ids[pos] for _, pos in again)
+            return BulkResult(added, dups, overlaps.shown, overlaps.count)
 
     @contextmanager
     def _changing(self, what: str) -> Iterator[list[Callable[[], object]]]:
@@ -533,6 +687,7 @@ class FirewallService:
             raise
 
     def remove(self, rule_ids: Sequence[int]) -> list[Rule]:
+        """Remove rules by id, whoever holds them (every holding goes)."""
         with self.lock, gc_paused():
             for rid in rule_ids:
                 if rid not in self.dp.compiler.rules or is_protected_id(rid):
@@ -540,14 +695,35 @@ class FirewallService:
             return self._remove(rule_ids)
 
     def _remove(self, rule_ids: Sequence[int]) -> list[Rule]:
-        """The delete is committed first, the maps changed after: a full disk fails before
+        return self._release(ANY_SOURCE, rule_ids)[1]
+
+    def _release(
+        self, source: str | int, rule_ids: Sequence[int], *, forget: bool = False
+    ) -> tuple[int, list[Rule]]:
+        """`source` (ANY_SOURCE: every source) lets these rules go; a rule no source holds any
+        more leaves the maps. (holdings removed, rules removed). `forget`: the source's own
+        row goes too (it is deleted).
+
+        The delete is committed first, the maps changed after: a full disk fails before
         the kernel is touched (the rule stays enforced, its counters kept). If the maps then
         refuse (the datapath undid its own part), the rows are put back as they were."""
         rows = self.store.rows(rule_ids)
         with self.store.transaction():
-            self.store.delete(rule_ids)
+            n, orphans = self.store.release(source, rule_ids)
+            if isinstance(source, str):
+                if forget:
+                    self.store.drop_source_row(source)
+                else:
+                    self.store.touch(source, time.time())
+        return n, self._unmap(orphans, rows)
+
+    def _unmap(self, orphans: Sequence[int], rows: Rows) -> list[Rule]:
+        """Remove from the maps rules whose rows are deleted and committed; if the maps refuse,
+        put `rows` back (the rules and holdings as they were before the change)."""
+        if not orphans:
+            return []
         try:
-            return self.dp.remove_rules(rule_ids)
+            return self.dp.remove_rules(orphans)
         except BaseException as exc:
             try:
                 with self.store.transaction():
@@ -556,7 +732,7 @@ class FirewallService:
                 log.critical(
                     "could not restore %d rule row(s) after the maps refused their removal "
                     "(%s): %s; the next start reconciles the maps with the database",
-                    len(rows), exc, again,
+                    len(rows.rules), exc, again,
                 )
             raise
 
@@ -567,17 +743,157 @@ class FirewallService:
             raise RuleNotFound(rule_id)
         return stored
 
-    def page(self, after: int, limit: int) -> list[StoredRule]:
+    def page(self, after: int, limit: int, source: str | None = None) -> list[StoredRule]:
+        """Rules in id order after `after`: every rule, or those `source` holds."""
+        if source is not None:
+            check_source(source)
         with self.lock:
-            return self.store.page(after, limit)
+            return self.store.page(after, limit, source)
 
     def expire_due(self, now: float | None = None) -> list[int]:
+        """Remove the holdings whose TTL has passed; ids of the rules that left the maps
+        (those no other source holds)."""
+        with self.lock, gc_paused():
+            due = [(s, rid) for s, rid in self.store.due(now) if rid in self.dp.compiler.rules]
+            if not due:
+                return []
+            rows = self.store.rows(sorted({rid for _, rid in due}))
+            with self.store.transaction():
+                _, orphans = self.store.release_pairs(due)
+            gone = [r.id for r in self._unmap(orphans, rows)]
+            log.info("expired %d holding(s); %d rule(s) left the maps: %s", len(due), len(gone),
+                     gone[:20])
+            return sorted(gone)
+
+    # -- sources (xdpfw/sources.py) ------------------------------------------------------------
+
+    def replace_source(self, name: str, batch: NewCodes | Sequence[NewRule]) -> SourceChange:
+        """Make `name` hold exactly these rules, as one change.
+
+        Unchanged holdings stay (rule id, counters, last hit); rules new to the maps are added
+        FIRST, the rules only the old version held removed after the COMMIT: an address in
+        both versions is never passed, one only in the new version is dropped when this
+        returns. Entries overlapping a protected prefix are loaded (protection wins in the
+        data plane) and reported. All or nothing: a full table (507) or a full disk (507)
+        leaves the source as it was; a kill before the COMMIT leaves the old version, after
+        it the new one (the start-up reconcile makes the maps equal the database).
+        """
+        check_source(name)
+        if isinstance(batch, NewCodes):
+            codes: Sequence[int] = batch.codes
+            uniform: tuple[str, int | None] | None = (batch.comment, batch.ttl_seconds)
+            comments: Sequence[str] = ()
+            ttls: Sequence[int | None] = ()
+        else:
+            codes = [item.spec.code() for item in batch]
+            comments = [item.comment for item in batch]
+            ttls = [item.ttl_seconds for item in batch]
+            uniform = None
+        with self.lock, gc_paused():
+            now = time.time()
+            find = self.dp.compiler.find_code
+            held = set(self.store.held(name))
+            fresh: list[int] = []  # indexes of entries that make new rules
+            keep: dict[int, int] = {}  # existing rule id -> index of its entry
+            seen: set[int] = set()
+            overlaps = _Overlaps()
+            for i, code in enumerate(codes):
+                if code in seen:
+                    continue
+                seen.add(code)
+                problem = self._overlap(code)
+                existing = find(code)
+                if existing is not None and is_protected_id(existing):
+                    what = "the API's own port" if existing == API_RULE_ID else "a protected prefix"
+                    overlaps.note(code, f"it is {what}, allowed already: not added")
+                    continue
+                if problem is not None:
+                    overlaps.note(code, problem)
+                if existing is None:
+                    fresh.append(i)
+                else:
+                    keep[existing] = i
+            drop = sorted(held - keep.keys())
+            unchanged = len(held) - len(drop)
+
+            def comment(i: int) -> str:
+                return uniform[0] if uniform is not None else comments[i]
+
+            def expiry(i: int) -> float | None:
+                ttl = uniform[1] if uniform is not None else ttls[i]
+                return now + ttl if ttl else None
+
+            rows = self.store.rows(drop)
+            with self._changing(f"a replace of source {name}") as undo:
+                ids = self.store.next_ids(len(fresh))
+                self.store.insert_codes(
+                    ((rid, codes[i], comment(i), now, expiry(i))
+                     for i, rid in zip(fresh, ids, strict=True)),
+                    name,
+                )
+                if uniform is not None:  # one statement refreshes the kept holdings
+                    self.store.hold(
+                        name, ((rid, comment(i), now, expiry(i))
+                               for rid, i in keep.items() if rid not in held)
+                    )
+                    self.store.refresh(name, uniform[0], expiry(0))
+                else:
+                    self.store.hold(name, ((rid, comment(i), now, expiry(i))
+                                           for rid, i in keep.items()))
+                _, orphans = self.store.release(name, drop) if drop else (0, [])
+                self.store.touch(name, now)
+                if fresh:  # the columnar bulk path (no Rule objects)
+                    self.dp.add_codes(ids, [codes[i] for i in fresh])
+                    undo.append(lambda: self.dp.remove_rules(ids))
+                _test_pause("replace")
+            self._unmap(orphans, rows)
+            return SourceChange(
+                name, len(fresh) + len(keep) - unchanged, len(drop), unchanged,
+                overlaps.shown, overlaps.count,
+            )
+
+    def remove_where(
+        self, src: str | None = None, dst: str | None = None, source: str | None = None
+    ) -> int:
+        """Delete by value: the holdings of the rules whose src (and/or dst) is exactly this
+        network (any action, mode, proto, port), of `source` only when named. A rule leaves
+        the kernel when its last holder goes. Returns the holdings removed (0: none matched)."""
+        if src is None and dst is None:
+            raise InvalidRule("src", "name the rules to remove by src, dst or both")
+        src_text = parse_network(src, "src").with_prefixlen if src is not None else None
+        dst_text = parse_network(dst, "dst").with_prefixlen if dst is not None else None
+        if source is not None:
+            check_source(source)
+        with self.lock, gc_paused():
+            ids = self.store.matching(src_text, dst_text, source)
+            if not ids:
+                return 0
+            return self._release(source if source is not None else ANY_SOURCE, ids)[0]
+
+    def drop_source(self, name: str) -> int:
+        """Delete a source: its holdings go (a rule another source holds stays). The holdings
+        removed; SourceNotFound if there is no such source."""
+        check_source(name)
+        with self.lock, gc_paused():
+            if self.store.source(name) is None:
+                raise SourceNotFound(name)
+            return self._release(name, self.store.held(name), forget=True)[0]
+
+    def sources(self) -> list[SourceSummary]:
         with self.lock:
-            due = [rid for rid in self.store.due(now) if rid in self.dp.compiler.rules]
-            if due:
-                self.remove(due)
-                log.info("expired %d rule(s): %s", len(due), due[:20])
-            return due
+            rows = self.store.sources()
+            held = {r.name: self.store.held(r.name) for r in rows}
+        sums = _CounterSums(self)
+        return [sums.of(r.name, held[r.name], r.updated_at) for r in rows]
+
+    def source(self, name: str) -> SourceSummary:
+        check_source(name)
+        with self.lock:
+            row = self.store.source(name)
+            if row is None:
+                raise SourceNotFound(name)
+            held = self.store.held(name)
+        return _CounterSums(self).of(name, held, row.updated_at)
 
     # -- lookup (api/lookup.py) -----------------------------------------------------------
 

@@ -20,19 +20,24 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from xdpfw.errors import CapacityExceeded, DatabaseCorrupt, StorageError, StorageFull
 from xdpfw.rules import MAX_RULE_ID, Rule, RuleSpec, code_from_texts, code_texts
+from xdpfw.sources import DEFAULT_SOURCE
 
 __all__ = [
+    "ANY_SOURCE",
     "ID_LIMIT",
     "PROTECT_BASE",
     "PROTECT_IDS",
     "SCHEMA_VERSION",
+    "Rows",
+    "SourceRow",
     "Store",
     "StoredRule",
     "corrupt_error",
@@ -42,8 +47,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("xdpfw.store")
-
-SCHEMA_VERSION = 1
 
 # The rule id space. The database hands out ids up to ID_LIMIT; the PROTECT_IDS ids above are
 # reserved for the service's protected-prefix allow rules, which live in the maps only.
@@ -56,6 +59,9 @@ def is_protected_id(rule_id: int) -> bool:
     """A reserved id: a protected prefix's rule, never in the database nor in listings."""
     return rule_id >= PROTECT_BASE
 
+# The schema, by version (`PRAGMA user_version`; version 1 kept it in meta.schema). A new
+# database gets the latest at once; an older one is migrated in place by `_MIGRATIONS`, in
+# order, inside one transaction (a failure leaves the file as it was); a newer one is refused.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS rules (
@@ -73,13 +79,63 @@ CREATE TABLE IF NOT EXISTS rules (
 CREATE INDEX IF NOT EXISTS rules_expiry ON rules(expires_at) WHERE expires_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS interfaces (name TEXT PRIMARY KEY, mode TEXT NOT NULL);
 """
+# v2: sources. A rule (one kernel rule) is held by one or more sources; each holding has its
+# own comment, creation and expiry (rules.expires_at is no longer used: NULL). `sources` keeps
+# each source's last change (and a source whose holdings all went, until it is deleted).
+_SCHEMA_V2 = """
+CREATE TABLE IF NOT EXISTS holdings (
+    source TEXT NOT NULL,
+    rule_id INTEGER NOT NULL,
+    comment TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    expires_at REAL,
+    PRIMARY KEY (source, rule_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS holdings_rule ON holdings(rule_id);
+CREATE INDEX IF NOT EXISTS holdings_expiry ON holdings(expires_at) WHERE expires_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS sources (name TEXT PRIMARY KEY, updated_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS rules_src ON rules(src) WHERE src IS NOT NULL;
+"""
 _COLUMNS = "id, action, mode, src, dst, proto, dport, comment, created_at, expires_at"
+_HOLDING_COLUMNS = "source, rule_id, comment, created_at, expires_at"
 _TABLES = {
     "meta": {"key", "value"},
     "rules": {"id", "action", "mode", "src", "dst", "proto", "dport", "comment", "created_at",
               "expires_at"},
     "interfaces": {"name", "mode"},
 }
+_TABLES_V2 = {
+    "holdings": {"source", "rule_id", "comment", "created_at", "expires_at"},
+    "sources": {"name", "updated_at"},
+}
+
+
+def _statements(script: str) -> list[str]:
+    return [s for s in script.split(";") if s.strip()]
+
+
+def _migrate_1_to_2(db: sqlite3.Connection) -> None:
+    """Holdings: every rule becomes a holding of source `api`, with its comment and expiry."""
+    for statement in _statements(_SCHEMA_V2):
+        db.execute(statement)
+    now = time.time()
+    db.execute(
+        "INSERT INTO holdings (source, rule_id, comment, created_at, expires_at)"
+        " SELECT ?, id, comment, created_at, expires_at FROM rules",
+        (DEFAULT_SOURCE,),
+    )
+    db.execute(
+        "INSERT INTO sources SELECT ?, ? WHERE EXISTS (SELECT 1 FROM rules)",
+        (DEFAULT_SOURCE, now),
+    )
+    db.execute("UPDATE rules SET expires_at=NULL WHERE expires_at IS NOT NULL")
+
+
+# _MIGRATIONS[v] takes a database at version v to v + 1 (never renumbered, never edited once
+# released: a new change is a new function at the end).
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _migrate_1_to_2}
+SCHEMA_VERSION = 2
+ANY_SOURCE = -1  # `source` argument of Store.release: every source
 
 # SQLite primary result codes (sqlite3.h)
 _SQLITE_IOERR, _SQLITE_CORRUPT, _SQLITE_CANTOPEN, _SQLITE_FULL, _SQLITE_NOTADB = 10, 11, 14, 13, 26
@@ -151,18 +207,40 @@ def storage_error(exc: BaseException, path: Path, doing: str) -> StorageError:
 
 @dataclass(frozen=True)
 class StoredRule:
+    """A rule as one of its holders holds it: `source` is that holder (the first one, by
+    creation, when no source was asked for), comment and times are that holding's, `sources`
+    every holder, first first."""
+
     rule: Rule
     comment: str
     created_at: float
     expires_at: float | None
+    source: str = DEFAULT_SOURCE
+    sources: tuple[str, ...] = (DEFAULT_SOURCE,)
 
     @property
     def id(self) -> int:
         return self.rule.id
 
 
-def _row_to_rule(row: sqlite3.Row) -> StoredRule:
-    spec = RuleSpec.parse(
+@dataclass(frozen=True)
+class SourceRow:
+    """A source as the database knows it: its holdings and its last change."""
+
+    name: str
+    rules: int
+    updated_at: float
+
+
+class Rows(NamedTuple):
+    """Stored rows of some rules and all their holdings, as they are (see Store.rows)."""
+
+    rules: list[tuple[object, ...]]
+    holdings: list[tuple[object, ...]]
+
+
+def _spec_of(row: sqlite3.Row) -> RuleSpec:
+    return RuleSpec.parse(
         action=row["action"],
         mode=row["mode"],
         src=row["src"],
@@ -170,7 +248,12 @@ def _row_to_rule(row: sqlite3.Row) -> StoredRule:
         proto=row["proto"],
         dport=row["dport"],
     )
-    return StoredRule(spec.with_id(row["id"]), row["comment"], row["created_at"], row["expires_at"])
+
+
+def _row_to_rule(row: sqlite3.Row) -> StoredRule:
+    """A rules row alone (no holding known): its own comment and creation."""
+    return StoredRule(_spec_of(row).with_id(row["id"]), row["comment"], row["created_at"],
+                      row["expires_at"])
 
 
 class Store:
@@ -213,13 +296,13 @@ class Store:
             # adopts the pinned maps' rules in the same transaction that clears the mark).
             # A crash or a full disk in between leaves it new: the next start adopts again.
             with self.transaction(), self._sql(f"create the rule database {path}"):
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        self._db.execute(statement)
+                for statement in _statements(_SCHEMA) + _statements(_SCHEMA_V2):
+                    self._db.execute(statement)
                 self._db.executemany(
                     "INSERT INTO meta VALUES (?, ?)",
                     [("schema", str(SCHEMA_VERSION)), ("new", "1")],
                 )
+                self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         else:
             foreign = [t for t, cols in _TABLES.items() if not cols <= tables.get(t, set())]
             if foreign:
@@ -228,16 +311,10 @@ class Store:
                     f"it is an SQLite file but not an xdpfw rule database (tables "
                     f"{', '.join(sorted(tables))}; missing or different: {', '.join(foreign)})",
                 )
+            self._upgrade()
         with self._sql(f"write the rule database {path}"):
             meta = {r["key"]: r["value"] for r in self._db.execute("SELECT * FROM meta")}
-            if meta.get("schema", str(SCHEMA_VERSION)) != str(SCHEMA_VERSION):
-                raise StorageError(
-                    f"{path} has schema version {meta['schema']}, this xdpfw expects "
-                    f"{SCHEMA_VERSION}: run the xdpfw version that wrote it, or move it aside "
-                    f"(`{recovery_command(path)}`) to adopt the pinned maps' rules",
-                    str(path),
-                )
-            self._db.executescript(_SCHEMA)  # an index added since: no-op otherwise
+            self._db.executescript(_SCHEMA + _SCHEMA_V2)  # an index added since: no-op otherwise
             # One write at every open: a full disk shows at start, not at the first change.
             self._db.execute(
                 "INSERT INTO meta VALUES ('opened_at', ?)"
@@ -245,6 +322,46 @@ class Store:
                 (repr(time.time()),),
             )
         self.created = "new" in meta
+
+    def version(self) -> int:
+        """The schema version of the file: PRAGMA user_version, or meta.schema (version 1)."""
+        with self._sql(f"read the rule database {self.path}"):
+            found = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+            if found:
+                return found
+            row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        try:
+            return int(row["value"]) if row is not None else 1
+        except ValueError:
+            raise corrupt_error(self.path, f"meta.schema is {row['value']!r}") from None
+
+    def _upgrade(self) -> None:
+        """Migrate an older database in place (one transaction: a failure, a full disk or a
+        kill leaves it as it was); refuse a newer one."""
+        path = self.path
+        found = self.version()
+        if found > SCHEMA_VERSION:
+            raise StorageError(
+                f"{path} has schema version {found}, this xdpfw knows versions up to "
+                f"{SCHEMA_VERSION}: it was written by a newer xdpfw. Run that version (or a "
+                f"newer one), or move it aside (`{recovery_command(path)}`) to adopt the "
+                "pinned maps' rules into a fresh database",
+                str(path),
+            )
+        if found == SCHEMA_VERSION:
+            return
+        with self.transaction(), self._sql(
+            f"migrate the rule database {path} from schema {found} to {SCHEMA_VERSION}"
+        ):
+            for v in range(found, SCHEMA_VERSION):
+                _MIGRATIONS[v](self._db)
+            self._db.execute(
+                "INSERT INTO meta VALUES ('schema', ?)"
+                " ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                (str(SCHEMA_VERSION),),
+            )
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        log.warning("migrated %s from schema version %d to %d", path, found, SCHEMA_VERSION)
 
     def mark_reconciled(self) -> None:
         """Inside a transaction: the database is no longer new (see `created`)."""
@@ -285,7 +402,9 @@ class Store:
                     log.error("rollback of %s failed: %s", self.path, exc)
             raise
 
-    # -- rules ---------------------------------------------------------------------------------
+    # -- rules and holdings -----------------------------------------------------------------
+    # The invariant, kept by every writer inside one transaction: a rule has at least one
+    # holding; a holding's rule exists.
 
     def next_ids(self, count: int) -> list[int]:
         """Ids the next `count` inserts will get (inside a transaction). Never reused."""
@@ -300,25 +419,183 @@ class Store:
         return list(range(start, start + count))
 
     def insert(self, rules: Iterable[StoredRule]) -> None:
-        self.insert_codes(
-            (r.id, r.rule.code(), r.comment, r.created_at, r.expires_at) for r in rules
-        )
+        """Insert rules, each held by its `source` (test helper and adoption)."""
+        by_source: dict[str, list[tuple[int, int, str, float, float | None]]] = {}
+        for r in rules:
+            by_source.setdefault(r.source, []).append(
+                (r.id, r.rule.code(), r.comment, r.created_at, r.expires_at)
+            )
+        for source, rows in by_source.items():
+            self.insert_codes(rows, source)
 
     def insert_codes(
-        self, rows: Iterable[tuple[int, int, str, float, float | None]]
+        self,
+        rows: Iterable[tuple[int, int, str, float, float | None]],
+        source: str = DEFAULT_SOURCE,
     ) -> None:
-        """Insert (id, code, comment, created_at, expires_at) rows: no Rule objects needed."""
+        """Insert (id, code, comment, created_at, expires_at) rows as new rules, each held by
+        `source` (inside a transaction): no Rule objects needed."""
+        rows = rows if isinstance(rows, Sequence) else list(rows)
         with self._sql(f"write the rule database {self.path}"):
             self._db.executemany(
                 "INSERT INTO rules (id, action, mode, src, dst, proto, dport, comment,"
-                " created_at, expires_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                ((rid, *code_texts(code), comment, created, expires)
-                 for rid, code, comment, created, expires in rows),
+                " created_at, expires_at) VALUES (?,?,?,?,?,?,?,?,?,NULL)",
+                ((rid, *code_texts(code), comment, created)
+                 for rid, code, comment, created, _ in rows),
+            )
+            self._db.executemany(
+                f"INSERT INTO holdings ({_HOLDING_COLUMNS}) VALUES (?,?,?,?,?)",
+                ((source, rid, comment, created, expires)
+                 for rid, _, comment, created, expires in rows),
+            )
+            if rows:
+                self.touch(source, rows[0][3])
+
+    def hold(
+        self, source: str, rows: Iterable[tuple[int, str, float, float | None]]
+    ) -> None:
+        """(rule_id, comment, created_at, expires_at): `source` holds these existing rules. A
+        holding it has already gets the new expiry (its comment and creation time stay)."""
+        with self._sql(f"write the rule database {self.path}"):
+            self._db.executemany(
+                f"INSERT INTO holdings ({_HOLDING_COLUMNS}) VALUES (?,?,?,?,?)"
+                " ON CONFLICT(source, rule_id) DO UPDATE SET expires_at=excluded.expires_at",
+                ((source, rid, comment, created, expires)
+                 for rid, comment, created, expires in rows),
             )
 
-    def rows(self, rule_ids: Iterable[int]) -> list[tuple[object, ...]]:
-        """The stored rows of these ids, as they are (no parsing: cheap for 100k ids), for
-        `restore` to put back."""
+    def touch(self, source: str, when: float) -> None:
+        """The source changed at `when` (made if new)."""
+        with self._sql(f"write the rule database {self.path}"):
+            self._db.execute(
+                "INSERT INTO sources VALUES (?, ?)"
+                " ON CONFLICT(name) DO UPDATE SET updated_at=excluded.updated_at",
+                (source, when),
+            )
+
+    def held(self, source: str) -> list[int]:
+        """Ids of the rules `source` holds, in id order."""
+        with self._sql("read the rule database"):
+            cur = self._db.cursor()
+            cur.row_factory = None
+            cur.execute("SELECT rule_id FROM holdings WHERE source=? ORDER BY rule_id", (source,))
+            return [rid for (rid,) in cur]
+
+    def holders(self, rule_ids: Iterable[int]) -> dict[int, list[str]]:
+        """rule id -> its sources, first holder first (by creation, then name)."""
+        out: dict[int, list[str]] = {}
+        with self._sql("read the rule database"):
+            cur = self._db.cursor()
+            cur.row_factory = None
+            cur.execute(
+                "SELECT rule_id, source FROM holdings WHERE rule_id IN"
+                " (SELECT value FROM json_each(?)) ORDER BY rule_id, created_at, source",
+                (json.dumps(list(rule_ids)),),
+            )
+            for rid, source in cur:
+                out.setdefault(rid, []).append(source)
+        return out
+
+    def release(self, source: str | int, rule_ids: Sequence[int]) -> tuple[int, list[int]]:
+        """Inside a transaction: `source` (or every source: ANY_SOURCE) lets these rules go.
+        Returns (holdings removed, ids of the rules no source holds any more); those rules'
+        rows are deleted too (the caller removes them from the maps)."""
+        ids = json.dumps(list(rule_ids))
+        with self._sql(f"write the rule database {self.path}"):
+            if source == ANY_SOURCE:
+                cur = self._db.execute(
+                    "DELETE FROM holdings WHERE rule_id IN (SELECT value FROM json_each(?))",
+                    (ids,),
+                )
+            else:
+                cur = self._db.execute(
+                    "DELETE FROM holdings WHERE source=? AND rule_id IN"
+                    " (SELECT value FROM json_each(?))",
+                    (source, ids),
+                )
+            removed = cur.rowcount
+            orphans = [
+                r[0] for r in self._db.execute(
+                    "SELECT value FROM json_each(?) WHERE NOT EXISTS"
+                    " (SELECT 1 FROM holdings WHERE rule_id=json_each.value)",
+                    (ids,),
+                )
+            ]
+            self._db.executemany("DELETE FROM rules WHERE id=?", ((i,) for i in orphans))
+        return removed, orphans
+
+    def release_pairs(self, pairs: Sequence[tuple[str, int]]) -> tuple[int, list[int]]:
+        """`release` for (source, rule_id) holdings of several sources (TTL expiry)."""
+        removed = 0
+        for source in {s for s, _ in pairs}:
+            removed += self.release(source, [rid for s, rid in pairs if s == source])[0]
+        orphans = self.orphans_of([rid for _, rid in pairs])
+        return removed, orphans
+
+    def orphans_of(self, rule_ids: Sequence[int]) -> list[int]:
+        """Of these ids, those whose rules are gone (deleted by `release`)."""
+        with self._sql("read the rule database"):
+            return [
+                r[0] for r in self._db.execute(
+                    "SELECT DISTINCT value FROM json_each(?) WHERE NOT EXISTS"
+                    " (SELECT 1 FROM rules WHERE id=json_each.value)",
+                    (json.dumps(list(rule_ids)),),
+                )
+            ]
+
+    def refresh(self, source: str, comment: str, expires_at: float | None) -> None:
+        """Every holding of `source` gets this comment and expiry (a replace's uniform one)."""
+        with self._sql(f"write the rule database {self.path}"):
+            self._db.execute(
+                "UPDATE holdings SET comment=?, expires_at=? WHERE source=?",
+                (comment, expires_at, source),
+            )
+
+    def drop_source_row(self, source: str) -> None:
+        with self._sql(f"write the rule database {self.path}"):
+            self._db.execute("DELETE FROM sources WHERE name=?", (source,))
+
+    def sources(self) -> list[SourceRow]:
+        """Every known source (by name) with its holdings' count."""
+        with self._sql("read the rule database"):
+            rows = self._db.execute(
+                "SELECT s.name AS name, s.updated_at AS updated_at,"
+                " (SELECT COUNT(*) FROM holdings h WHERE h.source=s.name) AS n"
+                " FROM sources s ORDER BY s.name"
+            ).fetchall()
+        return [SourceRow(r["name"], r["n"], r["updated_at"]) for r in rows]
+
+    def source(self, name: str) -> SourceRow | None:
+        with self._sql("read the rule database"):
+            row = self._db.execute(
+                "SELECT updated_at, (SELECT COUNT(*) FROM holdings WHERE source=?) AS n"
+                " FROM sources WHERE name=?",
+                (name, name),
+            ).fetchone()
+        return None if row is None else SourceRow(name, row["n"], row["updated_at"])
+
+    def matching(self, src: str | None, dst: str | None, source: str | None) -> list[int]:
+        """Ids of the rules whose src (and/or dst) is exactly this canonical CIDR text, held
+        by `source` when one is named."""
+        where, args = [], []
+        for column, value in (("src", src), ("dst", dst)):
+            if value is not None:
+                where.append(f"r.{column}=?")
+                args.append(value)
+        if source is not None:
+            where.append("EXISTS (SELECT 1 FROM holdings h WHERE h.source=? AND h.rule_id=r.id)")
+            args.append(source)
+        assert where
+        with self._sql("read the rule database"):
+            return [
+                r[0] for r in self._db.execute(
+                    f"SELECT r.id FROM rules r WHERE {' AND '.join(where)} ORDER BY r.id", args
+                )
+            ]
+
+    def rows(self, rule_ids: Iterable[int]) -> Rows:
+        """The stored rows of these ids and their holdings, as they are (no parsing: cheap
+        for 100k ids), for `restore` to put back."""
         ids = json.dumps(list(rule_ids))
         with self._sql("read the rule database"):
             cur = self._db.cursor()
@@ -327,14 +604,29 @@ class Store:
                 f"SELECT {_COLUMNS} FROM rules WHERE id IN (SELECT value FROM json_each(?))",
                 (ids,),
             )
-            return cur.fetchall()
+            rules = cur.fetchall()
+            cur.execute(
+                f"SELECT {_HOLDING_COLUMNS} FROM holdings WHERE rule_id IN"
+                " (SELECT value FROM json_each(?)) ORDER BY source, rule_id",
+                (ids,),
+            )
+            return Rows(rules, cur.fetchall())
 
-    def restore(self, rows: Iterable[tuple[object, ...]]) -> None:
-        """Insert rows read by `rows` (inside a transaction)."""
+    def restore(self, rows: Rows) -> None:
+        """Put back rows read by `rows` (inside a transaction); what is still there stays."""
         with self._sql(f"write the rule database {self.path}"):
             self._db.executemany(
-                f"INSERT INTO rules ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)", rows
+                f"INSERT OR IGNORE INTO rules ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                rows.rules,
             )
+            self._db.executemany(
+                f"INSERT OR REPLACE INTO holdings ({_HOLDING_COLUMNS}) VALUES (?,?,?,?,?)",
+                rows.holdings,
+            )
+            for source in {h[0] for h in rows.holdings}:
+                self._db.execute(
+                    "INSERT OR IGNORE INTO sources VALUES (?, ?)", (source, time.time())
+                )
 
     def codes(self) -> Iterator[tuple[int, int]]:
         """(id, code) of every rule, in id order; for comparing a million rules cheaply."""
@@ -353,39 +645,92 @@ class Store:
                 yield rid
 
     def delete(self, rule_ids: Iterable[int]) -> None:
+        """Delete rules and every holding of them (inside a transaction)."""
+        ids = list(rule_ids)
         with self._sql(f"write the rule database {self.path}"):
-            self._db.executemany("DELETE FROM rules WHERE id=?", ((i,) for i in rule_ids))
+            self._db.executemany("DELETE FROM holdings WHERE rule_id=?", ((i,) for i in ids))
+            self._db.executemany("DELETE FROM rules WHERE id=?", ((i,) for i in ids))
 
-    def get(self, rule_id: int) -> StoredRule | None:
+    _HELD = (
+        "SELECT r.id AS id, r.action AS action, r.mode AS mode, r.src AS src, r.dst AS dst,"
+        " r.proto AS proto, r.dport AS dport, h.source AS source, h.comment AS comment,"
+        " h.created_at AS created_at, h.expires_at AS expires_at"
+        " FROM holdings h JOIN rules r ON r.id=h.rule_id"
+    )
+
+    def _held_rules(self, rows: Sequence[sqlite3.Row]) -> list[StoredRule]:
+        holders = self.holders(r["id"] for r in rows)
+        return [
+            StoredRule(
+                _spec_of(r).with_id(r["id"]), r["comment"], r["created_at"], r["expires_at"],
+                r["source"], tuple(holders.get(r["id"], [r["source"]])),
+            )
+            for r in rows
+        ]
+
+    def get(self, rule_id: int, source: str | None = None) -> StoredRule | None:
+        """The rule as `source` holds it (None if it does not), or as its first holder does."""
         with self._sql("read the rule database"):
-            row = self._db.execute("SELECT * FROM rules WHERE id=?", (rule_id,)).fetchone()
-        return _row_to_rule(row) if row is not None else None
+            if source is None:
+                row = self._db.execute(
+                    f"{self._HELD} WHERE h.rule_id=? ORDER BY h.created_at, h.source LIMIT 1",
+                    (rule_id,),
+                ).fetchone()
+            else:
+                row = self._db.execute(
+                    f"{self._HELD} WHERE h.source=? AND h.rule_id=?", (source, rule_id)
+                ).fetchone()
+        return self._held_rules([row])[0] if row is not None else None
 
-    def page(self, after: int, limit: int) -> list[StoredRule]:
+    def page(self, after: int, limit: int, source: str | None = None) -> list[StoredRule]:
+        """Rules with ids above `after`, in id order: every rule (as its first holder holds
+        it), or those `source` holds (as it holds them)."""
+        with self._sql("read the rule database"):
+            if source is not None:
+                rows = self._db.execute(
+                    f"{self._HELD} WHERE h.source=? AND h.rule_id>? ORDER BY h.rule_id LIMIT ?",
+                    (source, after, limit),
+                ).fetchall()
+                return self._held_rules(rows)
+            ids = [
+                r[0] for r in self._db.execute(
+                    "SELECT id FROM rules WHERE id>? ORDER BY id LIMIT ?", (after, limit)
+                )
+            ]
+        return self._first_holdings(ids)
+
+    def _first_holdings(self, ids: Sequence[int]) -> list[StoredRule]:
         with self._sql("read the rule database"):
             rows = self._db.execute(
-                "SELECT * FROM rules WHERE id>? ORDER BY id LIMIT ?", (after, limit)
+                f"{self._HELD} WHERE h.rule_id IN (SELECT value FROM json_each(?))"
+                " ORDER BY h.rule_id, h.created_at, h.source",
+                (json.dumps(list(ids)),),
             ).fetchall()
-        return [_row_to_rule(r) for r in rows]
+        first: list[sqlite3.Row] = []
+        for r in rows:
+            if not first or first[-1]["id"] != r["id"]:
+                first.append(r)
+        return self._held_rules(first)
 
     def all(self) -> list[StoredRule]:
         with self._sql("read the rule database"):
-            rows = self._db.execute("SELECT * FROM rules ORDER BY id").fetchall()
-        return [_row_to_rule(r) for r in rows]
+            ids = [r[0] for r in self._db.execute("SELECT id FROM rules ORDER BY id")]
+        return self._first_holdings(ids)
 
     def count(self) -> int:
         with self._sql("read the rule database"):
             return int(self._db.execute("SELECT COUNT(*) AS n FROM rules").fetchone()["n"])
 
-    def due(self, now: float | None = None) -> list[int]:
-        """Ids of rules whose expiry has passed."""
+    def due(self, now: float | None = None) -> list[tuple[str, int]]:
+        """(source, rule id) of the holdings whose expiry has passed."""
         now = time.time() if now is None else now
         with self._sql("read the rule database"):
             rows = self._db.execute(
-                "SELECT id FROM rules WHERE expires_at IS NOT NULL AND expires_at<=? ORDER BY id",
+                "SELECT source, rule_id FROM holdings WHERE expires_at IS NOT NULL"
+                " AND expires_at<=? ORDER BY rule_id, source",
                 (now,),
             ).fetchall()
-        return [r["id"] for r in rows]
+        return [(r["source"], r["rule_id"]) for r in rows]
 
     # -- interfaces ----------------------------------------------------------------------------
 

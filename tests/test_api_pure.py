@@ -139,6 +139,7 @@ ERROR_CASES: list[tuple[errors.XdpfwError, int, dict[str, Any]]] = [
     (errors.InvalidRule("body", "bad body"), 422,
      {"detail": [{"loc": ["body"], "msg": "bad body", "type": "value_error"}]}),
     (errors.RuleNotFound(7), 404, {"detail": "no rule with id 7", "error": "RuleNotFound"}),
+    (errors.SourceNotFound("feed"), 404, {"error": "SourceNotFound"}),  # issue 13: sources
     (errors.InterfaceNotFound("eth9"), 404,
      {"detail": "eth9: no such network interface", "error": "InterfaceNotFound"}),
     (errors.RuleConflict("clash", existing_id=3), 409,
@@ -202,7 +203,7 @@ def test_real_errors_of_each_kind(api: Api) -> None:
     r = c.post("/v1/rules", content=b"{", headers={"content-type": "application/json"})
     assert r.status_code == 422
     r = c.put("/v1/rules")
-    assert r.status_code == 405 and r.headers["allow"] == "GET, POST"
+    assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET, POST"
 
 
 # -- single adds -------------------------------------------------------------------------------
@@ -293,7 +294,8 @@ def test_bulk_text_duplicates_modes_and_bad_bodies(api: Api) -> None:
     # a monitor rule is not the enforce rule: both new; the in-body repeat is a duplicate
     assert r.json()["added"] == 2 and r.json()["duplicate_ids"] == [r.json()["ids"][1]]
     r = _text(c, "198.18.30.1\n")
-    assert r.json() == {"added": 0, "duplicates": 1, "ids": [], "duplicate_ids": [first["id"]]}
+    assert r.json() == {"added": 0, "duplicates": 1, "ids": [], "duplicate_ids": [first["id"]],
+                        "overlaps": [], "overlap_count": 0}
     r = _text(c, "198.18.31.1\n", action="allow")
     assert r.status_code == 201 and c.get(f"/v1/rules/{r.json()['ids'][0]}").json()["action"] \
         == "allow"

@@ -113,6 +113,11 @@ PAIRS: dict[type, str] = {
     client.LookupMatch: "LookupMatchOut",
     client.LookupEntry: "LookupEntryOut",
     client.LookupPacket: "LookupPacketOut",
+    # issue 13: sources
+    client.Source: "SourceOut",
+    client.SourceDetail: "SourceDetailOut",
+    client.SourceChange: "SourceChangeOut",
+    client.Removed: "RemovedOut",
 }
 # Components the client does not mirror as a TypedDict: request bodies (the CLI builds them
 # as dicts and the API validates them) and error bodies (client.error_for reads them loosely).

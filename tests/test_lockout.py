@@ -412,7 +412,7 @@ def test_top_escapes_what_it_shows() -> None:
 def test_405_names_the_allowed_methods(tmp_path: Path) -> None:
     with service(tmp_path) as (c, _, _):
         for method, path, allow in (
-            ("PUT", "/v1/rules", "GET, POST"),
+            ("PUT", "/v1/rules", "DELETE, GET, POST"),
             ("PATCH", "/v1/rules/1", "DELETE, GET"),
             ("DELETE", "/healthz", "GET"),
             ("POST", "/v1/interfaces/eth0", "DELETE"),

@@ -273,6 +273,13 @@ def test_route_answers_with_the_stored_rules(client: tuple[TestClient, FirewallS
     assert body["verdict"] == "pass" and body["rule_id"] == PROTECT_BASE
     assert body["rule"]["comment"] == "protected prefix (--protect)"
     assert [m["rule"]["id"] for m in body["matches"]] == [PROTECT_BASE, wide.id]
+    # every matching rule with the sources holding it
+    svc.add(NewRule(RuleSpec.parse(src="198.18.9.1", mode="monitor"), source="feed-b"))
+    body = c.get("/v1/lookup", params={"src": "198.18.9.1"}).json()
+    assert [(m["rule"]["id"], m["rule"]["sources"]) for m in body["matches"]] == [
+        (wide.id, ["api"]), (host.id, ["api", "feed-b"])]
+    body = c.get("/v1/lookup", params={"src": "198.18.255.7"}).json()
+    assert body["rule"]["sources"] == []  # the service's own rule: no source holds it
     # nothing matches
     body = c.get("/v1/lookup", params={"src": "203.0.113.9"}).json()
     assert body["verdict"] == "pass" and body["rule"] is None and body["matches"] == []

@@ -3,6 +3,7 @@
     XdpfwError                      base; never raised itself
     ├── InvalidRule                 a rule or request field is wrong     (HTTP 422)
     ├── RuleNotFound                no rule with that id                 (HTTP 404)
+    ├── SourceNotFound              no source with that name             (HTTP 404)
     ├── InterfaceNotFound           no such interface / not attached      (HTTP 404)
     ├── RuleConflict                duplicate / protected prefix          (HTTP 409)
     ├── CapacityExceeded            a map or rule set is full             (HTTP 507)
@@ -36,6 +37,7 @@ __all__ = [
     "KernelError",
     "RuleConflict",
     "RuleNotFound",
+    "SourceNotFound",
     "StorageError",
     "StorageFull",
     "XdpfwError",
@@ -59,6 +61,16 @@ class RuleNotFound(XdpfwError):
     def __init__(self, rule_id: int) -> None:
         super().__init__(f"no rule with id {rule_id}")
         self.rule_id = rule_id
+
+
+class SourceNotFound(XdpfwError):
+    """No source with that name (xdpfw/sources.py)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"no source named {name!r}: `xdpfw source ls` (GET /v1/sources) lists them"
+        )
+        self.name = name
 
 
 class InterfaceNotFound(XdpfwError):

@@ -17,12 +17,13 @@ from api.deps import (
     ServiceDep,
     WriteAccess,
 )
-from api.models import MAX_TTL, BulkOut, RuleIn, RuleOut, RulePage, bulk_rules
-from api.service import BulkResult, NewCodes, NewRule
+from api.models import MAX_TTL, BulkOut, RemovedOut, RuleIn, RuleOut, RulePage, bulk_rules
+from api.service import BulkResult, FirewallService, NewCodes, NewRule
 from xdpfw.importers import ListReader
 from xdpfw.rules import MAX_RULE_ID
+from xdpfw.sources import DEFAULT_SOURCE, SOURCE_PATTERN
 
-__all__ = ["router"]
+__all__ = ["SourceQuery", "read_list", "router", "rule_page"]
 
 T = TypeVar("T")
 
@@ -32,6 +33,9 @@ router = APIRouter(
     responses={**AUTH_RESPONSES, **ERROR_RESPONSES},
 )
 RuleId = Annotated[int, Path(ge=1, le=MAX_RULE_ID, description="rule id")]
+SourceQuery = Annotated[
+    str | None, Query(pattern=SOURCE_PATTERN, description="a source name (xdpfw/sources.py)")
+]
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorOut, "description": "no rule with that id"}
 }
@@ -57,9 +61,13 @@ def add_rule(body: RuleIn, svc: ServiceDep, response: Response) -> RuleOut:
     """Add a rule. It is in the kernel maps when this returns.
 
     Adding a rule identical in match, action and mode to an existing one creates nothing and
-    answers **200** with the existing rule (so automation can repeat a call safely).
+    answers **200** with the existing rule (so automation can repeat a call safely); the
+    rule's `source` then holds it too, and a `ttl_seconds` sets that holding's new expiry
+    (a ban extended).
     """
-    stored, created = svc.add(NewRule(body.spec(), body.comment, body.ttl_seconds, body.force))
+    stored, created = svc.add(
+        NewRule(body.spec(), body.comment, body.ttl_seconds, body.force, body.source)
+    )
     if not created:
         response.status_code = status.HTTP_200_OK
     return RuleOut.of(stored)
@@ -70,16 +78,37 @@ def list_rules(
     svc: ServiceDep,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
     cursor: Annotated[str | None, Query(pattern=r"^\d{1,10}$")] = None,
+    source: SourceQuery = None,
 ) -> RulePage:
-    """Rules in id order, `limit` at a time; follow `next_cursor` for the rest."""
+    """Rules in id order, `limit` at a time; follow `next_cursor` for the rest. `source`:
+    only the rules that source holds (as it holds them)."""
+    return rule_page(svc, limit, cursor, source)
+
+
+def rule_page(svc: FirewallService, limit: int, cursor: str | None, source: str | None
+              ) -> RulePage:
     after = int(cursor) if cursor else 0
-    page = svc.page(after, limit + 1)
+    page = svc.page(after, limit + 1, source)
     more = len(page) > limit
     page = page[:limit]
     return RulePage(
         rules=[RuleOut.of(s) for s in page],
         next_cursor=str(page[-1].id) if more and page else None,
     )
+
+
+@router.delete("", response_model=RemovedOut, dependencies=[WriteAccess])
+def delete_where(
+    svc: ServiceDep,
+    src: Annotated[str | None, Query(max_length=64, description="CIDR or address")] = None,
+    dst: Annotated[str | None, Query(max_length=64, description="CIDR or address")] = None,
+    source: SourceQuery = None,
+) -> RemovedOut:
+    """Delete by value: the rules whose `src` (and/or `dst`) is exactly this network (any
+    action, mode, proto, port; a covering prefix is not touched), of `source` only when named
+    (another source's holding stays, and so does its rule). Answers how many holdings went
+    (0: none matched)."""
+    return RemovedOut(removed=svc.remove_where(src, dst, source))
 
 
 @router.get(
@@ -136,6 +165,7 @@ async def bulk_add(
     comment: Annotated[str, Query(max_length=256)] = "",
     ttl_seconds: Annotated[int | None, Query(ge=1, le=MAX_TTL)] = None,
     force: bool = False,
+    source: SourceQuery = None,
 ) -> Response:
     """Many rules in one call, all or nothing.
 
@@ -147,21 +177,27 @@ async def bulk_add(
 
     Bodies are limited (413 beyond): text/plain by `XDPFW_MAX_BULK_BYTES`, JSON by
     `XDPFW_MAX_BULK_JSON_BYTES` (JSON costs far more to parse: send big lists as text).
+
+    `source`: a source load: the rules are held by that source (added to what it holds; PUT
+    /v1/sources/{name} replaces), and entries overlapping a protected prefix are loaded
+    anyway and reported in `overlaps` instead of refusing the body (409).
     """
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     # The change and its answer (a million ids, for a big list) are made in a worker thread
     # and leave it as bytes: the event loop never builds, validates or frees them.
     body: bytes
     if ctype == "text/plain":
-        codes = await _read_list(request, action, mode)
-        batch = NewCodes(codes, comment, ttl_seconds, force)
+        codes = await read_list(request, action, mode)
+        batch = NewCodes(codes, comment, ttl_seconds, force, source or DEFAULT_SOURCE,
+                         overlaps_ok=source is not None)
         del codes
         body = await run_in_threadpool(_answered, svc.bulk_add_codes, batch)
     else:
         raw = bytearray()
         async for chunk in request.stream():  # api/limits.py bounds it
             raw += chunk
-        items = await run_in_threadpool(bulk_rules, bytes(raw), force)
+        items = await run_in_threadpool(bulk_rules, bytes(raw), force or source is not None,
+                                        source)
         del raw
         body = await run_in_threadpool(_answered, svc.bulk_add, items)
     return Response(body, status_code=status.HTTP_201_CREATED, media_type="application/json")
@@ -174,6 +210,8 @@ def _answered(add: Callable[[T], BulkResult], what: T) -> bytes:
         duplicates=len(result.duplicates),
         ids=result.ids,
         duplicate_ids=result.duplicates,
+        overlaps=result.overlaps,
+        overlap_count=result.overlap_count,
     ).model_dump_json().encode()
     result.release()  # a million rules freed in pieces: the event loop keeps its turns
     return body
@@ -182,7 +220,7 @@ def _answered(add: Callable[[T], BulkResult], what: T) -> bytes:
 _PIECE = 1 << 20  # bytes of body parsed per trip to a worker thread
 
 
-async def _read_list(request: Request, action: str, mode: str) -> list[int]:
+async def read_list(request: Request, action: str, mode: str) -> list[int]:
     """A text/plain bulk body -> codes, parsed as it streams in, off the event loop: memory
     is the codes plus about one piece, and other clients are answered meanwhile."""
     reader = ListReader(action, mode)

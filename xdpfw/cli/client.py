@@ -42,10 +42,14 @@ __all__ = [
     "LookupEntry",
     "LookupMatch",
     "LookupPacket",
+    "Removed",
     "Rule",
     "RuleCounters",
     "RulePage",
     "RuleStat",
+    "Source",
+    "SourceChange",
+    "SourceDetail",
     "Stats",
     "TableUsage",
     "Token",
@@ -91,6 +95,8 @@ class Rule(TypedDict):
     created_at: str
     expires_at: str | None
     counters: RuleCounters | None
+    source: str
+    sources: list[str]
 
 
 class RulePage(TypedDict):
@@ -103,6 +109,40 @@ class BulkResult(TypedDict):
     duplicates: int
     ids: list[int]
     duplicate_ids: list[int]
+    overlaps: list[str]
+    overlap_count: int
+
+
+class Source(TypedDict):
+    name: str
+    rules: int
+    packets: int
+    bytes: int
+    last_hit: str | None
+    updated_at: str
+
+
+class SourceDetail(TypedDict):
+    name: str
+    rules: int
+    packets: int
+    bytes: int
+    last_hit: str | None
+    updated_at: str
+    page: RulePage
+
+
+class SourceChange(TypedDict):
+    source: str
+    added: int
+    removed: int
+    unchanged: int
+    overlaps: list[str]
+    overlap_count: int
+
+
+class Removed(TypedDict):
+    removed: int
 
 
 class Totals(TypedDict):
@@ -428,10 +468,14 @@ class Client:
         r = self._request("POST", "/v1/rules", json=dict(body), ok=(200, 201))
         return cast(Rule, r.json()), r.status_code == 201
 
-    def rule_pages(self, page_size: int = 10_000) -> Iterator[RulePage]:
+    def rule_pages(
+        self, page_size: int = 10_000, source: str | None = None
+    ) -> Iterator[RulePage]:
         cursor: str | None = None
         while True:
             params: dict[str, str | int] = {"limit": page_size}
+            if source is not None:
+                params["source"] = source
             if cursor is not None:
                 params["cursor"] = cursor
             page = cast(RulePage, self._request("GET", "/v1/rules", params=params).json())
@@ -440,10 +484,10 @@ class Client:
             if cursor is None:
                 return
 
-    def rules(self, page_size: int = 10_000) -> list[Rule]:
-        """Every rule, in id order (follows next_cursor)."""
+    def rules(self, page_size: int = 10_000, source: str | None = None) -> list[Rule]:
+        """Every rule (or every rule `source` holds), in id order (follows next_cursor)."""
         out: list[Rule] = []
-        for page in self.rule_pages(page_size):
+        for page in self.rule_pages(page_size, source):
             out.extend(page["rules"])
         return out
 
@@ -464,13 +508,17 @@ class Client:
         comment: str = "",
         ttl_seconds: int | None = None,
         timeout: float = 300.0,
+        source: str | None = None,
     ) -> BulkResult:
-        """POST /v1/rules/bulk with one address/CIDR per line; all or nothing per call."""
+        """POST /v1/rules/bulk with one address/CIDR per line; all or nothing per call.
+        `source`: a source load (held by it; protected overlaps reported, not refused)."""
         params: dict[str, str | int] = {"action": action, "mode": mode}
         if comment:
             params["comment"] = comment
         if ttl_seconds is not None:
             params["ttl_seconds"] = ttl_seconds
+        if source is not None:
+            params["source"] = source
         r = self._request(
             "POST",
             "/v1/rules/bulk",
@@ -492,9 +540,65 @@ class Client:
                 params[name] = value
         return cast(Lookup, self._request("GET", "/v1/lookup", params=params).json())
 
+    # --- sources (issue 13) ---------------------------------------------------------------
+
+    def delete_where(
+        self, src: str | None = None, dst: str | None = None, source: str | None = None
+    ) -> int:
+        """DELETE /v1/rules?src=&dst=&source=: the holdings removed."""
+        params = {k: v for k, v in (("src", src), ("dst", dst), ("source", source)) if v}
+        r = self._request("DELETE", "/v1/rules", params=params)
+        return cast(Removed, r.json())["removed"]
+
+    def sources(self) -> list[Source]:
+        return cast(list[Source], self._request("GET", "/v1/sources").json())
+
+    def source(self, name: str, limit: int = 100, cursor: str | None = None) -> SourceDetail:
+        params: dict[str, str | int] = {"limit": limit}
+        if cursor is not None:
+            params["cursor"] = cursor
+        r = self._request("GET", f"/v1/sources/{name}", params=params,
+                          not_found=_no_source(name))
+        return cast(SourceDetail, r.json())
+
+    def replace_source(
+        self,
+        name: str,
+        text: str | bytes,
+        *,
+        action: str = "drop",
+        mode: str = "enforce",
+        comment: str = "",
+        ttl_seconds: int | None = None,
+        timeout: float = 600.0,
+    ) -> SourceChange:
+        """PUT /v1/sources/{name} with a list (text): the source holds exactly these."""
+        params: dict[str, str | int] = {"action": action, "mode": mode}
+        if comment:
+            params["comment"] = comment
+        if ttl_seconds is not None:
+            params["ttl_seconds"] = ttl_seconds
+        r = self._request(
+            "PUT",
+            f"/v1/sources/{name}",
+            params=params,
+            content=text.encode() if isinstance(text, str) else text,
+            headers={"Content-Type": "text/plain"},
+            timeout=timeout,
+        )
+        return cast(SourceChange, r.json())
+
+    def delete_source(self, name: str) -> int:
+        r = self._request("DELETE", f"/v1/sources/{name}", not_found=_no_source(name))
+        return cast(Removed, r.json())["removed"]
+
     def stats(self, top: int | None = None) -> Stats:
         params = {"top": top} if top is not None else {}
         return cast(Stats, self._request("GET", "/v1/stats", params=params).json())
+
+
+def _no_source(name: str) -> str:
+    return f"no source {name!r} (list them with `xdpfw source ls`)"
 
 
 def _no_rule(rule_id: int) -> str:

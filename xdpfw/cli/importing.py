@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from xdpfw.cli.client import BulkResult, Client
     from xdpfw.importers import ParsedList
 
-__all__ = ["IMPORT_EPILOG", "PROGRESS_MIN", "cmd_import"]
+__all__ = ["IMPORT_EPILOG", "PROGRESS_MIN", "cmd_import", "read_input"]
 
 IMPORT_EPILOG = """Formats (mixed freely): one address or CIDR per line; FireHOL .netset/.ipset;
 Spamhaus DROP/EDROP text ("1.10.16.0/20 ; SBL256894") and JSON lines (drop_v4.json).
@@ -29,8 +29,14 @@ exit codes: 0 every line loaded; 1 some lines were rejected (the rest loaded) or
   (earlier chunks stay loaded; the summary says how many); 2 nothing valid, or --strict with
   bad lines (nothing sent).
 
+--source NAME: the rules are held by that source (several lists can share an entry; see
+`xdpfw source`), and entries overlapping a --protect prefix are loaded and reported instead of
+refusing the chunk. --replace (with --source): the source holds exactly this file afterwards,
+sent as one call (all or nothing).
+
 examples:
   xdpfw import blocklist.txt
+  xdpfw import firehol_level1.netset --source firehol_level1 --replace
   xdpfw import firehol_level1.netset --comment firehol --ttl 1d
   curl -s https://www.spamhaus.org/drop/drop.txt | xdpfw import - --comment spamhaus-drop
   xdpfw import list.txt --dry-run                  # validate only
@@ -40,7 +46,7 @@ examples:
 PROGRESS_MIN = 10_000  # entries; smaller imports finish before a bar is worth drawing
 
 
-def _read_input(name: str) -> str:
+def read_input(name: str) -> str:
     from xdpfw.cli.client import EXIT_USAGE, ClientError
 
     try:
@@ -55,9 +61,10 @@ def cmd_import(args: argparse.Namespace, api: Client) -> int:
     from xdpfw.cli.client import EXIT_USAGE, ClientError
     from xdpfw.errors import InvalidRule
     from xdpfw.rules import RuleSpec
+    from xdpfw.sources import DEFAULT_SOURCE
 
     name = "<stdin>" if args.file == "-" else args.file
-    parsed = importers.parse_blocklist(importers.lines_of(_read_input(args.file)))
+    parsed = importers.parse_blocklist(importers.lines_of(read_input(args.file)))
     mode = "monitor" if args.monitor else "enforce"
     if parsed.entries:
         try:  # the options once, with a real entry, by the same code the API runs
@@ -81,6 +88,8 @@ def cmd_import(args: argparse.Namespace, api: Client) -> int:
     if args.dry_run:
         report.emit(args.json, dry_run=True)
         return 1 if parsed.rejected else 0
+    if args.replace:
+        return _replace(args, api, parsed, report, mode)
 
     batches = list(importers.chunks(parsed.entries, args.chunk))
     failure: ClientError | None = None
@@ -93,6 +102,7 @@ def cmd_import(args: argparse.Namespace, api: Client) -> int:
                     mode=mode,
                     comment=args.comment,
                     ttl_seconds=args.ttl,
+                    source=args.source or DEFAULT_SOURCE,  # a source load: overlaps reported
                 )
             except ClientError as exc:
                 failure = exc
@@ -117,6 +127,37 @@ def cmd_import(args: argparse.Namespace, api: Client) -> int:
     return 1 if parsed.rejected else 0
 
 
+def _replace(
+    args: argparse.Namespace, api: Client, parsed: ParsedList, report: _ImportReport, mode: str
+) -> int:
+    from xdpfw import importers
+    from xdpfw.cli.client import EXIT_USAGE, ClientError
+    from xdpfw.cli.sources import print_change, spinner
+
+    if args.source is None:
+        raise ClientError("--replace needs --source NAME (the source to replace)", EXIT_USAGE)
+    n = len(parsed.entries)
+    with spinner(f"replacing source {args.source} ({n} entries)", n):
+        change = api.replace_source(
+            args.source,
+            importers.body(parsed.entries),
+            action=args.action,
+            mode=mode,
+            comment=args.comment,
+            ttl_seconds=args.ttl,
+        )
+    if args.json:
+        print_json({"file": report.name, "entries": n, "rejected": len(parsed.rejected),
+                    **change})
+    else:
+        p = parsed
+        print(f"{report.name}: {p.format} list, {p.lines} lines, {n} unique entries")
+        print_change(change)
+        if p.rejected:
+            print(f"  rejected    {len(p.rejected)} (not sent)")
+    return 1 if parsed.rejected else 0
+
+
 @dataclass
 class _ImportReport:
     name: str
@@ -129,12 +170,16 @@ class _ImportReport:
     def __post_init__(self) -> None:
         self.ids: list[int] = []
         self.duplicate_ids: list[int] = []
+        self.overlaps: list[str] = []
+        self.overlap_count = 0
 
     def add(self, result: BulkResult, n: int) -> None:
         self.added += result["added"]
         self.server_dups += result["duplicates"]
         self.ids += result["ids"]
         self.duplicate_ids += result["duplicate_ids"]
+        self.overlaps += result.get("overlaps", [])[: max(0, 100 - len(self.overlaps))]
+        self.overlap_count += result.get("overlap_count", 0)
         self.sent += n
 
     def emit(self, as_json: bool, dry_run: bool = False, nothing_sent: str = "") -> None:
@@ -153,6 +198,8 @@ class _ImportReport:
                     "ids": self.ids,
                     "duplicate_ids": self.duplicate_ids,
                     "repeated_lines": [{"line": n, "first": f} for n, f in p.repeats],
+                    "overlaps": self.overlaps,
+                    "overlap_count": self.overlap_count,
                     "rejected": [
                         {"line": r.lineno, "text": r.text, "reason": r.reason} for r in p.rejected
                     ],
@@ -170,6 +217,10 @@ class _ImportReport:
                 f"  duplicates  {self.server_dups + len(p.repeats)} ({self.server_dups} already "
                 f"present, {len(p.repeats)} repeated in the file)"
             )
+        if self.overlap_count:
+            from xdpfw.cli.sources import print_overlaps
+
+            print_overlaps(self.overlaps, self.overlap_count)
         rejected = p.rejected
         where = ", ".join(str(r.lineno) for r in rejected[:50])
         more = f", ... {len(rejected) - 50} more" if len(rejected) > 50 else ""

@@ -23,6 +23,19 @@ from xdpfw.cli.rules import (
     cmd_rule_show,
 )
 from xdpfw.cli.serve import DETACH_EPILOG, SERVE_EPILOG, cmd_detach, cmd_serve
+from xdpfw.cli.sources import (
+    SOURCE_EPILOG,
+    SOURCE_EXPORT_EPILOG,
+    SOURCE_LS_EPILOG,
+    SOURCE_REPLACE_EPILOG,
+    SOURCE_RM_EPILOG,
+    SOURCE_SHOW_EPILOG,
+    cmd_source_export,
+    cmd_source_ls,
+    cmd_source_replace,
+    cmd_source_rm,
+    cmd_source_show,
+)
 from xdpfw.cli.stats import STATS_EPILOG, cmd_stats
 from xdpfw.cli.status import STATUS_EPILOG, cmd_status
 from xdpfw.cli.top import TOP_EPILOG, cmd_top
@@ -106,6 +119,58 @@ _CLIENT_PARSERS: list[argparse.ArgumentParser] = []
 
 def _json_flag(p: argparse.ArgumentParser, what: str = "print the API's JSON, not a table") -> None:
     p.add_argument("--json", action="store_true", help=what)
+
+
+def _source_name(text: str) -> str:
+    from xdpfw.sources import SOURCE_RE
+
+    if SOURCE_RE.fullmatch(text) is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a source name: 1-64 of a-z 0-9 . _ -, starting with a letter or "
+            "digit"
+        )
+    return text
+
+
+def _source_flag(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--source", type=_source_name, metavar="NAME", help=what)
+
+
+def _source_commands(sub: Any) -> None:
+    """`xdpfw source ...` (issue 13)."""
+    source = sub.add_parser(
+        "source",
+        help="named rule sources: list, show, replace, export, remove",
+        description="Named rule sources: list, show, replace, export, remove.",
+        epilog=SOURCE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ssub = source.add_subparsers(dest="source_command", metavar="ACTION")
+    ssub.required = True
+    p = _sub(ssub, "ls", "list the sources and their counters", SOURCE_LS_EPILOG,
+             cmd_source_ls, "source ls")
+    _json_flag(p)
+    p = _sub(ssub, "show", "show a source and its rules", SOURCE_SHOW_EPILOG, cmd_source_show,
+             "source show")
+    p.add_argument("name", type=_source_name, metavar="NAME")
+    p.add_argument("--limit", type=_positive_int, default=100, metavar="N",
+                   help="rules to show (default 100)")
+    _json_flag(p)
+    p = _sub(ssub, "rm", "delete a source (its rules go unless another source holds them)",
+             SOURCE_RM_EPILOG, cmd_source_rm, "source rm")
+    p.add_argument("name", type=_source_name, metavar="NAME")
+    p = _sub(ssub, "replace", "make a source hold exactly the entries of a list",
+             SOURCE_REPLACE_EPILOG, cmd_source_replace, "source replace")
+    p.add_argument("name", type=_source_name, metavar="NAME")
+    p.add_argument("file", metavar="FILE|-", help="the list; - reads standard input")
+    p.add_argument("--action", choices=["drop", "allow"], default="drop", help="default: drop")
+    p.add_argument("--monitor", action="store_true", help="count matches but let them pass")
+    p.add_argument("--ttl", type=_ttl, metavar="DURATION", help="expire after 30s, 10m, 2h, 1d")
+    p.add_argument("--comment", default="", metavar="TEXT", help="comment for every rule")
+    _json_flag(p)
+    p = _sub(ssub, "export", "print a source as a list that import reads back",
+             SOURCE_EXPORT_EPILOG, cmd_source_export, "source export")
+    p.add_argument("name", type=_source_name, metavar="NAME")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,12 +270,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--monitor", action="store_true", help="count matches but let them pass")
     p.add_argument("--ttl", type=_ttl, metavar="DURATION", help="expire after 30s, 10m, 2h, 1d")
     p.add_argument("--comment", default="", metavar="TEXT", help="free text (max 256)")
+    _source_flag(p, "the source that holds the rule (default: api)")
     _json_flag(p, "print the new rule as JSON, not just its id")
 
-    p = _sub(rsub, "rm", "remove rules by id", RULE_RM_EPILOG, cmd_rule_rm, "rule rm")
-    p.add_argument("ids", nargs="+", type=_positive_int, metavar="ID")
+    p = _sub(rsub, "rm", "remove rules by id, or by value (--src/--dst)", RULE_RM_EPILOG,
+             cmd_rule_rm, "rule rm")
+    p.add_argument("ids", nargs="*", type=_positive_int, metavar="ID")
+    p.add_argument("--src", metavar="CIDR", help="remove the rules with exactly this src")
+    p.add_argument("--dst", metavar="CIDR", help="remove the rules with exactly this dst")
+    _source_flag(p, "with --src/--dst: only this source's holding goes")
 
     p = _sub(rsub, "ls", "list all rules", RULE_LS_EPILOG, cmd_rule_ls, "rule ls")
+    _source_flag(p, "only the rules this source holds")
+    p.add_argument("--format", choices=["table", "plain"], default="table",
+                   help="plain: one CIDR per line, a list `xdpfw import` reads back")
     _json_flag(p, 'print the API\'s page shape {"rules": [...], "next_cursor": null}')
 
     p = _sub(rsub, "show", "show one rule and its counters", RULE_SHOW_EPILOG,
@@ -230,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="validate and summarise; send nothing")
     p.add_argument("--show-rejected", type=int, default=20, metavar="N",
                    help="bad lines to describe on stderr (default 20; --json has them all)")
+    _source_flag(p, "the source that holds the rules (default: api)")
+    p.add_argument("--replace", action="store_true",
+                   help="with --source: the source holds exactly this file afterwards")
     _json_flag(p, "print the summary as JSON")
 
     # -- lookup (issue 13) --
@@ -240,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--proto", metavar="P", help="tcp, udp, icmp, icmpv6 or a protocol number")
     p.add_argument("--dport", type=int, metavar="N", help="its destination port (tcp/udp)")
     _json_flag(p, "print the API's answer as JSON")
+    _source_commands(sub)
 
     p = _sub(sub, "stats", "per-rule counters and totals", STATS_EPILOG, cmd_stats)
     p.add_argument("--top", type=_positive_int, metavar="N", help="only the N busiest rules")

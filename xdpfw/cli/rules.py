@@ -33,16 +33,25 @@ examples:
   xdpfw rule add --src 198.18.0.0/15 --proto udp --dport 1000-2000
   xdpfw rule add --dst 2001:db8::/32 --proto tcp --dport 22 --action allow
   xdpfw rule add --proto udp --dport 53 --monitor          # count, don't drop
+  xdpfw rule add --src 198.18.7.9 --ttl 1h --source fail2ban.sshd   # again: new expiry
 """
 
-RULE_RM_EPILOG = """examples:
+RULE_RM_EPILOG = """By id, the rule goes whoever holds it. By value (--src/--dst), the rules whose
+src (dst) is exactly that network go; with --source only that source's holding goes (a rule
+another source holds stays enforced).
+
+examples:
   xdpfw rule rm 12
   xdpfw rule rm 12 13 14
+  xdpfw rule rm --src 198.18.7.9                     # unban by value
+  xdpfw rule rm --src 198.18.7.9 --source fail2ban.sshd
   xdpfw rule ls --json | jq '.rules[] | select(.comment=="test") | .id' | xargs xdpfw rule rm
 """
 
 RULE_LS_EPILOG = """examples:
   xdpfw rule ls
+  xdpfw rule ls --source firehol_level1
+  xdpfw rule ls --source firehol_level1 --format plain > saved.netset   # `import` reads it
   xdpfw rule ls --json | jq '.rules | length'
 """
 
@@ -63,6 +72,7 @@ FLAGS = {
     "mode": "--monitor",
     "comment": "--comment",
     "ttl_seconds": "--ttl",
+    "source": "--source",
 }
 
 
@@ -80,6 +90,8 @@ def cmd_rule_add(args: argparse.Namespace, api: Client) -> int:
         body["comment"] = args.comment
     if args.ttl is not None:
         body["ttl_seconds"] = args.ttl
+    if args.source is not None:
+        body["source"] = args.source
     try:
         rule, created = api.add_rule(body)
     except ClientError as exc:
@@ -88,7 +100,8 @@ def cmd_rule_add(args: argparse.Namespace, api: Client) -> int:
             raise ClientError(f"invalid rule: {text}", exc.exit_code, status=exc.status) from exc
         raise
     if not created:
-        err(args, f"an identical rule already exists (id {rule['id']}); nothing added")
+        err(args, f"an identical rule already exists (id {rule['id']}); nothing added"
+            f" (source {rule['source']} holds it, expires {rule['expires_at'] or 'never'})")
     if args.json:
         print_json(rule)
     else:
@@ -97,8 +110,21 @@ def cmd_rule_add(args: argparse.Namespace, api: Client) -> int:
 
 
 def cmd_rule_rm(args: argparse.Namespace, api: Client) -> int:
-    from xdpfw.cli.client import ClientError
+    from xdpfw.cli.client import EXIT_USAGE, ClientError
 
+    if args.src is not None or args.dst is not None:
+        if args.ids:
+            raise ClientError("give rule ids or --src/--dst, not both", EXIT_USAGE)
+        n = api.delete_where(args.src, args.dst, args.source)
+        what = " ".join(f"--{k} {v}" for k, v in (("src", args.src), ("dst", args.dst),
+                                                   ("source", args.source)) if v)
+        print(f"removed {n} ({what})")
+        return 0 if n else 1
+    if not args.ids:
+        raise ClientError("give rule ids, or --src/--dst CIDR (by value)", EXIT_USAGE)
+    if args.source is not None:
+        raise ClientError("--source goes with --src/--dst (an id removes the rule from every "
+                          "source)", EXIT_USAGE)
     removed: list[int] = []
     rc = 0
     for rid in args.ids:
@@ -119,7 +145,13 @@ def cmd_rule_rm(args: argparse.Namespace, api: Client) -> int:
 
 
 def cmd_rule_ls(args: argparse.Namespace, api: Client) -> int:
-    rules = api.rules()
+    rules = api.rules(source=args.source)
+    if args.format == "plain":
+        from xdpfw.cli.sources import export_lines
+
+        for line in export_lines(rules):
+            print(line)
+        return 0
     if args.json:
         print_json({"rules": rules, "next_cursor": None})
         return 0
@@ -135,13 +167,15 @@ def cmd_rule_ls(args: argparse.Namespace, api: Client) -> int:
             r["proto"] or "-",
             r["dport"] or "-",
             hz.until(r["expires_at"]),
+            printable(",".join(r.get("sources", [r.get("source", "api")]))),
             r["comment"],
         ]
         for r in rules
     ]
     print(
         hz.table(
-            ["ID", "ACTION", "SRC", "DST", "PROTO", "DPORT", "EXPIRES", "COMMENT"], rows, right=(0,)
+            ["ID", "ACTION", "SRC", "DST", "PROTO", "DPORT", "EXPIRES", "SOURCES", "COMMENT"],
+            rows, right=(0,),
         )
     )
     return 0
@@ -164,6 +198,7 @@ def cmd_rule_show(args: argparse.Namespace, api: Client) -> int:
         ("action", rule_verdict(rule)),
         ("match", rule_match(rule)),
         ("comment", rule["comment"] or "-"),
+        ("sources", ", ".join(rule.get("sources", [])) or "-"),
         ("created", f"{created} ({hz.ago(created)})"),
         ("expires", f"{expires} ({hz.until(expires)})" if expires else "never"),
         ("packets", _exact(c["packets"], hz.count(c["packets"]))),
