@@ -816,17 +816,28 @@ class RuleCompiler:
             self._counts = list(plan.counts)
         self._n_sets = plan.n_sets if plan.counts else self._n_sets
 
-    def adopt(self, entries: Iterable[tuple[Table, int, list[tuple[int, int]]]]) -> None:
+    def adopt(
+        self,
+        entries: Iterable[tuple[Table, int, list[tuple[int, int]]]],
+        batches: Iterable[HostBatch] = (),
+    ) -> None:
         """Take over entries that are in the maps already, without planning them again.
 
         Each entry is (table, compact key, slots best first), a slot being (rule id, code) for
         the entry's own rules and (rule id, -1) for a rule inherited from a covering prefix:
-        what a map entry holds. The compiler must be empty.
+        what a map entry holds. `batches`: one-slot entries (their own rule) as columns. The
+        compiler must be empty.
         """
         if self._codes:
             raise ValueError("adopt() needs an empty compiler")
         codes, own, counts = self._codes, self._own, self._counts
         trie: dict[Table, list[int]] = {t: [] for t in LPM_TABLES}
+        for b in batches:
+            codes.update(zip(b.ids, b.codes, strict=True))
+            own.update(zip(b.keys, b.ids, strict=True))
+            counts[b.table] += len(b.ids)
+            if b.table in trie:
+                trie[b.table].extend(map(trie_position, b.keys))
         for table, k, slots in entries:
             if len(slots) == 1:  # most entries: one rule, its own
                 rid, code = slots[0]

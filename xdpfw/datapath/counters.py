@@ -239,6 +239,22 @@ class CounterIndex:
             out.append(idx)
         return out
 
+    def adopt_arrays(self, rule_ids: _U32Array, indices: _U32Array) -> None:
+        """`adopt` of (rule id, index) pairs given as two arrays: checked and taken in numpy,
+        the indices off their home remembered in `moved`."""
+        if not len(rule_ids):
+            return
+        idx = indices.astype(np.int64)
+        if int(idx.min()) < 1 or int(idx.max()) > self.size or len(np.unique(idx)) != len(idx) \
+                or bool(self.view[idx].any()):
+            self.adopt(dict(zip(rule_ids.tolist(), indices.tolist(), strict=True)))  # says why
+            return
+        self.view[idx] = rule_ids
+        homes = 1 + (rule_ids.astype(np.int64) - 1) % self.size
+        off = np.flatnonzero(homes != idx)
+        self.moved.update(zip(rule_ids[off].tolist(), indices[off].tolist(), strict=True))
+        self.high = max(self.high, int(idx.max()) + 1)
+
     def adopt(self, pairs: dict[int, int]) -> None:
         """Take (rule id -> index) as read back from the slots of adopted maps."""
         for rid, idx in pairs.items():

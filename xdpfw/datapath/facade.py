@@ -24,7 +24,7 @@ from xdpfw.abi import Table
 from xdpfw.compiler import Capacities, RuleCompiler, TableKey, gc_paused, let_go
 from xdpfw.datapath import attach as attach_
 from xdpfw.datapath import pins, recover
-from xdpfw.datapath.adopt import Adopted, read_entries
+from xdpfw.datapath.adopt import Adopted, read_columns
 from xdpfw.datapath.attach import Attachment
 from xdpfw.datapath.counters import (
     CounterArrays,
@@ -181,14 +181,21 @@ class Datapath:
         (see adopt.py): nothing is planned again, and no Rule object is made."""
         found = Adopted(set_of=self._sets.of)
         with gc_paused(), kernel_door(f"reading the pinned maps in {self.cfg.bpffs_dir}"):
-            self.compiler.adopt(read_entries(self._maps, found))
-            missing = [rid for rid in self.compiler.rules if not found.counters.get(rid)]
-            if missing:
+            batches, rest = read_columns(self._maps, found)
+            self.compiler.adopt(rest, batches)
+            let_go(*(b.ids for b in batches), *(b.keys for b in batches),
+                   *(b.codes for b in batches))
+            ctr = found.counters
+            if ctr.keys() != self.compiler.codes().keys() or 0 in ctr.values():
+                missing = [rid for rid in self.compiler.rules if not ctr.get(rid)]
                 raise DatapathError(
                     f"pinned slots carry no counter index for rules {missing[:5]}: the maps "
                     "were not written by this ABI"
                 )
-            self._counters.index.adopt({rid: found.counters[rid] for rid in self.compiler.rules})
+            self._counters.index.adopt_arrays(
+                np.fromiter(ctr.keys(), dtype=np.uint32, count=len(ctr)),
+                np.fromiter(ctr.values(), dtype=np.uint32, count=len(ctr)),
+            )
             self._hint.adopt(found.trie_keys)
         self._sets.adopt(self._sets.of.values())
 

@@ -987,8 +987,26 @@ class Map(Generic[K, V]):
         to GET_NEXT_KEY + LOOKUP where the map type has no batch lookup. Not a snapshot: a
         map changed meanwhile may be seen partly before and partly after the change.
         """
+        ksize, vsize = self.key_size, self._vsize
+        for kraw, vraw, n in self.dump_chunks(chunk):
+            for i in range(n):
+                yield kraw[i * ksize : (i + 1) * ksize], vraw[i * vsize : (i + 1) * vsize]
+
+    def dump_columns(self, chunk: int = 65536) -> tuple[bytes, bytes, int]:
+        """`dump_raw` as two buffers, (keys back to back, values back to back, count): what
+        a columnar reader hands to numpy, with no bytes object per element."""
+        ks, vs, total = [], [], 0
+        for kraw, vraw, n in self.dump_chunks(chunk):
+            ks.append(kraw[: n * self.key_size])
+            vs.append(vraw[: n * self._vsize])
+            total += n
+        return b"".join(ks), b"".join(vs), total
+
+    def dump_chunks(self, chunk: int = 8192) -> Iterator[tuple[bytes, bytes, int]]:
+        """The map's elements a batch at a time: (keys, values, n), the first n of each."""
         if not self._batch_ok.get(Cmd.MAP_LOOKUP_BATCH, True):
-            yield from self._dump_each()
+            for k, v in self._dump_each():
+                yield k, v, 1
             return
         ksize, vsize = self.key_size, self._vsize
         tok_size = max(ksize, 8)
@@ -1009,13 +1027,13 @@ class Map(Generic[K, V]):
             if ret < 0 and err != _errno.ENOENT:
                 if first and err in _BATCH_UNSUPPORTED:
                     self._batch_ok[Cmd.MAP_LOOKUP_BATCH] = False
-                    yield from self._dump_each()
+                    for k, v in self._dump_each():
+                        yield k, v, 1
                     return
                 raise BpfError(err, op="BPF_MAP_LOOKUP_BATCH", target=self.name)
             n = int(attr.count)
-            kraw, vraw = kbuf.raw, vbuf.raw
-            for i in range(n):
-                yield kraw[i * ksize : (i + 1) * ksize], vraw[i * vsize : (i + 1) * vsize]
+            if n:
+                yield kbuf.raw[: n * ksize], vbuf.raw[: n * vsize], n
             if ret < 0:  # ENOENT: that was the last batch
                 return
             first = False
