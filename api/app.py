@@ -8,6 +8,7 @@ from fastapi import FastAPI
 
 from api.errors import install_error_handlers
 from api.limits import BodyLimits
+from api.metrics import Exposition
 from api.routes import health, interfaces, lookup, rules, sources, stats
 from api.service import FirewallService
 from api.settings import Settings
@@ -26,6 +27,7 @@ def create_app(settings: Settings, service: FirewallService, token: str) -> Fast
     app.state.settings = settings
     app.state.service = service
     app.state.token = token
+    app.state.metrics = Exposition(service, settings.metrics_top_rules)
     install_error_handlers(app)
     # Outside routing: the token and the size of a body are checked before FastAPI reads it.
     app.add_middleware(BodyLimits, settings=settings, token=token)

@@ -312,6 +312,24 @@ class TableUsage(BaseModel):
     capacity: int
 
 
+# -- CrowdSec bouncer (api/crowdsec.py) ---------------------------------------------------
+class CrowdsecHealthOut(BaseModel):
+    """The bouncer's state; a LAPI that is away leaves the rules in force (and the status
+    of /healthz, which is about filtering, as it is)."""
+
+    lapi: str
+    state: Literal["starting", "ok", "unreachable", "failing"]
+    last_pull: str | None = Field(description="the last successful pull (UTC)")
+    last_full_pull: str | None = Field(description="the last full pull (startup=true)")
+    last_error: str | None = Field(description="the last failure, until a pull succeeds")
+    consecutive_errors: int
+    lapi_errors: int
+    applied: int
+    deleted: int
+    ignored: int
+    ignored_kinds: dict[str, int] = Field(description="ignored decisions by type, scope, reason")
+
+
 class HealthOut(BaseModel):
     status: Literal["ok", "degraded"]
     prog_id: int
@@ -321,4 +339,7 @@ class HealthOut(BaseModel):
     interfaces: list[InterfaceOut]
     capacity: dict[str, TableUsage] = Field(
         description="entries and capacity per kernel table, plus `rules` and `xdpfw_sets`"
+    )
+    crowdsec: CrowdsecHealthOut | None = Field(
+        default=None, description="the CrowdSec bouncer, when --crowdsec-lapi is set"
     )

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     import uvicorn
     from fastapi import FastAPI
 
+    from api.crowdsec import CrowdsecBouncer
+    from api.service import FirewallService
     from api.store import Store
 
 __all__ = ["ServeError", "load_token", "serve"]
@@ -131,6 +133,16 @@ def serve(settings: Settings, *, demo: bool = False, cleanup: bool = False) -> i
     except (ServeError, OSError) as exc:
         print(f"xdpfw serve: {exc}", file=sys.stderr)
         return 2
+    # -- CrowdSec bouncer: its key is read before anything is loaded (a typo fails fast) ---
+    crowdsec_key: str | None = None
+    if settings.crowdsec_lapi is not None and settings.crowdsec_key_file is not None:
+        from api.crowdsec import KeyFileError, read_key_file
+
+        try:
+            crowdsec_key = read_key_file(settings.crowdsec_key_file)
+        except KeyFileError as exc:
+            print(f"xdpfw serve: {exc}", file=sys.stderr)
+            return 2
     with ExitStack() as stack:
         lab_note = ""
         if demo:
@@ -215,6 +227,8 @@ def serve(settings: Settings, *, demo: bool = False, cleanup: bool = False) -> i
         watchdog.start()
         stack.callback(watchdog.stop)
         app = create_app(settings, svc, token)
+        if crowdsec_key is not None:
+            app.state.crowdsec = _start_crowdsec(stack, settings, svc, crowdsec_key)
         if lab_note:
             print(lab_note, flush=True)
         config = _uvicorn_config(settings, app)
@@ -274,6 +288,22 @@ def _uvicorn_config(settings: Settings, app: FastAPI) -> uvicorn.Config:
         limit, nofile, in_use, settings.header_timeout, settings.keep_alive_timeout,
     )  # fmt: skip
     return config
+
+
+def _start_crowdsec(
+    stack: ExitStack, settings: Settings, svc: FirewallService, key: str
+) -> CrowdsecBouncer:
+    """The CrowdSec bouncer thread (api/crowdsec.py), stopped when the service stops."""
+    from api.crowdsec import CrowdsecBouncer, LapiClient
+
+    assert settings.crowdsec_lapi is not None
+    client = LapiClient(settings.crowdsec_lapi, key)
+    bouncer = CrowdsecBouncer(
+        svc, client, interval=settings.crowdsec_interval, resync=settings.crowdsec_resync
+    )
+    bouncer.start()
+    stack.callback(bouncer.stop)
+    return bouncer
 
 
 def _forget_interfaces(store: Store) -> None:

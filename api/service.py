@@ -215,12 +215,13 @@ class _Overlaps:
             self.shown.append(f"{rule_from_code(1, code).describe()}: {problem}")
 
 
-_PAUSE_ENV = "XDPFW_TEST_PAUSE"  # "replace=SECONDS": sleep inside a replace's transaction
+_PAUSE_ENV = "XDPFW_TEST_PAUSE"  # "replace=SECONDS" (inside a replace's transaction) or
+# "replace-committed=SECONDS" (after its COMMIT, before the old-only rules leave the maps)
 
 
 def _test_pause(where: str) -> None:
-    """A test hook (tests/test_sources_e2e.py kills the server here): sleep inside the open
-    transaction, after the maps gained the new rules and before the COMMIT."""
+    """A test hook (tests/test_sources_e2e.py kills the server here): sleep at `where` when
+    XDPFW_TEST_PAUSE names it. Unset in production: one getenv per replace."""
     spec = os.environ.get(_PAUSE_ENV, "")
     name, _, seconds = spec.partition("=")
     if name == where and seconds:
@@ -560,8 +561,9 @@ class FirewallService:
 
     def add(self, new: NewRule) -> tuple[StoredRule, bool]:
         """Add a rule held by `new.source`. An identical one (match, action, mode) is not made
-        again: the source holds the existing one (a TTL given sets that holding's new expiry)
-        and it is returned, created=False."""
+        again: the source holds the existing one (a TTL given sets that holding's new expiry;
+        without one, a holding the source has stays as it is) and it is returned,
+        created=False."""
         with self.lock:  # the duplicate must not vanish before we read it back
             result = self.bulk_add([new])
             if result.added:
@@ -839,13 +841,14 @@ class FirewallService:
                     self.store.refresh(name, uniform[0], expiry(0))
                 else:
                     self.store.hold(name, ((rid, comment(i), now, expiry(i))
-                                           for rid, i in keep.items()))
+                                           for rid, i in keep.items()), exact=True)
                 _, orphans = self.store.release(name, drop) if drop else (0, [])
                 self.store.touch(name, now)
                 if fresh:  # the columnar bulk path (no Rule objects)
                     self.dp.add_codes(ids, [codes[i] for i in fresh])
                     undo.append(lambda: self.dp.remove_rules(ids))
                 _test_pause("replace")
+            _test_pause("replace-committed")  # committed; the old-only rules still in the maps
             self._unmap(orphans, rows)
             return SourceChange(
                 name, len(fresh) + len(keep) - unchanged, len(drop), unchanged,

@@ -6,7 +6,7 @@ import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["MIN_TOKEN_CHARS", "Settings", "get_settings"]
@@ -64,6 +64,65 @@ class Settings(BaseSettings):
         description="allow TCP to the listen address and port above every drop rule, so no "
         "rule cuts the API off (XDPFW_PROTECT_API=false turns it off)",
     )
+    # -- /metrics (api/metrics.py) --
+    metrics_top_rules: int = Field(
+        default=100,
+        ge=0,
+        le=1 << 26,
+        description="per-rule series on /metrics for the N busiest rules only (0: none); one "
+        "series per rule and counter at a million rules is not scrapeable",
+    )
+
+    # -- CrowdSec bouncer (api/crowdsec.py; off unless crowdsec_lapi is set) ----------------
+    crowdsec_lapi: str | None = Field(
+        default=None, description="CrowdSec Local API URL to pull ban decisions from"
+    )
+    crowdsec_key_file: Path | None = Field(
+        default=None, description="file holding the bouncer key (cscli bouncers add NAME -o raw)"
+    )
+    crowdsec_interval: float = Field(
+        default=10.0, ge=0.1, le=3600, description="s between polls (or a duration: 10s, 1m)"
+    )
+    crowdsec_resync: float = Field(
+        default=600.0, ge=1, le=86400,
+        description="s between full pulls that replace source crowdsec (or a duration: 10m)",
+    )  # fmt: skip
+
+    @field_validator("crowdsec_interval", "crowdsec_resync", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> object:
+        from xdpfw.crowdsec import parse_go_duration
+
+        if isinstance(value, str) and value.strip() and not _is_number(value):
+            return parse_go_duration(value)
+        return value
+
+    @field_validator("crowdsec_lapi")
+    @classmethod
+    def _check_lapi(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        from urllib.parse import urlsplit
+
+        url = value.strip().rstrip("/")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                f"{value!r} is not a LAPI URL: give http(s)://HOST:PORT, e.g. "
+                "http://127.0.0.1:8080"
+            )
+        return url
+
+    @model_validator(mode="after")
+    def _crowdsec_pair(self) -> Settings:
+        if (self.crowdsec_lapi is None) != (self.crowdsec_key_file is None):
+            given, missing = (
+                ("--crowdsec-lapi", "--crowdsec-key-file (XDPFW_CROWDSEC_KEY_FILE)")
+                if self.crowdsec_lapi is not None
+                else ("--crowdsec-key-file", "--crowdsec-lapi (XDPFW_CROWDSEC_LAPI)")
+            )
+            raise ValueError(f"{given} needs {missing} too")
+        return self
 
     @field_validator("iface", "protect", mode="before")
     @classmethod
@@ -137,6 +196,14 @@ def split_listen(value: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"listen address {value!r} must be HOST:PORT (e.g. 127.0.0.1:8000)")
     return host or "0.0.0.0", int(port)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def get_settings(**overrides: object) -> Settings:

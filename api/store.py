@@ -94,8 +94,9 @@ CREATE TABLE IF NOT EXISTS holdings (
 CREATE INDEX IF NOT EXISTS holdings_rule ON holdings(rule_id);
 CREATE INDEX IF NOT EXISTS holdings_expiry ON holdings(expires_at) WHERE expires_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS sources (name TEXT PRIMARY KEY, updated_at REAL NOT NULL);
-CREATE INDEX IF NOT EXISTS rules_src ON rules(src) WHERE src IS NOT NULL;
 """
+# No index on rules(src): delete by value scans (~0.1-0.3 s at 1M rules, measured), where an
+# index would cost every bulk load ~25% more (0.5 s per 200k rows, measured).
 _COLUMNS = "id, action, mode, src, dst, proto, dport, comment, created_at, expires_at"
 _HOLDING_COLUMNS = "source, rule_id, comment, created_at, expires_at"
 _TABLES = {
@@ -248,12 +249,6 @@ def _spec_of(row: sqlite3.Row) -> RuleSpec:
         proto=row["proto"],
         dport=row["dport"],
     )
-
-
-def _row_to_rule(row: sqlite3.Row) -> StoredRule:
-    """A rules row alone (no holding known): its own comment and creation."""
-    return StoredRule(_spec_of(row).with_id(row["id"]), row["comment"], row["created_at"],
-                      row["expires_at"])
 
 
 class Store:
@@ -452,14 +447,24 @@ class Store:
                 self.touch(source, rows[0][3])
 
     def hold(
-        self, source: str, rows: Iterable[tuple[int, str, float, float | None]]
+        self,
+        source: str,
+        rows: Iterable[tuple[int, str, float, float | None]],
+        *,
+        exact: bool = False,
     ) -> None:
         """(rule_id, comment, created_at, expires_at): `source` holds these existing rules. A
-        holding it has already gets the new expiry (its comment and creation time stay)."""
+        holding it has already gets a new expiry when one is given (a re-add without a TTL
+        keeps the holding as it is); `exact` (a replace): the expiry and comment given, even
+        none. The creation time stays."""
+        update = (
+            "expires_at=excluded.expires_at, comment=excluded.comment" if exact
+            else "expires_at=COALESCE(excluded.expires_at, expires_at)"
+        )
         with self._sql(f"write the rule database {self.path}"):
             self._db.executemany(
                 f"INSERT INTO holdings ({_HOLDING_COLUMNS}) VALUES (?,?,?,?,?)"
-                " ON CONFLICT(source, rule_id) DO UPDATE SET expires_at=excluded.expires_at",
+                f" ON CONFLICT(source, rule_id) DO UPDATE SET {update}",
                 ((source, rid, comment, created, expires)
                  for rid, comment, created, expires in rows),
             )

@@ -508,7 +508,7 @@ def test_stats_and_metrics(api: Api) -> None:
     assert f'xdpfw_rule_bytes_total{{rule_id="{ids[3]}"}} 500.0' in text
     assert 'xdpfw_table_entries{table="rules"} 5.0' in text
     assert 'xdpfw_table_capacity{table="rules"} 8192.0' in text
-    assert 'xdpfw_packets_total{outcome="dropped"} 0.0' in text
+    assert 'xdpfw_frames_total{verdict="drop"} 0.0' in text
 
 
 # -- bounded inputs (docs/guarantees.md "Bounded inputs"; e2e: tests/test_limits.py) ------------

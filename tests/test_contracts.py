@@ -18,9 +18,9 @@ from typing import Any, cast, get_args, get_origin, get_type_hints
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from api import metrics as metrics_mod
 from api.app import create_app
 from api.models import TotalsOut
-from api.routes import stats as stats_route
 from api.settings import get_settings
 from xdpfw import abi
 from xdpfw.cli import client, stats, top
@@ -61,29 +61,38 @@ def test_global_counters_and_model_outcome_name_every_counter() -> None:
 
 
 class _Svc:
-    def table_usage(self) -> dict[str, tuple[int, int]]:
-        return {"rules": (3, 8192)}
-
     def totals(self) -> GlobalCounters:
         return GlobalCounters(*range(1, len(NAMES) + 1))
 
-    def reattach_counts(self) -> dict[str, int]:
-        return {"eth1": 2}
+
+class _Frames:
+    def __init__(self, collector: metrics_mod._Collector) -> None:
+        self.collector = collector
+
+    def collect(self) -> Any:
+        return self.collector.frames()
 
 
-def test_metrics_outcome_labels_unchanged() -> None:
+def test_metrics_frame_labels_come_from_the_list() -> None:
+    """The verdicts partition the frames (pass + drop = packets), the flags are every other
+    counter but bytes, named by abi.Stat, in its order (README "upgrade notes": they replaced
+    xdpfw_packets_total{outcome})."""
+    assert {metrics_mod.VERDICTS["pass"], metrics_mod.VERDICTS["drop"]} == {
+        abi.Stat.PASSED, abi.Stat.DROPPED}
+    assert [s.field for s in metrics_mod.FLAGS] == ["monitored", "malformed", "non_ip",
+                                                     "fragments"]
+    collector = metrics_mod._Collector(cast(Any, _Svc()), metrics_mod.SourceCounters())
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(stats_route._Collector(cast(Any, _Svc())))
+    registry.register(_Frames(collector))
     text = generate_latest(registry).decode()
     samples = [line for line in text.splitlines() if line and not line.startswith("#")]
-    assert samples[:8] == [
-        'xdpfw_packets_total{outcome="passed"} 2.0',
-        'xdpfw_packets_total{outcome="dropped"} 3.0',
-        'xdpfw_packets_total{outcome="monitored"} 4.0',
-        'xdpfw_packets_total{outcome="malformed"} 5.0',
-        'xdpfw_packets_total{outcome="non_ip"} 6.0',
-        'xdpfw_packets_total{outcome="fragments"} 7.0',
-        "xdpfw_frames_total 1.0",
+    assert samples == [
+        'xdpfw_frames_total{verdict="pass"} 2.0',
+        'xdpfw_frames_total{verdict="drop"} 3.0',
+        'xdpfw_frames_flagged_total{flag="monitored"} 4.0',
+        'xdpfw_frames_flagged_total{flag="malformed"} 5.0',
+        'xdpfw_frames_flagged_total{flag="non_ip"} 6.0',
+        'xdpfw_frames_flagged_total{flag="fragments"} 7.0',
         "xdpfw_bytes_total 8.0",
     ]
 
@@ -113,6 +122,7 @@ PAIRS: dict[type, str] = {
     client.LookupMatch: "LookupMatchOut",
     client.LookupEntry: "LookupEntryOut",
     client.LookupPacket: "LookupPacketOut",
+    client.CrowdsecHealth: "CrowdsecHealthOut",  # issue 14: CrowdSec
     # issue 13: sources
     client.Source: "SourceOut",
     client.SourceDetail: "SourceDetailOut",

@@ -210,7 +210,10 @@ def _wait_log(srv: Server, text: str, timeout: float = 30) -> None:
         time.sleep(0.05)
 
 
-def test_killed_inside_a_replace_the_old_version_wins(server: Server) -> None:
+@pytest.mark.parametrize("where", ["replace", "replace-committed"])
+def test_killed_inside_a_replace_one_version_wins(server: Server, where: str) -> None:
+    """SIGKILL before the COMMIT: the old version, entirely; after it (the old-only rules
+    still in the maps): the new one, entirely. The start-up reconcile fixes the maps."""
     lab = server.lab
     peer = lab.peer_ip4
     old = [peer, "198.18.250.0/24", *filler(500, 0)]
@@ -221,7 +224,7 @@ def test_killed_inside_a_replace_the_old_version_wins(server: Server) -> None:
         rows_before = c.get("/v1/rules", params={"source": "feed", "limit": 10_000}).json()
     assert udp_roundtrip(lab, count=5) == 0
     assert server.stop() == 0
-    server.env = {"XDPFW_TEST_PAUSE": "replace=60"}
+    server.env = {"XDPFW_TEST_PAUSE": f"{where}=60"}
     server.start()
     errors: list[BaseException] = []
 
@@ -234,8 +237,8 @@ def test_killed_inside_a_replace_the_old_version_wins(server: Server) -> None:
 
     t = threading.Thread(target=replace, daemon=True)
     t.start()
-    _wait_log(server, "test pause: replace")
-    # Inside the transaction: the maps already hold the new rules; the peer is still dropped.
+    _wait_log(server, f"test pause: {where} ")
+    # Both versions are in the maps at this point: the peer is still dropped.
     assert udp_roundtrip(lab, count=5) == 0
     assert server.proc is not None
     server.proc.send_signal(signal.SIGKILL)
@@ -247,18 +250,25 @@ def test_killed_inside_a_replace_the_old_version_wins(server: Server) -> None:
     server.start()
     with server.client() as c:
         after = c.get("/v1/sources/feed").json()
+        rows = c.get("/v1/rules", params={"source": "feed", "limit": 10_000}).json()
+        health = c.get("/healthz").json()
+        srcs = {r["src"] for r in rows["rules"]}
+    if where == "replace":  # not committed: the old version
         assert after["rules"] == before["rules"] == len(old)
         assert after["updated_at"] == before["updated_at"]
-        rows = c.get("/v1/rules", params={"source": "feed", "limit": 10_000}).json()
         assert rows == rows_before
-        health = c.get("/healthz").json()
-        assert health["rules"] == len(old)  # the maps hold the old version only
-        assert health["capacity"]["rules"]["entries"] == len(old)
-    assert udp_roundtrip(lab, count=5) == 0  # the old version drops the peer
-    # and the same replace, now uninterrupted, gives the new version
+        assert udp_roundtrip(lab, count=5) == 0  # the old version drops the peer
+    else:  # committed: the new version
+        assert after["rules"] == len(new) and srcs == {
+            n if "/" in n else f"{n}/32" for n in new}
+        assert udp_roundtrip(lab, count=5) == 5  # the peer's old-only rule left the maps
+    assert health["rules"] == after["rules"]  # the maps hold that version only
+    assert health["capacity"]["rules"]["entries"] == after["rules"]
+    # and the replace again, uninterrupted, gives the new version either way
     with server.client() as c:
         r = put(c, "feed", lines(new))
-        assert r.status_code == 200 and r.json()["removed"] == len(old)
+        assert r.status_code == 200 and r.json()["unchanged"] == (
+            0 if where == "replace" else len(new))
     assert udp_roundtrip(lab, count=5) == 5
 
 

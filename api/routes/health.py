@@ -15,7 +15,8 @@ from anyio import CapacityLimiter, to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from api.models import HealthOut, InterfaceOut, TableUsage
+from api.crowdsec import CrowdsecBouncer
+from api.models import CrowdsecHealthOut, HealthOut, InterfaceOut, TableUsage, iso
 from api.service import FirewallService
 from api.settings import Settings
 
@@ -65,8 +66,29 @@ async def healthz(request: Request) -> JSONResponse:
             name: TableUsage(entries=used, capacity=cap)
             for name, (used, cap) in health.capacity.items()
         },
+        crowdsec=_crowdsec(request),
     )
     return JSONResponse(body.model_dump(), status_code=200 if health.ok else 503)
+
+
+def _crowdsec(request: Request) -> CrowdsecHealthOut | None:
+    bouncer: CrowdsecBouncer | None = getattr(request.app.state, "crowdsec", None)
+    if bouncer is None:
+        return None
+    st = bouncer.status()
+    return CrowdsecHealthOut(
+        lapi=st.lapi,
+        state=st.state,
+        last_pull=iso(st.last_pull),
+        last_full_pull=iso(st.last_full_pull),
+        last_error=st.last_error,
+        consecutive_errors=st.consecutive_errors,
+        lapi_errors=st.lapi_errors,
+        applied=st.applied,
+        deleted=st.deleted,
+        ignored=st.ignored,
+        ignored_kinds=st.ignored_kinds,
+    )
 
 
 LIVE_WITHIN_S = 10.0  # the watchdog runs a round at least every second

@@ -36,6 +36,7 @@ __all__ = [
     "BulkResult",
     "Client",
     "ClientError",
+    "CrowdsecHealth",
     "Health",
     "Interface",
     "Lookup",
@@ -183,6 +184,21 @@ class TableUsage(TypedDict):
     capacity: int
 
 
+# -- CrowdSec bouncer (api/crowdsec.py) --
+class CrowdsecHealth(TypedDict):
+    lapi: str
+    state: str  # starting | ok | unreachable | failing
+    last_pull: str | None
+    last_full_pull: str | None
+    last_error: str | None
+    consecutive_errors: int
+    lapi_errors: int
+    applied: int
+    deleted: int
+    ignored: int
+    ignored_kinds: dict[str, int]
+
+
 class Health(TypedDict):
     status: str
     prog_id: int
@@ -191,6 +207,7 @@ class Health(TypedDict):
     protected: list[str]
     interfaces: list[Interface]
     capacity: dict[str, TableUsage]  # per kernel table, plus "rules" and "xdpfw_sets"
+    crowdsec: CrowdsecHealth | None  # when the service runs the CrowdSec bouncer
 
 
 # GET /v1/lookup (api/routes/lookup.py)

@@ -216,6 +216,24 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="on stop, detach and remove the pins (default: keep filtering while down)",
     )
+    # -- CrowdSec bouncer (README "CrowdSec"; api/crowdsec.py) --------------------------------
+    cs = p.add_argument_group("CrowdSec bouncer (off unless --crowdsec-lapi is given)")
+    cs.add_argument(
+        "--crowdsec-lapi", metavar="URL", default=None,
+        help="pull ban decisions from this CrowdSec Local API, e.g. http://127.0.0.1:8080",
+    )  # fmt: skip
+    cs.add_argument(
+        "--crowdsec-key-file", metavar="FILE", type=Path, default=None,
+        help="the bouncer key (`cscli bouncers add xdpfw -o raw`), one line",
+    )  # fmt: skip
+    cs.add_argument(
+        "--crowdsec-interval", metavar="DURATION", default=None,
+        help="poll for new and deleted decisions this often (default 10s)",
+    )  # fmt: skip
+    cs.add_argument(
+        "--crowdsec-resync", metavar="DURATION", default=None,
+        help="pull every decision again and replace source crowdsec this often (default 10m)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(

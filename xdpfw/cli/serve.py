@@ -23,6 +23,11 @@ SERVE_EPILOG = """examples:
 
 Every flag also has an XDPFW_* environment variable (XDPFW_IFACE=eth1,eth2, XDPFW_LISTEN,
 XDPFW_STATE_DIR, XDPFW_BPFFS_DIR, XDPFW_XDP_MODE, XDPFW_TOKEN, XDPFW_MAX_RULES, ...).
+
+CrowdSec (a bouncer inside the service; README "CrowdSec"):
+  cscli bouncers add xdpfw -o raw > /etc/xdpfw/crowdsec.key && chmod 600 /etc/xdpfw/crowdsec.key
+  xdpfw serve --iface eth1 --crowdsec-lapi http://127.0.0.1:8080 \\
+      --crowdsec-key-file /etc/xdpfw/crowdsec.key --crowdsec-interval 10s
 """
 
 
@@ -130,6 +135,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_prefixes=args.max_prefixes,
             max_sets=args.max_sets,
             protect=args.protect or None,
+            **_crowdsec_flags(args),
         )
         if not settings.iface and not args.no_demo:
             from api.store import Store
@@ -156,9 +162,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     max_prefixes=args.max_prefixes or 16384,
                     max_sets=args.max_sets or 1024,
                     protect=args.protect or None,
+                    **_crowdsec_flags(args),
                 )
     except ValidationError as exc:
         for err in exc.errors():
             print(f"xdpfw serve: {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
         return 2
     return serve(settings, demo=demo, cleanup=args.cleanup)
+
+
+def _crowdsec_flags(args: argparse.Namespace) -> dict[str, object]:
+    """The CrowdSec bouncer's flags as settings (None: the XDPFW_CROWDSEC_* variable or the
+    default)."""
+    return {
+        "crowdsec_lapi": args.crowdsec_lapi,
+        "crowdsec_key_file": args.crowdsec_key_file,
+        "crowdsec_interval": args.crowdsec_interval,
+        "crowdsec_resync": args.crowdsec_resync,
+    }

@@ -22,8 +22,11 @@ class Holdings:
     held: dict[str, dict[int, float | None]] = field(default_factory=dict)
 
     def add(self, source: str, code: int, expires_at: float | None = None) -> None:
-        """A source holds a rule; holding it again sets the new expiry."""
-        self.held.setdefault(source, {})[code] = expires_at
+        """A source holds a rule; holding it again with an expiry sets the new one (without,
+        the holding stays as it was)."""
+        mine = self.held.setdefault(source, {})
+        if expires_at is not None or code not in mine:
+            mine[code] = expires_at
 
     def replace(self, source: str, codes: Iterable[int], expires_at: float | None = None
                 ) -> tuple[int, int, int]:
