@@ -297,6 +297,16 @@ class _Collector(Collector):
         for name, n in self.svc.reattach_counts().items():
             reattached.add_metric([name], n)
         yield reattached
+        # X-ray: sampled frames, sent and lost by reason
+        samples = CounterMetricFamily(
+            "xdpfw_samples",
+            "Sampled frames of sampled rules, by outcome (sent to the ring, or lost: ring "
+            "full, over the cap, a slow stream)",
+            labels=["outcome"],
+        )
+        for outcome, n in self.svc.sample_stats().items():
+            samples.add_metric([outcome], n)
+        yield samples
         yield GaugeMetricFamily(
             "xdpfw_program_id", "Kernel id of the XDP program in use", value=health.prog_id
         )

@@ -15,6 +15,7 @@ import numpy as np
 from xdpfw.abi import Table
 from xdpfw.datapath import Attachment, GlobalCounters, RuleCounters
 from xdpfw.rules import Rule
+from xdpfw.xray.hub import SampleSource
 
 __all__ = ["CounterArrays", "DatapathPort", "RuleIndex"]
 
@@ -84,6 +85,19 @@ class DatapathPort(Protocol):
     def detach(self, ifname: str) -> None: ...
 
     def attachments(self) -> list[Attachment]: ...
+
+    # X-ray (issue 17): sampling is a map write
+    def sample_configure(self, max_pps: int, snaplen: int) -> None: ...
+
+    def sample_set(self, every: dict[int, int | None]) -> None: ...
+
+    def sample_rules(self) -> dict[int, int]: ...
+
+    def sample_settings(self) -> tuple[int, int]: ...
+
+    def sample_stats(self) -> dict[str, int]: ...
+
+    def sample_ring(self) -> SampleSource: ...
 
 
 if TYPE_CHECKING:

@@ -78,6 +78,7 @@ CREATE TABLE IF NOT EXISTS rules (
 );
 CREATE INDEX IF NOT EXISTS rules_expiry ON rules(expires_at) WHERE expires_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS interfaces (name TEXT PRIMARY KEY, mode TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS rule_sample (rule_id INTEGER PRIMARY KEY, every INTEGER NOT NULL);
 """
 # v2: sources. A rule (one kernel rule) is held by one or more sources; each holding has its
 # own comment, creation and expiry (rules.expires_at is no longer used: NULL). `sources` keeps
@@ -655,6 +656,7 @@ class Store:
         with self._sql(f"write the rule database {self.path}"):
             self._db.executemany("DELETE FROM holdings WHERE rule_id=?", ((i,) for i in ids))
             self._db.executemany("DELETE FROM rules WHERE id=?", ((i,) for i in ids))
+            self._db.executemany("DELETE FROM rule_sample WHERE rule_id=?", ((i,) for i in ids))
 
     _HELD = (
         "SELECT r.id AS id, r.action AS action, r.mode AS mode, r.src AS src, r.dst AS dst,"
@@ -755,6 +757,29 @@ class Store:
     def drop_interface(self, name: str) -> None:
         with self._sql(f"write the rule database {self.path}"):
             self._db.execute("DELETE FROM interfaces WHERE name=?", (name,))
+
+    # -- X-ray (issue 17): which rules are sampled, 1 in `every` ---------------------------------
+
+    def samples(self) -> dict[int, int]:
+        """rule id -> every, of each sampled rule (rows of rules that no longer exist skipped)."""
+        with self._sql(f"read the rule database {self.path}"):
+            rows = self._db.execute(
+                "SELECT rule_id, every FROM rule_sample WHERE rule_id IN (SELECT id FROM rules)"
+            ).fetchall()
+        return {int(r["rule_id"]): int(r["every"]) for r in rows}
+
+    def set_samples(self, every: dict[int, int | None]) -> None:
+        """Inside a transaction: sample these rules 1 in `every` (None: not sampled)."""
+        with self._sql(f"write the rule database {self.path}"):
+            for rid, n in every.items():
+                if n:
+                    self._db.execute(
+                        "INSERT INTO rule_sample VALUES (?, ?)"
+                        " ON CONFLICT(rule_id) DO UPDATE SET every=excluded.every",
+                        (rid, n),
+                    )
+                else:
+                    self._db.execute("DELETE FROM rule_sample WHERE rule_id=?", (rid,))
 
     # -- protected prefixes --------------------------------------------------------------------
 

@@ -37,10 +37,12 @@ RUN_PACKAGES=(
     python3-bpfcc "linux-headers-$ARCH" python3-venv iproute2 iputils-ping curl
 )
 # test: the test suite and the benchmarks (xdp-filter as the foreign program and the rival,
-# trafgen from netsniff-ng, nftables/ipset/iptables as rivals, bpftool/tcpdump to look).
+# trafgen from netsniff-ng, nftables/ipset/iptables as rivals, bpftool/tcpdump to look;
+# systemd for systemd-analyze verify of deploy/systemd, which needs no systemd as PID 1;
+# zsh to run the zsh completion).
 TEST_PACKAGES=(
     "${RUN_PACKAGES[@]}" python3-pip bpfcc-tools xdp-tools bpftool netsniff-ng nftables ipset
-    iptables tcpdump
+    iptables tcpdump tshark systemd zsh
 )
 # Partner programs the tests run on private config dirs: crowdsec (the LAPI and cscli of
 # tests/test_crowdsec_lapi.py), fail2ban (fail2ban-server/-client of tests/test_fail2ban.py),
@@ -108,6 +110,9 @@ if ((${#missing[@]})); then
         die "missing packages (${missing[*]}); run this as root, or with sudo (sudo make $PROFILE)"
     export DEBIAN_FRONTEND=noninteractive APT_LISTCHANGES_FRONTEND=none NEEDRESTART_MODE=a
     log "installing ${missing[*]}"
+    # tshark (X-ray's tests read the captures with it) asks whether non-root users may
+    # capture; answer no, so the install never waits on a question.
+    echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections
     crowdsec_offline_credentials "${missing[@]}"
     apt-get -q -o DPkg::Lock::Timeout=300 update </dev/null >/dev/null
     apt-get -q -y -o DPkg::Lock::Timeout=300 -o Dpkg::Options::=--force-confdef \

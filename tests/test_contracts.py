@@ -72,6 +72,9 @@ class _Frames:
     def collect(self) -> Any:
         return self.collector.frames()
 
+    def sample_stats(self) -> dict[str, int]:
+        return {"sent": 9, "lost_ring": 10, "lost_cap": 11, "lost_client": 12}
+
 
 def test_metrics_frame_labels_come_from_the_list() -> None:
     """The verdicts partition the frames (pass + drop = packets), the flags are every other
@@ -115,6 +118,8 @@ PAIRS: dict[type, str] = {
     client.RuleStat: "RuleStatOut",
     client.Stats: "StatsOut",
     client.Interface: "InterfaceOut",
+    client.Problem: "Problem",
+    client.FieldError: "FieldError",
     client.TableUsage: "TableUsage",
     client.Health: "HealthOut",
     # GET /v1/lookup
@@ -128,10 +133,14 @@ PAIRS: dict[type, str] = {
     client.SourceDetail: "SourceDetailOut",
     client.SourceChange: "SourceChangeOut",
     client.Removed: "RemovedOut",
+    client.Sample: "SampleOut",  # X-ray
+    client.SampleStats: "SamplesOut",
 }
 # Components the client does not mirror as a TypedDict: request bodies (the CLI builds them
 # as dicts and the API validates them) and error bodies (client.error_for reads them loosely).
-NOT_MIRRORED = {"RuleIn", "InterfaceIn", "ErrorOut", "HTTPValidationError", "ValidationError"}
+NOT_MIRRORED = {
+    "RuleIn", "SampleIn", "InterfaceIn", "ErrorOut", "HTTPValidationError", "ValidationError"
+}
 
 
 @pytest.fixture(scope="module")

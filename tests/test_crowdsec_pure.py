@@ -18,11 +18,10 @@ from typing import Any
 
 import httpx
 import pytest
-from pydantic import ValidationError
 
 from api.crowdsec import CrowdsecBouncer, KeyFileError, LapiClient, read_key_file
 from api.service import FirewallService, NewRule
-from api.settings import get_settings
+from api.settings import ConfigError, get_settings
 from api.store import Store, StoredRule
 from tests.fakes import FakeDatapath
 from xdpfw.crowdsec import (
@@ -230,7 +229,7 @@ def test_settings_from_flags_and_env(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     ],
 )
 def test_bad_settings(overrides: dict[str, object], problem: str) -> None:
-    with pytest.raises(ValidationError, match=problem):
+    with pytest.raises(ConfigError, match=problem):  # a ValidationError, named by key
         get_settings(**overrides)
 
 

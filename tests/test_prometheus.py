@@ -232,7 +232,9 @@ def test_attachment_rules_and_expiries(api: Any) -> None:
     }
     assert samples(text, "xdpfw_rules_expiring") == {'{source="api"}': 1.0}
     (info,) = samples(text, "xdpfw_build_info")
-    assert 'abi="3"' in info and 'version="' in info
+    from xdpfw import abi
+
+    assert f'abi="{abi.ABI_VERSION}"' in info and 'version="' in info
     assert samples(text, "xdpfw_program_id") == {"": 4242.0}
     assert samples(text, "process_resident_memory_bytes")[""] > 0
 

@@ -201,7 +201,7 @@ def test_bad_bodies_change_nothing(api: Api) -> None:
     before = held(api, "feed")
     r = put(api, "feed", "198.18.10.2\n198.18.10.3/24\nnonsense\n")
     assert r.status_code == 422
-    msg = r.json()["detail"][0]["msg"]
+    msg = r.json()["errors"][0]["msg"]
     assert "line 2" in msg and "line 3" in msg
     assert put(api, "feed", b"\xff\xfe198.18.1.1\n").status_code == 422
     assert put(api, "feed", "# only comments\n").status_code == 422

@@ -9,12 +9,11 @@ on the event loop (it reads one number), for the same reason.
 
 from __future__ import annotations
 
-import secrets
-
 from anyio import CapacityLimiter, to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from api.auth import Refusal, authorize
 from api.crowdsec import CrowdsecBouncer
 from api.models import CrowdsecHealthOut, HealthOut, InterfaceOut, TableUsage, iso
 from api.service import FirewallService
@@ -118,8 +117,8 @@ HIDDEN = (
 
 
 def _has_token(request: Request) -> bool:
-    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
-    expected: str = request.app.state.token
-    return scheme.lower() == "bearer" and secrets.compare_digest(
-        credentials.strip().encode(), expected.encode()
+    """The admin or the read token, or a peer on the local socket."""
+    who = authorize(
+        request.scope, request.headers.get("authorization"), request.app.state.tokens, write=False
     )
+    return not isinstance(who, Refusal)

@@ -9,7 +9,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from api.deps import AUTH_RESPONSES, ERROR_RESPONSES, ReadAccess, ServiceDep
 from api.metrics import PARTS, Exposition
-from api.models import RuleStatOut, StatsOut, TotalsOut, iso
+from api.models import RuleStatOut, SamplesOut, StatsOut, TotalsOut, iso
+from api.service import FirewallService
 
 __all__ = ["metrics_router", "router"]
 
@@ -27,11 +28,20 @@ def stats(
     totals = svc.totals()
     ranked = svc.top_counters(top)
     return StatsOut(
+        samples=_samples(svc),
         totals=TotalsOut.of(totals),
         rules=[
             RuleStatOut(id=rid, packets=c.packets, bytes=c.bytes, last_hit=iso(c.last_hit))
             for rid, c in ranked
         ],
+    )
+
+
+def _samples(svc: FirewallService) -> SamplesOut:
+    """X-ray's counters, with the cap and snap length in force."""
+    snaplen, max_pps = svc.sample_settings()
+    return SamplesOut(
+        **svc.sample_stats(), max_pps=max_pps, snaplen=snaplen, streams=svc.sample_streams()
     )
 
 

@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from xdpfw.errors import XdpfwError
 
@@ -117,18 +118,29 @@ def _database_interfaces(args: argparse.Namespace) -> list[str]:
         return []
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
+def _ops_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags of issue 15 (config file, listeners, logs) as settings overrides."""
+    listen = getattr(args, "listen", None)
+    return {
+        "config": getattr(args, "config", None),
+        "listen": ",".join(listen) if isinstance(listen, list) else listen,
+        "log_format": getattr(args, "log_format", None),
+        "log_level": getattr(args, "log_level", None),
+        "access_log": True if getattr(args, "access_log", False) else None,
+    }
 
+
+def cmd_serve(args: argparse.Namespace) -> int:
     from api.server import serve
-    from api.settings import get_settings
+    from api.settings import ConfigError, get_settings
 
     demo = False
+    ops = _ops_flags(args)
     try:
         settings = get_settings(
+            **ops,
             iface=args.iface or None,
             xdp_mode=args.xdp_mode,
-            listen=args.listen,
             state_dir=args.state_dir,
             bpffs_dir=args.bpffs_dir,
             max_rules=args.max_rules,
@@ -136,6 +148,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_sets=args.max_sets,
             protect=args.protect or None,
             **_crowdsec_flags(args),
+            sample_max_pps=args.sample_max_pps,
+            sample_snaplen=args.snaplen,
         )
         if not settings.iface and not args.no_demo:
             from api.store import Store
@@ -153,9 +167,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             if not known:
                 demo = True
                 settings = get_settings(
+                    **ops,
                     iface=[],
                     xdp_mode=args.xdp_mode,
-                    listen=args.listen,
                     state_dir=args.state_dir or Path("/run/xdpfw-demo"),
                     bpffs_dir=args.bpffs_dir or Path("/sys/fs/bpf/xdpfw-demo"),
                     max_rules=args.max_rules or 65536,
@@ -163,15 +177,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     max_sets=args.max_sets or 1024,
                     protect=args.protect or None,
                     **_crowdsec_flags(args),
+                    sample_max_pps=args.sample_max_pps,
+                    sample_snaplen=args.snaplen,
                 )
-    except ValidationError as exc:
-        for err in exc.errors():
-            print(f"xdpfw serve: {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
+    except ConfigError as exc:
+        for line in str(exc).splitlines():
+            print(f"xdpfw serve: {line}", file=sys.stderr)
         return 2
     return serve(settings, demo=demo, cleanup=args.cleanup)
 
 
-def _crowdsec_flags(args: argparse.Namespace) -> dict[str, object]:
+def _crowdsec_flags(args: argparse.Namespace) -> dict[str, Any]:
     """The CrowdSec bouncer's flags as settings (None: the XDPFW_CROWDSEC_* variable or the
     default)."""
     return {
