@@ -15,7 +15,7 @@ from api.auth import Tokens
 from api.errors import PROBLEM_JSON, FieldError, Problem, install_error_handlers
 from api.limits import BodyLimits
 from api.metrics import Exposition
-from api.routes import events, health, interfaces, limits, rules, sources, stats
+from api.routes import events, health, interfaces, limits, lookup, rules, sources, stats
 from api.service import FirewallService
 from api.settings import Settings
 
@@ -59,6 +59,7 @@ def create_app(
     app.include_router(stats.router)
     app.include_router(stats.metrics_router)
     app.include_router(interfaces.router)
+    app.include_router(lookup.router)
     app.include_router(events.router)  # X-ray
     app.include_router(limits.router)  # issue 16
     _offline_docs(app)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from xdpfw.abi import Table
 from xdpfw.datapath import Attachment, Ban, GlobalCounters, LimitCounters, RuleCounters
 from xdpfw.rules import Limit, Rule
 from xdpfw.xray.hub import SampleSource
@@ -38,6 +39,13 @@ class RuleIndex(Protocol):
 
     def find_duplicate(self, rule: Rule) -> int | None: ...
 
+    # the entries as the program finds them (xdpfw/lookup.py)
+    def has_entry(self, k: int) -> bool: ...
+
+    def slots(self, k: int) -> tuple[int, ...]: ...
+
+    def prefix_lengths(self, table: Table) -> list[int]: ...
+
     def __len__(self) -> int: ...
 
 
@@ -55,6 +63,8 @@ class DatapathPort(Protocol):
 
     # rules: all or nothing, in the maps when the call returns
     def add_rules(self, rules: Sequence[Rule]) -> None: ...
+
+    def add_codes(self, rule_ids: Sequence[int], codes: Sequence[int]) -> None: ...
 
     def remove_rules(self, rule_ids: Iterable[int]) -> list[Rule]: ...
 

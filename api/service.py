@@ -22,9 +22,12 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import overload
 
 import numpy as np
 
+from api.lookup import LookupAnswer
+from api.lookup import lookup as lookup_packet
 from api.ports import CounterArrays, DatapathPort
 from api.store import (
     ANY_SOURCE,
@@ -37,7 +40,7 @@ from api.store import (
 )
 from xdpfw import abi
 from xdpfw import codes as wire  # the rule wire format ("codes" names the rules here)
-from xdpfw.compiler import gc_paused
+from xdpfw.compiler import gc_paused, let_go
 from xdpfw.datapath import Attachment, Ban, GlobalCounters, LimitCounters, RuleCounters
 from xdpfw.errors import (
     InterfaceNotFound,
@@ -67,6 +70,7 @@ __all__ = [
     "LOOPBACK",
     "MAX_OVERLAPS",
     "PROTECT_BASE",
+    "AddedRules",
     "BulkResult",
     "FirewallService",
     "Health",
@@ -113,12 +117,69 @@ class NewCodes:
 MAX_OVERLAPS = 100  # overlapping entries named in one answer (`overlap_count` has them all)
 
 
+class AddedRules(Sequence[StoredRule]):
+    """The rules a bulk add made, as ids and codes; a StoredRule is built only when asked
+    for (a million Rule objects cost seconds, and the bulk route needs only the ids)."""
+
+    def __init__(
+        self, ids: list[int], codes: list[int], comments: list[str], now: float,
+        expiry: list[float | None], sources: list[str],
+    ) -> None:
+        self.ids, self._codes, self._comments, self._now, self._expiry = (
+            ids, codes, comments, now, expiry
+        )
+        self._sources = sources
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @overload
+    def __getitem__(self, i: int) -> StoredRule: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[StoredRule]: ...
+
+    def __getitem__(self, i: int | slice) -> StoredRule | list[StoredRule]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        source = self._sources[i]
+        return StoredRule(
+            rule_from_code(self.ids[i], self._codes[i]), self._comments[i], self._now,
+            self._expiry[i], source, (source,),
+        )
+
+    def __eq__(self, other: object) -> bool:  # as the list of StoredRules it stands for
+        if not isinstance(other, Sequence):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def release(self) -> None:
+        """Free the columns a piece at a time (see compiler.let_go)."""
+        let_go(self.ids, self._codes, self._comments, self._expiry, self._sources)
+
+
 @dataclass(frozen=True)
 class BulkResult:
-    added: list[StoredRule]
+    added: Sequence[StoredRule]
     duplicates: list[int]  # ids of existing identical rules (now held by this source too)
     overlaps: list[str] = field(default_factory=list)  # the first MAX_OVERLAPS, described
     overlap_count: int = 0
+
+    @property
+    def ids(self) -> list[int]:
+        """The ids of the added rules, in input order."""
+        if isinstance(self.added, AddedRules):
+            return self.added.ids
+        return [s.id for s in self.added]
+
+    def release(self) -> None:
+        """Free a big result in pieces, so the event loop keeps its turns."""
+        if isinstance(self.added, AddedRules):
+            self.added.release()
+        elif isinstance(self.added, list):
+            let_go(self.added)
 
 
 @dataclass(frozen=True)
@@ -623,18 +684,22 @@ class FirewallService:
                 for name, hrows in held.items():
                     self.store.hold(name, hrows)
                     self.store.touch(name, now)
-                rules = [rule_from_code(rid, codes[i]) for i, rid in zip(fresh, ids, strict=True)]
-                if got:
-                    rules = [_with_limit(r, got.get(r.id)) for r in rules]
-                if rules:
-                    self.dp.add_rules(rules)
+                new_codes = [codes[i] for i in fresh]
+                if got:  # limit rules carry budgets: the path that writes xdpfw_limits
+                    self.dp.add_rules([
+                        _with_limit(rule_from_code(rid, code), got.get(rid))
+                        for rid, code in zip(ids, new_codes, strict=True)
+                    ])
+                elif fresh:
+                    self.dp.add_codes(ids, new_codes)  # the columnar bulk path (no Rule objects)
+                if fresh:
                     undo.append(lambda: self.dp.remove_rules(ids))
-            stored = [
-                StoredRule(rule, comments[i], now, expiry(i), sources[i], (sources[i],))
-                for rule, i in zip(rules, fresh, strict=True)
-            ]
+            added = AddedRules(
+                ids, new_codes, [comments[i] for i in fresh], now, [expiry(i) for i in fresh],
+                [sources[i] for i in fresh],
+            )
             dups.extend(ids[pos] for _, pos in again)
-            return BulkResult(stored, dups, overlaps.shown, overlaps.count)
+            return BulkResult(added, dups, overlaps.shown, overlaps.count)
 
     # -- rate limits (issue 16) ------------------------------------------------------------------
 
@@ -779,10 +844,12 @@ class FirewallService:
             uniform: tuple[str, int | None] | None = (batch.comment, batch.ttl_seconds)
             comments: Sequence[str] = ()
             ttls: Sequence[int | None] = ()
+            limits: Sequence[Limit | None] = ()
         else:
             codes = [item.spec.code() for item in batch]
             comments = [item.comment for item in batch]
             ttls = [item.ttl_seconds for item in batch]
+            limits = [item.spec.limit for item in batch]  # issue 16: budgets of limit rules
             uniform = None
         with self.lock, gc_paused():
             now = time.time()
@@ -804,6 +871,8 @@ class FirewallService:
                     continue
                 if problem is not None:
                     overlaps.note(code, problem)
+                if limits and (lim := limits[i]) is not None:
+                    self._check_limit_duplicate(existing, lim)
                 if existing is None:
                     fresh.append(i)
                 else:
@@ -821,10 +890,15 @@ class FirewallService:
             rows = self.store.rows(drop)
             with self._changing(f"a replace of source {name}") as undo:
                 ids = self.store.next_ids(len(fresh))
+                got = {
+                    rid: lim for i, rid in zip(fresh, ids, strict=True)
+                    if limits and (lim := limits[i]) is not None
+                }
                 self.store.insert_codes(
                     ((rid, codes[i], comment(i), now, expiry(i))
                      for i, rid in zip(fresh, ids, strict=True)),
                     name,
+                    got or None,
                 )
                 if uniform is not None:  # one statement refreshes the kept holdings
                     self.store.hold(
@@ -837,9 +911,14 @@ class FirewallService:
                                            for rid, i in keep.items()), exact=True)
                 _, orphans = self.store.release(name, drop) if drop else (0, [])
                 self.store.touch(name, now)
-                rules = [rule_from_code(rid, codes[i]) for i, rid in zip(fresh, ids, strict=True)]
-                if rules:
-                    self.dp.add_rules(rules)
+                if got:  # limit rules carry budgets: the path that writes xdpfw_limits
+                    self.dp.add_rules([
+                        _with_limit(rule_from_code(rid, codes[i]), got.get(rid))
+                        for i, rid in zip(fresh, ids, strict=True)
+                    ])
+                elif fresh:  # the columnar bulk path (no Rule objects)
+                    self.dp.add_codes(ids, [codes[i] for i in fresh])
+                if fresh:
                     undo.append(lambda: self.dp.remove_rules(ids))
                 _test_pause("replace")
             _test_pause("replace-committed")  # committed; the old-only rules still in the maps
@@ -891,6 +970,18 @@ class FirewallService:
                 raise SourceNotFound(name)
             held = self.store.held(name)
         return _CounterSums(self).of(name, held, row.updated_at)
+
+    # -- lookup (api/lookup.py) -----------------------------------------------------------
+
+    def lookup(
+        self,
+        src: str,
+        dst: str | None = None,
+        proto: str | int | None = None,
+        dport: int | None = None,
+    ) -> LookupAnswer:
+        """The verdict the data plane gives such a packet, the credited rule, every match."""
+        return lookup_packet(self, src, dst, proto, dport)
 
     # -- TTL sweeper ---------------------------------------------------------------------------
 

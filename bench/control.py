@@ -26,8 +26,9 @@ from typing import Any
 
 import httpx
 
+from bench.bulkpath import run_bulkpath
 from bench.lab import SERVER_LAB_PREFIX, TrafficLab
-from bench.lists import MasterList
+from bench.lists import Entry, MasterList, entry_text
 from bench.ours import pin_dir
 from bench.profiles import Profile
 from bench.rivals import IptablesIpset, NftSet
@@ -136,10 +137,13 @@ class Server:
         return int(found[-1][2]) if found else None
 
 
+SOURCE = "bench"  # the source the list is imported into (and replaced in)
+
+
 def _import(srv: Server, path: Path, chunk: int) -> dict[str, Any]:
-    """`xdpfw import FILE` (the CLI), timed."""
+    """`xdpfw import FILE --source bench` (the CLI), timed."""
     argv = [XDPFW, "--api", srv.url, f"--token={srv.token}", "--timeout", "900", "import",
-            str(path), "--chunk", str(chunk), "--json"]
+            str(path), "--chunk", str(chunk), "--source", SOURCE, "--json"]
     t0 = time.perf_counter()
     proc = run(argv, timeout=3600, check=False)
     secs = time.perf_counter() - t0
@@ -179,7 +183,10 @@ def run_control(p: Profile, lab: TrafficLab, master: MasterList, res: dict[str, 
         (tmp / "stage1.txt").write_text("\n".join(master.lines(stage)) + "\n")
         if total > stage:
             (tmp / "stage2.txt").write_text("\n".join(master.lines(total, stage)) + "\n")
+        changed = changed_list(master.take(total))
+        (tmp / "changed.txt").write_text("".join(entry_text(e) + "\n" for e in changed))
         _rivals_bulk(p, lab, master, res4)
+        res4["bulk_path"] = run_bulkpath(p, master)
         with veth_lab(prefix=SERVER_LAB_PREFIX) as vlab:
             srv = Server(vlab.host_if, tmp / "state", pins, p.server_caps)
             try:
@@ -196,6 +203,15 @@ def run_control(p: Profile, lab: TrafficLab, master: MasterList, res: dict[str, 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def changed_list(entries: list[Entry]) -> list[Entry]:
+    """The list with 1% changed: every 100th entry out, as many new hosts in (10.0.0.0/8:
+    outside every range of the master list, so nothing new overlaps)."""
+    out = [e for i, e in enumerate(entries) if i % 100 != 99]
+    base = 0x0A000000
+    out.extend((base + i, 32) for i in range(len(entries) - len(out)))
+    return out
+
+
 def _rivals_bulk(p: Profile, lab: TrafficLab, master: MasterList, res4: dict[str, Any]) -> None:
     entries = master.take(p.bulk_total)
     name = f"xbn_{os.getpid()}_bulk"
@@ -204,6 +220,13 @@ def _rivals_bulk(p: Profile, lab: TrafficLab, master: MasterList, res4: dict[str
     log(f"item 4: ipset restore of {len(entries):,} entries")
     try:
         res4["ipset_restore_s"] = ipt.create_set(text)
+        # The 1% replace as ipset users do it: restore the new version into a second set,
+        # swap it in, destroy the old one (one `ipset restore`, text written beforehand).
+        new = IptablesIpset(lab, f"{name}_n", changed_list(entries), ifname="-",
+                            settype="hash:net")
+        swap = new.restore_text() + f"swap {new.name} {name}\ndestroy {new.name}\n"
+        log(f"item 4: ipset restore + swap of the 1%-changed {len(new.entries):,} entries")
+        res4["ipset_replace_s"] = ipt.create_set(swap)
     finally:
         ipt.destroy()
     nft = NftSet(lab, name, entries, ifname=None, interval=True)
@@ -284,3 +307,19 @@ def _with_server(
         return
     res4["rules_after_restart"] = srv.rules_at_start()
     res4["rss_after_restart"] = srv.rss_kib()
+    _replace(srv, tmp / "changed.txt", total, res4)
+
+
+def _replace(srv: Server, path: Path, total: int, res4: dict[str, Any]) -> None:
+    """PUT /v1/sources/bench with the 1%-changed list (read before the clock starts)."""
+    body = path.read_bytes()
+    log(f"item 4: PUT /v1/sources/{SOURCE} with 1% of {total:,} entries changed")
+    with httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {srv.token}"},
+                      timeout=900) as client:
+        t0 = time.perf_counter()
+        r = client.put(f"/v1/sources/{SOURCE}", content=body,
+                       headers={"content-type": "text/plain"})
+        res4["replace_s"] = time.perf_counter() - t0
+    r.raise_for_status()
+    res4["replace"] = {k: v for k, v in r.json().items() if k != "overlaps"}
+    res4["rss_after_replace"] = srv.rss_kib()

@@ -35,6 +35,7 @@ class Profile:
     metrics_samples: int
     cli_sample: int  # xdp-filter `ip` calls timed
     profile_rules: int  # cProfile of the service's bulk add (one CLI chunk)
+    bulk_compare: int  # item 4: Datapath.add_rules vs add_codes on this many entries
     batch_points: tuple[int, ...]  # Datapath.add_rules of this many mixed rules in one call
     restart_timeout_s: float  # the restart with every rule pinned is given this long
     caps: Capacities
@@ -77,6 +78,7 @@ PROFILES: dict[str, Profile] = {
         metrics_samples=5,
         cli_sample=100,
         profile_rules=20_000,
+        bulk_compare=100_000,
         batch_points=(5_000, 10_000, 20_000, 40_000),
         restart_timeout_s=180,
         caps=_DEFAULT,
@@ -104,6 +106,7 @@ PROFILES: dict[str, Profile] = {
         metrics_samples=3,
         cli_sample=20,
         profile_rules=20_000,
+        bulk_compare=50_000,
         batch_points=(2_500, 5_000, 10_000),
         restart_timeout_s=300,
         caps=_DEFAULT,
@@ -131,6 +134,7 @@ PROFILES: dict[str, Profile] = {
         metrics_samples=2,
         cli_sample=2,
         profile_rules=200,
+        bulk_compare=200,
         batch_points=(10, 20),
         restart_timeout_s=120,
         caps=_SMALL,

@@ -124,6 +124,16 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
         add("4a", f"bulk load of {r4['list']['entries']:,} entries, xdpfw / ipset restore",
             ratio, "<= 0.5", ratio <= 0.5,
             f"{r4['bulk_total_s']:.1f} s vs {r4['ipset_restore_s']:.1f} s")
+    if r4.get("replace_s") is not None and r4.get("ipset_replace_s"):
+        ratio = r4["replace_s"] / r4["ipset_replace_s"]
+        ch = r4.get("replace", {})
+        add("4e", f"replace a {r4['list']['entries']:,}-entry source with 1% changed, "
+            "xdpfw PUT / ipset restore + swap", ratio, "<= 0.1", ratio <= 0.1,
+            f"{r4['replace_s']:.1f} s vs {r4['ipset_replace_s']:.1f} s "
+            f"(+{ch.get('added', 0):,} -{ch.get('removed', 0):,} ={ch.get('unchanged', 0):,})")
+    if r4.get("restart_s") is not None:
+        add("4f", f"restart with {r4.get('rules_after_restart') or 0:,} pinned rules",
+            r4["restart_s"], "<= 10 s", r4["restart_s"] <= 10, "exec -> healthy")
     if "add_ms" in r4:
         p99 = r4["add_ms"]["p99"]
         add("4b", f"single-rule add p99 ({r4.get('stage_rules', 0):,} rules)", p99, "<= 10 ms",
@@ -253,6 +263,12 @@ def markdown(res: dict[str, Any]) -> str:
             ("service RSS, no rules", f"{r4['rss_empty']['rss_kib'] / 1024:.0f} MB"),
             ("start-up (exec -> compiled, attached, healthy)", f"{r4['startup_s']:.1f} s"),
         ]
+        if r4.get("replace_s") is not None:
+            rows4.append((f"PUT /v1/sources/bench, {n:,} entries, 1% changed",
+                          f"{r4['replace_s']:.1f} s"))
+        if r4.get("ipset_replace_s") is not None:
+            rows4.append(("ipset restore of the changed set + swap + destroy",
+                          f"{r4['ipset_replace_s']:.1f} s"))
         if "restart_s_stage" in r4:
             rows4.append((f"stop / restart with {r4.get('rules_after_restart_stage') or 0:,} "
                           "pinned rules", f"{r4['stop_s_stage']:.1f} / "
@@ -284,6 +300,28 @@ def markdown(res: dict[str, Any]) -> str:
                           f"{xfc['median'] * 1e3:.1f} ms"))
         lines += [f"| {a} | {b} |" for a, b in rows4]
         lines.append("")
+        bp = r4.get("bulk_path", {})
+        if bp.get("steps_s"):
+            base = r4.get("ipset_restore_s")
+            lines += [f"The bulk path step by step, {bp['entries']:,} entries in one "
+                      "FirewallService.bulk_add_codes call (in process):", "",
+                      "| step | s | us/entry | x ipset restore |", "|---|---:|---:|---:|"]
+            for step, secs in bp["steps_s"].items():
+                ratio = f"{secs / base:.2f}" if base else "-"
+                lines.append(f"| {step} | {secs:.2f} | {secs / bp['entries'] * 1e6:.2f} | "
+                             f"{ratio} |")
+            lines.append("")
+            lines += ["SQLite, the same rows three ways (one transaction each):", "",
+                      "| layout | s |", "|---|---:|"]
+            lines += [f"| {k} | {v:.2f} |" for k, v in bp.get("sqlite", {}).items()]
+            pa = bp.get("paths", {})
+            if "add_codes_s" in pa:
+                lines += ["", f"| Datapath entry point, {pa['entries']:,} entries | s |",
+                          "|---|---:|",
+                          f"| add_rules (Rule objects, general planner) | "
+                          f"{pa['add_rules_s']:.2f} |",
+                          f"| add_codes (columns) | {pa['add_codes_s']:.2f} |"]
+            lines.append("")
         top = sp.get("profile", {}).get("top_tottime", [])[:8]
         if top:
             lines += [f"cProfile of FirewallService.bulk_add ({sp['rules']:,} rules), by own "

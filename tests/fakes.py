@@ -77,6 +77,14 @@ class FakeDatapath:
                 self.limit_hits[r.id] = LimitCounters()
         self.changes += 1
 
+    def add_codes(self, rule_ids: Sequence[int], codes: Sequence[int]) -> None:
+        plan = self.compiler.plan_codes(rule_ids, codes)
+        self._maybe_fail()
+        self.compiler.commit(plan)
+        for rid in plan.added_ids:
+            self.hits[rid] = RuleCounters(0, 0, None)
+        self.changes += 1
+
     def remove_rules(self, rule_ids: Iterable[int]) -> list[Rule]:
         plan = self.compiler.plan_remove(rule_ids)
         self._maybe_fail()

@@ -118,8 +118,16 @@ def test_item4_control_plane(smoke: dict[str, object]) -> None:
     # everything added (bulk 200, singles 5 + 4) is adopted back after the restart
     assert r4["rules_after_restart"] == 209
     assert r4["service_profile"]["profile"]["key_cumtime"]
+    # issue 13: the 1% replace of the source against ipset's restore + swap, the cost table
+    n = r4["list"]["entries"]
+    assert r4["replace"]["added"] == r4["replace"]["removed"] == n // 100
+    assert r4["replace"]["unchanged"] == n - n // 100
+    assert r4["replace_s"] > 0 and r4["ipset_replace_s"] > 0
+    steps = r4["bulk_path"]["steps_s"]
+    assert steps["FirewallService.bulk_add_codes (total)"] > 0
+    assert r4["bulk_path"]["rules_loaded"] == n
 
 
 def test_targets_listed(smoke: dict[str, object]) -> None:
     ids = {t["id"] for t in smoke["targets"]}  # type: ignore[union-attr]
-    assert {"1", "3", "4a", "4b", "4c", "4d"} <= ids
+    assert {"1", "3", "4a", "4b", "4c", "4d", "4e", "4f"} <= ids

@@ -125,6 +125,11 @@ PAIRS: dict[type, str] = {
     client.FieldError: "FieldError",
     client.TableUsage: "TableUsage",
     client.Health: "HealthOut",
+    # GET /v1/lookup
+    client.Lookup: "LookupOut",
+    client.LookupMatch: "LookupMatchOut",
+    client.LookupEntry: "LookupEntryOut",
+    client.LookupPacket: "LookupPacketOut",
     client.CrowdsecHealth: "CrowdsecHealthOut",  # issue 14: CrowdSec
     # issue 13: sources
     client.Source: "SourceOut",

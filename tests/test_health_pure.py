@@ -23,13 +23,19 @@ pytestmark = pytest.mark.pure
 
 @dataclass
 class SlowDatapath(FakeDatapath):
-    """add_rules commits to the compiler, then waits (map writes still going) until released."""
+    """add_rules / add_codes commit to the compiler, then wait (map writes still going) until
+    released."""
 
     entered: threading.Event = field(default_factory=threading.Event)
     release: threading.Event = field(default_factory=threading.Event)
 
     def add_rules(self, rules: Sequence[Rule]) -> None:
         super().add_rules(rules)
+        self.entered.set()
+        assert self.release.wait(10)
+
+    def add_codes(self, rule_ids: Sequence[int], codes: Sequence[int]) -> None:
+        super().add_codes(rule_ids, codes)  # the service's bulk path (adds go through it)
         self.entered.set()
         assert self.release.wait(10)
 

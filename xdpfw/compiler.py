@@ -24,11 +24,13 @@ from __future__ import annotations
 import gc
 import ipaddress
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import numpy as np
 from sortedcontainers import SortedList
 
 from xdpfw import abi
@@ -37,9 +39,12 @@ from xdpfw.codes import (
     ADDR,
     ADDR_BITS_V4,
     ADDR_BITS_V6,
+    CODE_LOW,
+    DIR,
     DIR_DST,
     DIR_SRC,
     KEY,
+    KEY_LOW,
     PLEN,
     TABLE_BITS,
     TRIE_ADDR,
@@ -56,11 +61,12 @@ from xdpfw.codes import (
     trie_position,
 )
 from xdpfw.errors import CapacityExceeded, RuleConflict, RuleNotFound
-from xdpfw.rules import Network, Rule, rule_from_code
+from xdpfw.rules import MAX_RULE_ID, Network, Rule, rule_from_code
 
 __all__ = [
     "MAX_SLOTS",
     "Capacities",
+    "HostBatch",
     "Plan",
     "RuleCompiler",
     "RuleView",
@@ -68,6 +74,8 @@ __all__ = [
     "gc_paused",
     "key_of",
     "let_go",
+    "table_of",
+    "trie_of",
 ]
 
 MAX_SLOTS = 1 + abi.SET_SLOTS
@@ -204,6 +212,17 @@ def _table_of(k: int) -> Table:
     return (_EXACT_BY_BITS if key_is_exact(k) else _LPM_BY_BITS)[key_table(k)]
 
 
+def table_of(k: int) -> Table:
+    """The table an entry with this compact key lives in."""
+    return _table_of(k)
+
+
+def trie_of(k: int) -> Table:
+    """The trie of the key's direction and family (also for a host key: where the prefixes
+    covering that host live)."""
+    return _LPM_BY_BITS[key_table(k)]
+
+
 _ANY_KEY = TableKey(Table.ANY)
 _tuple_new = tuple.__new__
 
@@ -220,6 +239,13 @@ def _compact(key: TableKey) -> int:
     direction = DIR_SRC if key.table in _SRC_TABLES else DIR_DST
     v6 = len(key.addr) * 8 == ADDR_BITS_V6
     return pack_key(int.from_bytes(key.addr, "big"), key.plen, v6=v6, direction=direction)
+
+
+def _distinct(ids: np.ndarray[Any, np.dtype[np.int64]]) -> bool:
+    """No id twice (ids of a bulk load come ascending: checked without sorting)."""
+    if len(ids) < 2 or bool((np.diff(ids) > 0).all()):
+        return True
+    return len(np.unique(ids)) == len(ids)
 
 
 class RuleView(Mapping[int, Rule]):
@@ -244,8 +270,26 @@ class RuleView(Mapping[int, Rule]):
 
 
 @dataclass
+class HostBatch:
+    """New one-slot entries of one table that touch no other entry (exact hosts, isolated
+    IPv4 prefixes: see `plan_codes`), as columns: a bulk load's common case, with no entry to
+    merge, no trie to walk and no Rule object. ``ids``/``keys``/``codes`` are parallel lists
+    (the compiler's own terms, for `commit`); the numpy columns are what the writer packs
+    into map keys and values (xdpfw/datapath/keys.py, slots.py)."""
+
+    table: Table
+    ids: list[int]
+    keys: list[int]  # compact keys
+    codes: list[int]
+    rule_ids: np.ndarray[Any, np.dtype[np.uint32]]
+    low: np.ndarray[Any, np.dtype[np.uint64]]  # code & CODE_LOW
+    key_low: np.ndarray[Any, np.dtype[np.uint64]]  # key & KEY_LOW
+
+
+@dataclass
 class Plan:
-    """What a change does to the tables: new slot lists (empty = delete the entry)."""
+    """What a change does to the tables: new slot lists (empty = delete the entry), plus (a
+    bulk load) new host entries as columns (`hosts`)."""
 
     entries: dict[TableKey, tuple[Rule, ...]] = field(default_factory=dict)
     added: list[Rule] = field(default_factory=list)
@@ -256,6 +300,15 @@ class Plan:
     inherit: dict[int, tuple[int, ...]] = field(default_factory=dict, repr=False)  # LPM keys
     counts: list[int] = field(default_factory=list, repr=False)
     n_sets: int = field(default=0, repr=False)
+    hosts: list[HostBatch] = field(default_factory=list, repr=False)
+
+    @property
+    def added_ids(self) -> list[int]:
+        """Every rule the plan adds: those of `added` and of `hosts`."""
+        out = [r.id for r in self.added]
+        for h in self.hosts:
+            out.extend(h.ids)
+        return out
 
 
 class RuleCompiler:
@@ -303,6 +356,19 @@ class RuleCompiler:
     @property
     def n_sets(self) -> int:
         return self._n_sets
+
+    def has_entry(self, k: int) -> bool:
+        """Whether the maps hold an entry under this compact key."""
+        return k in self._own
+
+    def slots(self, k: int) -> tuple[int, ...]:
+        """The rule ids in the entry under this compact key, best first (its own rules and,
+        in a trie, those of the prefixes covering it); () when there is no entry."""
+        return self._slot_ids(k) if k in self._own else ()
+
+    def prefix_lengths(self, table: Table) -> list[int]:
+        """The prefix lengths that have entries in a trie, longest first."""
+        return sorted(self._trie_plens[table], reverse=True)
 
     def find_duplicate(self, rule: Rule) -> int | None:
         return self.find_code(rule.code())
@@ -369,6 +435,137 @@ class RuleCompiler:
             )
         self._plan_keys(plan, added, {}, batch)
         return plan
+
+    def plan_codes(self, rule_ids: Sequence[int], codes: Sequence[int]) -> Plan:
+        """`plan_add` of rules given as ids and codes (all or nothing), for bulk loads.
+
+        A code that makes a new one-slot entry touching no other entry is planned as columns
+        (`Plan.hosts`): an exact host whose key has no entry yet, and an IPv4 prefix whose key
+        is new and which no other prefix of its trie (in the maps or in the batch) covers or
+        lies inside (nothing to inherit, nobody inherits from it). No other code of the batch
+        may share its key. The rest (nested prefixes, shared keys, IPv6 prefixes, address-less
+        rules) are planned as `plan_add` plans them. Raises before anything changes.
+        """
+        n = len(codes)
+        if len(rule_ids) != n:
+            raise ValueError(f"{len(rule_ids)} ids for {n} codes")
+        u64 = np.uint64
+        key_shift = KEY.shift
+        keys = [c >> key_shift for c in codes]
+        key_low = np.array([k & KEY_LOW for k in keys], dtype=u64)
+        plen = (key_low >> u64(PLEN.shift)) & u64(PLEN.bits)
+        v6 = (key_low & u64(V6.mask)) != 0
+        addressed = (key_low & u64(DIR.bits)) != 0
+        exact = addressed & (plen == np.where(v6, u64(ADDR_BITS_V6), u64(ADDR_BITS_V4)))
+        prefix4 = addressed & ~v6 & ~exact  # IPv4 prefixes, the only prefixes done as columns
+        cand = exact | prefix4
+        if len(set(keys)) != n:  # a key twice in the batch: those go the general way
+            twice = {k for k, c in Counter(keys).items() if c > 1}
+            cand &= np.array([k not in twice for k in keys], dtype=bool)
+        own = self._own
+        if own:
+            where = np.flatnonzero(cand)
+            cand[where] = np.array([keys[i] not in own for i in where.tolist()], dtype=bool)
+        table_bits = key_low & u64(TABLE_BITS)
+        fast = cand & exact
+        for bits, table in _LPM_BY_BITS.items():
+            if bits & V6.mask:
+                continue
+            in_trie = prefix4 & (table_bits == u64(bits))
+            if in_trie.any():
+                fast |= self._isolated(table, keys, plen, in_trie, cand & in_trie)
+        fast_at = np.flatnonzero(fast)
+        slow = np.flatnonzero(~fast).tolist()
+        plan = self.plan_add(rule_from_code(rule_ids[i], codes[i]) for i in slow)
+        if not fast_at.size:
+            return plan
+        ids_all = np.asarray(rule_ids, dtype=np.int64)
+        fast_ids = ids_all[fast_at]
+        if (
+            not _distinct(ids_all)
+            or fast_ids.min() < 1
+            or fast_ids.max() > MAX_RULE_ID
+            or not self._codes.keys().isdisjoint(fast_ids.tolist())
+        ):
+            bad = self._bad_id(rule_ids)
+            raise RuleConflict(f"rule id {bad} already exists or repeats", bad)
+        low = np.array([codes[i] & CODE_LOW for i in fast_at.tolist()], dtype=u64)
+        fast_bits, fast_exact, fast_kl = table_bits[fast_at], exact[fast_at], key_low[fast_at]
+        counts = plan.counts or self.table_counts()
+        groups = [(b, t, True) for b, t in _EXACT_BY_BITS.items()]
+        groups += [(b, t, False) for b, t in _LPM_BY_BITS.items()]
+        for bits, table, is_exact in groups:
+            sel = np.flatnonzero((fast_bits == u64(bits)) & (fast_exact == is_exact))
+            if not len(sel):
+                continue
+            at = fast_at[sel].tolist()
+            plan.hosts.append(
+                HostBatch(
+                    table,
+                    [rule_ids[i] for i in at],
+                    [keys[i] for i in at],
+                    [codes[i] for i in at],
+                    fast_ids[sel].astype(np.uint32),
+                    low[sel],
+                    fast_kl[sel],
+                )
+            )
+            counts[table] += len(sel)
+            if counts[table] > self.caps.limit(table):
+                raise CapacityExceeded(
+                    table.map_name, self.caps.limit(table), "raise the capacity at load time"
+                )
+        if len(self._codes) + len(plan.added) + len(fast_at) > self.caps.max_rules:
+            raise CapacityExceeded(
+                "rule table", self.caps.max_rules, "raise --max-rules or remove rules"
+            )
+        plan.counts = counts
+        return plan
+
+    def _isolated(
+        self,
+        table: Table,
+        keys: list[int],
+        plen: np.ndarray[Any, np.dtype[np.uint64]],
+        in_trie: np.ndarray[Any, np.dtype[np.bool_]],
+        cand: np.ndarray[Any, np.dtype[np.bool_]],
+    ) -> np.ndarray[Any, np.dtype[np.bool_]]:
+        """Which of the batch's IPv4 prefixes `cand` (of `table`) no other prefix of the trie
+        (in the maps, or `in_trie` in the batch) covers or lies inside: sorted by address then
+        length, a prefix has a descendant iff the next one starts inside it, and an ancestor
+        iff some earlier one ends at or after its start."""
+        u64 = np.uint64
+        out = np.zeros(len(keys), dtype=bool)
+        at = np.flatnonzero(in_trie)
+        addr_shift = ADDR.shift
+        addr = np.array([keys[i] >> addr_shift for i in at.tolist()], dtype=u64)
+        lens = plen[at]
+        have = self._trie_keys[table]
+        if len(have):
+            pos = np.fromiter(have, dtype=u64, count=len(have))
+            addr = np.concatenate([addr, pos >> u64(TRIE_ADDR.shift)])
+            lens = np.concatenate([lens, pos & u64(TRIE_PLEN.bits)])
+        order = np.lexsort((lens, addr))
+        a, ln = addr[order], lens[order]
+        hi = a | ((u64(1) << (u64(ADDR_BITS_V4) - ln)) - u64(1))
+        desc = np.zeros(len(a), dtype=bool)
+        desc[:-1] = a[1:] <= hi[:-1]
+        anc = np.zeros(len(a), dtype=bool)
+        if len(a) > 1:
+            anc[1:] = np.maximum.accumulate(hi)[:-1] >= a[1:]
+        alone = np.empty(len(a), dtype=bool)
+        alone[order] = ~(desc | anc)
+        out[at] = alone[: len(at)]
+        result: np.ndarray[Any, np.dtype[np.bool_]] = out & cand
+        return result
+
+    def _bad_id(self, rule_ids: Sequence[int]) -> int:
+        seen: set[int] = set()
+        for rid in rule_ids:
+            if rid in self._codes or rid in seen or not 1 <= rid <= MAX_RULE_ID:
+                return rid
+            seen.add(rid)
+        return rule_ids[0]
 
     def plan_remove(self, rule_ids: Iterable[int]) -> Plan:
         plan = Plan()
@@ -606,21 +803,41 @@ class RuleCompiler:
                 self._inherit[k] = slots
             else:
                 self._inherit.pop(k, None)
+        for h in plan.hosts:
+            codes.update(zip(h.ids, h.codes, strict=True))
+            own.update(zip(h.keys, h.ids, strict=True))
+            if h.table in LPM_TABLES:
+                self._trie_keys[h.table].update(map(trie_position, h.keys))
+                trie_plens = self._trie_plens[h.table]
+                lens = (h.key_low >> np.uint64(PLEN.shift)) & np.uint64(PLEN.bits)
+                for p, c in zip(*np.unique(lens, return_counts=True), strict=True):
+                    trie_plens[int(p)] = trie_plens.get(int(p), 0) + int(c)
         if plan.counts:
             self._counts = list(plan.counts)
         self._n_sets = plan.n_sets if plan.counts else self._n_sets
 
-    def adopt(self, entries: Iterable[tuple[Table, int, list[tuple[int, int]]]]) -> None:
+    def adopt(
+        self,
+        entries: Iterable[tuple[Table, int, list[tuple[int, int]]]],
+        batches: Iterable[HostBatch] = (),
+    ) -> None:
         """Take over entries that are in the maps already, without planning them again.
 
         Each entry is (table, compact key, slots best first), a slot being (rule id, code) for
         the entry's own rules and (rule id, -1) for a rule inherited from a covering prefix:
-        what a map entry holds. The compiler must be empty.
+        what a map entry holds. `batches`: one-slot entries (their own rule) as columns. The
+        compiler must be empty.
         """
         if self._codes:
             raise ValueError("adopt() needs an empty compiler")
         codes, own, counts = self._codes, self._own, self._counts
         trie: dict[Table, list[int]] = {t: [] for t in LPM_TABLES}
+        for b in batches:
+            codes.update(zip(b.ids, b.codes, strict=True))
+            own.update(zip(b.keys, b.ids, strict=True))
+            counts[b.table] += len(b.ids)
+            if b.table in trie:
+                trie[b.table].extend(map(trie_position, b.keys))
         for table, k, slots in entries:
             if len(slots) == 1:  # most entries: one rule, its own
                 rid, code = slots[0]

@@ -19,7 +19,6 @@ from api.deps import (
 )
 from api.models import MAX_TTL, BulkOut, RemovedOut, RuleIn, RuleOut, RulePage, bulk_rules
 from api.service import BulkResult, FirewallService, NewCodes, NewRule
-from xdpfw.compiler import let_go
 from xdpfw.importers import ListReader
 from xdpfw.rules import MAX_RULE_ID
 from xdpfw.sources import DEFAULT_SOURCE, SOURCE_PATTERN
@@ -213,12 +212,12 @@ def _answered(add: Callable[[T], BulkResult], what: T) -> bytes:
     body = BulkOut(
         added=len(result.added),
         duplicates=len(result.duplicates),
-        ids=[s.id for s in result.added],
+        ids=result.ids,
         duplicate_ids=result.duplicates,
         overlaps=result.overlaps,
         overlap_count=result.overlap_count,
     ).model_dump_json().encode()
-    let_go(result.added)  # a million rules freed in pieces: the event loop keeps its turns
+    result.release()  # a million rules freed in pieces: the event loop keeps its turns
     return body
 
 

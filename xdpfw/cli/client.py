@@ -41,6 +41,10 @@ __all__ = [
     "FieldError",
     "Health",
     "Interface",
+    "Lookup",
+    "LookupEntry",
+    "LookupMatch",
+    "LookupPacket",
     "Problem",
     "Removed",
     "Rule",
@@ -267,6 +271,33 @@ class Health(TypedDict):
     interfaces: list[Interface]
     capacity: dict[str, TableUsage]  # per kernel table, plus "rules" and "xdpfw_sets"
     crowdsec: CrowdsecHealth | None  # when the service runs the CrowdSec bouncer
+
+
+# GET /v1/lookup (api/routes/lookup.py)
+class LookupPacket(TypedDict):
+    src: str
+    dst: str | None
+    proto: int | None
+    dport: int | None
+
+
+class LookupMatch(TypedDict):
+    table: str
+    rule: Rule
+
+
+class LookupEntry(TypedDict):
+    table: str
+    network: str
+
+
+class Lookup(TypedDict):
+    verdict: str
+    rule_id: int | None
+    rule: Rule | None
+    matches: list[LookupMatch]
+    entries: list[LookupEntry]
+    packet: LookupPacket
 
 
 class FieldError(TypedDict):
@@ -635,6 +666,16 @@ class Client:
             timeout=timeout,
         )
         return cast(BulkResult, r.json())
+
+    def lookup(
+        self, src: str, dst: str | None = None, proto: str | None = None, dport: int | None = None
+    ) -> Lookup:
+        """GET /v1/lookup: the data plane's verdict for such a packet and the rules matching."""
+        params: dict[str, str | int] = {"src": src}
+        for name, value in (("dst", dst), ("proto", proto), ("dport", dport)):
+            if value is not None:
+                params[name] = value
+        return cast(Lookup, self._request("GET", "/v1/lookup", params=params).json())
 
     # --- sources (issue 13) ---------------------------------------------------------------
 

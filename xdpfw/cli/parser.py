@@ -13,6 +13,7 @@ from xdpfw.cli.capture import CAPTURE_EPILOG, add_capture_parser, cmd_capture
 from xdpfw.cli.completion import cmd_completion, cmd_man
 from xdpfw.cli.connection import Handler, add_client_options, client_command
 from xdpfw.cli.importing import IMPORT_EPILOG, cmd_import
+from xdpfw.cli.lookup import LOOKUP_EPILOG, cmd_lookup
 from xdpfw.cli.rules import (
     RULE_ADD_EPILOG,
     RULE_LS_EPILOG,
@@ -49,6 +50,7 @@ MAIN_EPILOG = """examples:
   xdpfw rule ls
   xdpfw import firehol_level1.netset --comment firehol
   xdpfw stats --top 10
+  xdpfw lookup 203.0.113.9                      # blocked? by which rule?
   xdpfw top                                     # live; q quits
   xdpfw COMMAND --help                          # more examples per command
 
@@ -369,6 +371,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --source: the source holds exactly this file afterwards")
     _json_flag(p, "print the summary as JSON")
 
+    # -- lookup (issue 13) --
+    p = _sub(sub, "lookup", "what the firewall does with a packet from ADDR, and which rules "
+             "match it", LOOKUP_EPILOG, cmd_lookup)
+    p.add_argument("addr", metavar="ADDR", help="the packet's source address")
+    p.add_argument("--dst", metavar="ADDR", help="its destination address")
+    p.add_argument("--proto", metavar="P", help="tcp, udp, icmp, icmpv6 or a protocol number")
+    p.add_argument("--dport", type=int, metavar="N", help="its destination port (tcp/udp)")
+    _json_flag(p, "print the API's answer as JSON")
     _source_commands(sub)
 
     p = _sub(sub, "stats", "per-rule counters and totals", STATS_EPILOG, cmd_stats)

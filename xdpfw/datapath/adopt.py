@@ -12,14 +12,24 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+from xdpfw import codes
 from xdpfw.abi import Table
-from xdpfw.compiler import TableKey
-from xdpfw.datapath.hint import HINT_TRIES, HintChange
-from xdpfw.datapath.keys import compact_key, table_key
-from xdpfw.datapath.slots import ENTRY_SET_ID, SLOT, U32, read_slot
+from xdpfw.compiler import HostBatch, TableKey
+from xdpfw.datapath.hint import HINT_TRIES, HintChange, PrefixHint
+from xdpfw.datapath.keys import LPM4_KEY, compact_key, table_key
+from xdpfw.datapath.slots import ENTRY_DTYPE, ENTRY_SET_ID, SLOT, U32, read_slot
 from xdpfw.kernel import bpfsys
 
-__all__ = ["Adopted", "read_entries"]
+__all__ = ["Adopted", "read_columns", "read_entries"]
+
+_V4 = {  # the IPv4 tables read as columns: (direction, exact)
+    Table.SRC4: (codes.DIR_SRC, True),
+    Table.DST4: (codes.DIR_DST, True),
+    Table.SRC4_LPM: (codes.DIR_SRC, False),
+    Table.DST4_LPM: (codes.DIR_DST, False),
+}
 
 
 @dataclass
@@ -43,24 +53,98 @@ def read_entries(
     for table in Table:
         if table is Table.MAX:
             continue
-        trie = HINT_TRIES.get(table)
         for raw_key, raw in maps[table.map_name].dump_raw():
-            k = compact_key(table, raw_key)
-            (set_id,) = U32.unpack_from(raw, ENTRY_SET_ID)
-            slots = [read_slot(k, raw, 0)]
-            if set_id or trie is not None:
-                key = table_key(table, k)
-                if set_id:
-                    found.set_of[key] = set_id
-                    rest = sets.lookup_raw(U32.pack(set_id)) or b""
-                    for off in range(0, len(rest) - SLOT.size + 1, SLOT.size):
-                        slot = read_slot(k, rest, off)
-                        if slot[0]:  # rank 0: an unused slot
-                            slots.append(slot)
-                if trie is not None:
-                    found.trie_keys.append((trie, key, 1))
-            out = []
-            for _, rule_id, code, counter in slots:
-                found.counters[rule_id] = counter
-                out.append((rule_id, code))
-            yield table, k, out
+            yield _entry(table, raw_key, raw, sets, found)
+
+
+def _entry(
+    table: Table, raw_key: bytes, raw: bytes, sets: bpfsys.Map[Any, Any], found: Adopted
+) -> tuple[Table, int, list[tuple[int, int]]]:
+    trie = HINT_TRIES.get(table)
+    k = compact_key(table, raw_key)
+    (set_id,) = U32.unpack_from(raw, ENTRY_SET_ID)
+    slots = [read_slot(k, raw, 0)]
+    if set_id or trie is not None:
+        key = table_key(table, k)
+        if set_id:
+            found.set_of[key] = set_id
+            rest = sets.lookup_raw(U32.pack(set_id)) or b""
+            for off in range(0, len(rest) - SLOT.size + 1, SLOT.size):
+                slot = read_slot(k, rest, off)
+                if slot[0]:  # rank 0: an unused slot
+                    slots.append(slot)
+        if trie is not None:
+            found.trie_keys.append((trie, key, 1))
+    out = []
+    for _, rule_id, code, counter in slots:
+        found.counters[rule_id] = counter
+        out.append((rule_id, code))
+    return table, k, out
+
+
+def read_columns(
+    maps: dict[str, bpfsys.Map[Any, Any]], found: Adopted
+) -> tuple[list[HostBatch], Iterator[tuple[Table, int, list[tuple[int, int]]]]]:
+    """`read_entries`, with the one-slot entries of the IPv4 tables (no rule set: the entry's
+    own rule, most of a big rule set) read as columns: (batches for `RuleCompiler.adopt`,
+    the other entries as `read_entries` yields them). Fills `found` as it goes."""
+    batches: list[HostBatch] = []
+    rest: list[tuple[Table, bytes, bytes]] = []
+    u64 = np.uint64
+    for table, (direction, exact) in _V4.items():
+        m = maps[table.map_name]
+        keys, values, n = m.dump_columns()
+        if not n:
+            continue
+        entries = np.frombuffer(values, dtype=ENTRY_DTYPE, count=n)
+        alone = entries["set_id"] == 0
+        if exact:
+            addr = np.frombuffer(keys, dtype=">u4", count=n).astype(u64)
+            plen = np.full(n, codes.ADDR_BITS_V4, dtype=u64)
+        else:
+            lpm = np.frombuffer(keys, dtype=LPM4_KEY, count=n)
+            addr, plen = lpm["addr"].astype(u64), lpm["plen"].astype(u64)
+        ks, vs = m.key_size, ENTRY_DTYPE.itemsize
+        for i in np.flatnonzero(~alone).tolist():  # entries with a rule set: the general way
+            rest.append((table, keys[i * ks : (i + 1) * ks], values[i * vs : (i + 1) * vs]))
+        sel = np.flatnonzero(alone)
+        if not len(sel):
+            continue
+        first = entries["first"][sel]
+        key_low = (plen[sel] << u64(codes.PLEN.shift)) | u64(direction)
+        key = (addr[sel] << u64(codes.ADDR.shift)) | key_low
+        has_ports = first["has_ports"].astype(u64)
+        low = (
+            (first["verdict"].astype(u64) << u64(codes.VERDICT.shift))
+            | (first["proto"].astype(u64) << u64(codes.PROTO.shift))
+            | (has_ports << u64(codes.HAS_PORTS.shift))
+            | np.where(has_ports == u64(1),
+                       (first["port_lo"].astype(u64) << u64(codes.PORT_LO.shift))
+                       | first["port_hi"].astype(u64), u64(0))
+        )
+        key_list = key.tolist()
+        shift = codes.KEY.shift
+        rule_ids = first["rule_id"].astype(np.uint32)
+        ids = rule_ids.tolist()
+        batch = HostBatch(
+            table, ids, key_list,
+            [(k << shift) | lo for k, lo in zip(key_list, low.tolist(), strict=True)],
+            rule_ids, low, key_low,
+        )
+        batches.append(batch)
+        found.counters.update(zip(ids, first["counter"].tolist(), strict=True))
+        found.trie_keys.extend(PrefixHint.batch_changes(table, key_list))
+    return batches, _chain(maps, found, rest)
+
+
+def _chain(
+    maps: dict[str, bpfsys.Map[Any, Any]], found: Adopted, rest: list[tuple[Table, bytes, bytes]]
+) -> Iterator[tuple[Table, int, list[tuple[int, int]]]]:
+    sets = maps["xdpfw_sets"]
+    for table, raw_key, raw in rest:
+        yield _entry(table, raw_key, raw, sets, found)
+    for table in Table:
+        if table is Table.MAX or table in _V4:
+            continue
+        for raw_key, raw in maps[table.map_name].dump_raw():
+            yield _entry(table, raw_key, raw, sets, found)

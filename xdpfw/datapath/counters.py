@@ -166,6 +166,43 @@ class CounterIndex:
             raise
         return out
 
+    def alloc_many(self, rule_ids: _U32Array) -> _U32Array:
+        """`alloc` for many ids at once: every id whose home index is free (the common case
+        of a bulk load) in numpy, the others one by one. Indices in the order of the ids."""
+        n = len(rule_ids)
+        if n == 0:
+            return np.zeros(0, dtype=np.uint32)
+        ids = rule_ids.astype(np.int64)
+        homes = 1 + (ids - 1) % self.size
+        held = np.frombuffer(self._held, dtype=np.uint8)
+        free = (self.view[homes] == 0) & (held[homes] == 0)
+        # two ids of one batch with the same home (ids a whole table apart): the later ones
+        # go the slow way
+        if n > 1 and not (
+            bool((np.diff(ids) > 0).all()) and int(ids[-1]) - int(ids[0]) < self.size
+        ):
+            _, first = np.unique(homes, return_index=True)
+            once = np.zeros(n, dtype=bool)
+            once[first] = True
+            fast = free & once
+        else:  # ascending ids less than a table apart: every home is different
+            fast = free
+        if self.moved and not self.moved.keys().isdisjoint(ids[fast].tolist()):
+            fast[:] = False  # an id already holding a moved index: let alloc refuse it
+        out = np.zeros(n, dtype=np.uint32)
+        out[fast] = homes[fast]
+        self.view[homes[fast]] = rule_ids[fast]
+        if fast.any():
+            self.high = max(self.high, int(homes[fast].max()) + 1)
+        slow = np.flatnonzero(~fast)
+        if len(slow):
+            try:
+                out[slow] = self.alloc(rule_ids[slow].tolist())
+            except BaseException:
+                self.release(rule_ids[fast].tolist())
+                raise
+        return out
+
     def _any_free(self) -> int:
         while self._spare:
             idx = self._spare.popleft()
@@ -202,6 +239,22 @@ class CounterIndex:
             self._quarantine.append((idx, now))
             out.append(idx)
         return out
+
+    def adopt_arrays(self, rule_ids: _U32Array, indices: _U32Array) -> None:
+        """`adopt` of (rule id, index) pairs given as two arrays: checked and taken in numpy,
+        the indices off their home remembered in `moved`."""
+        if not len(rule_ids):
+            return
+        idx = indices.astype(np.int64)
+        if int(idx.min()) < 1 or int(idx.max()) > self.size or len(np.unique(idx)) != len(idx) \
+                or bool(self.view[idx].any()):
+            self.adopt(dict(zip(rule_ids.tolist(), indices.tolist(), strict=True)))  # says why
+            return
+        self.view[idx] = rule_ids
+        homes = 1 + (rule_ids.astype(np.int64) - 1) % self.size
+        off = np.flatnonzero(homes != idx)
+        self.moved.update(zip(rule_ids[off].tolist(), indices[off].tolist(), strict=True))
+        self.high = max(self.high, int(idx.max()) + 1)
 
     def adopt(self, pairs: dict[int, int]) -> None:
         """Take (rule id -> index) as read back from the slots of adopted maps."""
@@ -255,7 +308,7 @@ class Counters:
         with contextlib.suppress(BufferError):  # a view escaped: GC unmaps it
             self._seen_mem.close()
 
-    def zero(self, indices: Sequence[int]) -> None:
+    def zero(self, indices: Sequence[int] | _U32Array) -> None:
         """Zero the counters of indices about to be handed out."""
         self._stats.update_array(indices, bytes(self._stats.value_size))
         self.seen[indices] = 0

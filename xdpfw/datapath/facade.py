@@ -25,7 +25,7 @@ from xdpfw.abi import Table
 from xdpfw.compiler import Capacities, RuleCompiler, TableKey, gc_paused, let_go
 from xdpfw.datapath import attach as attach_
 from xdpfw.datapath import pins, recover
-from xdpfw.datapath.adopt import Adopted, read_entries
+from xdpfw.datapath.adopt import Adopted, read_columns
 from xdpfw.datapath.attach import Attachment
 from xdpfw.datapath.counters import (
     CounterArrays,
@@ -189,14 +189,21 @@ class Datapath:
         (see adopt.py): nothing is planned again, and no Rule object is made."""
         found = Adopted(set_of=self._sets.of)
         with gc_paused(), kernel_door(f"reading the pinned maps in {self.cfg.bpffs_dir}"):
-            self.compiler.adopt(read_entries(self._maps, found))
-            missing = [rid for rid in self.compiler.rules if not found.counters.get(rid)]
-            if missing:
+            batches, rest = read_columns(self._maps, found)
+            self.compiler.adopt(rest, batches)
+            let_go(*(b.ids for b in batches), *(b.keys for b in batches),
+                   *(b.codes for b in batches))
+            ctr = found.counters
+            if ctr.keys() != self.compiler.codes().keys() or 0 in ctr.values():
+                missing = [rid for rid in self.compiler.rules if not ctr.get(rid)]
                 raise DatapathError(
                     f"pinned slots carry no counter index for rules {missing[:5]}: the maps "
                     "were not written by this ABI"
                 )
-            self._counters.index.adopt({rid: found.counters[rid] for rid in self.compiler.rules})
+            self._counters.index.adopt_arrays(
+                np.fromiter(ctr.keys(), dtype=np.uint32, count=len(ctr)),
+                np.fromiter(ctr.values(), dtype=np.uint32, count=len(ctr)),
+            )
             self._hint.adopt(found.trie_keys)
             stored = self._limit_maps.read()
             self._limits = {rid: stored[rid] for rid in self.compiler.rules if rid in stored}
@@ -331,6 +338,16 @@ class Datapath:
                 raise
             self._limits.update(limited)
             let_go(plan.entries)  # a big plan freed in pieces (see let_go)
+
+    def add_codes(self, rule_ids: Sequence[int], codes: Sequence[int]) -> None:
+        """`add_rules` of rules given as ids and codes (`RuleSpec.code()`), all or nothing:
+        the bulk path. New exact hosts are planned and written as columns (numpy, batched
+        map writes, no Rule object); the rest as `add_rules` does. In the maps when this
+        returns."""
+        with self._lock:
+            plan = self.compiler.plan_codes(rule_ids, codes)
+            self._writer.apply(plan)
+            let_go(plan.entries)
 
     def remove_rule(self, rule_id: int) -> Rule:
         return self.remove_rules([rule_id])[0]

@@ -10,7 +10,7 @@ appear and narrows it only after they are gone, rewriting each /16 it touches on
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,6 +18,7 @@ import numpy as np
 from xdpfw import abi
 from xdpfw.abi import Table
 from xdpfw.compiler import Plan, TableKey
+from xdpfw.datapath.keys import table_key
 from xdpfw.kernel import bpfsys
 from xdpfw.rules import Rule
 
@@ -76,6 +77,15 @@ class PrefixHint:
             if trie is not None and bool(slots) != bool(old_entries[key]):
                 out.append((trie, key, 1 if slots else -1))
         return out
+
+    @staticmethod
+    def batch_changes(table: Table, keys: Sequence[int]) -> list[HintChange]:
+        """(trie, key, +1) for new entries of a column batch (compact keys) in an IPv4
+        trie; [] for any other table."""
+        trie = HINT_TRIES.get(table)
+        if trie is None:
+            return []
+        return [(trie, table_key(table, k), 1) for k in keys]
 
     def widen(self, changes: Iterable[HintChange]) -> None:
         """Set the bits of every key the change adds (before its entries are written)."""

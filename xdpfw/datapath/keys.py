@@ -7,12 +7,22 @@ table xdpfw_any by element 0.
 
 from __future__ import annotations
 
+import numpy as np
+
 from xdpfw import codes
 from xdpfw.abi import Table
-from xdpfw.compiler import LPM_TABLES, TableKey
+from xdpfw.compiler import LPM_TABLES, HostBatch, TableKey
 from xdpfw.datapath.slots import U32
 
-__all__ = ["SRC_TABLES", "compact_key", "decode_key", "encode_key", "table_key"]
+__all__ = [
+    "LPM4_KEY",
+    "SRC_TABLES",
+    "batch_keys",
+    "compact_key",
+    "decode_key",
+    "encode_key",
+    "table_key",
+]
 
 SRC_TABLES = frozenset({Table.SRC4, Table.SRC6, Table.SRC4_LPM, Table.SRC6_LPM})
 _ANY_KEY = U32.pack(0)
@@ -58,3 +68,21 @@ def table_key(table: Table, k: int) -> TableKey:
         return TableKey(Table.ANY)
     width = 16 if codes.key_v6(k) else 4
     return TableKey(table, codes.key_addr(k).to_bytes(width, "big"), codes.key_plen(k))
+
+
+# struct bpf_lpm_trie_key for IPv4: the prefix length in host order, then the address.
+LPM4_KEY = np.dtype([("plen", "=u4"), ("addr", ">u4")])
+_V4_EXACT = frozenset({Table.SRC4, Table.DST4})
+
+
+def batch_keys(batch: HostBatch) -> bytes:
+    """The map keys of a column batch's entries, back to back (`encode_key` of each)."""
+    shift = codes.ADDR.shift
+    if batch.table in _V4_EXACT:
+        return np.array([k >> shift for k in batch.keys], dtype=">u4").tobytes()
+    if batch.table in LPM_TABLES and not any(codes.key_v6(k) for k in batch.keys[:1]):
+        out = np.zeros(len(batch.keys), dtype=LPM4_KEY)
+        out["plen"] = (batch.key_low >> np.uint64(codes.PLEN.shift)) & np.uint64(codes.PLEN.bits)
+        out["addr"] = [k >> shift for k in batch.keys]
+        return out.tobytes()
+    return b"".join(encode_key(table_key(batch.table, k)) for k in batch.keys)

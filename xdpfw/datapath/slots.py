@@ -13,15 +13,19 @@ import ctypes
 import struct
 from typing import Any
 
+import numpy as np
+
 from xdpfw import abi, codes
 from xdpfw.rules import Rule
 
 __all__ = [
     "ENTRY",
+    "ENTRY_DTYPE",
     "ENTRY_SET_ID",
     "SLOT",
     "U32",
     "entry_bytes",
+    "entry_columns",
     "read_slot",
     "slot_bytes",
     "slot_fields",
@@ -93,6 +97,31 @@ def slot_bytes(rule: Rule, counter: int) -> bytes:
 def entry_bytes(first: Rule, counter: int, set_id: int) -> bytes:
     """struct xdpfw_entry: the first slot and the rule set of the rest (0 = none)."""
     return ENTRY.pack(*slot_fields(first, counter), set_id)
+
+
+ENTRY_DTYPE = np.dtype(abi.Entry)  # the same layout for numpy (bulk writes)
+
+
+def entry_columns(rule_ids: Any, low: Any, key_low: Any, counters: Any) -> bytes:
+    """struct xdpfw_entry of many one-slot entries at once (no rule set), back to back:
+    ``rule_ids``, ``low`` (code & codes.CODE_LOW), ``key_low`` (key & codes.KEY_LOW) and the
+    counter indices as numpy columns. The same bytes as `entry_bytes` of each rule
+    (tests/test_bulk.py checks it)."""
+    u64 = np.uint64
+    low = low.astype(u64, copy=False)
+    out = np.zeros(len(rule_ids), dtype=ENTRY_DTYPE)
+    first = out["first"]
+    first["rank"] = codes.rank_columns(low, key_low, rule_ids)
+    first["rule_id"] = rule_ids
+    has_ports = (low >> u64(codes.HAS_PORTS.shift)) & u64(codes.HAS_PORTS.bits)
+    first["port_lo"] = np.where(has_ports == u64(1), (low >> u64(codes.PORT_LO.shift))
+                                & u64(codes.PORT_LO.bits), u64(0))
+    first["port_hi"] = np.where(has_ports == u64(1), low & u64(codes.PORT_HI.bits), u64(0))
+    first["proto"] = (low >> u64(codes.PROTO.shift)) & u64(codes.PROTO.bits)
+    first["verdict"] = (low >> u64(codes.VERDICT.shift)) & u64(codes.VERDICT.bits)
+    first["has_ports"] = has_ports
+    first["counter"] = counters
+    return out.tobytes()
 
 
 # codes.from_slot's fields, bound once: adoption reads every slot of a million-rule set.

@@ -10,18 +10,19 @@ or KernelError). Only after the commit are freed counter indices and rule sets r
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 from typing import Any
 
 from xdpfw import abi
 from xdpfw.abi import Table
-from xdpfw.compiler import Capacities, Plan, RuleCompiler, TableKey
+from xdpfw.compiler import Capacities, HostBatch, Plan, RuleCompiler, TableKey
 from xdpfw.datapath.counters import Counters
 from xdpfw.datapath.hint import PrefixHint
-from xdpfw.datapath.keys import encode_key
+from xdpfw.datapath.keys import batch_keys, encode_key
 from xdpfw.datapath.sets import SetAllocator
-from xdpfw.datapath.slots import U32, entry_bytes, slot_bytes
+from xdpfw.datapath.slots import U32, entry_bytes, entry_columns, slot_bytes
 from xdpfw.datapath.translate import kernel_door, kernel_error
 from xdpfw.errors import CapacityExceeded
 from xdpfw.kernel import bpfsys
@@ -60,15 +61,29 @@ class PlanWriter:
         # New rules get zeroed counter indices before any slot points at them.
         index = self._counters.index
         ctrs = index.alloc(r.id for r in plan.added)
+        host_ctrs: list[Any] = []
+        try:
+            for h in plan.hosts:
+                host_ctrs.append(index.alloc_many(h.rule_ids))
+        except BaseException:
+            index.release(plan.added_ids)
+            raise
         hint = self._hint.changes(plan, old_entries)
+        for h in plan.hosts:  # new isolated IPv4 prefixes light their /24s like any other
+            hint.extend(self._hint.batch_changes(h.table, h.keys))
+        written: list[tuple[HostBatch, bytes, int]] = []  # host entries in the maps
         try:
             self._counters.zero(ctrs)
+            for c in host_ctrs:
+                self._counters.zero(c)
             self._hint.widen(hint)  # a prefix may appear: widen the hint first
+            self._write_hosts(plan.hosts, host_ctrs, written)
             self._write_entries(plan.entries, new_sets)
             self._compiler.commit(plan)
         except BaseException as exc:  # CapacityExceeded from the set allocator, too
             self._rollback(old_entries, old_sets, new_sets)
-            index.release(r.id for r in plan.added)
+            self._unwrite_hosts(written)
+            index.release(plan.added_ids)
             self._hint.redo(hint)  # back to what the committed keys need
             if not isinstance(exc, OSError):
                 raise
@@ -118,6 +133,36 @@ class PlanWriter:
             self._maps[table.map_name].update_batch(ks, vs)
         for table, dks in deletes.items():
             self._maps[table.map_name].delete_batch(dks)
+
+    def _write_hosts(
+        self,
+        hosts: list[HostBatch],
+        counters: list[Any],
+        written: list[tuple[HostBatch, bytes, int]],
+    ) -> None:
+        """New one-slot host entries, packed with numpy and written in batches; `written`
+        records what reached the maps (for `_unwrite_hosts`)."""
+        for h, ctrs in zip(hosts, counters, strict=True):
+            keys = batch_keys(h)
+            values = entry_columns(h.rule_ids, h.low, h.key_low, ctrs)
+            try:
+                self._maps[h.table.map_name].update_batch_raw(keys, values, len(h.ids))
+            except bpfsys.BpfError as exc:
+                written.append((h, keys, exc.applied or 0))
+                raise
+            written.append((h, keys, len(h.ids)))
+
+    def _unwrite_hosts(self, written: list[tuple[HostBatch, bytes, int]]) -> None:
+        """Best effort: delete the host entries a failed change wrote (they were new)."""
+        for h, keys, n in written:
+            size = len(keys) // max(1, len(h.ids))
+            m = self._maps[h.table.map_name]
+            try:
+                m.delete_batch([keys[i * size : (i + 1) * size] for i in range(n)])
+            except OSError:
+                for i in range(n):
+                    with contextlib.suppress(OSError):
+                        m.delete(keys[i * size : (i + 1) * size])
 
     def _rollback(
         self,

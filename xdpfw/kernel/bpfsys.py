@@ -987,8 +987,26 @@ class Map(Generic[K, V]):
         to GET_NEXT_KEY + LOOKUP where the map type has no batch lookup. Not a snapshot: a
         map changed meanwhile may be seen partly before and partly after the change.
         """
+        ksize, vsize = self.key_size, self._vsize
+        for kraw, vraw, n in self.dump_chunks(chunk):
+            for i in range(n):
+                yield kraw[i * ksize : (i + 1) * ksize], vraw[i * vsize : (i + 1) * vsize]
+
+    def dump_columns(self, chunk: int = 65536) -> tuple[bytes, bytes, int]:
+        """`dump_raw` as two buffers, (keys back to back, values back to back, count): what
+        a columnar reader hands to numpy, with no bytes object per element."""
+        ks, vs, total = [], [], 0
+        for kraw, vraw, n in self.dump_chunks(chunk):
+            ks.append(kraw[: n * self.key_size])
+            vs.append(vraw[: n * self._vsize])
+            total += n
+        return b"".join(ks), b"".join(vs), total
+
+    def dump_chunks(self, chunk: int = 8192) -> Iterator[tuple[bytes, bytes, int]]:
+        """The map's elements a batch at a time: (keys, values, n), the first n of each."""
         if not self._batch_ok.get(Cmd.MAP_LOOKUP_BATCH, True):
-            yield from self._dump_each()
+            for k, v in self._dump_each():
+                yield k, v, 1
             return
         ksize, vsize = self.key_size, self._vsize
         tok_size = max(ksize, 8)
@@ -1009,13 +1027,13 @@ class Map(Generic[K, V]):
             if ret < 0 and err != _errno.ENOENT:
                 if first and err in _BATCH_UNSUPPORTED:
                     self._batch_ok[Cmd.MAP_LOOKUP_BATCH] = False
-                    yield from self._dump_each()
+                    for k, v in self._dump_each():
+                        yield k, v, 1
                     return
                 raise BpfError(err, op="BPF_MAP_LOOKUP_BATCH", target=self.name)
             n = int(attr.count)
-            kraw, vraw = kbuf.raw, vbuf.raw
-            for i in range(n):
-                yield kraw[i * ksize : (i + 1) * ksize], vraw[i * vsize : (i + 1) * vsize]
+            if n:
+                yield kbuf.raw[: n * ksize], vbuf.raw[: n * vsize], n
             if ret < 0:  # ENOENT: that was the last batch
                 return
             first = False
@@ -1070,15 +1088,20 @@ class Map(Generic[K, V]):
         size = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
         return mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
 
-    def update_array(self, indices: Sequence[int], value: bytes) -> None:
-        """Set elements `indices` of an array map to the same raw value (all CPUs)."""
-        if not indices:
+    def update_array(self, indices: Sequence[int] | Any, value: bytes) -> None:
+        """Set elements `indices` (ints, or a numpy integer array) of an array map to the
+        same raw value (all CPUs)."""
+        if not len(indices):
             return
         blob = self._value_blob(value)
         step = 65536
         for i in range(0, len(indices), step):
             part = indices[i : i + step]
-            kbuf = _cbuf(struct.pack(f"={len(part)}I", *part))
+            packed = (
+                part.astype("=u4").tobytes() if hasattr(part, "astype")
+                else struct.pack(f"={len(part)}I", *part)
+            )
+            kbuf = _cbuf(packed)
             vbuf = _cbuf(blob * len(part))
             if not self._batch(Cmd.MAP_UPDATE_BATCH, kbuf, vbuf, len(part), BPF_ANY):
                 for k in part:
@@ -1119,6 +1142,42 @@ class Map(Generic[K, V]):
         if self._batch(Cmd.MAP_UPDATE_BATCH, kbuf, vbuf, len(kraw), flags):
             return
         self._update_each(kraw, vraw, flags)
+
+    def update_batch_raw(
+        self, keys: bytes, values: bytes, count: int, *, step: int = 65536
+    ) -> None:
+        """`update_batch` of `count` elements given as two packed buffers (keys back to back,
+        values back to back: what a columnar writer builds with numpy), `step` elements per
+        BPF_MAP_UPDATE_BATCH (per element where the map type has no batch support, as LPM
+        tries on kernels before 6.x). Plain (not per-CPU) maps. On a failure part-way,
+        BpfError with ``.applied`` = the elements applied (the first ones)."""
+        ks, vs = self.key_size, self.value_size
+        if self.percpu:
+            raise TypeError(f"{self.name}: update_batch_raw takes plain maps only")
+        if len(keys) != count * ks or len(values) != count * vs:
+            raise ValueError(
+                f"{self.name}: {len(keys)} key / {len(values)} value bytes for {count} elements"
+            )
+        done = 0
+        kview, vview = memoryview(keys), memoryview(values)
+        try:
+            while done < count:
+                n = min(step, count - done)
+                kpart = kview[done * ks : (done + n) * ks]
+                vpart = vview[done * vs : (done + n) * vs]
+                if not self._batch_ok.get(Cmd.MAP_UPDATE_BATCH, True) or not self._batch(
+                    Cmd.MAP_UPDATE_BATCH, _cbuf(bytes(kpart)), _cbuf(bytes(vpart)), n, BPF_ANY
+                ):
+                    self._update_each(
+                        [bytes(kpart[i * ks : (i + 1) * ks]) for i in range(n)],
+                        [bytes(vpart[i * vs : (i + 1) * vs]) for i in range(n)],
+                        BPF_ANY,
+                    )
+                done += n
+        except BpfError as exc:
+            exc.applied = done + (exc.applied or 0)
+            exc.requested = count
+            raise
 
     def delete_batch(self, keys: Sequence[K | _Raw]) -> None:
         """Delete many elements with one BPF_MAP_DELETE_BATCH (per-element fallback).
