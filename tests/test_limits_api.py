@@ -214,6 +214,22 @@ def test_bulk_json_takes_limit_rules(api: Api) -> None:
     assert r.status_code == 422 and "element 1" in r.text
 
 
+def test_a_source_replace_keeps_limit_rules_budgets(api: Api) -> None:
+    """A source may hold limit rules (PUT /v1/sources with a JSON array): their budgets reach
+    the datapath and SQLite like a single add's; a kept rule with another budget is a 409."""
+    body = [{"action": "limit", "src": "198.18.6.0/24", "limit": {"pps": 50}},
+            {"src": "198.18.7.0/24"}]
+    r = api.client.put("/v1/sources/floodwatch", json=body)
+    assert r.status_code == 200, r.text
+    (rid,) = [x["id"] for x in api.client.get("/v1/rules?source=floodwatch").json()["rules"]
+              if x["action"] == "limit"]
+    assert api.dp.limits[rid].pps == 50 and api.store.limits()[rid].pps == 50
+    body[0]["limit"] = {"pps": 60}
+    r = api.client.put("/v1/sources/floodwatch", json=body)
+    assert r.status_code == 409, r.text
+    assert api.dp.limits[rid].pps == 50
+
+
 def test_a_lost_database_adopts_limit_rules_with_their_budgets(tmp_path: Path) -> None:
     from tests.fakes import FakeDatapath
     from xdpfw.rules import RuleSpec
