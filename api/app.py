@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 
@@ -11,6 +11,9 @@ from api.limits import BodyLimits
 from api.routes import health, interfaces, rules, sources, stats
 from api.service import FirewallService
 from api.settings import Settings
+
+if TYPE_CHECKING:
+    from api.fleet.agent import FleetAgent
 
 __all__ = ["create_app"]
 
@@ -21,7 +24,9 @@ kernel when its POST returns. Mutating calls need `Authorization: Bearer <token>
 """
 
 
-def create_app(settings: Settings, service: FirewallService, token: str) -> FastAPI:
+def create_app(
+    settings: Settings, service: FirewallService, token: str, fleet: FleetAgent | None = None
+) -> FastAPI:
     app = FastAPI(title="xdpfw", version="0.1.0", description=DESCRIPTION)
     app.state.settings = settings
     app.state.service = service
@@ -29,6 +34,10 @@ def create_app(settings: Settings, service: FirewallService, token: str) -> Fast
     install_error_handlers(app)
     # Outside routing: the token and the size of a body are checked before FastAPI reads it.
     app.add_middleware(BodyLimits, settings=settings, token=token)
+    if fleet is not None:  # fleet mode: its write routes first, so they shadow the local ones
+        from api.routes import fleet as fleet_routes
+
+        fleet_routes.install(app, fleet)
     app.include_router(health.router)
     app.include_router(rules.router)
     app.include_router(sources.router)

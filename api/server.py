@@ -11,6 +11,7 @@ import os
 import resource
 import secrets
 import signal
+import socket
 import stat
 import sys
 from collections.abc import Iterator
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
     import uvicorn
     from fastapi import FastAPI
 
+    from api.fleet.agent import FleetAgent
+    from api.service import FirewallService
     from api.store import Store
 
 __all__ = ["ServeError", "load_token", "serve"]
@@ -214,7 +217,10 @@ def serve(settings: Settings, *, demo: bool = False, cleanup: bool = False) -> i
         watchdog = Watchdog(svc)
         watchdog.start()
         stack.callback(watchdog.stop)
-        app = create_app(settings, svc, token)
+        fleet = _start_fleet(settings, svc)  # fleet mode (docs/fleet.md); None: one host
+        if fleet is not None:
+            stack.callback(fleet.stop)
+        app = create_app(settings, svc, token, fleet)
         if lab_note:
             print(lab_note, flush=True)
         config = _uvicorn_config(settings, app)
@@ -237,6 +243,25 @@ def serve(settings: Settings, *, demo: bool = False, cleanup: bool = False) -> i
                      settings.bpffs_dir)
         return 0 if server.started else 1
     return 0
+
+
+def _start_fleet(settings: Settings, svc: FirewallService) -> FleetAgent | None:
+    """With --etcd: the agent that watches etcd and applies it here (it starts from the
+    local cache and the pins whether or not etcd answers)."""
+    if not settings.etcd:
+        return None
+    from api.fleet.agent import FleetAgent, FleetConfig
+
+    node = settings.node or socket.gethostname().split(".")[0].lower()
+    agent = FleetAgent(FleetConfig(
+        endpoints=settings.etcd, node=node, prefix=settings.etcd_prefix,
+        labels=settings.node_labels, ca=settings.etcd_ca, cert=settings.etcd_cert,
+        key=settings.etcd_key,
+    ), svc)
+    agent.start()
+    log.info("fleet mode: node %s, etcd %s, prefix %s, resuming from revision %d", node,
+             ",".join(settings.etcd), settings.etcd_prefix, agent.applied)
+    return agent
 
 
 def _uvicorn_config(settings: Settings, app: FastAPI) -> uvicorn.Config:

@@ -19,7 +19,7 @@ import httpx
 
 from tests.server import free_port
 
-__all__ = ["Cluster", "Member", "ETCD", "etcd_cluster"]
+__all__ = ["ETCD", "Cluster", "Member", "etcd_cluster"]
 
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 

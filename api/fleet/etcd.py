@@ -19,12 +19,12 @@ from typing import Any
 import httpx
 
 __all__ = [
+    "KV",
     "Compacted",
     "EtcdClient",
     "EtcdError",
     "EtcdUnavailable",
     "Event",
-    "KV",
     "prefix_end",
 ]
 

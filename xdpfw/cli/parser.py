@@ -214,6 +214,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="on stop, detach and remove the pins (default: keep filtering while down)",
     )
+    # -- fleet mode (docs/fleet.md) --
+    g = p.add_argument_group("fleet (desired state in etcd; without --etcd: this host only)")
+    g.add_argument("--etcd", metavar="URL[,URL...]", default=None,
+                   help="etcd client URLs, e.g. http://10.0.0.5:2379 (env XDPFW_ETCD)")
+    g.add_argument("--node", metavar="NAME", default=None,
+                   help="this node's name in the fleet (default: the host name)")
+    g.add_argument("--node-label", action="append", metavar="KEY=VALUE", default=None,
+                   help="a label of this node (repeatable)")
+    g.add_argument("--etcd-prefix", metavar="PATH", default=None, help="key prefix (/xdpfw)")
+    g.add_argument("--etcd-ca", type=Path, default=None, metavar="FILE")
+    g.add_argument("--etcd-cert", type=Path, default=None, metavar="FILE")
+    g.add_argument("--etcd-key", type=Path, default=None, metavar="FILE")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(

@@ -112,6 +112,19 @@ def _database_interfaces(args: argparse.Namespace) -> list[str]:
         return []
 
 
+def _fleet_flags(args: argparse.Namespace) -> dict[str, object]:
+    """The fleet flags given (docs/fleet.md); absent ones come from XDPFW_* or defaults."""
+    return {
+        "etcd": getattr(args, "etcd", None),
+        "node": getattr(args, "node", None),
+        "node_labels": getattr(args, "node_label", None),
+        "etcd_prefix": getattr(args, "etcd_prefix", None),
+        "etcd_ca": getattr(args, "etcd_ca", None),
+        "etcd_cert": getattr(args, "etcd_cert", None),
+        "etcd_key": getattr(args, "etcd_key", None),
+    }
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -130,6 +143,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_prefixes=args.max_prefixes,
             max_sets=args.max_sets,
             protect=args.protect or None,
+            **_fleet_flags(args),
         )
         if not settings.iface and not args.no_demo:
             from api.store import Store
