@@ -41,6 +41,8 @@ RUN_PACKAGES=(
 TEST_PACKAGES=(
     "${RUN_PACKAGES[@]}" python3-pip bpfcc-tools xdp-tools bpftool netsniff-ng nftables ipset
     iptables tcpdump
+    # fleet mode (docs/fleet.md): the tests start their own etcd 3.4 cluster on loopback
+    etcd-server etcd-client
 )
 if [[ "$PROFILE" == run ]]; then
     PACKAGES=("${RUN_PACKAGES[@]}")

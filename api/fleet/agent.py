@@ -68,6 +68,7 @@ class FleetAgent:
             self.managed: set[str] = set(json.loads(svc.store.fleet_meta("sources") or "[]"))
         self.head = self.applied  # the newest change seen in the store (P/head)
         self.resyncs = 0
+        self.failed: dict[str, str] = {}  # sources this node could not apply: why
         self.reachable = False
         self.down_since: float | None = time.time()
         self.last_error: str | None = None
@@ -87,6 +88,7 @@ class FleetAgent:
 
     def stop(self) -> None:
         self._stop.set()
+        self.etcd.abort_watches()
         for t in self._threads:
             t.join(10)
         if self._lease:
@@ -147,6 +149,7 @@ class FleetAgent:
                     for name in names:
                         self.apply_source(name, rev)
                     self._set_applied(rev)
+                self.retry_failed()  # the watch ends after a quiet while
             except Compacted as exc:
                 log.warning("fleet: revision %d is compacted in etcd (%s): full resync",
                             self.applied + 1, exc)
@@ -175,6 +178,22 @@ class FleetAgent:
         self._apply(name, self._read_source(name, revision))
 
     def _apply(self, name: str, desired: Desired | None) -> None:
+        """Apply one source; a source this node cannot take (a full table, a bad entry) is
+        logged, listed in `failed` (GET /v1/fleet) and retried, and blocks no other."""
+        try:
+            self._apply_one(name, desired)
+        except XdpfwError as exc:
+            if self.failed.get(name) != str(exc):
+                log.error("fleet: source %s cannot be applied on this node: %s", name, exc)
+            self.failed[name] = str(exc)
+        else:
+            self.failed.pop(name, None)
+
+    def retry_failed(self) -> None:
+        for name in sorted(self.failed):
+            self.apply_source(name, 0)
+
+    def _apply_one(self, name: str, desired: Desired | None) -> None:
         if desired is None:
             self.managed.discard(name)
             try:

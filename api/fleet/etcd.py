@@ -113,6 +113,14 @@ class EtcdClient:
         self._timeout = timeout
         self._http = httpx.Client(timeout=timeout, verify=verify, cert=certs)
         self._stream_args: dict[str, Any] = {"verify": verify, "cert": certs}
+        self._streams: set[httpx.Client] = set()  # the watches in progress
+
+    def abort_watches(self) -> None:
+        """End every watch in progress now (their generators return)."""
+        with self._lock:
+            streams = list(self._streams)
+        for http in streams:
+            http.close()
 
     def close(self) -> None:
         self._http.close()
@@ -247,7 +255,7 @@ class EtcdClient:
 
     def watch(
         self, prefix: bytes, start_revision: int, stop: threading.Event,
-        progress_every: float = 5.0,
+        progress_every: float = 2.0,
     ) -> Iterator[tuple[int, list[Event]]]:
         """Yield (revision, events) from `start_revision` on, for every key under `prefix`,
         until `stop` is set or the stream breaks (EtcdUnavailable; the caller reconnects from
@@ -259,55 +267,66 @@ class EtcdClient:
             "start_revision": start_revision, "progress_notify": True,
         }}
         errors: list[str] = []
-        yielded = False
+        self._yielded = False
         for endpoint in self._order():
+            http = httpx.Client(
+                timeout=httpx.Timeout(self._timeout, read=progress_every), **self._stream_args
+            )
+            with self._lock:
+                self._streams.add(http)
             try:
-                with httpx.Client(
-                    timeout=httpx.Timeout(self._timeout, read=progress_every),
-                    **self._stream_args,
-                ) as http, http.stream("POST", f"{endpoint}/v3/watch", json=body) as r:
+                with http.stream("POST", f"{endpoint}/v3/watch", json=body) as r:
                     if r.status_code != 200:
                         errors.append(f"{endpoint}: HTTP {r.status_code}")
                         continue
                     self._good(endpoint)
-                    lines = r.iter_lines()
-                    while not stop.is_set():
-                        try:
-                            line = next(lines)
-                        except httpx.ReadTimeout:
-                            # Quiet: check the member still serves (a partitioned member
-                            # keeps the stream open and silent), then go on reading.
-                            self._check(endpoint)
-                            continue
-                        if not line.strip():
-                            continue
-                        msg = json.loads(line)
-                        if "error" in msg:
-                            raise EtcdUnavailable(f"{endpoint}: watch: {msg['error']}")
-                        res = msg.get("result", {})
-                        if int(res.get("compact_revision", 0)):
-                            raise Compacted(int(res["compact_revision"]))
-                        if res.get("canceled"):
-                            raise EtcdUnavailable(
-                                f"{endpoint}: watch canceled: {res.get('cancel_reason', '')}"
-                            )
-                        rev = int(res.get("header", {}).get("revision", 0))
-                        events = [
-                            Event(e.get("type", "PUT"), _kv(e["kv"]))
-                            for e in res.get("events", [])
-                        ]
-                        if events:  # header.revision may run ahead of a split batch
-                            rev = max(ev.kv.mod_revision for ev in events)
-                        if events or not res.get("created"):
-                            yielded = True
-                            yield rev, events
+                    yield from self._events(endpoint, r, stop)
                     return
-            except (httpx.HTTPError, StopIteration) as exc:
+            except (httpx.HTTPError, StopIteration, RuntimeError) as exc:
+                if stop.is_set():
+                    return
                 errors.append(f"{endpoint}: {type(exc).__name__} {exc}".strip())
-                if yielded:  # the caller resumes from what it has seen, not from the start
+                if self._yielded:  # the caller resumes from what it has seen
                     break
                 continue
+            finally:
+                with self._lock:
+                    self._streams.discard(http)
+                http.close()
         raise EtcdUnavailable("; ".join(errors) or "watch ended")
+
+    def _events(
+        self, endpoint: str, r: httpx.Response, stop: threading.Event
+    ) -> Iterator[tuple[int, list[Event]]]:
+        lines = r.iter_lines()
+        while not stop.is_set():
+            try:
+                line = next(lines)
+            except httpx.ReadTimeout:
+                # Quiet for a while: check the member still serves (a member cut off keeps
+                # a stream open and silent), then end: the caller watches again from its
+                # last revision.
+                self._check(endpoint)
+                return
+            if not line.strip():
+                continue
+            msg = json.loads(line)
+            if "error" in msg:
+                raise EtcdUnavailable(f"{endpoint}: watch: {msg['error']}")
+            res = msg.get("result", {})
+            if int(res.get("compact_revision", 0)):
+                raise Compacted(int(res["compact_revision"]))
+            if res.get("canceled"):
+                raise EtcdUnavailable(
+                    f"{endpoint}: watch canceled: {res.get('cancel_reason', '')}"
+                )
+            rev = int(res.get("header", {}).get("revision", 0))
+            events = [Event(e.get("type", "PUT"), _kv(e["kv"])) for e in res.get("events", [])]
+            if events:  # header.revision may run ahead of a split batch
+                rev = max(ev.kv.mod_revision for ev in events)
+            if events or not res.get("created"):
+                self._yielded = True
+                yield rev, events
 
     def _check(self, endpoint: str) -> None:
         try:

@@ -63,6 +63,7 @@ class FleetStatusOut(BaseModel):
     lag: int
     resyncs: int
     managed_sources: list[str]
+    failed_sources: dict[str, str]  # sources this node could not apply (retried), and why
     last_error: str | None
 
 
@@ -110,7 +111,8 @@ def fleet_status(request: Request) -> FleetStatusOut:
         node=c.node, endpoints=list(c.endpoints), prefix=c.prefix,
         store_reachable=a.reachable, unreachable_since=a.down_since,
         applied_revision=a.applied, head_revision=a.head, lag=a.lag, resyncs=a.resyncs,
-        managed_sources=sorted(a.managed), last_error=a.last_error,
+        managed_sources=sorted(a.managed), failed_sources=dict(a.failed),
+        last_error=a.last_error,
     )
 
 

@@ -512,6 +512,15 @@ class Client:
     def sources(self) -> list[Source]:
         return cast(list[Source], self._request("GET", "/v1/sources").json())
 
+    # -- fleet mode (docs/fleet.md) --
+    def fleet_nodes(self) -> list[dict[str, Any]]:
+        """GET /v1/fleet/nodes (404: this node does not run with --etcd)."""
+        r = self._request(
+            "GET", "/v1/fleet/nodes",
+            not_found="this xdpfw runs without a fleet store: start it with --etcd URL",
+        )
+        return cast(list[dict[str, Any]], r.json())
+
     def source(self, name: str, limit: int = 100, cursor: str | None = None) -> SourceDetail:
         params: dict[str, str | int] = {"limit": limit}
         if cursor is not None:

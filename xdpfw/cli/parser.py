@@ -134,6 +134,22 @@ def _source_flag(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--source", type=_source_name, metavar="NAME", help=what)
 
 
+def _fleet_commands(sub: Any) -> None:
+    """`xdpfw fleet ls` (issue 19, docs/fleet.md)."""
+    from xdpfw.cli.fleet import FLEET_EPILOG, cmd_fleet_ls
+
+    fleet = sub.add_parser(
+        "fleet", help="the nodes of a fleet (serve --etcd)",
+        description="The nodes of a fleet (serve --etcd).", epilog=FLEET_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    fsub = fleet.add_subparsers(dest="fleet_command", metavar="ACTION")
+    fsub.required = True
+    p = _sub(fsub, "ls", "list the fleet's nodes: applied revision, lag, heartbeat",
+             FLEET_EPILOG, cmd_fleet_ls, "fleet ls")
+    _json_flag(p)
+
+
 def _source_commands(sub: Any) -> None:
     """`xdpfw source ...` (issue 13)."""
     source = sub.add_parser(
@@ -319,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     _json_flag(p, "print the summary as JSON")
 
     _source_commands(sub)
+    _fleet_commands(sub)
 
     p = _sub(sub, "stats", "per-rule counters and totals", STATS_EPILOG, cmd_stats)
     p.add_argument("--top", type=_positive_int, metavar="N", help="only the N busiest rules")
