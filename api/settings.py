@@ -79,6 +79,11 @@ class Settings(BaseSettings):
     etcd_cert: Path | None = None
     etcd_key: Path | None = None
 
+    @field_validator("node", "etcd_ca", "etcd_cert", "etcd_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value  # XDPFW_NODE= (compose, a ConfigMap): unset
+
     @field_validator("etcd", mode="before")
     @classmethod
     def _split_etcd(cls, value: object) -> object:

@@ -23,6 +23,7 @@ from typing import Any
 from api.fleet.etcd import KV, Compacted, EtcdClient, EtcdError, EtcdUnavailable
 from api.fleet.state import Desired, Layout, Writer, decode_source
 from api.service import FirewallService, NewCodes, NewRule
+from api.store import StoredRule
 from xdpfw.errors import SourceNotFound, XdpfwError
 from xdpfw.rules import rule_from_code
 
@@ -244,6 +245,12 @@ class FleetAgent:
         self.resyncs += 1
         log.info("fleet: full resync at revision %d: %d source(s)", rev, len(present))
         self._set_applied(rev)
+
+    def rule_of(self, source: str, code: int) -> StoredRule | None:
+        """The rule this node enforces for `code`, as `source` holds it (None: not here)."""
+        with self.svc.lock:
+            rid = self.svc.dp.compiler.find_code(code)
+            return None if rid is None else self.svc.store.get(rid, source)
 
     # -- registry ------------------------------------------------------------------------------
 

@@ -208,10 +208,18 @@ class Writer:
     def replace_source(
         self, name: str, codes: Sequence[int], comment: str = "", ttl: int | None = None,
         comments: Sequence[str] | None = None, ttls: Sequence[int | None] | None = None,
-    ) -> int:
+    ) -> tuple[int, tuple[int, int, int]]:
+        """(revision, (added, removed, unchanged) against the version it replaced)."""
         L = self.layout
         old, _ = self.etcd.get(L.manifest(name))
         old_gen = json.loads(old.value)["gen"] if old is not None else None
+        before: set[int] = set()
+        if old_gen is not None:
+            kvs, _ = self.etcd.prefix(L.chunks(name, old_gen))
+            before = {c for kv in kvs for c in json.loads(kv.value)["codes"]}
+        rules, _ = self.etcd.prefix(L.rules(name))
+        before.update(int(kv.key.rsplit(b"/", 1)[1], 16) for kv in rules)
+        after = set(codes)
         gen = uuid.uuid4().hex[:16]
         lease = self.etcd.grant(ttl) if ttl else 0
         parts = encode_chunks(codes, comments, ttls)
@@ -240,7 +248,8 @@ class Writer:
         if not ok:
             self._forget(name, gen)
             raise Conflict(name)
-        return rev
+        same = len(after & before)
+        return rev, (len(after) - same, len(before) - same, same)
 
     def _forget(self, name: str, gen: str) -> None:
         try:

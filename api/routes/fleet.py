@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, FastAPI, Path, Query, Request, Response
+from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
@@ -22,13 +23,13 @@ from api.deps import AUTH_RESPONSES, ERROR_RESPONSES, ReadAccess, ServiceDep, Wr
 from api.fleet.agent import FleetAgent
 from api.fleet.etcd import EtcdError, EtcdUnavailable
 from api.fleet.state import Conflict
-from api.models import MAX_TTL, RuleIn, bulk_rules
+from api.models import MAX_TTL, RuleIn, RuleOut, bulk_rules
 from api.routes import stats
 from api.routes.rules import RuleId, read_list
 from xdpfw.errors import InvalidRule, RuleNotFound
 from xdpfw.sources import SOURCE_PATTERN, check_source
 
-__all__ = ["FleetWriteOut", "NodeOut", "install", "router", "writes"]
+__all__ = ["FleetSourceOut", "FleetWriteOut", "NodeOut", "install", "router", "writes"]
 
 router = APIRouter(prefix="/v1/fleet", tags=["fleet"],
                    responses={**AUTH_RESPONSES, **ERROR_RESPONSES})
@@ -77,13 +78,24 @@ class FleetWriteOut(BaseModel):
     removed: int | None = None
 
 
+class FleetSourceOut(FleetWriteOut):
+    """A source replace committed: the diff against the version it replaced, in etcd (each
+    node logs its own overlaps with its protected prefixes)."""
+
+    added: int
+    unchanged: int
+    overlaps: list[str] = []
+    overlap_count: int = 0
+
+
 def _agent(request: Request) -> FleetAgent:
     agent: FleetAgent = request.app.state.fleet
     return agent
 
 
 def _answer(agent: FleetAgent, revision: int, wait: str | None, source: str,
-            detail: str, status: int, removed: int | None = None) -> JSONResponse:
+            detail: str, status: int, removed: int | None = None,
+            diff: tuple[int, int, int] | None = None) -> JSONResponse:
     applied = agent.applied >= revision
     if wait == "applied" and not applied:
         applied = agent.wait_applied(revision, APPLY_TIMEOUT)
@@ -94,8 +106,13 @@ def _answer(agent: FleetAgent, revision: int, wait: str | None, source: str,
                  f"{agent.applied}); see GET /v1/fleet", "error": "not_applied"},
                 status_code=504,
             )
-    body = FleetWriteOut(revision=revision, applied=applied, source=source, detail=detail,
-                         removed=removed)
+    body: FleetWriteOut
+    if diff is not None:
+        body = FleetSourceOut(revision=revision, applied=applied, source=source, detail=detail,
+                              added=diff[0], removed=diff[1], unchanged=diff[2])
+    else:
+        body = FleetWriteOut(revision=revision, applied=applied, source=source, detail=detail,
+                             removed=removed)
     return JSONResponse(body.model_dump(), status_code=status)
 
 
@@ -141,8 +158,13 @@ def add_rule(body: RuleIn, request: Request, wait: Wait = None) -> JSONResponse:
     source = check_source(body.source)
     code = body.spec().code()
     rev = agent.writer.add_rule(source, code, body.comment, body.ttl_seconds)
-    return _answer(agent, rev, wait, source, "committed to the fleet store",
-                   201 if wait == "applied" else 202)
+    answer = _answer(agent, rev, wait, source, "committed to the fleet store",
+                     201 if wait == "applied" else 202)
+    if wait == "applied" and answer.status_code == 201:
+        stored = agent.rule_of(source, code)  # the single-host answer: the rule as enforced
+        if stored is not None:
+            return JSONResponse(jsonable_encoder(RuleOut.of(stored)), status_code=201)
+    return answer
 
 
 @writes.delete("/v1/rules/{rule_id:int}", response_model=FleetWriteOut,
@@ -165,7 +187,7 @@ def delete_rule(rule_id: RuleId, request: Request, svc: ServiceDep,
                    removed)
 
 
-@writes.put("/v1/sources/{name}", response_model=FleetWriteOut, dependencies=[WriteAccess])
+@writes.put("/v1/sources/{name}", response_model=FleetSourceOut, dependencies=[WriteAccess])
 async def replace_source(
     name: SourceName, request: Request, wait: Wait = None,
     action: Literal["drop", "allow"] = "drop",
@@ -180,8 +202,8 @@ async def replace_source(
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "text/plain":
         codes = await read_list(request, action, mode)
-        rev = await run_in_threadpool(agent.writer.replace_source, name, codes, comment,
-                                      ttl_seconds)
+        rev, diff = await run_in_threadpool(agent.writer.replace_source, name, codes, comment,
+                                            ttl_seconds)
         count = len(codes)
     elif ctype in ("application/json", ""):
         raw = bytearray()
@@ -189,7 +211,7 @@ async def replace_source(
             raw += chunk
         items = await run_in_threadpool(bulk_rules, bytes(raw), True, name)
         count = len(items)
-        rev = await run_in_threadpool(
+        rev, diff = await run_in_threadpool(
             agent.writer.replace_source, name, [i.spec.code() for i in items], "", None,
             [i.comment for i in items], [i.ttl_seconds for i in items],
         )
@@ -197,7 +219,8 @@ async def replace_source(
         raise InvalidRule("body", f"content type {ctype!r}: send text/plain (a list) or "
                           "application/json (an array of rule bodies)")
     return await run_in_threadpool(
-        _answer, agent, rev, wait, name, f"{count} entries committed to the fleet store", 200
+        _answer, agent, rev, wait, name, f"{count} entries committed to the fleet store", 200,
+        None, diff,
     )
 
 

@@ -434,7 +434,10 @@ class Client:
 
     def add_rule(self, body: Mapping[str, object]) -> tuple[Rule, bool]:
         """POST /v1/rules -> (rule, created). created is False for an identical existing rule."""
-        r = self._request("POST", "/v1/rules", json=dict(body), ok=(200, 201))
+        # wait=applied: in fleet mode (docs/fleet.md) answer once this node enforces it, with
+        # the rule, as on one host (one host ignores it).
+        r = self._request("POST", "/v1/rules", json=dict(body), ok=(200, 201),
+                          params={"wait": "applied"})
         return cast(Rule, r.json()), r.status_code == 201
 
     def rule_pages(
@@ -541,7 +544,7 @@ class Client:
         timeout: float = 600.0,
     ) -> SourceChange:
         """PUT /v1/sources/{name} with a list (text): the source holds exactly these."""
-        params: dict[str, str | int] = {"action": action, "mode": mode}
+        params: dict[str, str | int] = {"action": action, "mode": mode, "wait": "applied"}
         if comment:
             params["comment"] = comment
         if ttl_seconds is not None:
