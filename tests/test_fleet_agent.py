@@ -56,12 +56,14 @@ class Node:
 
 
 def make_node(db: Path, endpoints: list[str], prefix: str, name: str,
-              start: bool = True) -> Node:
+              start: bool = True, labels: dict[str, str] | None = None) -> Node:
     dp = FakeDatapath()
     store = Store(db)
     svc = FirewallService(dp, store)
     svc.reconcile()
-    agent = FleetAgent(FleetConfig(endpoints, name, prefix, {"zone": "z1"}, heartbeat=0.3), svc)
+    agent = FleetAgent(
+        FleetConfig(endpoints, name, prefix, labels or {"zone": "z1"}, heartbeat=0.3), svc
+    )
     if start:
         agent.start()
     app = create_app(Settings(state_dir=db.parent), svc, TOKEN, agent)
@@ -70,12 +72,12 @@ def make_node(db: Path, endpoints: list[str], prefix: str, name: str,
 
 
 @pytest.fixture
-def nodes(tmp_path: Path, etcd1: Cluster) -> Iterator[Callable[[str], Node]]:
+def nodes(tmp_path: Path, etcd1: Cluster) -> Iterator[Callable[..., Node]]:
     made: list[Node] = []
     prefix = f"/t{time.monotonic_ns()}"
 
-    def make(name: str) -> Node:
-        n = make_node(tmp_path / f"{name}.sqlite3", etcd1.urls, prefix, name)
+    def make(name: str, labels: dict[str, str] | None = None) -> Node:
+        n = make_node(tmp_path / f"{name}.sqlite3", etcd1.urls, prefix, name, labels=labels)
         made.append(n)
         return n
 
@@ -144,7 +146,7 @@ def test_settings() -> None:
 # -- agents on a real etcd -----------------------------------------------------------------------
 
 
-def test_a_write_on_one_node_is_applied_on_the_other(nodes: Callable[[str], Node]) -> None:
+def test_a_write_on_one_node_is_applied_on_the_other(nodes: Callable[..., Node]) -> None:
     a, b = nodes("a"), nodes("b")
     r = a.client.put("/v1/sources/fw?wait=applied", content="198.51.100.0/24\n192.0.2.1\n",
                      headers=PLAIN)
@@ -178,7 +180,7 @@ def test_a_write_on_one_node_is_applied_on_the_other(nodes: Callable[[str], Node
     assert "192.0.2.9/32" not in a.held("api")
 
 
-def test_big_source_in_chunks(nodes: Callable[[str], Node],
+def test_big_source_in_chunks(nodes: Callable[..., Node],
                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(state, "CHUNK_BYTES", 16 * 1024)
     a, b = nodes("a"), nodes("b")
@@ -244,6 +246,23 @@ def test_compacted_revision_full_resync_keeps_rules(tmp_path: Path, etcd1: Clust
     finally:
         a.agent.stop()
         a.store.close()
+
+
+def test_scoped_to_nodes_and_labels(nodes: Callable[..., Node]) -> None:
+    a, b = nodes("a"), nodes("b", {"zone": "z2"})
+    put = lambda q: a.client.put(f"/v1/sources/edge?wait=applied&{q}",  # noqa: E731
+                                 content="192.0.2.7\n", headers=PLAIN)
+    both = {"192.0.2.7/32"}
+    assert put("").status_code == 200
+    until(lambda: a.held("edge") == both and b.held("edge") == both)
+    assert put("nodes=a").status_code == 200  # b drops what it enforced
+    until(lambda: b.held("edge") == set())
+    assert a.held("edge") == both
+    assert put("selector=zone=z2").status_code == 200  # by label: b only
+    until(lambda: a.held("edge") == set() and b.held("edge") == both)
+    assert put("nodes=a,b&selector=zone=z1").status_code == 200  # both must hold
+    until(lambda: a.held("edge") == both and b.held("edge") == set())
+    assert put("nodes=Bad Name").status_code == 422
 
 
 def test_prefix_end() -> None:

@@ -195,6 +195,8 @@ class FleetAgent:
             self.apply_source(name, 0)
 
     def _apply_one(self, name: str, desired: Desired | None) -> None:
+        if desired is not None and not desired.applies_to(self.config.node, self.config.labels):
+            desired = None  # scoped to other nodes: not here (dropped if it was)
         if desired is None:
             self.managed.discard(name)
             try:

@@ -134,9 +134,17 @@ class Desired:
     comments: list[str] = field(default_factory=list)
     ttls: list[int | None] = field(default_factory=list)
     uniform: tuple[str, int | None] | None = None  # one comment and TTL for every entry
+    nodes: list[str] | None = None  # scope: only these nodes (None: every node)
+    selector: dict[str, str] | None = None  # scope: only nodes with all these labels
 
     def __len__(self) -> int:
         return len(self.codes)
+
+    def applies_to(self, node: str, labels: dict[str, str]) -> bool:
+        if self.nodes is not None and node not in self.nodes:
+            return False
+        return self.selector is None or all(labels.get(k) == v
+                                            for k, v in self.selector.items())
 
 
 def _ttl_left(expires_at: float | None, now: float) -> int | bool | None:
@@ -159,6 +167,8 @@ def decode_source(
     d = Desired(name)
     if manifest is not None:
         m = json.loads(manifest.value)
+        d.nodes = m.get("nodes")
+        d.selector = m.get("selector")
         if len(chunks) != int(m["chunks"]):
             raise ValueError(f"source {name}: {len(chunks)} chunk(s) of {m['chunks']}")
         left = _ttl_left(m.get("expires_at"), now)
@@ -208,6 +218,7 @@ class Writer:
     def replace_source(
         self, name: str, codes: Sequence[int], comment: str = "", ttl: int | None = None,
         comments: Sequence[str] | None = None, ttls: Sequence[int | None] | None = None,
+        nodes: Sequence[str] | None = None, selector: dict[str, str] | None = None,
     ) -> tuple[int, tuple[int, int, int]]:
         """(revision, (added, removed, unchanged) against the version it replaced)."""
         L = self.layout
@@ -230,6 +241,7 @@ class Writer:
                 "gen": gen, "chunks": len(parts), "count": len(codes), "comment": comment,
                 "expires_at": time.time() + ttl if ttl else None, "writer": self.node,
                 "at": time.time(),
+                "nodes": list(nodes) if nodes is not None else None, "selector": selector,
             }
             ops = [
                 EtcdClient.op_put(L.manifest(name), json.dumps(manifest).encode(), lease),

@@ -194,16 +194,29 @@ async def replace_source(
     mode: Literal["enforce", "monitor"] = "enforce",
     comment: Annotated[str, Query(max_length=256)] = "",
     ttl_seconds: Annotated[int | None, Query(ge=1, le=MAX_TTL)] = None,
+    nodes: Annotated[str | None, Query(
+        pattern=r"^[a-z0-9][a-z0-9._-]{0,63}(,[a-z0-9][a-z0-9._-]{0,63})*$",
+        description="only these nodes enforce it (comma separated); default every node")] = None,
+    selector: Annotated[str | None, Query(
+        pattern=r"^[^=,]+=[^=,]*(,[^=,]+=[^=,]*)*$",
+        description="only nodes with all these labels (k=v,k2=v2) enforce it")] = None,
 ) -> JSONResponse:
     """Fleet mode: the source's new list goes to the fleet store in chunks, then one
     transaction makes it current; a concurrent replace of the same source by another
-    writer answers 409 (one of the two wins whole, never a mix)."""
+    writer answers 409 (one of the two wins whole, never a mix). `nodes`/`selector` scope
+    it: the other nodes do not enforce it (and drop it if they did)."""
     agent = _agent(request)
+    only: list[str] | None = nodes.split(",") if nodes else None
+    labels: dict[str, str] | None = (
+        dict(p.split("=", 1) for p in selector.split(",")) if selector else None
+    )
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "text/plain":
         codes = await read_list(request, action, mode)
-        rev, diff = await run_in_threadpool(agent.writer.replace_source, name, codes, comment,
-                                            ttl_seconds)
+        rev, diff = await run_in_threadpool(
+            lambda: agent.writer.replace_source(name, codes, comment, ttl_seconds,
+                                                nodes=only, selector=labels)
+        )
         count = len(codes)
     elif ctype in ("application/json", ""):
         raw = bytearray()
@@ -212,8 +225,11 @@ async def replace_source(
         items = await run_in_threadpool(bulk_rules, bytes(raw), True, name)
         count = len(items)
         rev, diff = await run_in_threadpool(
-            agent.writer.replace_source, name, [i.spec.code() for i in items], "", None,
-            [i.comment for i in items], [i.ttl_seconds for i in items],
+            lambda: agent.writer.replace_source(
+                name, [i.spec.code() for i in items], "", None,
+                [i.comment for i in items], [i.ttl_seconds for i in items],
+                nodes=only, selector=labels,
+            )
         )
     else:
         raise InvalidRule("body", f"content type {ctype!r}: send text/plain (a list) or "
