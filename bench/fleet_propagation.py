@@ -83,6 +83,8 @@ def wait_pass(lab: VethLab) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--big", type=int, default=100_000,
+                    help="entries of the source replaced once on A and on the single host")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp_s, ExitStack() as stack:
         tmp = Path(tmp_s)
@@ -92,7 +94,9 @@ def main() -> None:
             lab = stack.enter_context(veth_lab(prefix="xfw"))
             pins = unique_pin_dir(f"bench{i}")
             fleet = ["--etcd", cluster.endpoints, "--node", f"n{i}"] if i < 3 else []
-            srv = Server(lab=lab, state_dir=tmp / f"s{i}", bpffs_dir=pins, extra_args=fleet)
+            caps = ["--max-rules", str(max(8192, 2 * args.big))]
+            srv = Server(lab=lab, state_dir=tmp / f"s{i}", bpffs_dir=pins,
+                         extra_args=[*fleet, *caps])
             stack.callback(_remove_pins, pins)
             stack.callback(srv.stop)
             servers.append(srv)
@@ -135,6 +139,37 @@ def main() -> None:
         base = pct(lat["single"], .5)
         for name in ("A", "B", "C"):
             print(f"{name} / single (p50): {pct(lat[name], .5) / base:.1f}x")
+        if args.big:
+            big(args.big, a, b, c, single)
+
+
+def big(n: int, a: Server, b: Server, c: Server, single: Server) -> None:
+    """A source of n entries replaced on A: until A, B and C hold it, vs one host's PUT."""
+    body = "".join(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}\n" for i in range(n))
+    hdr = {"content-type": "text/plain"}
+    with single.client() as cl:
+        t0 = time.perf_counter()
+        r = cl.put("/v1/sources/big", content=body, headers=hdr, timeout=300)
+        one = time.perf_counter() - t0
+        assert r.status_code == 200, r.text
+    done: dict[str, float] = {}
+    with a.client() as cl:
+        t0 = time.perf_counter()
+        r = cl.put("/v1/sources/big", content=body, headers=hdr, timeout=300)
+        assert r.status_code == 200, r.text
+        committed = time.perf_counter() - t0
+        while len(done) < 3 and time.perf_counter() - t0 < 300:
+            for name, s in (("A", a), ("B", b), ("C", c)):
+                if name not in done:
+                    with s.client() as sc:
+                        src = sc.get("/v1/sources/big")
+                    if src.status_code == 200 and src.json()["rules"] == n:
+                        done[name] = time.perf_counter() - t0
+            time.sleep(0.05)
+    last = max(done.values()) if len(done) == 3 else float("nan")
+    print(f"source of {n} entries: single host PUT {one:.2f} s; fleet: committed "
+          f"{committed:.2f} s, " + ", ".join(f"{k} {v:.2f} s" for k, v in sorted(done.items()))
+          + f"; all three / single host = {last / one:.2f}x")
 
 
 if __name__ == "__main__":
