@@ -134,7 +134,7 @@ class FleetAgent:
     # -- watch and apply -----------------------------------------------------------------------
 
     def _watch_loop(self) -> None:
-        pause = 0.1
+        pause = 0.1  # after an error only: a watch that ended quietly is re-opened at once
         resync = self.applied == 0
         while not self._stop.is_set():
             try:
@@ -144,13 +144,15 @@ class FleetAgent:
                 for rev, events in self.etcd.watch(self.layout.desired, self.applied + 1,
                                                    self._stop):
                     self._up()
-                    pause = 0.1
                     names = sorted({n for e in events
                                     if (n := self.layout.source_of(e.kv.key)) is not None})
                     for name in names:
                         self.apply_source(name, rev)
                     self._set_applied(rev)
-                self.retry_failed()  # the watch ends after a quiet while
+                self._up()  # the watch ends after a quiet while, its member checked
+                self.retry_failed()
+                pause = 0.1
+                continue
             except Compacted as exc:
                 log.warning("fleet: revision %d is compacted in etcd (%s): full resync",
                             self.applied + 1, exc)
