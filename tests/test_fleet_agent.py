@@ -174,6 +174,11 @@ def test_a_write_on_one_node_is_applied_on_the_other(nodes: Callable[..., Node])
     assert nodes_seen[0]["labels"] == {"zone": "z1"}
     st = b.client.get("/v1/fleet").json()
     assert st["store_reachable"] and st["lag"] == 0 and "fw" in st["managed_sources"]
+    # The OpenAPI document describes the fleet routes where they shadow the single-host ones.
+    paths = a.client.get("/openapi.json").json()["paths"]
+    assert paths["/v1/rules"]["post"]["operationId"].startswith("fleet_")
+    assert paths["/v1/sources/{name}"]["put"]["operationId"].startswith("fleet_")
+    assert "/v1/fleet/nodes" in paths
     # Writes not routed to the store yet say so (and change nothing).
     r = a.client.post("/v1/rules/bulk", content="192.0.2.9\n", headers=PLAIN)
     assert r.status_code == 501 and "PUT /v1/sources" in r.json()["detail"]

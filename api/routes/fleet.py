@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, FastAPI, Path, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
@@ -151,7 +151,7 @@ def fleet_nodes(request: Request) -> list[NodeOut]:
 
 @writes.post("/v1/rules", response_model=FleetWriteOut, status_code=202,
              dependencies=[WriteAccess])
-def add_rule(body: RuleIn, request: Request, wait: Wait = None) -> JSONResponse:
+def fleet_add_rule(body: RuleIn, request: Request, wait: Wait = None) -> JSONResponse:
     """Fleet mode: the rule goes to the fleet store, held by its `source`; every node
     applies it. 202 when committed; `?wait=applied`: 201 when this node enforces it."""
     agent = _agent(request)
@@ -169,7 +169,7 @@ def add_rule(body: RuleIn, request: Request, wait: Wait = None) -> JSONResponse:
 
 @writes.delete("/v1/rules/{rule_id:int}", response_model=FleetWriteOut,
                dependencies=[WriteAccess])
-def delete_rule(rule_id: RuleId, request: Request, svc: ServiceDep,
+def fleet_delete_rule(rule_id: RuleId, request: Request, svc: ServiceDep,
                 wait: Wait = None) -> JSONResponse:
     """Fleet mode: the rule's keys leave the fleet store (every node removes it). A rule
     that is part of a source's list is removed by replacing or deleting that source."""
@@ -188,7 +188,7 @@ def delete_rule(rule_id: RuleId, request: Request, svc: ServiceDep,
 
 
 @writes.put("/v1/sources/{name}", response_model=FleetSourceOut, dependencies=[WriteAccess])
-async def replace_source(
+async def fleet_replace_source(
     name: SourceName, request: Request, wait: Wait = None,
     action: Literal["drop", "allow"] = "drop",
     mode: Literal["enforce", "monitor"] = "enforce",
@@ -241,7 +241,7 @@ async def replace_source(
 
 
 @writes.delete("/v1/sources/{name}", response_model=FleetWriteOut, dependencies=[WriteAccess])
-def delete_source(name: SourceName, request: Request, wait: Wait = None) -> JSONResponse:
+def fleet_delete_source(name: SourceName, request: Request, wait: Wait = None) -> JSONResponse:
     agent = _agent(request)
     removed, rev = agent.writer.drop_source(name)
     if not removed:
@@ -272,7 +272,7 @@ writes.add_api_route(
 
 
 @writes.get("/metrics", include_in_schema=False)
-def metrics(svc: ServiceDep, request: Request) -> Response:
+def fleet_metrics(svc: ServiceDep, request: Request) -> Response:
     """The single-node metrics plus the fleet's (applied revision, lag, store reachable)."""
     base = stats.metrics(svc)
     a = _agent(request)
@@ -294,11 +294,34 @@ def metrics(svc: ServiceDep, request: Request) -> Response:
     return Response(bytes(base.body) + extra, media_type=base.media_type)
 
 
+def _fleet_openapi(app: FastAPI) -> None:
+    """The OpenAPI document of a fleet node: the fleet routes describe the paths they shadow
+    (the single-host routes stay in the app, after these, and are never reached)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            only = FastAPI(title=app.title, version=app.version)
+            only.include_router(router)
+            only.include_router(writes)
+            mine = only.openapi()
+            for path, ops in mine.get("paths", {}).items():
+                schema.setdefault("paths", {}).setdefault(path, {}).update(ops)
+            for kind, items in mine.get("components", {}).items():
+                schema.setdefault("components", {}).setdefault(kind, {}).update(items)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def install(app: FastAPI, agent: FleetAgent) -> None:
     """Fleet mode on `app`: call before the single-node routers are included."""
     app.state.fleet = agent
     app.include_router(router)
     app.include_router(writes)
+    _fleet_openapi(app)
 
     async def unavailable(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse(
