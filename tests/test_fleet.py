@@ -117,50 +117,53 @@ def clean(nodes: list[Server], *sources: str) -> None:
 
 def test_one_write_enforced_on_every_node(fleet: list[Server]) -> None:
     a, b, c = fleet
-    assert not any(blocked(s) for s in (a, b, c))
-    # A source written on A, with every node's peer: each node drops its own peer.
-    r = put_list(a, "banned", [s.lab.peer_ip4 for s in (a, b, c)])
-    assert r.status_code == 200, r.text
-    assert r.json()["applied"] is True
-    rev = r.json()["revision"]
-    for s in (a, b, c):
-        until(lambda s=s: blocked(s))  # type: ignore[misc]
-        assert status(s)["applied_revision"] >= rev
-    # A single rule written on B reaches C (and A lists it from its cache).
-    r = write(b, "POST", "/v1/rules", json={"src": "198.51.100.7", "comment": "one"})
-    assert r.status_code == 202, r.text
-    until(lambda: "198.51.100.7/32" in source_members(c, "api"))
-    with a.client() as ca:
-        until(lambda: any(x["src"] == "198.51.100.7/32"
-                          for x in ca.get("/v1/rules").json()["rules"]))
-        got = ca.get("/v1/rules").json()["rules"]
-        rid = next(x["id"] for x in got if x["src"] == "198.51.100.7/32")
-        assert ca.get("/v1/rules").headers["x-xdpfw-fleet-revision"]
-        # Delete by id on A: gone everywhere.
-        d = ca.delete(f"/v1/rules/{rid}", params={"wait": "applied"})
-        assert d.status_code == 200, d.text
-    until(lambda: "198.51.100.7/32" not in source_members(c, "api"))
-    # The registry: three nodes, labels, no lag once applied.
-    with a.client() as ca:
-        nodes = ca.get("/v1/fleet/nodes").json()
-    assert [n["name"] for n in nodes] == ["n0", "n1", "n2"]
-    assert nodes[1]["labels"] == {"rack": "r1"}
-    assert all(n["healthy"] and n["heartbeat_age"] < 10 for n in nodes)
-    p = subprocess.run(
-        [XDPFW, "--state-dir", str(b.state_dir), "fleet", "ls"], capture_output=True,
-        text=True, timeout=60, env={**os.environ, "XDPFW_API": b.url},
-    )
-    assert p.returncode == 0, p.stderr
-    assert [ln.split()[0] for ln in p.stdout.splitlines()] == ["NODE", "n0", "n1", "n2"]
-    assert "rack=r1" in p.stdout
-    with c.client() as cc:
-        text = cc.get("/metrics").text
-    assert 'xdpfw_fleet_applied_revision{node="n2"}' in text
-    assert 'xdpfw_fleet_store_up{node="n2"} 1' in text
-    # Deleting the source on C unblocks every node.
-    assert write(c, "DELETE", "/v1/sources/banned?wait=applied").status_code == 200
-    for s in (a, b, c):
-        until(lambda s=s: not blocked(s))  # type: ignore[misc]
+    try:
+        assert not any(blocked(s) for s in (a, b, c))
+        # A source written on A, with every node's peer: each node drops its own peer.
+        r = put_list(a, "banned", [s.lab.peer_ip4 for s in (a, b, c)])
+        assert r.status_code == 200, r.text
+        assert r.json()["applied"] is True
+        rev = r.json()["revision"]
+        for s in (a, b, c):
+            until(lambda s=s: blocked(s))  # type: ignore[misc]
+            assert status(s)["applied_revision"] >= rev
+        # A single rule written on B reaches C (and A lists it from its cache).
+        r = write(b, "POST", "/v1/rules", json={"src": "198.51.100.7", "comment": "one"})
+        assert r.status_code == 202, r.text
+        until(lambda: "198.51.100.7/32" in source_members(c, "api"))
+        with a.client() as ca:
+            until(lambda: any(x["src"] == "198.51.100.7/32"
+                              for x in ca.get("/v1/rules").json()["rules"]))
+            got = ca.get("/v1/rules").json()["rules"]
+            rid = next(x["id"] for x in got if x["src"] == "198.51.100.7/32")
+            assert ca.get("/v1/rules").headers["x-xdpfw-fleet-revision"]
+            # Delete by id on A: gone everywhere.
+            d = ca.delete(f"/v1/rules/{rid}", params={"wait": "applied"})
+            assert d.status_code == 204 and int(d.headers["x-xdpfw-fleet-committed"]) > rev
+        until(lambda: "198.51.100.7/32" not in source_members(c, "api"))
+        # The registry: three nodes, labels, no lag once applied.
+        with a.client() as ca:
+            nodes = ca.get("/v1/fleet/nodes").json()
+        assert [n["name"] for n in nodes] == ["n0", "n1", "n2"]
+        assert nodes[1]["labels"] == {"rack": "r1"}
+        assert all(n["healthy"] and n["heartbeat_age"] < 10 for n in nodes)
+        p = subprocess.run(
+            [XDPFW, "--state-dir", str(b.state_dir), "fleet", "ls"], capture_output=True,
+            text=True, timeout=60, env={**os.environ, "XDPFW_API": b.url},
+        )
+        assert p.returncode == 0, p.stderr
+        assert [ln.split()[0] for ln in p.stdout.splitlines()] == ["NODE", "n0", "n1", "n2"]
+        assert "rack=r1" in p.stdout
+        with c.client() as cc:
+            text = cc.get("/metrics").text
+        assert 'xdpfw_fleet_applied_revision{node="n2"}' in text
+        assert 'xdpfw_fleet_store_up{node="n2"} 1' in text
+        # Deleting the source on C unblocks every node.
+        assert write(c, "DELETE", "/v1/sources/banned?wait=applied").status_code == 200
+        for s in (a, b, c):
+            until(lambda s=s: not blocked(s))  # type: ignore[misc]
+    finally:
+        clean(fleet, "banned")
 
 
 def test_leader_killed_writes_continue(fleet: list[Server], cluster: Cluster) -> None:

@@ -167,12 +167,13 @@ def fleet_add_rule(body: RuleIn, request: Request, wait: Wait = None) -> JSONRes
     return answer
 
 
-@writes.delete("/v1/rules/{rule_id:int}", response_model=FleetWriteOut,
-               dependencies=[WriteAccess])
+@writes.delete("/v1/rules/{rule_id:int}", status_code=204, dependencies=[WriteAccess])
 def fleet_delete_rule(rule_id: RuleId, request: Request, svc: ServiceDep,
-                wait: Wait = None) -> JSONResponse:
-    """Fleet mode: the rule's keys leave the fleet store (every node removes it). A rule
-    that is part of a source's list is removed by replacing or deleting that source."""
+                      wait: Wait = None) -> Response:
+    """Fleet mode: the rule's keys leave the fleet store (every node removes it): 204 as on
+    one host, with the revision in `X-Xdpfw-Fleet-Committed`; `?wait=applied`: once this
+    node no longer enforces it. A rule that is part of a source's list is removed by
+    replacing or deleting that source (422)."""
     agent = _agent(request)
     stored = svc.get(rule_id)  # RuleNotFound -> 404
     code = stored.rule.code()
@@ -183,8 +184,11 @@ def fleet_delete_rule(rule_id: RuleId, request: Request, svc: ServiceDep,
             f"{', '.join(stored.sources)}: replace that source (PUT /v1/sources/NAME) or "
             "delete it"
         )
-    return _answer(agent, rev, wait, stored.source, "removed from the fleet store", 200,
-                   removed)
+    answer = _answer(agent, rev, wait, stored.source, "removed from the fleet store", 200,
+                     removed)
+    if answer.status_code != 200:
+        return answer
+    return Response(status_code=204, headers={"X-Xdpfw-Fleet-Committed": str(rev)})
 
 
 @writes.put("/v1/sources/{name}", response_model=FleetSourceOut, dependencies=[WriteAccess])

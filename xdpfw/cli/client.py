@@ -469,7 +469,8 @@ class Client:
         return cast(Rule, r.json())
 
     def delete_rule(self, rule_id: int) -> None:
-        self._request("DELETE", f"/v1/rules/{rule_id}", ok=(204,), not_found=_no_rule(rule_id))
+        self._request("DELETE", f"/v1/rules/{rule_id}", ok=(204,), not_found=_no_rule(rule_id),
+                      params={"wait": "applied"})  # fleet mode: once this node is done
 
     def bulk_text(
         self,
