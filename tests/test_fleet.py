@@ -154,6 +154,23 @@ def test_one_write_enforced_on_every_node(fleet: list[Server]) -> None:
         assert p.returncode == 0, p.stderr
         assert [ln.split()[0] for ln in p.stdout.splitlines()] == ["NODE", "n0", "n1", "n2"]
         assert "rack=r1" in p.stdout
+        # The CLI works unchanged in fleet mode (it asks ?wait=applied): add on B, rm on C.
+        def cli(srv: Server, *args: str) -> str:
+            run = subprocess.run([XDPFW, "--state-dir", str(srv.state_dir), *args],
+                                 capture_output=True, text=True, timeout=60,
+                                 env={**os.environ, "XDPFW_API": srv.url})
+            assert run.returncode == 0, (args, run.stdout, run.stderr)
+            return run.stdout
+
+        added = json.loads(cli(b, "rule", "add", "--src", "198.51.100.8", "--json"))
+        assert added["src"] == "198.51.100.8/32"
+        until(lambda: "198.51.100.8/32" in source_members(c, "api"))
+        listed = json.loads(cli(c, "rule", "ls", "--json"))
+        rows = listed["rules"] if isinstance(listed, dict) else listed
+        cid = next(x["id"] for x in rows if x["src"] == "198.51.100.8/32")
+        cli(c, "rule", "rm", str(cid))
+        assert "198.51.100.8/32" not in source_members(c, "api")
+        until(lambda: "198.51.100.8/32" not in source_members(a, "api"))
         with c.client() as cc:
             text = cc.get("/metrics").text
         assert 'xdpfw_fleet_applied_revision{node="n2"}' in text
