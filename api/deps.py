@@ -6,9 +6,9 @@ from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, Field
 
-from api.limits import bearer_problem
+from api.auth import Refusal, Tokens, authorize
+from api.errors import Problem
 from api.service import FirewallService
 from api.settings import Settings
 
@@ -36,22 +36,14 @@ def _settings(request: Request) -> Settings:
     return settings
 
 
-class ErrorOut(BaseModel):
-    """Body of every non-validation error."""
-
-    detail: str
-    error: str | None = None
-    errno: int | None = Field(default=None, description="kernel errno, for kernel failures")
-    hint: str | None = None
-    limit: int | None = Field(default=None, description="the capacity that was reached")
-    existing_id: int | None = None
-    setting: str | None = Field(default=None, description="the setting that raises `limit`")
+# Every error answer is an RFC 9457 problem (api/errors.py); the name stays for the routes.
+ErrorOut = Problem
 
 
 _ERR: dict[str, Any] = {"model": ErrorOut}
 AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {**_ERR, "description": "no bearer token"},
-    403: {**_ERR, "description": "wrong bearer token"},
+    403: {**_ERR, "description": "wrong bearer token, or the read-only token on a change"},
 }
 BODY_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {**_ERR, "description": "the body is not valid JSON"},
@@ -66,34 +58,34 @@ ServiceDep = Annotated[FirewallService, Depends(_service)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
 
 
-def _check_token(request: Request, creds: HTTPAuthorizationCredentials | None) -> None:
+def _check(request: Request, *, write: bool) -> None:
     # api/limits.py checks writes before their body is read; this checks reads, and writes
     # again for an app built without that middleware.
-    expected: str = request.app.state.token
-    header = f"Bearer {creds.credentials}" if creds is not None else None
-    problem = bearer_problem(header, expected)
-    if problem is not None:
-        code, why = problem
-        headers = {"WWW-Authenticate": "Bearer"} if code == status.HTTP_401_UNAUTHORIZED else None
-        raise HTTPException(code, why, headers=headers)
+    tokens: Tokens = request.app.state.tokens
+    who = authorize(request.scope, request.headers.get("authorization"), tokens, write=write)
+    if isinstance(who, Refusal):
+        unauthorized = who.status == status.HTTP_401_UNAUTHORIZED
+        headers = {"WWW-Authenticate": "Bearer"} if unauthorized else None
+        exc = HTTPException(who.status, who.detail, headers=headers)
+        exc.error = who.error  # type: ignore[attr-defined]  # api/errors.py names the problem
+        raise exc
 
 
 def _write_access(
     request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> None:
-    _check_token(request, creds)
+    _check(request, write=True)
 
 
 def _read_access(request: Request, settings: SettingsDep) -> None:
-    # Not declared as a security dependency: on a loopback-only listener reads are open, and
-    # create_app() adds the bearer requirement to the read operations' OpenAPI otherwise.
+    # Not declared as a security dependency: on a loopback-only listener reads are open (a
+    # token sent anyway names the caller, and a wrong one is ignored), and create_app() adds
+    # the bearer requirement to the read operations' OpenAPI otherwise.
     if settings.loopback_only:
+        tokens: Tokens = request.app.state.tokens
+        authorize(request.scope, request.headers.get("authorization"), tokens, write=False)
         return
-    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
-    creds = None
-    if scheme.lower() == "bearer" and credentials:
-        creds = HTTPAuthorizationCredentials(scheme="Bearer", credentials=credentials)
-    _check_token(request, creds)
+    _check(request, write=False)
 
 
 WriteAccess = Depends(_write_access)

@@ -16,14 +16,14 @@ for a text/plain bulk body, `XDPFW_MAX_BULK_JSON_BYTES` for any other bulk body.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Sequence
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
-from starlette.responses import JSONResponse
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.auth import MISSING_TOKEN, WRONG_TOKEN, Refusal, Tokens, authorize
 from api.settings import Settings
 
 __all__ = [
@@ -34,30 +34,14 @@ __all__ = [
     "WRONG_TOKEN",
     "BodyLimits",
     "BodyTooLarge",
-    "bearer_problem",
 ]
 
-MISSING_TOKEN = (
-    "missing bearer token: send `Authorization: Bearer <token>` (the token is in "
-    "<state-dir>/token, or XDPFW_TOKEN)"
-)
-WRONG_TOKEN = "wrong token"
 BULK_PATHS: tuple[str, ...] = ("/v1/rules/bulk",)
 BULK_PREFIXES: tuple[str, ...] = ("/v1/sources/",)  # issue 13: PUT /v1/sources/{name}
 _READS = frozenset({"GET", "HEAD", "OPTIONS"})
 # On a refusal before the body is read: the server closes the connection after answering,
 # instead of reading (and dropping) the rest of a body it will never use.
 CLOSE = {"Connection": "close"}
-
-
-def bearer_problem(authorization: str | None, expected: str) -> tuple[int, str] | None:
-    """(401 or 403, why) unless `authorization` is `Bearer <expected>`."""
-    scheme, _, credentials = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not credentials:
-        return 401, MISSING_TOKEN
-    if not secrets.compare_digest(credentials.encode(), expected.encode()):
-        return 403, WRONG_TOKEN
-    return None
 
 
 class BodyTooLarge(HTTPException):
@@ -81,6 +65,19 @@ class BodyTooLarge(HTTPException):
         }
 
 
+def _problem(
+    code: int, why: Refusal | BodyTooLarge, path: str, headers: dict[str, str]
+) -> Response:
+    """The refusal as an RFC 9457 problem (api/errors.py renders every other error)."""
+    from api.errors import problem_response
+
+    if isinstance(why, BodyTooLarge):
+        return problem_response(code, headers=headers, instance=path, **why.body())
+    return problem_response(
+        code, detail=why.detail, error=why.error, instance=path, headers=headers
+    )
+
+
 class BodyLimits:
     """The middleware (see the module docstring)."""
 
@@ -89,12 +86,12 @@ class BodyLimits:
         app: ASGIApp,
         *,
         settings: Settings,
-        token: str,
+        token: str | Tokens,
         bulk_paths: Sequence[str] = BULK_PATHS,
     ) -> None:
         self.app = app
         self.settings = settings
-        self.token = token
+        self.tokens = token if isinstance(token, Tokens) else Tokens(token)
         self.bulk_paths = frozenset(bulk_paths)
 
     def limit_for(self, path: str, headers: Headers) -> BodyTooLarge:
@@ -121,17 +118,17 @@ class BodyLimits:
         headers = Headers(scope=scope)
         path: str = scope["path"]
         if scope["method"] not in _READS and path.startswith("/v1/"):
-            problem = bearer_problem(headers.get("authorization"), self.token)
-            if problem is not None:
-                code, why = problem
+            who = authorize(scope, headers.get("authorization"), self.tokens, write=True)
+            if isinstance(who, Refusal):
+                code = who.status
                 extra = {"WWW-Authenticate": "Bearer"} if code == 401 else {}
-                refusal = JSONResponse({"detail": why}, code, {**extra, **CLOSE})
+                refusal = _problem(code, who, path, {**extra, **CLOSE})
                 await refusal(scope, receive, send)
                 return
         too_large = self.limit_for(path, headers)
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > too_large.limit:
-            await JSONResponse(too_large.body(), 413, CLOSE)(scope, receive, send)
+            await _problem(413, too_large, path, CLOSE)(scope, receive, send)
             return
         seen = 0
 
@@ -156,4 +153,4 @@ class BodyLimits:
         except BodyTooLarge as exc:  # raised where no exception handler saw it
             if started:
                 raise
-            await JSONResponse(exc.body(), 413, CLOSE)(scope, receive, send)
+            await _problem(413, exc, path, CLOSE)(scope, receive, send)

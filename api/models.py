@@ -26,6 +26,9 @@ __all__ = [
     "RuleIn",
     "RuleOut",
     "RulePage",
+    "SampleIn",
+    "SampleOut",
+    "SamplesOut",
     "SourceChangeOut",
     "SourceDetailOut",
     "SourceOut",
@@ -68,6 +71,32 @@ def _rule_schema(schema: dict[str, Any]) -> None:
     ]
 
 
+# --- X-ray (issue 17): a rule's sampling ------------------------------------------------------
+
+
+class SampleIn(BaseModel):
+    """Copy 1 in `every` frames the rule decides to the sample stream (/v1/events)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    every: int = Field(ge=1, le=1 << 31, description="1 = every frame the rule decides")
+
+
+class SampleOut(BaseModel):
+    every: int
+
+
+class SamplesOut(BaseModel):
+    """Samples of every rule: sent to the ring, and lost by reason."""
+
+    sent: int = Field(description="frames copied into the sample ring")
+    lost_ring: int = Field(description="chosen, but the ring was full")
+    lost_cap: int = Field(description="chosen, but over the cap (--sample-max-pps)")
+    lost_client: int = Field(description="read, but a slow stream's queue was full")
+    max_pps: int = Field(description="the cap, samples per second over all rules and CPUs")
+    snaplen: int = Field(description="bytes kept of each sampled frame")
+    streams: int = Field(description="open /v1/events streams")
+
+
 class RuleIn(BaseModel):
     """A rule to add. At least one of src, dst, proto, dport; src or dst, not both."""
 
@@ -98,6 +127,7 @@ class RuleIn(BaseModel):
         description="the source that holds the rule (a rule leaves the kernel when its last "
         "source lets it go); re-adding a rule the source holds sets its new expiry",
     )
+    sample: SampleIn | None = None  # X-ray
 
     def spec(self) -> RuleSpec:
         return RuleSpec.parse(
@@ -130,7 +160,8 @@ def bulk_rules(raw: bytes, force: bool, source: str | None = None) -> list[NewRu
             body = RuleIn.model_validate(obj)
             items.append(
                 NewRule(body.spec(), body.comment, body.ttl_seconds, body.force or force,
-                        source or body.source)
+                        source or body.source,
+                        sample=body.sample.every if body.sample else None)
             )
         except ValidationError as exc:
             first = exc.errors()[0]
@@ -171,10 +202,11 @@ class RuleOut(BaseModel):
     source: str = Field(description="the holder this view shows (comment and times are its "
                         "holding's): the one asked for, else the first")
     sources: list[str] = Field(description="every source holding the rule, first first")
+    sample: SampleOut | None = None  # X-ray: null when the rule is not sampled
 
     @classmethod
-    def of(cls, s: StoredRule, counters: RuleCounters | None = None, *, with_counters: bool = False
-           ) -> RuleOut:
+    def of(cls, s: StoredRule, counters: RuleCounters | None = None, *, with_counters: bool = False,
+           sample: int | None = None) -> RuleOut:
         r = s.rule
         return cls(
             id=r.id,
@@ -190,6 +222,7 @@ class RuleOut(BaseModel):
             counters=RuleCountersOut.of(counters) if with_counters else None,
             source=s.source,
             sources=list(s.sources),
+            sample=SampleOut(every=sample) if sample else None,
         )
 
 
@@ -281,6 +314,7 @@ class RuleStatOut(BaseModel):
 class StatsOut(BaseModel):
     totals: TotalsOut
     rules: list[RuleStatOut]
+    samples: SamplesOut | None = None  # X-ray
 
 
 class InterfaceIn(BaseModel):
@@ -312,6 +346,24 @@ class TableUsage(BaseModel):
     capacity: int
 
 
+# -- CrowdSec bouncer (api/crowdsec.py) ---------------------------------------------------
+class CrowdsecHealthOut(BaseModel):
+    """The bouncer's state; a LAPI that is away leaves the rules in force (and the status
+    of /healthz, which is about filtering, as it is)."""
+
+    lapi: str
+    state: Literal["starting", "ok", "unreachable", "failing"]
+    last_pull: str | None = Field(description="the last successful pull (UTC)")
+    last_full_pull: str | None = Field(description="the last full pull (startup=true)")
+    last_error: str | None = Field(description="the last failure, until a pull succeeds")
+    consecutive_errors: int
+    lapi_errors: int
+    applied: int
+    deleted: int
+    ignored: int
+    ignored_kinds: dict[str, int] = Field(description="ignored decisions by type, scope, reason")
+
+
 class HealthOut(BaseModel):
     status: Literal["ok", "degraded"]
     prog_id: int
@@ -321,4 +373,7 @@ class HealthOut(BaseModel):
     interfaces: list[InterfaceOut]
     capacity: dict[str, TableUsage] = Field(
         description="entries and capacity per kernel table, plus `rules` and `xdpfw_sets`"
+    )
+    crowdsec: CrowdsecHealthOut | None = Field(
+        default=None, description="the CrowdSec bouncer, when --crowdsec-lapi is set"
     )

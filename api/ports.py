@@ -14,6 +14,7 @@ import numpy as np
 
 from xdpfw.datapath import Attachment, GlobalCounters, RuleCounters
 from xdpfw.rules import Rule
+from xdpfw.xray.hub import SampleSource
 
 __all__ = ["CounterArrays", "DatapathPort", "RuleIndex"]
 
@@ -74,6 +75,19 @@ class DatapathPort(Protocol):
     def detach(self, ifname: str) -> None: ...
 
     def attachments(self) -> list[Attachment]: ...
+
+    # X-ray (issue 17): sampling is a map write
+    def sample_configure(self, max_pps: int, snaplen: int) -> None: ...
+
+    def sample_set(self, every: dict[int, int | None]) -> None: ...
+
+    def sample_rules(self) -> dict[int, int]: ...
+
+    def sample_settings(self) -> tuple[int, int]: ...
+
+    def sample_stats(self) -> dict[str, int]: ...
+
+    def sample_ring(self) -> SampleSource: ...
 
 
 if TYPE_CHECKING:

@@ -37,11 +37,12 @@ if TYPE_CHECKING:
     import uvicorn
     from fastapi import FastAPI
 
+    from api.crowdsec import CrowdsecBouncer
     from api.fleet.agent import FleetAgent
     from api.service import FirewallService
     from api.store import Store
 
-__all__ = ["ServeError", "load_token", "serve"]
+__all__ = ["ServeError", "load_read_token", "load_token", "serve"]
 
 log = logging.getLogger("xdpfw.server")
 
@@ -97,6 +98,48 @@ def load_token(settings: Settings) -> str:
     return token
 
 
+def load_read_token(settings: Settings) -> str:
+    """XDPFW_READ_TOKEN, else <state-dir>/read-token, generated (0640) at the first start.
+
+    The read token may read (GET, /metrics) and change nothing: give it to Prometheus and
+    dashboards. Its file may be group-readable (chgrp it to the group that needs it), not
+    world-accessible."""
+    if settings.read_token:
+        return _long_enough(settings, settings.read_token, "XDPFW_READ_TOKEN")
+    path = settings.read_token_file
+    if path.exists():
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o007 or mode & 0o020:
+            raise ServeError(
+                f"read token file {path} is accessible by others or writable by its group "
+                f"(mode {mode:04o}); Run: chmod 640 {path}"
+            )
+        token = path.read_text().strip()
+        if not token:
+            raise ServeError(
+                f"read token file {path} is empty; delete it to have one generated, or write "
+                f"a token of at least {MIN_TOKEN_CHARS} characters into it"
+            )
+        return _long_enough(settings, token, f"the read token in {path}")
+    settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    token = secrets.token_urlsafe(32)
+    while token.startswith("-"):
+        token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    try:
+        os.fchmod(fd, 0o640)  # whatever the umask
+        with os.fdopen(fd, "w") as fh:
+            fh.write(token + "\n")
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        raise ServeError(
+            f"cannot write the read token to {path}: {exc.strerror}; free space in "
+            f"{settings.state_dir} (or set XDPFW_READ_TOKEN) and start again"
+        ) from exc
+    log.info("generated a read-only API token in %s", path)
+    return token
+
+
 def _long_enough(settings: Settings, token: str, source: str) -> str:
     if not settings.loopback_only and len(token) < MIN_TOKEN_CHARS:
         raise ServeError(
@@ -109,15 +152,15 @@ def _long_enough(settings: Settings, token: str, source: str) -> str:
 
 def serve(settings: Settings, *, demo: bool = False, cleanup: bool = False) -> int:
     """Run the service until SIGTERM/SIGINT. Returns the process exit code."""
-    import uvicorn
 
+    from api import logs
     from api.app import create_app
     from api.service import FirewallService
     from api.store import Store
     from api.watchdog import Watchdog
     from xdpfw.datapath import Datapath, DatapathConfig
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logs.configure(settings)
     # A bulk load is one CPU-bound thread; /healthz and the event loop wait for the GIL at
     # each switch: 1 ms instead of the default 5 ms keeps a probe's answer in milliseconds.
     sys.setswitchinterval(0.001)
@@ -131,9 +174,22 @@ def serve(settings: Settings, *, demo: bool = False, cleanup: bool = False) -> i
         log.log(level, "%s", line)
     try:
         token = load_token(settings)
+        read_token = load_read_token(settings)
+        if secrets.compare_digest(token.encode(), read_token.encode()):
+            raise ServeError("the read token equals the admin token; give them different values")
     except (ServeError, OSError) as exc:
         print(f"xdpfw serve: {exc}", file=sys.stderr)
         return 2
+    # -- CrowdSec bouncer: its key is read before anything is loaded (a typo fails fast) ---
+    crowdsec_key: str | None = None
+    if settings.crowdsec_lapi is not None and settings.crowdsec_key_file is not None:
+        from api.crowdsec import KeyFileError, read_key_file
+
+        try:
+            crowdsec_key = read_key_file(settings.crowdsec_key_file)
+        except KeyFileError as exc:
+            print(f"xdpfw serve: {exc}", file=sys.stderr)
+            return 2
     with ExitStack() as stack:
         lab_note = ""
         if demo:
@@ -212,6 +268,12 @@ def serve(settings: Settings, *, demo: bool = False, cleanup: bool = False) -> i
         )
         if not wanted:
             log.warning("attached to no interface: add one with POST /v1/interfaces")
+        try:  # X-ray: the cap and the stored sample settings, then the ring's reader
+            svc.start_xray(settings.sample_max_pps, settings.sample_snaplen)
+            stack.callback(svc.stop_xray)
+        except XdpfwError as exc:
+            print(f"xdpfw serve: {exc}", file=sys.stderr)
+            return 1
         svc.start_sweeper(settings.ttl_interval)
         stack.callback(svc.stop)
         watchdog = Watchdog(svc)
@@ -220,17 +282,32 @@ def serve(settings: Settings, *, demo: bool = False, cleanup: bool = False) -> i
         fleet = _start_fleet(settings, svc)  # fleet mode (docs/fleet.md); None: one host
         if fleet is not None:
             stack.callback(fleet.stop)
-        app = create_app(settings, svc, token, fleet)
+        app = create_app(settings, svc, token, read_token, fleet)
+        if crowdsec_key is not None:
+            app.state.crowdsec = _start_crowdsec(stack, settings, svc, crowdsec_key)
         if lab_note:
             print(lab_note, flush=True)
         config = _uvicorn_config(settings, app)
-        server = uvicorn.Server(config)
+        server = _notifying_server()(config)
+        sockets = [config.bind_socket()]
+        if settings.socket is not None:
+            from api.localsock import SocketError, bind_unix
+
+            try:
+                sockets.append(bind_unix(settings.socket, settings.socket_group, ACCEPT_BACKLOG))
+            except SocketError as exc:
+                print(f"xdpfw serve: {exc}", file=sys.stderr)
+                return 1
+            stack.callback(settings.socket.unlink, missing_ok=True)
+            log.info("API also on unix:%s (group %s, mode 0660; no token)", settings.socket,
+                     settings.socket_group)  # fmt: skip
+        stack.callback(_close_all, sockets)
         # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown; turn that into an
         # exception so the ExitStack above unwinds (sweeper, database, demo lab) instead of
         # the default action killing the process mid-cleanup.
         previous = {sig: signal.signal(sig, _raise_stop) for sig in _STOP_SIGNALS}
         try:
-            server.run()
+            server.run(sockets=sockets)
         except _Stop:
             pass
         finally:
@@ -264,10 +341,42 @@ def _start_fleet(settings: Settings, svc: FirewallService) -> FleetAgent | None:
     return agent
 
 
+def _close_all(sockets: list[socket.socket]) -> None:
+    for sock in sockets:
+        sock.close()
+
+
+def _notifying_server() -> type[uvicorn.Server]:
+    import uvicorn
+
+    from api.notify import notify
+
+    class NotifyingServer(uvicorn.Server):
+        """uvicorn telling systemd READY=1 once serving (the program is attached by then)
+        and STOPPING=1 when it begins to stop (api/notify.py)."""
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                notify("READY=1\nSTATUS=filtering; API serving")
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            notify("STOPPING=1")
+            await super().shutdown(sockets)
+
+    return NotifyingServer
+
+
+def _NotifyingServer(config: uvicorn.Config) -> uvicorn.Server:
+    return _notifying_server()(config)
+
+
 def _uvicorn_config(settings: Settings, app: FastAPI) -> uvicorn.Config:
     """uvicorn with the connection limits of docs/guarantees.md ("Connections and file
     descriptors"), and per-attempt log storms cut to a line a second."""
     import uvicorn
+
+    from api.localsock import peer_aware
 
     nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     in_use = open_fds()
@@ -283,9 +392,10 @@ def _uvicorn_config(settings: Settings, app: FastAPI) -> uvicorn.Config:
         app,
         host=settings.host,
         port=settings.port,
-        log_level="info",
-        access_log=False,
-        http=GuardedH11Protocol.configured(settings.header_timeout),
+        log_level=settings.log_level,
+        log_config=None,  # api/logs.py formats every line, uvicorn's included
+        access_log=settings.access_log,
+        http=peer_aware(GuardedH11Protocol.configured(settings.header_timeout)),
         limit_concurrency=limit,
         timeout_keep_alive=max(1, round(settings.keep_alive_timeout)),
         backlog=ACCEPT_BACKLOG,
@@ -299,6 +409,22 @@ def _uvicorn_config(settings: Settings, app: FastAPI) -> uvicorn.Config:
         limit, nofile, in_use, settings.header_timeout, settings.keep_alive_timeout,
     )  # fmt: skip
     return config
+
+
+def _start_crowdsec(
+    stack: ExitStack, settings: Settings, svc: FirewallService, key: str
+) -> CrowdsecBouncer:
+    """The CrowdSec bouncer thread (api/crowdsec.py), stopped when the service stops."""
+    from api.crowdsec import CrowdsecBouncer, LapiClient
+
+    assert settings.crowdsec_lapi is not None
+    client = LapiClient(settings.crowdsec_lapi, key)
+    bouncer = CrowdsecBouncer(
+        svc, client, interval=settings.crowdsec_interval, resync=settings.crowdsec_resync
+    )
+    bouncer.start()
+    stack.callback(bouncer.stop)
+    return bouncer
 
 
 def _forget_interfaces(store: Store) -> None:

@@ -56,6 +56,7 @@ from xdpfw.rules import (
     rule_from_code,
 )
 from xdpfw.sources import DEFAULT_SOURCE, check_source
+from xdpfw.xray.hub import Hub
 
 API_RULE_ID = MAX_RULE_ID  # the last reserved id; protected prefixes count up from PROTECT_BASE
 
@@ -86,6 +87,7 @@ class NewRule:
     ttl_seconds: int | None = None
     force: bool = False
     source: str = DEFAULT_SOURCE  # the holder (xdpfw/sources.py)
+    sample: int | None = None  # X-ray: sample 1 in `sample` frames of the rule
 
 
 @dataclass(frozen=True)
@@ -154,12 +156,13 @@ class _Overlaps:
             self.shown.append(f"{rule_from_code(1, code).describe()}: {problem}")
 
 
-_PAUSE_ENV = "XDPFW_TEST_PAUSE"  # "replace=SECONDS": sleep inside a replace's transaction
+_PAUSE_ENV = "XDPFW_TEST_PAUSE"  # "replace=SECONDS" (inside a replace's transaction) or
+# "replace-committed=SECONDS" (after its COMMIT, before the old-only rules leave the maps)
 
 
 def _test_pause(where: str) -> None:
-    """A test hook (tests/test_sources_e2e.py kills the server here): sleep inside the open
-    transaction, after the maps gained the new rules and before the COMMIT."""
+    """A test hook (tests/test_sources_e2e.py kills the server here): sleep at `where` when
+    XDPFW_TEST_PAUSE names it. Unset in production: one getenv per replace."""
     spec = os.environ.get(_PAUSE_ENV, "")
     name, _, seconds = spec.partition("=")
     if name == where and seconds:
@@ -334,6 +337,7 @@ class FirewallService:
         self._publish()
         self._stop = threading.Event()
         self._sweeper: threading.Thread | None = None
+        self.xray: Hub | None = None  # X-ray: the sample ring's reader (start_xray)
 
     # -- start-up ------------------------------------------------------------------------------
 
@@ -499,8 +503,9 @@ class FirewallService:
 
     def add(self, new: NewRule) -> tuple[StoredRule, bool]:
         """Add a rule held by `new.source`. An identical one (match, action, mode) is not made
-        again: the source holds the existing one (a TTL given sets that holding's new expiry)
-        and it is returned, created=False."""
+        again: the source holds the existing one (a TTL given sets that holding's new expiry;
+        without one, a holding the source has stays as it is) and it is returned,
+        created=False."""
         with self.lock:  # the duplicate must not vanish before we read it back
             result = self.bulk_add([new])
             if result.added:
@@ -512,13 +517,16 @@ class FirewallService:
     def bulk_add(self, items: Sequence[NewRule]) -> BulkResult:
         """All or nothing. Duplicates of existing rules (or within the batch) make no new
         rule; each item's source holds the rule (a new holding, or its expiry refreshed)."""
-        return self._add_codes(
-            [item.spec.code() for item in items],
-            [item.comment for item in items],
-            [item.ttl_seconds for item in items],
-            [item.force for item in items],
-            [item.source for item in items],
-        )
+        with self.lock:
+            result = self._add_codes(
+                [item.spec.code() for item in items],
+                [item.comment for item in items],
+                [item.ttl_seconds for item in items],
+                [item.force for item in items],
+                [item.source for item in items],
+            )
+            self._sample_added(items)  # X-ray
+            return result
 
     def bulk_add_codes(self, batch: NewCodes) -> BulkResult:
         """`bulk_add` for rules given as codes, sharing one comment, TTL, force and source."""
@@ -778,7 +786,7 @@ class FirewallService:
                     self.store.refresh(name, uniform[0], expiry(0))
                 else:
                     self.store.hold(name, ((rid, comment(i), now, expiry(i))
-                                           for rid, i in keep.items()))
+                                           for rid, i in keep.items()), exact=True)
                 _, orphans = self.store.release(name, drop) if drop else (0, [])
                 self.store.touch(name, now)
                 rules = [rule_from_code(rid, codes[i]) for i, rid in zip(fresh, ids, strict=True)]
@@ -786,6 +794,7 @@ class FirewallService:
                     self.dp.add_rules(rules)
                     undo.append(lambda: self.dp.remove_rules(ids))
                 _test_pause("replace")
+            _test_pause("replace-committed")  # committed; the old-only rules still in the maps
             self._unmap(orphans, rows)
             return SourceChange(
                 name, len(fresh) + len(keep) - unchanged, len(drop), unchanged,
@@ -1015,3 +1024,84 @@ class FirewallService:
             if name not in attached:
                 out.append(InterfaceState(name, False, mode, 0, 0))
         return sorted(out, key=lambda i: i.name)
+
+    # -- X-ray (issue 17): sampled frames ------------------------------------------------------
+
+    def start_xray(self, max_pps: int, snaplen: int) -> Hub:
+        """The cap and snap length into the kernel, the stored sample settings into the maps
+        (a map write: no reload), and the thread that reads the ring."""
+        with self.lock:
+            self.dp.sample_configure(max_pps, snaplen)
+            want: dict[int, int | None] = dict(self.store.samples())
+            rules = self.dp.compiler.rules
+            want = {rid: n for rid, n in want.items() if rid in rules}
+            for rid in self.dp.sample_rules():
+                want.setdefault(rid, None)  # in the maps, not in the database
+            if want:
+                self.dp.sample_set(want)
+        self.xray = Hub(self.dp.sample_ring, self.rule_sources)
+        self.xray.start()
+        return self.xray
+
+    def stop_xray(self) -> None:
+        if self.xray is not None:
+            self.xray.stop()
+
+    def rule_sources(self, rule_id: int) -> list[str]:
+        """The sources holding a rule (the `source` filter of /v1/events)."""
+        if is_protected_id(rule_id):
+            return []
+        with self.lock:  # the store is not thread-safe: the hub's thread asks
+            stored = self.store.get(rule_id)
+        if stored is None:
+            return []
+        held = getattr(stored, "sources", None)  # issue 13: a rule held by several sources
+        if held:
+            return [str(x) for x in held]
+        return [str(getattr(stored, "source", "api"))]
+
+    def set_sample(self, rule_id: int, every: int | None) -> None:
+        """Sample a rule 1 in `every` frames (None: stop). Database and map together."""
+        with self.lock:
+            if rule_id not in self.dp.compiler.rules or is_protected_id(rule_id):
+                raise RuleNotFound(rule_id)
+            before = self.dp.sample_rules().get(rule_id)
+            with self._changing("setting sampling") as undo:
+                self.store.set_samples({rule_id: every})
+                self.dp.sample_set({rule_id: every})
+                undo.append(lambda: self.dp.sample_set({rule_id: before}))
+
+    def sample_rules(self) -> dict[int, int]:
+        """rule id -> every, of each sampled rule."""
+        return self.dp.sample_rules()
+
+    def sample_of(self, rule_id: int) -> int | None:
+        """`every` of a sampled rule, None when it is not sampled."""
+        return self.dp.sample_rules().get(rule_id)
+
+    def sample_settings(self) -> tuple[int, int]:
+        """(snap length, cap per second) in force."""
+        return self.dp.sample_settings()
+
+    def sample_stats(self) -> dict[str, int]:
+        """sent, lost_ring, lost_cap (kernel) and lost_client (slow subscribers)."""
+        out = dict(self.dp.sample_stats())
+        out["lost_client"] = self.xray.lost_client if self.xray is not None else 0
+        return out
+
+    def sample_streams(self) -> int:
+        """Open /v1/events streams."""
+        return self.xray.subscribers if self.xray is not None else 0
+
+    def _sample_added(self, items: Sequence[NewRule]) -> None:
+        """The `sample` of rules just added (or found identical): with the lock held."""
+        want = {}
+        for item in items:
+            if item.sample is not None:
+                rid = self.dp.compiler.find_code(item.spec.code())
+                if rid is not None and not is_protected_id(rid):
+                    want[rid] = item.sample
+        if want:
+            with self._changing("setting sampling"):
+                self.store.set_samples(dict(want))
+                self.dp.sample_set(dict(want))

@@ -73,6 +73,13 @@ BPF_F_TABLE("array", __u32, __u64, xdpfw_lpm4_hint, 2 * XDPFW_HINT_WORDS, BPF_F_
 BPF_PERCPU_ARRAY(xdpfw_stats, struct xdpfw_global_stats, 1);
 /* ABI version, capacities and per-table entry counts, one element. */
 BPF_ARRAY(xdpfw_config, struct xdpfw_config, 1);
+/* X-ray: is anything sampled (and how), which rules, the cap, what was lost, the records. */
+BPF_ARRAY(xdpfw_sample_ctl, struct xdpfw_sample_ctl, 1);
+BPF_F_TABLE("hash", __u32, struct xdpfw_sample_rule, xdpfw_sample_rules, XDPFW_SAMPLE_MAX_RULES,
+	    BPF_F_NO_PREALLOC);
+BPF_ARRAY(xdpfw_sample_bucket, struct xdpfw_sample_bucket, 1);
+BPF_PERCPU_ARRAY(xdpfw_sample_stats, struct xdpfw_sample_stats, 1);
+BPF_RINGBUF_OUTPUT(xdpfw_samples, XDPFW_SAMPLE_RING_BYTES / 4096);
 
 /* What the verdict needs to know about a frame. */
 struct pkt {
@@ -93,6 +100,7 @@ struct pkt {
 struct best {
 	__u64 rank;
 	__u32 counter;
+	__u32 rule_id;  /* for X-ray: which rule a sampled frame is reported under */
 	__u8 verdict;
 };
 
@@ -293,6 +301,7 @@ static __always_inline void take(struct best *b, const struct xdpfw_slot *s)
 	if (s->rank > b->rank) {
 		b->rank = s->rank;
 		b->counter = s->counter;
+		b->rule_id = s->rule_id;
 		b->verdict = s->verdict;
 	}
 }
@@ -426,6 +435,132 @@ static __always_inline int finish(const struct pkt *p, const struct best *b, int
 	return action;
 }
 
+/* --- X-ray (issue 17): sampling a decided frame into xdpfw_samples --------------------------- */
+
+/*
+ * XDPFW_XRAY=0 (the loader's choice on kernels before 5.18, which lack bpf_xdp_load_bytes and
+ * the BPF atomics with fetch) builds the program without sampling: the maps are the same, so
+ * the ABI is too, and xray_sample() is empty.
+ */
+#ifndef XDPFW_XRAY
+#define XDPFW_XRAY 1
+#endif
+#if XDPFW_XRAY
+
+static __always_inline void xray_count(__u32 which)
+{
+	__u32 zero = 0;
+	struct xdpfw_sample_stats *st = xdpfw_sample_stats.lookup(&zero);
+
+	if (st && which < XDPFW_SSTAT_MAX)
+		st->counter[which]++;
+}
+
+/*
+ * One token of the shared bucket (GCRA, see struct xdpfw_sample_bucket). A compare-and-swap
+ * lost to another CPU is tried once more; losing twice counts as over the cap, so the cap is
+ * never exceeded, only (under contention) not quite reached.
+ */
+static __always_inline int xray_token(const struct xdpfw_sample_ctl *ctl)
+{
+	__u32 zero = 0;
+	struct xdpfw_sample_bucket *bk = xdpfw_sample_bucket.lookup(&zero);
+	__u64 now, old, tat;
+
+	if (!bk)
+		return 0;
+	now = bpf_ktime_get_ns();
+#pragma unroll
+	for (int i = 0; i < 2; i++) {
+		old = bk->tat;
+		tat = old > now ? old : now;
+		if (tat - now > ctl->burst_ns)
+			return 0; /* the bucket is empty */
+		if (__sync_val_compare_and_swap(&bk->tat, old, tat + ctl->interval_ns) == old)
+			return 1;
+	}
+	return 0;
+}
+
+/*
+ * Reserve a record of `room` data bytes (a constant: the ring's verifier wants one), fill it
+ * and submit it. Returns 0 when the ring is full.
+ */
+static __always_inline int xray_emit(struct xdp_md *ctx, const struct pkt *p, const struct best *b,
+				     __u32 snaplen, const __u32 room)
+{
+	struct xdpfw_sample_hdr *h;
+	__u64 n = p->len < snaplen ? p->len : snaplen;
+
+	h = xdpfw_samples.ringbuf_reserve(sizeof(*h) + room);
+	if (!h)
+		return 0;
+	/* The verifier must see the bound on the register passed to the helper: keep clang from
+	 * moving the comparison onto another copy of n. */
+	asm volatile("" : "+r"(n));
+	if (n > room)
+		n = room;
+	asm volatile("" : "+r"(n));
+	h->ktime_ns = bpf_ktime_get_ns();
+	h->rule_id = b->rule_id;
+	h->ifindex = ctx->ingress_ifindex;
+	h->frame_len = p->len;
+	h->verdict = b->verdict == XDPFW_VERDICT_DROP ? XDPFW_SAMPLED_DROP :
+		     b->verdict == XDPFW_VERDICT_MONITOR ? XDPFW_SAMPLED_MONITOR :
+							   XDPFW_SAMPLED_PASS;
+	h->pad = 0;
+	if (n < 1 || bpf_xdp_load_bytes(ctx, 0, (void *)(h + 1), n) < 0)
+		n = 0; /* the header alone still says what happened */
+	h->cap_len = n;
+	xdpfw_samples.ringbuf_submit(h, 0);
+	return 1;
+}
+
+/*
+ * The X-ray call site, once the verdict is decided: with no rule sampled this is one array
+ * read for a frame a rule decided, and nothing for the rest.
+ */
+static __always_inline void xray_sample(struct xdp_md *ctx, const struct pkt *p,
+					const struct best *b)
+{
+	struct xdpfw_sample_ctl *ctl;
+	struct xdpfw_sample_rule *r;
+	__u32 zero = 0, rule_id = b->rule_id, snaplen;
+	__u64 n;
+	int sent;
+
+	if (b->verdict == XDPFW_VERDICT_NONE)
+		return;
+	ctl = xdpfw_sample_ctl.lookup(&zero);
+	if (!ctl || !ctl->rules)
+		return;
+	r = xdpfw_sample_rules.lookup(&rule_id);
+	if (!r)
+		return;
+	n = __sync_fetch_and_add(&r->matched, 1);
+	if (r->every > 1 && n % r->every)
+		return;
+	if (!xray_token(ctl)) {
+		xray_count(XDPFW_SSTAT_LOST_CAP);
+		return;
+	}
+	snaplen = ctl->snaplen;
+	if (snaplen <= XDPFW_SAMPLE_SNAP_SMALL)
+		sent = xray_emit(ctx, p, b, snaplen, XDPFW_SAMPLE_SNAP_SMALL);
+	else if (snaplen <= XDPFW_SAMPLE_SNAP_MEDIUM)
+		sent = xray_emit(ctx, p, b, snaplen, XDPFW_SAMPLE_SNAP_MEDIUM);
+	else
+		sent = xray_emit(ctx, p, b, snaplen, XDPFW_SAMPLE_SNAP_MAX);
+	xray_count(sent ? XDPFW_SSTAT_SENT : XDPFW_SSTAT_LOST_RING);
+}
+#else
+static __always_inline void xray_sample(struct xdp_md *ctx, const struct pkt *p,
+					const struct best *b)
+{
+}
+#endif /* XDPFW_XRAY */
+/* --- end of X-ray --------------------------------------------------------------------------- */
+
 int xdpfw_prog(struct xdp_md *ctx)
 {
 	struct cursor c = { .pos = (void *)(long)ctx->data, .end = (void *)(long)ctx->data_end };
@@ -465,5 +600,6 @@ int xdpfw_prog(struct xdp_md *ctx)
 
 		eval_entry(xdpfw_any.lookup(&key), &p, &b);
 	}
+	xray_sample(ctx, &p, &b); /* X-ray: the one call site, after the verdict */
 	return finish(&p, &b, parse);
 }

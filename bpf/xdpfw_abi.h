@@ -23,8 +23,10 @@
  *      (now a per-CPU array; pad[5] became pad + counter); xdpfw_lpm4_hint added.
  *   3  struct xdpfw_rule_stats 24 -> 16 bytes: last_hit_ns moved to the shared,
  *      memory-mapped xdpfw_rule_seen (added).
+ *   4  X-ray: xdpfw_sample_ctl, xdpfw_sample_rules, xdpfw_sample_bucket,
+ *      xdpfw_sample_stats and the ring buffer xdpfw_samples (added).
  */
-#define XDPFW_ABI_VERSION 3
+#define XDPFW_ABI_VERSION 4
 
 /* Bounds of the parser. */
 #define XDPFW_MAX_VLAN 2        /* 802.1Q / 802.1ad tags we look through */
@@ -176,5 +178,78 @@ struct xdpfw_config {
 	__u32 max_sets;                  /* host */
 	__u8 build_id[8];                /* hash of the source and flags the program was built from */
 };
+
+/* --- X-ray (issue 17): sampled frames of chosen rules, through a ring buffer ------------- */
+/*
+ * A rule is sampled when xdpfw_sample_rules holds its id: 1 in `every` of the frames the rule
+ * decides is copied (a header and the first snaplen bytes) into the ring buffer xdpfw_samples,
+ * under a global cap (a token bucket, xdpfw_sample_bucket, shared by the CPUs). The program
+ * looks at any of this only when a rule decided the frame and xdpfw_sample_ctl.rules != 0, so
+ * with no rule sampled the cost is one array read on a hit and nothing on a miss. Turning
+ * sampling on or off is a map write, never a program reload.
+ */
+#ifndef XDPFW_SAMPLE_RING_BYTES
+#define XDPFW_SAMPLE_RING_BYTES 1048576 /* ring buffer size: a power of 2, pages */
+#endif
+#define XDPFW_SAMPLE_SNAP_SMALL 128     /* records come in three sizes: the smallest */
+#define XDPFW_SAMPLE_SNAP_MEDIUM 512    /* that holds snaplen bytes is reserved */
+#define XDPFW_SAMPLE_SNAP_MAX 2048      /* the largest snap length */
+#define XDPFW_SAMPLE_MAX_RULES 65536    /* rules that may be sampled at once */
+
+/* What the rule did with a sampled frame (struct xdpfw_sample_hdr.verdict). */
+#define XDPFW_SAMPLED_PASS 1            /* an allow rule: passed */
+#define XDPFW_SAMPLED_DROP 2            /* a drop rule in enforce mode: dropped */
+#define XDPFW_SAMPLED_MONITOR 3         /* a drop rule in monitor mode: passed, counted */
+#define XDPFW_SAMPLED_LIMITED 4         /* reserved: dropped by a rate-limit rule (issue 16) */
+
+/* Index of the per-CPU sampling counters in struct xdpfw_sample_stats. */
+#define XDPFW_SSTAT_SENT 0              /* records submitted to the ring */
+#define XDPFW_SSTAT_LOST_RING 1         /* chosen, but the ring was full (reader too slow) */
+#define XDPFW_SSTAT_LOST_CAP 2          /* chosen, but over the cap (--sample-max-pps) */
+#define XDPFW_SSTAT_MAX 3
+
+/* Single element of xdpfw_sample_ctl, written by the control plane. */
+struct xdpfw_sample_ctl {
+	__u32 rules;       /* host; entries in xdpfw_sample_rules, 0 = sampling off */
+	__u32 snaplen;     /* host; bytes copied per frame, 1..XDPFW_SAMPLE_SNAP_MAX */
+	__u64 interval_ns; /* host; 1e9 / cap: one token per interval */
+	__u64 burst_ns;    /* host; the bucket holds burst_ns / interval_ns tokens */
+};
+
+/* Value of xdpfw_sample_rules (key: the rule id, __u32 host). */
+struct xdpfw_sample_rule {
+	__u32 every;       /* host; sample 1 in `every` frames the rule decides, >= 1 */
+	__u32 pad;
+	__u64 matched;     /* host; frames the rule decided since the entry was written (atomic) */
+};
+
+/*
+ * Single element of xdpfw_sample_bucket: the cap as a GCRA (the token bucket's equivalent in
+ * one word): a sample is allowed when tat - now <= burst_ns, and moves tat on by interval_ns
+ * (compare-and-swap, so the CPUs share one bucket and never exceed it).
+ */
+struct xdpfw_sample_bucket {
+	__u64 tat;         /* host; theoretical arrival time, bpf_ktime_get_ns() */
+};
+
+/* Single element of xdpfw_sample_stats (per CPU); the reader sums the CPUs. */
+struct xdpfw_sample_stats {
+	__u64 counter[XDPFW_SSTAT_MAX]; /* host; indexed by XDPFW_SSTAT_* */
+};
+
+/*
+ * A record of xdpfw_samples: this header, then cap_len bytes of the frame from its first
+ * (Ethernet) byte. The record is reserved at 24 + XDPFW_SAMPLE_SNAP_{SMALL,MEDIUM,MAX} bytes.
+ */
+struct xdpfw_sample_hdr {
+	__u64 ktime_ns;    /* host; bpf_ktime_get_ns() (CLOCK_MONOTONIC) */
+	__u32 rule_id;     /* host; the rule that decided the frame */
+	__u32 ifindex;     /* host; the interface it arrived on */
+	__u32 frame_len;   /* host; bytes of the frame */
+	__u16 cap_len;     /* host; bytes that follow: min(frame_len, snaplen) */
+	__u8 verdict;      /* XDPFW_SAMPLED_* */
+	__u8 pad;
+};
+/* --- end of X-ray ------------------------------------------------------------------------ */
 
 #endif /* XDPFW_ABI_H */

@@ -37,13 +37,21 @@ RUN_PACKAGES=(
     python3-bpfcc "linux-headers-$ARCH" python3-venv iproute2 iputils-ping curl
 )
 # test: the test suite and the benchmarks (xdp-filter as the foreign program and the rival,
-# trafgen from netsniff-ng, nftables/ipset/iptables as rivals, bpftool/tcpdump to look).
+# trafgen from netsniff-ng, nftables/ipset/iptables as rivals, bpftool/tcpdump to look;
+# systemd for systemd-analyze verify of deploy/systemd, which needs no systemd as PID 1;
+# zsh to run the zsh completion).
 TEST_PACKAGES=(
     "${RUN_PACKAGES[@]}" python3-pip bpfcc-tools xdp-tools bpftool netsniff-ng nftables ipset
-    iptables tcpdump
+    iptables tcpdump tshark systemd zsh
     # fleet mode (docs/fleet.md): the tests start their own etcd 3.4 cluster on loopback
     etcd-server etcd-client
 )
+# Partner programs the tests run on private config dirs: crowdsec (the LAPI and cscli of
+# tests/test_crowdsec_lapi.py), fail2ban (fail2ban-server/-client of tests/test_fail2ban.py),
+# prometheus (promtool, tests/test_prometheus.py). The daemons their postinst starts are stopped
+# below: the tests start their own instances.
+PARTNER_DAEMONS=(crowdsec fail2ban prometheus)
+TEST_PACKAGES+=("${PARTNER_DAEMONS[@]}")
 if [[ "$PROFILE" == run ]]; then
     PACKAGES=("${RUN_PACKAGES[@]}")
 else
@@ -55,6 +63,57 @@ if ((print_only)); then
 fi
 
 # --- Debian packages ---------------------------------------------------------------
+# crowdsec's postinst registers with CrowdSec's online API and fails without the internet,
+# unless online_api_credentials.yaml already exists and is not empty: then it configures
+# offline (the tests run their own LAPI on loopback; nothing here talks to the internet).
+crowdsec_offline_credentials() {
+    local pkg creds=/etc/crowdsec/online_api_credentials.yaml
+    for pkg in "$@"; do
+        [[ "$pkg" == crowdsec ]] || continue
+        if [[ ! -s "$creds" ]]; then
+            log "crowdsec: writing $creds (a comment) so its postinst configures offline"
+            mkdir -p /etc/crowdsec
+            echo "# xdpfw setup: no online API (offline install; see scripts/setup.sh)" >"$creds"
+        fi
+    done
+}
+
+# Under systemd the package enables and starts its own agent + LAPI (127.0.0.1:8080). The
+# tests run their own LAPI on a private config; a crowdsec installed by this script is not
+# left running (one installed before is left alone). Without systemd nothing was started.
+partner_daemons_off() {
+    # A package's postinst starts its daemon (fail2ban would ban with Debian's sshd jail,
+    # prometheus would listen on :9090, crowdsec on :8080): stop and disable those this run
+    # installed, under systemd or under an init script (no systemd as PID 1).
+    local pkg daemon
+    for pkg in "$@"; do
+        for daemon in "${PARTNER_DAEMONS[@]}"; do
+            [[ "$pkg" == "$daemon" ]] || continue
+            log "$daemon: stopping the package's own service (the tests run their own)"
+            if [[ -d /run/systemd/system ]]; then
+                systemctl disable --now "$daemon" >/dev/null 2>&1 || true
+            elif [[ -x /etc/init.d/$daemon ]]; then
+                /etc/init.d/"$daemon" stop >/dev/null 2>&1 || true
+            fi
+        done
+    done
+}
+
+# Fleet mode (docs/fleet.md): etcd-server's postinst starts etcd on 127.0.0.1:2379; the tests
+# start their own cluster on free ports: stop and disable the package's one.
+fleet_etcd_off() {
+    local pkg
+    for pkg in "$@"; do
+        [[ "$pkg" == etcd-server ]] || continue
+        log "etcd: stopping the package's own service (the fleet tests run their own)"
+        if [[ -d /run/systemd/system ]]; then
+            systemctl disable --now etcd >/dev/null 2>&1 || true
+        elif [[ -x /etc/init.d/etcd ]]; then
+            /etc/init.d/etcd stop >/dev/null 2>&1 || true
+        fi
+    done
+}
+
 declare -A installed=()
 while read -r pkg status; do
     [[ "$status" == installed ]] && installed[$pkg]=1
@@ -68,10 +127,16 @@ if ((${#missing[@]})); then
         die "missing packages (${missing[*]}); run this as root, or with sudo (sudo make $PROFILE)"
     export DEBIAN_FRONTEND=noninteractive APT_LISTCHANGES_FRONTEND=none NEEDRESTART_MODE=a
     log "installing ${missing[*]}"
+    # tshark (X-ray's tests read the captures with it) asks whether non-root users may
+    # capture; answer no, so the install never waits on a question.
+    echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections
+    crowdsec_offline_credentials "${missing[@]}"
     apt-get -q -o DPkg::Lock::Timeout=300 update </dev/null >/dev/null
     apt-get -q -y -o DPkg::Lock::Timeout=300 -o Dpkg::Options::=--force-confdef \
         -o Dpkg::Options::=--force-confold install --no-install-recommends \
         "${missing[@]}" </dev/null >/dev/null
+    partner_daemons_off "${missing[@]}"
+    fleet_etcd_off "${missing[@]}"
 else
     log "debian packages present ($PROFILE)"
 fi

@@ -7,7 +7,9 @@ plain dicts. `fail_next` makes the next map change raise, to test how errors tra
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,7 +18,7 @@ from api.ports import CounterArrays
 from xdpfw.abi import Table
 from xdpfw.compiler import Capacities, RuleCompiler
 from xdpfw.datapath import Attachment, GlobalCounters, RuleCounters
-from xdpfw.errors import ForeignProgram, InterfaceNotFound, XdpfwError
+from xdpfw.errors import ForeignProgram, InterfaceNotFound, RuleNotFound, XdpfwError
 from xdpfw.rules import Rule
 
 __all__ = ["FakeDatapath"]
@@ -41,6 +43,13 @@ class FakeDatapath:
     hits: dict[int, RuleCounters] = field(default_factory=dict)  # rule id -> counters
     attached: dict[str, Attachment] = field(default_factory=dict)
     changes: int = 0  # map changes applied (reconcile tests: "nothing touched")
+    # X-ray: the sampling maps and the ring, in memory
+    sampled: dict[int, int] = field(default_factory=dict)  # rule id -> every
+    sample_conf: tuple[int, int] = (0, 0)  # (snaplen, max_pps)
+    sample_counts: dict[str, int] = field(
+        default_factory=lambda: {"sent": 0, "lost_ring": 0, "lost_cap": 0}
+    )
+    ring: FakeRing = field(default_factory=lambda: FakeRing())
 
     def __post_init__(self) -> None:
         self.compiler = RuleCompiler(self.caps)
@@ -66,6 +75,7 @@ class FakeDatapath:
         self.compiler.commit(plan)
         for r in plan.removed:
             self.hits.pop(r.id, None)
+            self.sampled.pop(r.id, None)
         self.changes += 1
         return plan.removed
 
@@ -130,3 +140,62 @@ class FakeDatapath:
 
     def attachments(self) -> list[Attachment]:
         return list(self.attached.values())
+
+    # -- X-ray ---------------------------------------------------------------------------------
+
+    def sample_configure(self, max_pps: int, snaplen: int) -> None:
+        self.sample_conf = (snaplen, max_pps)
+
+    def sample_set(self, every: dict[int, int | None]) -> None:
+        for rid, n in every.items():
+            if n and rid not in self.compiler.rules:
+                raise RuleNotFound(rid)
+        self._maybe_fail()
+        for rid, n in every.items():
+            if n:
+                self.sampled[rid] = n
+            else:
+                self.sampled.pop(rid, None)
+
+    def sample_rules(self) -> dict[int, int]:
+        return dict(self.sampled)
+
+    def sample_settings(self) -> tuple[int, int]:
+        return self.sample_conf
+
+    def sample_stats(self) -> dict[str, int]:
+        return dict(self.sample_counts)
+
+    def sample_ring(self) -> FakeRing:
+        return self.ring
+
+
+class FakeRing:
+    """The ring buffer's stand-in: records put with `inject` are drained in order."""
+
+    def __init__(self) -> None:
+        self._records: deque[bytes] = deque()
+        self._ready = threading.Condition()
+
+    def inject(self, raw: bytes) -> None:
+        with self._ready:
+            self._records.append(raw)
+            self._ready.notify_all()
+
+    def wait(self, timeout: float) -> bool:
+        with self._ready:
+            return self._ready.wait_for(lambda: bool(self._records), timeout)
+
+    def drain(self, handle: Callable[[bytes], None], limit: int = 1 << 30) -> int:
+        n = 0
+        while n < limit:
+            with self._ready:
+                if not self._records:
+                    break
+                raw = self._records.popleft()
+            handle(raw)
+            n += 1
+        return n
+
+    def close(self) -> None:
+        pass

@@ -83,7 +83,7 @@ def _text(c: TestClient, body: str | bytes, **params: Any) -> Any:
 
 def _msg(r: Any) -> str:
     assert r.status_code == 422, r.text
-    return str(r.json()["detail"][0]["msg"])
+    return str(r.json()["errors"][0]["msg"])
 
 
 # -- auth --------------------------------------------------------------------------------------
@@ -135,9 +135,9 @@ def test_reads_need_the_token_off_loopback(tmp_path: Path) -> None:
 
 ERROR_CASES: list[tuple[errors.XdpfwError, int, dict[str, Any]]] = [
     (errors.InvalidRule("src", "bad"), 422,
-     {"detail": [{"loc": ["body", "src"], "msg": "bad", "type": "value_error"}]}),
+     {"errors": [{"loc": ["body", "src"], "msg": "bad", "type": "value_error"}]}),
     (errors.InvalidRule("body", "bad body"), 422,
-     {"detail": [{"loc": ["body"], "msg": "bad body", "type": "value_error"}]}),
+     {"errors": [{"loc": ["body"], "msg": "bad body", "type": "value_error"}]}),
     (errors.RuleNotFound(7), 404, {"detail": "no rule with id 7", "error": "RuleNotFound"}),
     (errors.SourceNotFound("feed"), 404, {"error": "SourceNotFound"}),  # issue 13: sources
     (errors.InterfaceNotFound("eth9"), 404,
@@ -235,7 +235,7 @@ def test_validation_names_the_field(api: Api) -> None:
     for body, field in BAD_RULES:
         r = api.client.post("/v1/rules", json=body)
         assert r.status_code == 422, (body, r.text)
-        locs = [d["loc"] for d in r.json()["detail"]]
+        locs = [d["loc"] for d in r.json()["errors"]]
         assert any(field in loc for loc in locs), (body, r.json())
     assert api.client.get("/v1/rules").json()["rules"] == []
 
@@ -508,7 +508,7 @@ def test_stats_and_metrics(api: Api) -> None:
     assert f'xdpfw_rule_bytes_total{{rule_id="{ids[3]}"}} 500.0' in text
     assert 'xdpfw_table_entries{table="rules"} 5.0' in text
     assert 'xdpfw_table_capacity{table="rules"} 8192.0' in text
-    assert 'xdpfw_packets_total{outcome="dropped"} 0.0' in text
+    assert 'xdpfw_frames_total{verdict="drop"} 0.0' in text
 
 
 # -- bounded inputs (docs/guarantees.md "Bounded inputs"; e2e: tests/test_limits.py) ------------
@@ -615,11 +615,11 @@ def test_422_names_at_most_100_bad_lines_and_never_echoes_megabytes(api: Api) ->
     # FastAPI's own validation errors: each echoed value cut, at most 100 errors listed
     r = c.post("/v1/rules", json={"src": "198.18.205.1", "comment": "c" * 60_000})
     assert r.status_code == 422 and len(r.content) < 2_000, len(r.content)
-    assert r.json()["detail"][0]["input"].startswith("ccc")
+    assert r.json()["errors"][0]["input"].startswith("ccc")
     r = _limited(api, max_body_bytes=10_000_000).post(
         "/v1/rules", json={f"k{i}" + "x" * 1000: i for i in range(300)})
     assert r.status_code == 422 and len(r.content) < 60_000, len(r.content)
-    detail = r.json()["detail"]
+    detail = r.json()["errors"]
     assert len(detail) == 101 and detail[-1]["type"] == "too_many_errors"
     assert detail[-1]["msg"].startswith("300 errors in all")
 
@@ -637,7 +637,7 @@ def test_deep_json_and_lone_surrogates_answer_422_not_500(api: Api) -> None:
     ]:
         r = c.post(path, content=body, headers={"content-type": "application/json"})
         assert r.status_code == 422, (path, body[:60], r.text)
-        assert r.headers["content-type"] == "application/json"
+        assert r.headers["content-type"] == "application/problem+json"
         text = r.text
         assert "unicode" in text or "\\\\ud800" in text or "\\\\udfff" in text, text
     assert c.get("/v1/rules").json()["rules"] == []

@@ -18,9 +18,9 @@ from typing import Any, cast, get_args, get_origin, get_type_hints
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from api import metrics as metrics_mod
 from api.app import create_app
 from api.models import TotalsOut
-from api.routes import stats as stats_route
 from api.settings import get_settings
 from xdpfw import abi
 from xdpfw.cli import client, stats, top
@@ -61,29 +61,41 @@ def test_global_counters_and_model_outcome_name_every_counter() -> None:
 
 
 class _Svc:
-    def table_usage(self) -> dict[str, tuple[int, int]]:
-        return {"rules": (3, 8192)}
-
     def totals(self) -> GlobalCounters:
         return GlobalCounters(*range(1, len(NAMES) + 1))
 
-    def reattach_counts(self) -> dict[str, int]:
-        return {"eth1": 2}
+
+class _Frames:
+    def __init__(self, collector: metrics_mod._Collector) -> None:
+        self.collector = collector
+
+    def collect(self) -> Any:
+        return self.collector.frames()
+
+    def sample_stats(self) -> dict[str, int]:
+        return {"sent": 9, "lost_ring": 10, "lost_cap": 11, "lost_client": 12}
 
 
-def test_metrics_outcome_labels_unchanged() -> None:
+def test_metrics_frame_labels_come_from_the_list() -> None:
+    """The verdicts partition the frames (pass + drop = packets), the flags are every other
+    counter but bytes, named by abi.Stat, in its order (README "upgrade notes": they replaced
+    xdpfw_packets_total{outcome})."""
+    assert {metrics_mod.VERDICTS["pass"], metrics_mod.VERDICTS["drop"]} == {
+        abi.Stat.PASSED, abi.Stat.DROPPED}
+    assert [s.field for s in metrics_mod.FLAGS] == ["monitored", "malformed", "non_ip",
+                                                     "fragments"]
+    collector = metrics_mod._Collector(cast(Any, _Svc()), metrics_mod.SourceCounters())
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(stats_route._Collector(cast(Any, _Svc())))
+    registry.register(_Frames(collector))
     text = generate_latest(registry).decode()
     samples = [line for line in text.splitlines() if line and not line.startswith("#")]
-    assert samples[:8] == [
-        'xdpfw_packets_total{outcome="passed"} 2.0',
-        'xdpfw_packets_total{outcome="dropped"} 3.0',
-        'xdpfw_packets_total{outcome="monitored"} 4.0',
-        'xdpfw_packets_total{outcome="malformed"} 5.0',
-        'xdpfw_packets_total{outcome="non_ip"} 6.0',
-        'xdpfw_packets_total{outcome="fragments"} 7.0',
-        "xdpfw_frames_total 1.0",
+    assert samples == [
+        'xdpfw_frames_total{verdict="pass"} 2.0',
+        'xdpfw_frames_total{verdict="drop"} 3.0',
+        'xdpfw_frames_flagged_total{flag="monitored"} 4.0',
+        'xdpfw_frames_flagged_total{flag="malformed"} 5.0',
+        'xdpfw_frames_flagged_total{flag="non_ip"} 6.0',
+        'xdpfw_frames_flagged_total{flag="fragments"} 7.0',
         "xdpfw_bytes_total 8.0",
     ]
 
@@ -106,17 +118,24 @@ PAIRS: dict[type, str] = {
     client.RuleStat: "RuleStatOut",
     client.Stats: "StatsOut",
     client.Interface: "InterfaceOut",
+    client.Problem: "Problem",
+    client.FieldError: "FieldError",
     client.TableUsage: "TableUsage",
     client.Health: "HealthOut",
+    client.CrowdsecHealth: "CrowdsecHealthOut",  # issue 14: CrowdSec
     # issue 13: sources
     client.Source: "SourceOut",
     client.SourceDetail: "SourceDetailOut",
     client.SourceChange: "SourceChangeOut",
     client.Removed: "RemovedOut",
+    client.Sample: "SampleOut",  # X-ray
+    client.SampleStats: "SamplesOut",
 }
 # Components the client does not mirror as a TypedDict: request bodies (the CLI builds them
 # as dicts and the API validates them) and error bodies (client.error_for reads them loosely).
-NOT_MIRRORED = {"RuleIn", "InterfaceIn", "ErrorOut", "HTTPValidationError", "ValidationError"}
+NOT_MIRRORED = {
+    "RuleIn", "SampleIn", "InterfaceIn", "ErrorOut", "HTTPValidationError", "ValidationError"
+}
 
 
 @pytest.fixture(scope="module")

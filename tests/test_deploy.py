@@ -44,7 +44,7 @@ IMAGE_VENV_BIN = "/opt/xdpfw/venv/bin/"
 # The documented capability list, in the spelling of compose and Kubernetes.
 CAPS = {r.cap.name for r in REQUIREMENTS}
 # Settings read outside api/settings.py.
-EXTRA_ENV = {"XDPFW_KHEADERS_CACHE"}  # xdpfw.kernel.kheaders
+EXTRA_ENV = {"XDPFW_KHEADERS_CACHE", "XDPFW_CONFIG"}  # xdpfw.kernel.kheaders; api.settings
 K8S_VERSIONS = ["1.30.0", kubernetes_validate.utils.latest_version()]
 
 

@@ -122,7 +122,7 @@ def test_validation_names_the_field(server: Server) -> None:
         for body, field in BAD_RULES:
             r = c.post("/v1/rules", json=body)
             assert r.status_code == 422, (body, r.text)
-            locs = [d["loc"] for d in r.json()["detail"]]
+            locs = [d["loc"] for d in r.json()["errors"]]
             assert any(field in loc for loc in locs), (body, r.json())
         assert c.get("/v1/rules").json()["rules"] == []
         assert c.get("/v1/rules/12345").status_code == 404
@@ -179,12 +179,12 @@ def test_bulk_text_and_json_all_or_nothing(server: Server) -> None:
         bad = "198.18.12.1\nnope\n198.18.12.2\n198.18.12.3/16\n"
         r = c.post("/v1/rules/bulk", content=bad, headers={"content-type": "text/plain"})
         assert r.status_code == 422
-        msg = r.json()["detail"][0]["msg"]
+        msg = r.json()["errors"][0]["msg"]
         assert "2, 4" in msg and "line 2" in msg and "line 4" in msg
         assert len(c.get("/v1/rules").json()["rules"]) == 3
 
         r = c.post("/v1/rules/bulk", json=[{"src": "198.18.13.1"}, {"dport": 5}])
-        assert r.status_code == 422 and "element 1" in r.json()["detail"][0]["msg"]
+        assert r.status_code == 422 and "element 1" in r.json()["errors"][0]["msg"]
         r = c.post("/v1/rules/bulk", json=[
             {"src": "198.18.13.1"}, {"proto": "udp", "dport": "53"}, {"src": "198.18.10.0/24"}])
         assert r.status_code == 201, r.text

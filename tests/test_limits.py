@@ -168,16 +168,16 @@ def test_bad_bodies_answer_small_json_422s(server: Server) -> None:
     assert r.status_code == 422, r.text[:500]
     assert len(r.content) < 30_000, len(r.content)
     print(f"20 MB of bad lines: a 422 of {len(r.content)} bytes")
-    msg = r.json()["detail"][0]["msg"]
+    msg = r.json()["errors"][0]["msg"]
     total = -(-bad.total // len(b"not an address, line of the bad list\n"))  # a last part line
     assert msg.startswith(f"nothing added; {total} invalid line(s): 1, 2, 3")
     assert "line 100: " in msg and "line 101: " not in msg and f"{total - 100} more" in msg
     with server.client() as c:
         deep = "[" * 100_000 + "]" * 100_000
         r = c.post("/v1/rules/bulk", content=deep, headers={"content-type": "application/json"})
-        assert r.status_code == 422 and "nested too deeply" in r.json()["detail"][0]["msg"]
+        assert r.status_code == 422 and "nested too deeply" in r.json()["errors"][0]["msg"]
         r = c.post("/v1/rules", content='{"src": "198.18.9.1", "comment": "\\ud800"}',
                    headers={"content-type": "application/json"})
-        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "comment"]
-        assert r.json()["detail"][0]["input"] == "\\ud800"
+        assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["body", "comment"]
+        assert r.json()["errors"][0]["input"] == "\\ud800"
         assert c.get("/healthz").json()["rules"] == rules  # nothing was added

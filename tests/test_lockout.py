@@ -74,7 +74,7 @@ def test_lo_is_refused_by_the_api_and_at_start(tmp_path: Path) -> None:
     with service(tmp_path) as (c, svc, dp):
         r = c.post("/v1/interfaces", json={"name": "lo"}, headers=AUTH)
         assert r.status_code == 422, r.text
-        msg = r.json()["detail"][0]["msg"]
+        msg = r.json()["errors"][0]["msg"]
         assert "loopback" in msg and "cut the API" in msg
         assert "lo" not in dp.attached and svc.interfaces() == {}
         assert c.post("/v1/interfaces", json={"name": "eth1"}, headers=AUTH).status_code == 201

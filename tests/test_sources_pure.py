@@ -140,6 +140,8 @@ def test_ttl_per_holding_and_refresh(api: Api) -> None:
                                       "source": "f2b"})
     assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
     assert again.json()["expires_at"] > first.json()["expires_at"]  # the new expiry
+    same = c.post("/v1/rules", json={"src": "198.18.7.1", "source": "f2b"})  # no TTL: kept
+    assert same.status_code == 200 and same.json()["expires_at"] == again.json()["expires_at"]
     rid = first.json()["id"]
     # another source holds it without a TTL: the f2b holding expiring keeps the rule
     assert c.post("/v1/rules", json={"src": "198.18.7.1", "source": "feed"}).status_code == 200
@@ -199,7 +201,7 @@ def test_bad_bodies_change_nothing(api: Api) -> None:
     before = held(api, "feed")
     r = put(api, "feed", "198.18.10.2\n198.18.10.3/24\nnonsense\n")
     assert r.status_code == 422
-    msg = r.json()["detail"][0]["msg"]
+    msg = r.json()["errors"][0]["msg"]
     assert "line 2" in msg and "line 3" in msg
     assert put(api, "feed", b"\xff\xfe198.18.1.1\n").status_code == 422
     assert put(api, "feed", "# only comments\n").status_code == 422
@@ -224,6 +226,11 @@ def test_json_replace_each_body_its_own(api: Api) -> None:
     page = api.client.get("/v1/sources/mix").json()
     assert page["rules"] == 2 and len(page["page"]["rules"]) == 2
     assert {x["comment"] for x in page["page"]["rules"]} == {"one", ""}
+    # kept members take the new body's comment and expiry
+    r = api.client.put("/v1/sources/mix", json=[{"src": "198.18.11.1", "comment": "two"}])
+    assert (r.json()["unchanged"], r.json()["removed"]) == (1, 1)
+    kept = api.client.get("/v1/sources/mix").json()["page"]["rules"]
+    assert [(x["comment"], x["expires_at"]) for x in kept] == [("two", None)]
 
 
 def test_a_full_table_or_disk_changes_nothing(tmp_path: Path) -> None:
@@ -361,3 +368,29 @@ def test_a_newer_database_is_refused(tmp_path: Path) -> None:
         Store(path)
     assert "schema version 9" in str(exc.value) and "newer xdpfw" in str(exc.value)
     assert not isinstance(exc.value, errors.DatabaseCorrupt)
+
+
+def test_put_bodies_have_the_bulk_limits(api: Api) -> None:
+    from collections.abc import Iterator as It
+
+    from tests.test_api_pure import _limited
+
+    c = _limited(api, max_body_bytes=4096, max_bulk_bytes=100_000, max_bulk_json_bytes=8192)
+
+    def chunked(n: int) -> It[bytes]:  # no Content-Length: counted as it streams
+        for i in range(n):
+            yield f"198.18.{i // 250}.{i % 250 + 1}\n".encode()
+
+    r = c.put("/v1/sources/feed", content=chunked(20_000), headers=PLAIN)
+    assert r.status_code == 413 and r.json()["setting"] == "XDPFW_MAX_BULK_BYTES", r.text
+    # a declared 2 GB body is refused before one byte of it is read
+    r = c.put("/v1/sources/feed", content=b"198.18.1.1\n",
+              headers={**PLAIN, "content-length": str(2 << 30)})
+    assert r.status_code == 413
+    r = c.put("/v1/sources/feed", json=[{"src": f"198.18.9.{i % 250 + 1}"} for i in range(500)])
+    assert r.status_code == 413 and r.json()["setting"] == "XDPFW_MAX_BULK_JSON_BYTES"
+    r = c.put("/v1/sources/feed", content=chunked(2_000), headers=PLAIN)
+    assert r.status_code == 200 and r.json()["added"] == 2_000, r.text
+    # a source name is not a path into anything else: /v1/sources/x/y is no route
+    assert c.put("/v1/sources/feed/x", content=b"198.18.1.1\n", headers=PLAIN
+                 ).status_code in (404, 405)

@@ -23,6 +23,15 @@ __all__ = [
     "PROGRAM",
     "PROG_NAME",
     "RANK_ID_MASK",
+    "SAMPLED_DROP",
+    "SAMPLED_LIMITED",
+    "SAMPLED_MONITOR",
+    "SAMPLED_PASS",
+    "SAMPLE_MAX_RULES",
+    "SAMPLE_RING_BYTES",
+    "SAMPLE_SNAP_MAX",
+    "SAMPLE_SNAP_MEDIUM",
+    "SAMPLE_SNAP_SMALL",
     "SET_SLOTS",
     "VERDICT_ALLOW",
     "VERDICT_DROP",
@@ -35,6 +44,12 @@ __all__ = [
     "Lpm4Key",
     "Lpm6Key",
     "RuleStats",
+    "SampleBucket",
+    "SampleCtl",
+    "SampleHdr",
+    "SampleRule",
+    "SampleStat",
+    "SampleStats",
     "Set",
     "Slot",
     "Stat",
@@ -60,7 +75,7 @@ HEADER = BPF_DIR / "xdpfw_abi.h"
 PROGRAM = BPF_DIR / "xdp_filter.c"
 PROG_NAME = "xdpfw_prog"
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 MAX_VLAN = 2
 MAX_IPV6_EXT = 8
 SET_SLOTS = 31
@@ -172,4 +187,73 @@ class Config(ctypes.Structure):
         ("max_prefixes", ctypes.c_uint32),
         ("max_sets", ctypes.c_uint32),
         ("build_id", ctypes.c_uint8 * 8),
+    ]
+
+
+# --- X-ray (issue 17): sampled frames through the ring buffer xdpfw_samples ----------------
+
+SAMPLE_RING_BYTES = 1048576  # default size of xdpfw_samples
+SAMPLE_SNAP_SMALL = 128  # record sizes: the smallest holding snaplen bytes is reserved
+SAMPLE_SNAP_MEDIUM = 512
+SAMPLE_SNAP_MAX = 2048  # the largest snap length
+SAMPLE_MAX_RULES = 65536  # rules sampled at once (entries of xdpfw_sample_rules)
+
+SAMPLED_PASS = 1  # SampleHdr.verdict: an allow rule passed the frame
+SAMPLED_DROP = 2  # a drop rule (enforce) dropped it
+SAMPLED_MONITOR = 3  # a drop rule in monitor mode passed and counted it
+SAMPLED_LIMITED = 4  # reserved for rate-limit rules (issue 16)
+
+
+class SampleStat(IntEnum):
+    """Index into SampleStats.counter (XDPFW_SSTAT_*)."""
+
+    SENT = 0
+    LOST_RING = 1
+    LOST_CAP = 2
+    MAX = 3
+
+    @property
+    def field(self) -> str:
+        """sent, lost_ring, lost_cap: the names in /v1/stats and /metrics."""
+        return self.name.lower()
+
+    @classmethod
+    def counters(cls) -> tuple[SampleStat, ...]:
+        return tuple(s for s in cls if s is not cls.MAX)
+
+
+class SampleCtl(ctypes.Structure):
+    _fields_ = [
+        ("rules", ctypes.c_uint32),
+        ("snaplen", ctypes.c_uint32),
+        ("interval_ns", ctypes.c_uint64),
+        ("burst_ns", ctypes.c_uint64),
+    ]
+
+
+class SampleRule(ctypes.Structure):
+    _fields_ = [
+        ("every", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("matched", ctypes.c_uint64),
+    ]
+
+
+class SampleBucket(ctypes.Structure):
+    _fields_ = [("tat", ctypes.c_uint64)]
+
+
+class SampleStats(ctypes.Structure):
+    _fields_ = [("counter", ctypes.c_uint64 * SampleStat.MAX)]
+
+
+class SampleHdr(ctypes.Structure):
+    _fields_ = [
+        ("ktime_ns", ctypes.c_uint64),
+        ("rule_id", ctypes.c_uint32),
+        ("ifindex", ctypes.c_uint32),
+        ("frame_len", ctypes.c_uint32),
+        ("cap_len", ctypes.c_uint16),
+        ("verdict", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
     ]

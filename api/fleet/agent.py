@@ -15,10 +15,12 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from api.fleet.etcd import KV, Compacted, EtcdClient, EtcdError, EtcdUnavailable
 from api.fleet.state import Desired, Layout, Writer, decode_source
@@ -255,6 +257,25 @@ class FleetAgent:
         with self.svc.lock:
             rid = self.svc.dp.compiler.find_code(code)
             return None if rid is None else self.svc.store.get(rid, source)
+
+    def metrics(self) -> Iterator[Metric]:
+        """The fleet's families on /metrics (api/metrics.py PARTS)."""
+        node = [self.config.node]
+        for name, doc, value, kind in (
+            ("xdpfw_fleet_applied_revision", "The etcd revision this node enforces.",
+             self.applied, GaugeMetricFamily),
+            ("xdpfw_fleet_lag_revisions", "Revisions of desired state not yet applied here.",
+             self.lag, GaugeMetricFamily),
+            ("xdpfw_fleet_store_up", "1 while the fleet store (etcd) answers.",
+             int(self.reachable), GaugeMetricFamily),
+            ("xdpfw_fleet_failed_sources", "Sources this node cannot apply (retried).",
+             len(self.failed), GaugeMetricFamily),
+            ("xdpfw_fleet_resyncs", "Full resyncs since start (compaction, first start).",
+             self.resyncs, CounterMetricFamily),
+        ):
+            family = kind(name, doc, labels=["node"])
+            family.add_metric(node, value)
+            yield family
 
     # -- registry ------------------------------------------------------------------------------
 

@@ -24,7 +24,6 @@ from api.fleet.agent import FleetAgent
 from api.fleet.etcd import EtcdError, EtcdUnavailable
 from api.fleet.state import Conflict
 from api.models import MAX_TTL, RuleIn, RuleOut, bulk_rules
-from api.routes import stats
 from api.routes.rules import RuleId, read_list
 from xdpfw.errors import InvalidRule, RuleNotFound
 from xdpfw.sources import SOURCE_PATTERN, check_source
@@ -273,29 +272,6 @@ writes.add_api_route(
         "a delete by value", "delete the rule by id, or replace its source"),
     methods=["DELETE"], dependencies=[WriteAccess], include_in_schema=False,
 )
-
-
-@writes.get("/metrics", include_in_schema=False)
-def fleet_metrics(svc: ServiceDep, request: Request) -> Response:
-    """The single-node metrics plus the fleet's (applied revision, lag, store reachable)."""
-    base = stats.metrics(svc)
-    a = _agent(request)
-    node = a.config.node.replace("\\", "\\\\").replace('"', '\\"')
-    extra = (
-        "# HELP xdpfw_fleet_applied_revision The etcd revision this node enforces.\n"
-        "# TYPE xdpfw_fleet_applied_revision gauge\n"
-        f'xdpfw_fleet_applied_revision{{node="{node}"}} {a.applied}\n'
-        "# HELP xdpfw_fleet_lag_revisions Revisions of desired state not yet applied.\n"
-        "# TYPE xdpfw_fleet_lag_revisions gauge\n"
-        f'xdpfw_fleet_lag_revisions{{node="{node}"}} {a.lag}\n'
-        "# HELP xdpfw_fleet_store_up 1 while the fleet store (etcd) answers.\n"
-        "# TYPE xdpfw_fleet_store_up gauge\n"
-        f'xdpfw_fleet_store_up{{node="{node}"}} {int(a.reachable)}\n'
-        "# HELP xdpfw_fleet_resyncs_total Full resyncs (a compacted revision, a first start).\n"
-        "# TYPE xdpfw_fleet_resyncs_total counter\n"
-        f'xdpfw_fleet_resyncs_total{{node="{node}"}} {a.resyncs}\n'
-    ).encode()
-    return Response(bytes(base.body) + extra, media_type=base.media_type)
 
 
 def _fleet_openapi(app: FastAPI) -> None:

@@ -9,13 +9,13 @@ on the event loop (it reads one number), for the same reason.
 
 from __future__ import annotations
 
-import secrets
-
 from anyio import CapacityLimiter, to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from api.models import HealthOut, InterfaceOut, TableUsage
+from api.auth import Refusal, authorize
+from api.crowdsec import CrowdsecBouncer
+from api.models import CrowdsecHealthOut, HealthOut, InterfaceOut, TableUsage, iso
 from api.service import FirewallService
 from api.settings import Settings
 
@@ -65,8 +65,29 @@ async def healthz(request: Request) -> JSONResponse:
             name: TableUsage(entries=used, capacity=cap)
             for name, (used, cap) in health.capacity.items()
         },
+        crowdsec=_crowdsec(request),
     )
     return JSONResponse(body.model_dump(), status_code=200 if health.ok else 503)
+
+
+def _crowdsec(request: Request) -> CrowdsecHealthOut | None:
+    bouncer: CrowdsecBouncer | None = getattr(request.app.state, "crowdsec", None)
+    if bouncer is None:
+        return None
+    st = bouncer.status()
+    return CrowdsecHealthOut(
+        lapi=st.lapi,
+        state=st.state,
+        last_pull=iso(st.last_pull),
+        last_full_pull=iso(st.last_full_pull),
+        last_error=st.last_error,
+        consecutive_errors=st.consecutive_errors,
+        lapi_errors=st.lapi_errors,
+        applied=st.applied,
+        deleted=st.deleted,
+        ignored=st.ignored,
+        ignored_kinds=st.ignored_kinds,
+    )
 
 
 LIVE_WITHIN_S = 10.0  # the watchdog runs a round at least every second
@@ -96,8 +117,8 @@ HIDDEN = (
 
 
 def _has_token(request: Request) -> bool:
-    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
-    expected: str = request.app.state.token
-    return scheme.lower() == "bearer" and secrets.compare_digest(
-        credentials.strip().encode(), expected.encode()
+    """The admin or the read token, or a peer on the local socket."""
+    who = authorize(
+        request.scope, request.headers.get("authorization"), request.app.state.tokens, write=False
     )
+    return not isinstance(who, Refusal)

@@ -67,11 +67,12 @@ def add_rule(body: RuleIn, svc: ServiceDep, response: Response) -> RuleOut:
     (a ban extended).
     """
     stored, created = svc.add(
-        NewRule(body.spec(), body.comment, body.ttl_seconds, body.force, body.source)
+        NewRule(body.spec(), body.comment, body.ttl_seconds, body.force, body.source,
+                sample=body.sample.every if body.sample else None)
     )
     if not created:
         response.status_code = status.HTTP_200_OK
-    return RuleOut.of(stored)
+    return RuleOut.of(stored, sample=svc.sample_of(stored.id))
 
 
 @router.get("", response_model=RulePage, dependencies=[ReadAccess])
@@ -92,8 +93,9 @@ def rule_page(svc: FirewallService, limit: int, cursor: str | None, source: str 
     page = svc.page(after, limit + 1, source)
     more = len(page) > limit
     page = page[:limit]
+    sampled = svc.sample_rules()  # X-ray
     return RulePage(
-        rules=[RuleOut.of(s) for s in page],
+        rules=[RuleOut.of(s, sample=sampled.get(s.id)) for s in page],
         next_cursor=str(page[-1].id) if more and page else None,
     )
 
@@ -119,7 +121,7 @@ def get_rule(rule_id: RuleId, svc: ServiceDep) -> RuleOut:
     """One rule with its counters."""
     stored = svc.get(rule_id)
     counters = svc.counters([rule_id]).get(rule_id)
-    return RuleOut.of(stored, counters, with_counters=True)
+    return RuleOut.of(stored, counters, with_counters=True, sample=svc.sample_of(rule_id))
 
 
 @router.delete(

@@ -15,12 +15,13 @@ tests/test_contracts.py checks each TypedDict below against the API's OpenAPI sc
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypedDict, cast
+from typing import Any, NotRequired, TypedDict, cast
 
 import httpx
 
@@ -36,8 +37,11 @@ __all__ = [
     "BulkResult",
     "Client",
     "ClientError",
+    "CrowdsecHealth",
+    "FieldError",
     "Health",
     "Interface",
+    "Problem",
     "Removed",
     "Rule",
     "RuleCounters",
@@ -79,6 +83,12 @@ class RuleCounters(TypedDict):
     last_hit: str | None
 
 
+class Sample(TypedDict):
+    """SampleOut (X-ray): a rule's sampling."""
+
+    every: int
+
+
 class Rule(TypedDict):
     id: int
     action: str
@@ -93,6 +103,7 @@ class Rule(TypedDict):
     counters: RuleCounters | None
     source: str
     sources: list[str]
+    sample: NotRequired[Sample | None]  # X-ray
 
 
 class RulePage(TypedDict):
@@ -161,9 +172,22 @@ class RuleStat(TypedDict):
     last_hit: str | None
 
 
+class SampleStats(TypedDict):
+    """SamplesOut (X-ray): sampled frames sent and lost by reason, the cap, the snap length."""
+
+    sent: int
+    lost_ring: int
+    lost_cap: int
+    lost_client: int
+    max_pps: int
+    snaplen: int
+    streams: int
+
+
 class Stats(TypedDict):
     totals: Totals
     rules: list[RuleStat]
+    samples: NotRequired[SampleStats | None]
 
 
 class Interface(TypedDict):
@@ -179,6 +203,21 @@ class TableUsage(TypedDict):
     capacity: int
 
 
+# -- CrowdSec bouncer (api/crowdsec.py) --
+class CrowdsecHealth(TypedDict):
+    lapi: str
+    state: str  # starting | ok | unreachable | failing
+    last_pull: str | None
+    last_full_pull: str | None
+    last_error: str | None
+    consecutive_errors: int
+    lapi_errors: int
+    applied: int
+    deleted: int
+    ignored: int
+    ignored_kinds: dict[str, int]
+
+
 class Health(TypedDict):
     status: str
     prog_id: int
@@ -187,6 +226,30 @@ class Health(TypedDict):
     protected: list[str]
     interfaces: list[Interface]
     capacity: dict[str, TableUsage]  # per kernel table, plus "rules" and "xdpfw_sets"
+    crowdsec: CrowdsecHealth | None  # when the service runs the CrowdSec bouncer
+
+
+class FieldError(TypedDict):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class Problem(TypedDict):
+    """Every 4xx/5xx answer (RFC 9457); the CLI reads detail, errors, existing_id and hint."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str | None
+    error: str | None
+    errors: list[FieldError] | None
+    existing_id: int | None
+    limit: int | None
+    setting: str | None
+    errno: int | None
+    hint: str | None
 
 
 # --- errors --------------------------------------------------------------------------------
@@ -261,6 +324,25 @@ def _detail(response: httpx.Response) -> Any:
     return body.get("detail", body) if isinstance(body, dict) else body
 
 
+def _errors(response: httpx.Response) -> list[Any] | None:
+    """A 422 problem's `errors[]` (each invalid field), None in an older server's answer."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    errors = body.get("errors") if isinstance(body, dict) else None
+    return errors if isinstance(errors, list) else None
+
+
+def _error_name(response: httpx.Response) -> str | None:
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    name = body.get("error") if isinstance(body, dict) else None
+    return name if isinstance(name, str) else None
+
+
 def _field(loc: Sequence[object]) -> str:
     parts = [str(p) for p in loc]
     if len(parts) > 1 and parts[0] in ("body", "query", "path"):
@@ -286,6 +368,14 @@ def error_for(
             EXIT_AUTH,
             status=code,
         )
+    if code == 403 and _error_name(response) == "ReadOnlyToken":
+        src = token.source if token is not None else "the request"
+        return ClientError(
+            f"the token from {src} is the read-only token: it cannot change anything. Use "
+            "the admin token (<state-dir>/token, XDPFW_TOKEN) or the local socket",
+            EXIT_AUTH,
+            status=code,
+        )
     if code == 403:
         src = token.source if token is not None else "the request"
         return ClientError(
@@ -297,6 +387,9 @@ def error_for(
         )
     if code == 422:
         problems: list[tuple[str, str]] = []
+        errors = _errors(response)
+        if errors is not None:  # an RFC 9457 problem: detail is its summary, errors[] the list
+            detail = errors
         if isinstance(detail, list):
             for d in detail:
                 if isinstance(d, dict):
@@ -357,12 +450,16 @@ class Client:
         self.token = token or Token(None, "no token given")
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        http_url = self.base_url
+        if base_url.startswith("unix:"):  # the local socket (issue 15): no token needed
+            transport = transport or httpx.HTTPTransport(uds=base_url[len("unix:"):])
+            http_url = "http://xdpfw"
         headers = {"User-Agent": "xdpfw-cli"}
         if self.token.value:
             headers["Authorization"] = f"Bearer {self.token.value}"
         try:
             self._http = httpx.Client(
-                base_url=self.base_url, headers=headers, timeout=timeout, transport=transport
+                base_url=http_url, headers=headers, timeout=timeout, transport=transport
             )
         except (httpx.InvalidURL, ValueError) as exc:
             raise ClientError(_bad_url(base_url, exc), EXIT_USAGE) from exc
@@ -567,6 +664,55 @@ class Client:
     def stats(self, top: int | None = None) -> Stats:
         params = {"top": top} if top is not None else {}
         return cast(Stats, self._request("GET", "/v1/stats", params=params).json())
+
+    # X-ray (issue 17)
+
+    def set_sample(self, rule_id: int, every: int | None) -> None:
+        """PUT (every) or DELETE (None) /v1/rules/{id}/sample."""
+        if every is None:
+            self._request("DELETE", f"/v1/rules/{rule_id}/sample", ok=(204,),
+                          not_found=_no_rule(rule_id))
+        else:
+            self._request("PUT", f"/v1/rules/{rule_id}/sample", json={"every": every},
+                          not_found=_no_rule(rule_id))
+
+    def events(self, params: Mapping[str, str | int | list[int]]) -> Iterator[tuple[str, Any]]:
+        """GET /v1/events: (event, JSON data) as they come; ("keepalive", None) for the
+        stream's keepalive comments, so a caller with a deadline gets a turn every second."""
+        try:
+            with self._http.stream(
+                "GET", "/v1/events", params=dict(params),
+                timeout=httpx.Timeout(self.timeout, read=max(self.timeout, 15.0)),
+            ) as r:
+                if r.status_code != 200:
+                    r.read()
+                    raise error_for(r, self.token)
+                event, data = "message", list[str]()
+                for line in r.iter_lines():
+                    if not line:
+                        if data:
+                            yield event, json.loads("\n".join(data))
+                        event, data = "message", []
+                    elif line.startswith(":"):
+                        yield "keepalive", None
+                    else:
+                        name, _, value = line.partition(":")
+                        value = value.removeprefix(" ")
+                        if name == "event":
+                            event = value
+                        elif name == "data":
+                            data.append(value)
+        except httpx.TimeoutException as exc:
+            raise ClientError(
+                f"the event stream of {self.base_url} went silent ({type(exc).__name__}); "
+                "is the service stuck? check its log",
+                EXIT_UNREACHABLE,
+            ) from exc
+        except httpx.TransportError as exc:
+            raise ClientError(
+                f"cannot reach the xdpfw API at {self.base_url} ({_reason(exc)}): {START_HINT}",
+                EXIT_UNREACHABLE,
+            ) from exc
 
 
 def _no_source(name: str) -> str:

@@ -14,7 +14,18 @@ from xdpfw.cli.output import err
 if TYPE_CHECKING:
     from xdpfw.cli.client import Client
 
-__all__ = ["CLIENT_DESTS", "Handler", "add_client_options", "client_command"]
+__all__ = [
+    "CLIENT_DESTS",
+    "DEFAULT_SOCKET",
+    "Handler",
+    "add_client_options",
+    "api_url",
+    "client_command",
+]
+
+# The service's local socket (`xdpfw serve --listen unix:/run/xdpfw/api.sock`): the CLI uses it
+# when no --api / XDPFW_API is given and this user may connect to it (a member of its group).
+DEFAULT_SOCKET = Path("/run/xdpfw/api.sock")
 
 
 CLIENT_DESTS = ("api", "token", "client_state_dir", "timeout")
@@ -27,7 +38,8 @@ def add_client_options(p: argparse.ArgumentParser) -> None:
         "--api",
         metavar="URL",
         default=argparse.SUPPRESS,
-        help="API base URL (env XDPFW_API; default http://127.0.0.1:8000)",
+        help="API base URL, or unix:PATH for the local socket (env XDPFW_API; default the "
+        "socket /run/xdpfw/api.sock when it is there and usable, else http://127.0.0.1:8000)",
     )
     g.add_argument(
         "--token",
@@ -58,15 +70,35 @@ def client_command(handler: Handler) -> Callable[[argparse.Namespace], int]:
     """Wrap a handler: build the Client from the connection options, map errors to exits."""
 
     def run(args: argparse.Namespace) -> int:
-        from xdpfw.cli.client import DEFAULT_API, Client, ClientError, find_token
+        from xdpfw.cli.client import Client, ClientError, find_token
 
-        api_url = getattr(args, "api", None) or os.environ.get("XDPFW_API") or DEFAULT_API
+        url = api_url(getattr(args, "api", None))
         token = find_token(getattr(args, "token", None), getattr(args, "client_state_dir", None))
         try:
-            with Client(api_url, token, timeout=getattr(args, "timeout", 10.0)) as api:
+            with Client(url, token, timeout=getattr(args, "timeout", 10.0)) as api:
                 return handler(args, api)
         except ClientError as exc:
             err(args, exc.message)
             return exc.exit_code
 
     return run
+
+
+def api_url(explicit: str | None, env: dict[str, str] | None = None) -> str:
+    """--api, else XDPFW_API, else the local socket (XDPFW_SOCKET or DEFAULT_SOCKET) when
+    this user can connect to it, else http://127.0.0.1:8000."""
+    import stat
+
+    from xdpfw.cli.client import DEFAULT_API
+
+    env = dict(os.environ) if env is None else env
+    if explicit or env.get("XDPFW_API"):
+        return explicit or env["XDPFW_API"]
+    sock = Path(env["XDPFW_SOCKET"]) if env.get("XDPFW_SOCKET") else DEFAULT_SOCKET
+    try:
+        is_socket = stat.S_ISSOCK(sock.stat().st_mode)
+    except OSError:
+        return DEFAULT_API
+    if is_socket and os.access(sock, os.R_OK | os.W_OK):
+        return f"unix:{sock}"
+    return DEFAULT_API

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from xdpfw.cli import humanize as hz
+from xdpfw.cli.capture import CAPTURE_EPILOG, add_capture_parser, cmd_capture
+from xdpfw.cli.completion import cmd_completion, cmd_man
 from xdpfw.cli.connection import Handler, add_client_options, client_command
 from xdpfw.cli.importing import IMPORT_EPILOG, cmd_import
 from xdpfw.cli.rules import (
@@ -58,7 +60,8 @@ root (to read the token file) or pass the token.
 exit codes: 0 ok; 1 the API refused or failed, or an import was partial; 2 invalid input;
   3 the service cannot be reached; 4 missing or wrong token.
 
-shell completion (bash/zsh, needs argcomplete): eval "$(register-python-argcomplete xdpfw)"
+shell completion: eval "$(xdpfw completion bash)" (zsh: xdpfw completion zsh); manual:
+  xdpfw man | man -l -
 """
 
 
@@ -207,7 +210,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--iface", action="append", metavar="NAME", help="interface (repeatable)")
     p.add_argument("--xdp-mode", choices=["auto", "native", "generic"], default=None)
-    p.add_argument("--listen", metavar="HOST:PORT", default=None)
     p.add_argument("--state-dir", type=Path, default=None)
     p.add_argument("--bpffs-dir", type=Path, default=None)
     p.add_argument("--max-rules", type=int, default=None)
@@ -220,6 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="source prefix that can never be dropped, e.g. your management network "
         "(repeatable)",
     )
+    # X-ray (issue 17)
+    p.add_argument("--sample-max-pps", type=int, default=None, metavar="N",
+                   help="cap on sampled frames per second, all rules (default 2000)")
+    p.add_argument("--snaplen", type=int, default=None, metavar="BYTES",
+                   help="bytes kept of each sampled frame (default 128, at most 2048)")
     p.add_argument(
         "--no-demo",
         action="store_true",
@@ -230,6 +237,47 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="on stop, detach and remove the pins (default: keep filtering while down)",
     )
+    # -- CrowdSec bouncer (README "CrowdSec"; api/crowdsec.py) --------------------------------
+    cs = p.add_argument_group("CrowdSec bouncer (off unless --crowdsec-lapi is given)")
+    cs.add_argument(
+        "--crowdsec-lapi", metavar="URL", default=None,
+        help="pull ban decisions from this CrowdSec Local API, e.g. http://127.0.0.1:8080",
+    )  # fmt: skip
+    cs.add_argument(
+        "--crowdsec-key-file", metavar="FILE", type=Path, default=None,
+        help="the bouncer key (`cscli bouncers add xdpfw -o raw`), one line",
+    )  # fmt: skip
+    cs.add_argument(
+        "--crowdsec-interval", metavar="DURATION", default=None,
+        help="poll for new and deleted decisions this often (default 10s)",
+    )  # fmt: skip
+    cs.add_argument(
+        "--crowdsec-resync", metavar="DURATION", default=None,
+        help="pull every decision again and replace source crowdsec this often (default 10m)",
+    )  # fmt: skip
+    # -- issue 15 (ops): config file, listeners, logs --
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        default=None,
+        help="TOML settings (env XDPFW_CONFIG; default /etc/xdpfw/xdpfw.toml if it exists); "
+        "flags and XDPFW_* variables override it",
+    )
+    p.add_argument(
+        "--listen",
+        action="append",
+        metavar="HOST:PORT|unix:PATH",
+        default=None,
+        help="the TCP listener (default 127.0.0.1:8000), and/or a unix socket its group's "
+        "members use without a token (repeatable: one of each)",
+    )
+    p.add_argument("--log-format", choices=["text", "json"], default=None,
+                   help="text lines (default) or one JSON object per line")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
+    p.add_argument("--access-log", action="store_true",
+                   help="also log every request (uvicorn's access log; default off)")
+    # -- end issue 15 --
     # -- fleet mode (docs/fleet.md) --
     g = p.add_argument_group("fleet (desired state in etcd; without --etcd: this host only)")
     g.add_argument("--etcd", metavar="URL[,URL...]", default=None,
@@ -297,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttl", type=_ttl, metavar="DURATION", help="expire after 30s, 10m, 2h, 1d")
     p.add_argument("--comment", default="", metavar="TEXT", help="free text (max 256)")
     _source_flag(p, "the source that holds the rule (default: api)")
+    p.add_argument("--sample", type=_positive_int, metavar="N",  # X-ray
+                   help="sample 1 in N of the rule's frames (see `xdpfw capture`)")
     _json_flag(p, "print the new rule as JSON, not just its id")
 
     p = _sub(rsub, "rm", "remove rules by id, or by value (--src/--dst)", RULE_RM_EPILOG,
@@ -350,6 +400,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rules to show (default: what fits the terminal)")
     p.add_argument("-n", "--iterations", type=_positive_int, metavar="N",
                    help="exit after N refreshes")
+    # X-ray (issue 17)
+    p = _sub(sub, "capture", "write sampled frames as pcapng (or print them as JSON)",
+             CAPTURE_EPILOG, cmd_capture)
+    add_capture_parser(p, _positive_int, _positive_float)
+    # -- issue 15 (ops): completion and the man page, generated from this parser --
+    p = sub.add_parser(
+        "completion",
+        help="print a shell completion script (bash or zsh)",
+        description="Print a completion script generated from this command's parser.",
+        epilog='examples:\n  eval "$(xdpfw completion bash)"\n'
+        "  xdpfw completion bash > /etc/bash_completion.d/xdpfw\n"
+        '  xdpfw completion zsh > "${fpath[1]}/_xdpfw"\n',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("shell", choices=["bash", "zsh"])
+    p.set_defaults(func=cmd_completion)
+    p = sub.add_parser(
+        "man",
+        help="print the xdpfw(8) manual page (roff)",
+        description="Print the xdpfw(8) manual page, generated from this command's parser.",
+        epilog="examples:\n  xdpfw man | man -l -\n"
+        "  xdpfw man > /usr/local/share/man/man8/xdpfw.8\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.set_defaults(func=cmd_man)
+    # -- end issue 15 --
     for client_parser in (parser, *_CLIENT_PARSERS):
         add_client_options(client_parser)
     return parser

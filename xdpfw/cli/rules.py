@@ -34,6 +34,7 @@ examples:
   xdpfw rule add --dst 2001:db8::/32 --proto tcp --dport 22 --action allow
   xdpfw rule add --proto udp --dport 53 --monitor          # count, don't drop
   xdpfw rule add --src 198.18.7.9 --ttl 1h --source fail2ban.sshd   # again: new expiry
+  xdpfw rule add --src 198.18.7.0/24 --sample 10           # and sample 1 in 10 (capture)
 """
 
 RULE_RM_EPILOG = """By id, the rule goes whoever holds it. By value (--src/--dst), the rules whose
@@ -92,6 +93,8 @@ def cmd_rule_add(args: argparse.Namespace, api: Client) -> int:
         body["ttl_seconds"] = args.ttl
     if args.source is not None:
         body["source"] = args.source
+    if getattr(args, "sample", None) is not None:  # X-ray
+        body["sample"] = {"every": args.sample}
     try:
         rule, created = api.add_rule(body)
     except ClientError as exc:

@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from xdpfw.errors import XdpfwError
 
@@ -23,6 +24,11 @@ SERVE_EPILOG = """examples:
 
 Every flag also has an XDPFW_* environment variable (XDPFW_IFACE=eth1,eth2, XDPFW_LISTEN,
 XDPFW_STATE_DIR, XDPFW_BPFFS_DIR, XDPFW_XDP_MODE, XDPFW_TOKEN, XDPFW_MAX_RULES, ...).
+
+CrowdSec (a bouncer inside the service; README "CrowdSec"):
+  cscli bouncers add xdpfw -o raw > /etc/xdpfw/crowdsec.key && chmod 600 /etc/xdpfw/crowdsec.key
+  xdpfw serve --iface eth1 --crowdsec-lapi http://127.0.0.1:8080 \\
+      --crowdsec-key-file /etc/xdpfw/crowdsec.key --crowdsec-interval 10s
 """
 
 
@@ -112,7 +118,7 @@ def _database_interfaces(args: argparse.Namespace) -> list[str]:
         return []
 
 
-def _fleet_flags(args: argparse.Namespace) -> dict[str, object]:
+def _fleet_flags(args: argparse.Namespace) -> dict[str, Any]:
     """The fleet flags given (docs/fleet.md); absent ones come from XDPFW_* or defaults."""
     return {
         "etcd": getattr(args, "etcd", None),
@@ -125,24 +131,39 @@ def _fleet_flags(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
 
+def _ops_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags of issue 15 (config file, listeners, logs) as settings overrides."""
+    listen = getattr(args, "listen", None)
+    return {
+        "config": getattr(args, "config", None),
+        "listen": ",".join(listen) if isinstance(listen, list) else listen,
+        "log_format": getattr(args, "log_format", None),
+        "log_level": getattr(args, "log_level", None),
+        "access_log": True if getattr(args, "access_log", False) else None,
+    }
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
     from api.server import serve
-    from api.settings import get_settings
+    from api.settings import ConfigError, get_settings
 
     demo = False
+    ops = _ops_flags(args)
     try:
         settings = get_settings(
+            **ops,
             iface=args.iface or None,
             xdp_mode=args.xdp_mode,
-            listen=args.listen,
             state_dir=args.state_dir,
             bpffs_dir=args.bpffs_dir,
             max_rules=args.max_rules,
             max_prefixes=args.max_prefixes,
             max_sets=args.max_sets,
             protect=args.protect or None,
+            **_crowdsec_flags(args),
+            sample_max_pps=args.sample_max_pps,
+            sample_snaplen=args.snaplen,
             **_fleet_flags(args),
         )
         if not settings.iface and not args.no_demo:
@@ -161,18 +182,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
             if not known:
                 demo = True
                 settings = get_settings(
+                    **ops,
                     iface=[],
                     xdp_mode=args.xdp_mode,
-                    listen=args.listen,
                     state_dir=args.state_dir or Path("/run/xdpfw-demo"),
                     bpffs_dir=args.bpffs_dir or Path("/sys/fs/bpf/xdpfw-demo"),
                     max_rules=args.max_rules or 65536,
                     max_prefixes=args.max_prefixes or 16384,
                     max_sets=args.max_sets or 1024,
                     protect=args.protect or None,
+                    **_crowdsec_flags(args),
+                    sample_max_pps=args.sample_max_pps,
+                    sample_snaplen=args.snaplen,
                 )
-    except ValidationError as exc:
-        for err in exc.errors():
-            print(f"xdpfw serve: {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
+    except ConfigError as exc:
+        for line in str(exc).splitlines():
+            print(f"xdpfw serve: {line}", file=sys.stderr)
         return 2
     return serve(settings, demo=demo, cleanup=args.cleanup)
+
+
+def _crowdsec_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The CrowdSec bouncer's flags as settings (None: the XDPFW_CROWDSEC_* variable or the
+    default)."""
+    return {
+        "crowdsec_lapi": args.crowdsec_lapi,
+        "crowdsec_key_file": args.crowdsec_key_file,
+        "crowdsec_interval": args.crowdsec_interval,
+        "crowdsec_resync": args.crowdsec_resync,
+    }

@@ -177,4 +177,18 @@ def cmd_stats(args: argparse.Namespace, api: Client) -> int:
     ]
     print()
     print(hz.table(["TOTALS", "COUNT", "RATE"], total_rows, right=(1, 2)))
+    _print_samples(stats)
     return 0
+
+
+def _print_samples(stats: Stats) -> None:
+    """X-ray: sampled frames sent and lost, by reason (once anything was sampled)."""
+    s = stats.get("samples")
+    if not s or not (s["sent"] or s["lost_ring"] or s["lost_cap"] or s["lost_client"]):
+        return
+    print()
+    print(
+        f"samples: {hz.count(s['sent'])} sent; lost: {hz.count(s['lost_cap'])} over the cap "
+        f"({s['max_pps']}/s), {hz.count(s['lost_ring'])} ring full, "
+        f"{hz.count(s['lost_client'])} slow reader"
+    )

@@ -50,6 +50,7 @@ def status_text(url: str, health: Health) -> str:
         f"program     id {health['prog_id']}"
         + ("  (adopted from a previous run)" if health["adopted"] else ""),
         f"rules       {health['rules']}",
+        *_crowdsec_lines(health),
         "",
     ]
     ifaces = [
@@ -75,3 +76,20 @@ def status_text(url: str, health: Health) -> str:
             rows.append([t.removeprefix("xdpfw_"), hz.count(used), hz.count(cap), pct])
         lines += ["", hz.table(["TABLE", "USED", "CAPACITY", "USE"], rows, right=(1, 2, 3))]
     return "\n".join(lines)
+
+
+def _crowdsec_lines(health: Health) -> list[str]:
+    """The CrowdSec bouncer's line(s), when the service runs it."""
+    cs = health.get("crowdsec")
+    if not cs:
+        return []
+    lines = [
+        printable(
+            f"crowdsec    {cs['state']}  ({cs['lapi']})  last pull {cs['last_pull'] or 'none yet'}"
+            f"; decisions applied {cs['applied']}, deleted {cs['deleted']}, "
+            f"ignored {cs['ignored']}"
+        )
+    ]
+    if cs["last_error"]:
+        lines.append(printable(f"            {cs['last_error']}"))
+    return lines

@@ -36,12 +36,14 @@ from xdpfw.datapath.counters import (
     read_global,
 )
 from xdpfw.datapath.hint import PrefixHint
+from xdpfw.datapath.sampling import Sampling
 from xdpfw.datapath.sets import SetAllocator
 from xdpfw.datapath.slots import U32
 from xdpfw.datapath.translate import kernel_door, kernel_error
 from xdpfw.datapath.writer import PlanWriter
 from xdpfw.errors import DatapathError, RuleNotFound
 from xdpfw.kernel import bpfsys
+from xdpfw.kernel.ringbuf import RingBuffer
 from xdpfw.rules import Rule
 
 __all__ = ["Datapath", "DatapathConfig"]
@@ -87,6 +89,7 @@ class Datapath:
         )
         self._hint = PrefixHint(maps["xdpfw_lpm4_hint"])
         self._writer = PlanWriter(maps, self.compiler, caps, self._sets, self._counters, self._hint)
+        self._sampling = Sampling(maps)  # X-ray (issue 17)
         self._closed = False
         self.upgraded_from: int | None = None  # program id replaced by an upgrade
         self.repinned: list[str] = []  # interfaces of an orphan re-pinned and adopted by open
@@ -314,6 +317,8 @@ class Datapath:
         with self._lock:
             plan = self.compiler.plan_remove(rule_ids)
             self._writer.apply(plan)
+            with kernel_door("removing sample entries"):  # X-ray: a removed rule is not sampled
+                self._sampling.forget(r.id for r in plan.removed)
             return plan.removed
 
     # -- counters ------------------------------------------------------------------------------
@@ -360,6 +365,40 @@ class Datapath:
         usage["rules"] = (len(self.compiler), self.caps.max_rules)
         usage["xdpfw_sets"] = (self.compiler.n_sets, self.caps.max_sets - 1)
         return usage
+
+    # -- X-ray (issue 17): sampling, a map write ------------------------------------------------
+
+    def sample_configure(self, max_pps: int, snaplen: int) -> None:
+        """The global cap (samples per second, enforced in the kernel) and the snap length."""
+        with self._lock, kernel_door("writing xdpfw_sample_ctl"):
+            self._sampling.configure(max_pps, snaplen)
+
+    def sample_set(self, every: dict[int, int | None]) -> None:
+        """Sample these rules 1 in `every` frames (None: stop); unknown ids are refused."""
+        with self._lock:
+            for rid, n in every.items():
+                if n and rid not in self.compiler.rules:
+                    raise RuleNotFound(rid)
+            with kernel_door("writing xdpfw_sample_rules"):
+                self._sampling.set(every)
+
+    def sample_rules(self) -> dict[int, int]:
+        """rule id -> every, of each sampled rule (as the kernel's map holds them)."""
+        return self._sampling.rules()
+
+    def sample_settings(self) -> tuple[int, int]:
+        """(snap length, cap per second) as configured."""
+        return self._sampling.settings()
+
+    def sample_stats(self) -> dict[str, int]:
+        """Samples sent to the ring and lost (ring full, over the cap), summed over CPUs."""
+        with kernel_door("reading xdpfw_sample_stats"):
+            return self._sampling.stats()
+
+    def sample_ring(self) -> RingBuffer:
+        """A reader of the sample ring buffer (one reader at a time)."""
+        with kernel_door("mapping xdpfw_samples"):
+            return self._sampling.open_ring()
 
     def map(self, name: str) -> bpfsys.Map[Any, Any]:
         """A map by name (tests and diagnostics)."""

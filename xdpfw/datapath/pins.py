@@ -59,6 +59,12 @@ MAP_TYPES: dict[str, tuple[type[Any], type[Any]]] = {
     "xdpfw_lpm4_hint": (ctypes.c_uint32, ctypes.c_uint64),
     "xdpfw_stats": (ctypes.c_uint32, abi.GlobalStats),
     "xdpfw_config": (ctypes.c_uint32, abi.Config),
+    # X-ray (issue 17); the ring buffer has neither key nor value (its size is max_entries)
+    "xdpfw_sample_ctl": (ctypes.c_uint32, abi.SampleCtl),
+    "xdpfw_sample_rules": (ctypes.c_uint32, abi.SampleRule),
+    "xdpfw_sample_bucket": (ctypes.c_uint32, abi.SampleBucket),
+    "xdpfw_sample_stats": (ctypes.c_uint32, abi.SampleStats),
+    "xdpfw_samples": (ctypes.c_uint8 * 0, ctypes.c_uint8 * 0),
 }
 
 _Maps = dict[str, bpfsys.Map[Any, Any]]

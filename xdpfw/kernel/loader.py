@@ -25,6 +25,7 @@ from xdpfw import abi
 from xdpfw.compiler import Capacities
 from xdpfw.errors import CompileError, HeadersMissing
 from xdpfw.kernel.kheaders import KernelHeadersMissing, ensure_kernel_headers
+from xdpfw.kernel.ringbuf import xray_supported
 
 __all__ = [
     "MAP_NAMES",
@@ -44,6 +45,12 @@ MAP_NAMES = (
     "xdpfw_lpm4_hint",
     "xdpfw_stats",
     "xdpfw_config",
+    # X-ray (issue 17)
+    "xdpfw_sample_ctl",
+    "xdpfw_sample_rules",
+    "xdpfw_sample_bucket",
+    "xdpfw_sample_stats",
+    "xdpfw_samples",
 )
 
 
@@ -75,6 +82,7 @@ def cflags(caps: Capacities) -> list[str]:
         f"-DXDPFW_MAX_RULES={caps.max_rules}",
         f"-DXDPFW_MAX_PREFIXES={caps.max_prefixes}",
         f"-DXDPFW_MAX_SETS={caps.max_sets}",
+        f"-DXDPFW_XRAY={int(xray_supported())}",  # X-ray: sampling needs 5.18
         "-Wno-unused-function",
     ]
 

@@ -346,6 +346,12 @@ class Differ:
         self.dp.remove_rules(sorted(ids))
         self._set_rules({rid: r for rid, r in self._by_id.items() if rid not in ids})
 
+    def follow(self) -> tuple[Rule, ...]:
+        """The rules were changed by someone else (the service, e.g. a source replace): take
+        what the datapath now holds as the installed rules, and return them."""
+        self._set_rules({r.id: r for r in self.dp.rules()})
+        return self._rules
+
     def replace(self, rules: Sequence[Rule]) -> bool:
         """Remove every rule, then add ``rules`` in one batch (False if refused: then empty)."""
         if self._by_id:
