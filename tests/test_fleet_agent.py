@@ -66,7 +66,7 @@ def make_node(db: Path, endpoints: list[str], prefix: str, name: str,
     )
     if start:
         agent.start()
-    app = create_app(Settings(state_dir=db.parent), svc, TOKEN, agent)
+    app = create_app(Settings(state_dir=db.parent), svc, TOKEN, fleet=agent)
     client = TestClient(app, headers={"Authorization": f"Bearer {TOKEN}"})
     return Node(client, svc, dp, store, agent)
 
