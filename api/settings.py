@@ -250,10 +250,13 @@ class Settings(BaseSettings):
     node_labels: Annotated[dict[str, str], NoDecode] = Field(
         default_factory=dict, description="this node's labels (XDPFW_NODE_LABELS=k=v,k2=v2)"
     )
-    etcd_prefix: str = Field(default="/xdpfw", pattern=r"^/[A-Za-z0-9._/-]*$")
-    etcd_ca: Path | None = None
-    etcd_cert: Path | None = None
-    etcd_key: Path | None = None
+    etcd_prefix: str = Field(
+        default="/xdpfw", pattern=r"^/[A-Za-z0-9._/-]*$",
+        description="etcd key prefix: the nodes sharing it are one fleet",
+    )
+    etcd_ca: Path | None = Field(default=None, description="CA file that signed etcd's certs")
+    etcd_cert: Path | None = Field(default=None, description="client certificate for etcd")
+    etcd_key: Path | None = Field(default=None, description="the client certificate's key")
 
     @field_validator("node", "etcd_ca", "etcd_cert", "etcd_key", mode="before")
     @classmethod
