@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
@@ -18,6 +18,9 @@ from api.metrics import Exposition
 from api.routes import events, health, interfaces, limits, lookup, rules, sources, stats
 from api.service import FirewallService
 from api.settings import Settings
+
+if TYPE_CHECKING:
+    from api.fleet.agent import FleetAgent
 
 __all__ = ["DOCS_ASSETS", "create_app"]
 
@@ -37,7 +40,8 @@ DOCS_ASSETS = "/docs-assets"
 
 
 def create_app(
-    settings: Settings, service: FirewallService, token: str, read_token: str | None = None
+    settings: Settings, service: FirewallService, token: str, read_token: str | None = None,
+    fleet: FleetAgent | None = None,
 ) -> FastAPI:
     app = FastAPI(
         title="xdpfw", version="0.1.0", description=DESCRIPTION, docs_url=None, redoc_url=None
@@ -53,6 +57,10 @@ def create_app(
     app.add_middleware(BodyLimits, settings=settings, token=tokens)
     # Outermost: one line per change, with the caller BodyLimits (or a dependency) named.
     app.add_middleware(AuditLog)
+    if fleet is not None:  # fleet mode: its write routes first, so they shadow the local ones
+        from api.routes import fleet as fleet_routes
+
+        fleet_routes.install(app, fleet)
     app.include_router(health.router)
     app.include_router(rules.router)
     app.include_router(sources.router)

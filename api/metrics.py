@@ -391,8 +391,9 @@ class _Part(Collector):
 
 
 # The attributes of app.state that hold optional parts of the service with families of their
-# own (`metrics()`): the CrowdSec bouncer (api/crowdsec.py, issue 14) when it runs.
-PARTS = ("crowdsec",)
+# own (`metrics()`): the CrowdSec bouncer (api/crowdsec.py, issue 14) when it runs; the fleet
+# agent (api/fleet/agent.py, issue 19: xdpfw_fleet_*) in fleet mode.
+PARTS = ("crowdsec", "fleet")
 
 
 class Exposition:

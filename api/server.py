@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from api.crowdsec import CrowdsecBouncer
+    from api.fleet.agent import FleetAgent
     from api.service import FirewallService
     from api.store import Store
 
@@ -278,7 +279,10 @@ def serve(settings: Settings, *, demo: bool = False, cleanup: bool = False) -> i
         watchdog = Watchdog(svc)
         watchdog.start()
         stack.callback(watchdog.stop)
-        app = create_app(settings, svc, token, read_token)
+        fleet = _start_fleet(settings, svc)  # fleet mode (docs/fleet.md); None: one host
+        if fleet is not None:
+            stack.callback(fleet.stop)
+        app = create_app(settings, svc, token, read_token, fleet)
         if crowdsec_key is not None:
             app.state.crowdsec = _start_crowdsec(stack, settings, svc, crowdsec_key)
         if lab_note:
@@ -316,6 +320,25 @@ def serve(settings: Settings, *, demo: bool = False, cleanup: bool = False) -> i
                      settings.bpffs_dir)
         return 0 if server.started else 1
     return 0
+
+
+def _start_fleet(settings: Settings, svc: FirewallService) -> FleetAgent | None:
+    """With --etcd: the agent that watches etcd and applies it here (it starts from the
+    local cache and the pins whether or not etcd answers)."""
+    if not settings.etcd:
+        return None
+    from api.fleet.agent import FleetAgent, FleetConfig
+
+    node = settings.node or socket.gethostname().split(".")[0].lower()
+    agent = FleetAgent(FleetConfig(
+        endpoints=settings.etcd, node=node, prefix=settings.etcd_prefix,
+        labels=settings.node_labels, ca=settings.etcd_ca, cert=settings.etcd_cert,
+        key=settings.etcd_key,
+    ), svc)
+    agent.start()
+    log.info("fleet mode: node %s, etcd %s, prefix %s, resuming from revision %d", node,
+             ",".join(settings.etcd), settings.etcd_prefix, agent.applied)
+    return agent
 
 
 def _close_all(sockets: list[socket.socket]) -> None:

@@ -241,6 +241,67 @@ class Settings(BaseSettings):
             out["socket"] = unix[0]
         return out
 
+    # -- fleet (issue 19, docs/fleet.md): the desired state in etcd; unset = one host --------
+    etcd: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="etcd client URLs (XDPFW_ETCD=http://a:2379,http://b:2379): fleet mode",
+    )
+    node: str | None = Field(default=None, description="this node's name in the fleet")
+    node_labels: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict, description="this node's labels (XDPFW_NODE_LABELS=k=v,k2=v2)"
+    )
+    etcd_prefix: str = Field(
+        default="/xdpfw", pattern=r"^/[A-Za-z0-9._/-]*$",
+        description="etcd key prefix: the nodes sharing it are one fleet",
+    )
+    etcd_ca: Path | None = Field(default=None, description="CA file that signed etcd's certs")
+    etcd_cert: Path | None = Field(default=None, description="client certificate for etcd")
+    etcd_key: Path | None = Field(default=None, description="the client certificate's key")
+
+    @field_validator("node", "etcd_ca", "etcd_cert", "etcd_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value  # XDPFW_NODE= (compose, a ConfigMap): unset
+
+    @field_validator("etcd", mode="before")
+    @classmethod
+    def _split_etcd(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list):
+            urls = [u.strip() for v in value for u in str(v).split(",") if u.strip()]
+            for u in urls:
+                if not u.startswith(("http://", "https://")):
+                    raise ValueError(f"etcd URL {u!r} must start with http:// or https://")
+            return urls
+        return value
+
+    @field_validator("node_labels", mode="before")
+    @classmethod
+    def _split_labels(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list):
+            out: dict[str, str] = {}
+            for item in (p.strip() for v in value for p in str(v).split(",")):
+                if not item:
+                    continue
+                k, sep, v = item.partition("=")
+                if not sep or not k:
+                    raise ValueError(f"node label {item!r} must be KEY=VALUE")
+                out[k.strip()] = v.strip()
+            return out
+        return value
+
+    @field_validator("node")
+    @classmethod
+    def _check_node(cls, value: str | None) -> str | None:
+        from xdpfw.sources import SOURCE_RE
+
+        if value is not None and not SOURCE_RE.fullmatch(value):
+            raise ValueError(f"node name {value!r}: letters a-z, digits, '.', '_', '-'")
+        return value
+
     @field_validator("iface", "protect", mode="before")
     @classmethod
     def _split_ifaces(cls, value: object) -> object:

@@ -889,3 +889,20 @@ class Store:
                 " ON CONFLICT(key) DO UPDATE SET value=excluded.value",
                 (json.dumps(list(prefixes)),),
             )
+
+    # -- fleet (issue 19: api/fleet/) ------------------------------------------------------------
+
+    def fleet_meta(self, key: str) -> str | None:
+        """A `fleet.*` meta row (the applied etcd revision, the fleet-managed sources)."""
+        with self._sql(f"read the rule database {self.path}"):
+            row = self._db.execute("SELECT value FROM meta WHERE key=?", (f"fleet.{key}",)
+                                   ).fetchone()
+        return None if row is None else str(row["value"])
+
+    def set_fleet_meta(self, key: str, value: str) -> None:
+        with self._sql(f"write the rule database {self.path}"):
+            self._db.execute(
+                "INSERT INTO meta VALUES (?, ?)"
+                " ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                (f"fleet.{key}", value),
+            )

@@ -43,6 +43,8 @@ RUN_PACKAGES=(
 TEST_PACKAGES=(
     "${RUN_PACKAGES[@]}" python3-pip bpfcc-tools xdp-tools bpftool netsniff-ng nftables ipset
     iptables tcpdump tshark systemd zsh
+    # fleet mode (docs/fleet.md): the tests start their own etcd 3.4 cluster on loopback
+    etcd-server etcd-client
 )
 # Partner programs the tests run on private config dirs: crowdsec (the LAPI and cscli of
 # tests/test_crowdsec_lapi.py), fail2ban (fail2ban-server/-client of tests/test_fail2ban.py),
@@ -97,6 +99,21 @@ partner_daemons_off() {
     done
 }
 
+# Fleet mode (docs/fleet.md): etcd-server's postinst starts etcd on 127.0.0.1:2379; the tests
+# start their own cluster on free ports: stop and disable the package's one.
+fleet_etcd_off() {
+    local pkg
+    for pkg in "$@"; do
+        [[ "$pkg" == etcd-server ]] || continue
+        log "etcd: stopping the package's own service (the fleet tests run their own)"
+        if [[ -d /run/systemd/system ]]; then
+            systemctl disable --now etcd >/dev/null 2>&1 || true
+        elif [[ -x /etc/init.d/etcd ]]; then
+            /etc/init.d/etcd stop >/dev/null 2>&1 || true
+        fi
+    done
+}
+
 declare -A installed=()
 while read -r pkg status; do
     [[ "$status" == installed ]] && installed[$pkg]=1
@@ -119,6 +136,7 @@ if ((${#missing[@]})); then
         -o Dpkg::Options::=--force-confold install --no-install-recommends \
         "${missing[@]}" </dev/null >/dev/null
     partner_daemons_off "${missing[@]}"
+    fleet_etcd_off "${missing[@]}"
 else
     log "debian packages present ($PROFILE)"
 fi

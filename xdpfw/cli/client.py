@@ -602,7 +602,10 @@ class Client:
 
     def add_rule(self, body: Mapping[str, object]) -> tuple[Rule, bool]:
         """POST /v1/rules -> (rule, created). created is False for an identical existing rule."""
-        r = self._request("POST", "/v1/rules", json=dict(body), ok=(200, 201))
+        # wait=applied: in fleet mode (docs/fleet.md) answer once this node enforces it, with
+        # the rule, as on one host (one host ignores it).
+        r = self._request("POST", "/v1/rules", json=dict(body), ok=(200, 201),
+                          params={"wait": "applied"})
         return cast(Rule, r.json()), r.status_code == 201
 
     def rule_pages(
@@ -634,7 +637,8 @@ class Client:
         return cast(Rule, r.json())
 
     def delete_rule(self, rule_id: int) -> None:
-        self._request("DELETE", f"/v1/rules/{rule_id}", ok=(204,), not_found=_no_rule(rule_id))
+        self._request("DELETE", f"/v1/rules/{rule_id}", ok=(204,), not_found=_no_rule(rule_id),
+                      params={"wait": "applied"})  # fleet mode: once this node is done
 
     def bulk_text(
         self,
@@ -690,6 +694,15 @@ class Client:
     def sources(self) -> list[Source]:
         return cast(list[Source], self._request("GET", "/v1/sources").json())
 
+    # -- fleet mode (docs/fleet.md) --
+    def fleet_nodes(self) -> list[dict[str, Any]]:
+        """GET /v1/fleet/nodes (404: this node does not run with --etcd)."""
+        r = self._request(
+            "GET", "/v1/fleet/nodes",
+            not_found="this xdpfw runs without a fleet store: start it with --etcd URL",
+        )
+        return cast(list[dict[str, Any]], r.json())
+
     def source(self, name: str, limit: int = 100, cursor: str | None = None) -> SourceDetail:
         params: dict[str, str | int] = {"limit": limit}
         if cursor is not None:
@@ -710,7 +723,7 @@ class Client:
         timeout: float = 600.0,
     ) -> SourceChange:
         """PUT /v1/sources/{name} with a list (text): the source holds exactly these."""
-        params: dict[str, str | int] = {"action": action, "mode": mode}
+        params: dict[str, str | int] = {"action": action, "mode": mode, "wait": "applied"}
         if comment:
             params["comment"] = comment
         if ttl_seconds is not None:

@@ -139,6 +139,22 @@ def _source_flag(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--source", type=_source_name, metavar="NAME", help=what)
 
 
+def _fleet_commands(sub: Any) -> None:
+    """`xdpfw fleet ls` (issue 19, docs/fleet.md)."""
+    from xdpfw.cli.fleet import FLEET_EPILOG, cmd_fleet_ls
+
+    fleet = sub.add_parser(
+        "fleet", help="the nodes of a fleet (serve --etcd)",
+        description="The nodes of a fleet (serve --etcd).", epilog=FLEET_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    fsub = fleet.add_subparsers(dest="fleet_command", metavar="ACTION")
+    fsub.required = True
+    p = _sub(fsub, "ls", "list the fleet's nodes: applied revision, lag, heartbeat",
+             FLEET_EPILOG, cmd_fleet_ls, "fleet ls")
+    _json_flag(p)
+
+
 def _source_commands(sub: Any) -> None:
     """`xdpfw source ...` (issue 13)."""
     source = sub.add_parser(
@@ -264,6 +280,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--access-log", action="store_true",
                    help="also log every request (uvicorn's access log; default off)")
     # -- end issue 15 --
+    # -- fleet mode (docs/fleet.md) --
+    g = p.add_argument_group("fleet (desired state in etcd; without --etcd: this host only)")
+    g.add_argument("--etcd", metavar="URL[,URL...]", default=None,
+                   help="etcd client URLs, e.g. http://10.0.0.5:2379 (env XDPFW_ETCD)")
+    g.add_argument("--node", metavar="NAME", default=None,
+                   help="this node's name in the fleet (default: the host name)")
+    g.add_argument("--node-label", action="append", metavar="KEY=VALUE", default=None,
+                   help="a label of this node (repeatable)")
+    g.add_argument("--etcd-prefix", metavar="PATH", default=None, help="key prefix (/xdpfw)")
+    g.add_argument("--etcd-ca", type=Path, default=None, metavar="FILE")
+    g.add_argument("--etcd-cert", type=Path, default=None, metavar="FILE")
+    g.add_argument("--etcd-key", type=Path, default=None, metavar="FILE")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(
@@ -380,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dport", type=int, metavar="N", help="its destination port (tcp/udp)")
     _json_flag(p, "print the API's answer as JSON")
     _source_commands(sub)
+    _fleet_commands(sub)
 
     p = _sub(sub, "stats", "per-rule counters and totals", STATS_EPILOG, cmd_stats)
     p.add_argument("--top", type=_positive_int, metavar="N", help="only the N busiest rules")

@@ -118,6 +118,20 @@ def _database_interfaces(args: argparse.Namespace) -> list[str]:
         return []
 
 
+def _fleet_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The fleet flags given (docs/fleet.md); absent ones come from XDPFW_* or defaults."""
+    return {
+        "etcd": getattr(args, "etcd", None),
+        "node": getattr(args, "node", None),
+        "node_labels": getattr(args, "node_label", None),
+        "etcd_prefix": getattr(args, "etcd_prefix", None),
+        "etcd_ca": getattr(args, "etcd_ca", None),
+        "etcd_cert": getattr(args, "etcd_cert", None),
+        "etcd_key": getattr(args, "etcd_key", None),
+    }
+
+
+
 def _ops_flags(args: argparse.Namespace) -> dict[str, Any]:
     """The flags of issue 15 (config file, listeners, logs) as settings overrides."""
     listen = getattr(args, "listen", None)
@@ -150,6 +164,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             **_crowdsec_flags(args),
             sample_max_pps=args.sample_max_pps,
             sample_snaplen=args.snaplen,
+            **_fleet_flags(args),
         )
         if not settings.iface and not args.no_demo:
             from api.store import Store

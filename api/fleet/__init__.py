@@ -1,0 +1,1 @@
+"""Fleet mode: the desired state of many nodes in etcd (docs/fleet.md)."""

@@ -1,0 +1,176 @@
+"""Fleet propagation (docs/fleet.md, docs/benchmarks.md): a rule added through node A's API is
+enforced on nodes B and C - time from the API call to the first dropped packet on each node,
+p50/p99, side by side with the same call on a single host (no etcd: enforced when it returns).
+
+Real processes: a 3-member etcd 3.4 on loopback (tests/etcd_cluster.py), three `xdpfw serve`
+nodes each on its own veth lab, one single-host `xdpfw serve`. Each node's probe sends a UDP
+datagram from its lab's namespace and waits up to 20 ms for it; the first of 3 datagrams in a
+row that never arrive marks the drop at its send time. The rule is `src 198.18.0.0/15` (every
+lab's peer), deleted and re-added each round. Root; ~1-2 min.
+Run: .venv/bin/python -m bench.fleet_propagation [--rounds N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import tempfile
+import threading
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+from tests.conftest import unique_pin_dir
+from tests.etcd_cluster import etcd_cluster
+from tests.server import Server, _remove_pins
+from xdpfw.kernel import netlink
+from xdpfw.lab import VethLab, veth_lab
+
+RULE = {"src": "198.18.0.0/15", "comment": "bench"}
+
+
+def first_drop(lab: VethLab, t0: float, stop: float, result: dict[str, float],
+               name: str) -> None:
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx = netlink.socket_in_netns(lab.netns, socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind((lab.host_ip4, 0))
+    port = rx.getsockname()[1]
+    rx.settimeout(0.02)
+    tx.bind((lab.peer_ip4, 0))
+    misses: list[float] = []
+    try:
+        while time.perf_counter() < stop:
+            sent = time.perf_counter()
+            tx.sendto(b"probe", (lab.host_ip4, port))
+            try:
+                rx.recv(64)
+                misses.clear()
+            except TimeoutError:
+                misses.append(sent)
+                if len(misses) == 3:
+                    result[name] = max(0.0, misses[0] - t0)
+                    return
+    finally:
+        rx.close()
+        tx.close()
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p * len(xs)))] * 1000
+
+
+def wait_pass(lab: VethLab) -> None:
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx = netlink.socket_in_netns(lab.netns, socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind((lab.host_ip4, 0))
+    rx.settimeout(0.05)
+    tx.bind((lab.peer_ip4, 0))
+    try:
+        for _ in range(400):
+            tx.sendto(b"x", (lab.host_ip4, rx.getsockname()[1]))
+            try:
+                rx.recv(64)
+                return
+            except TimeoutError:
+                continue
+        raise RuntimeError("traffic never passed again")
+    finally:
+        rx.close()
+        tx.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--big", type=int, default=100_000,
+                    help="entries of the source replaced once on A and on the single host")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp_s, ExitStack() as stack:
+        tmp = Path(tmp_s)
+        cluster = stack.enter_context(etcd_cluster(tmp, 3))
+        servers: list[Server] = []
+        for i in range(4):
+            lab = stack.enter_context(veth_lab(prefix="xfw"))
+            pins = unique_pin_dir(f"bench{i}")
+            fleet = ["--etcd", cluster.endpoints, "--node", f"n{i}"] if i < 3 else []
+            caps = ["--max-rules", str(max(8192, 2 * args.big))]
+            srv = Server(lab=lab, state_dir=tmp / f"s{i}", bpffs_dir=pins,
+                         extra_args=[*fleet, *caps])
+            stack.callback(_remove_pins, pins)
+            stack.callback(srv.stop)
+            servers.append(srv)
+        for srv in servers:
+            srv.start()
+        a, b, c, single = servers
+        lat: dict[str, list[float]] = {"B": [], "C": [], "A": [], "single": []}
+        for _ in range(args.rounds):
+            for who, api, probes in (("fleet", a, {"A": a, "B": b, "C": c}),
+                                     ("single", single, {"single": single})):
+                result: dict[str, float] = {}
+                with api.client() as cl:
+                    t0 = time.perf_counter()
+                    threads = [threading.Thread(target=first_drop, args=(
+                        s.lab, t0, t0 + 5.0, result, name)) for name, s in probes.items()]
+                    for t in threads:
+                        t.start()
+                    r = cl.post("/v1/rules", json=RULE)
+                    assert r.status_code in (201, 202), r.text
+                    for t in threads:
+                        t.join()
+                    for name in probes:
+                        lat[name].append(result.get(name, 5.0))
+                    # Remove it again (fleet: by id on A, once A has it) and wait for traffic.
+                    deadline = time.monotonic() + 5
+                    while time.monotonic() < deadline:
+                        rules = [x for x in cl.get("/v1/rules").json()["rules"]
+                                 if x["src"] == RULE["src"]]
+                        if rules:
+                            cl.delete(f"/v1/rules/{rules[0]['id']}")
+                            break
+                        time.sleep(0.02)
+                for s in probes.values():
+                    wait_pass(s.lab)
+                _ = who
+        print(f"rounds: {args.rounds}")
+        for name, xs in lat.items():
+            print(f"{name:>7}: p50 {pct(xs, .5):7.1f} ms  p99 {pct(xs, .99):7.1f} ms  "
+                  f"max {max(xs) * 1000:7.1f} ms")
+        base = pct(lat["single"], .5)
+        for name in ("A", "B", "C"):
+            print(f"{name} / single (p50): {pct(lat[name], .5) / base:.1f}x")
+        if args.big:
+            big(args.big, a, b, c, single)
+
+
+def big(n: int, a: Server, b: Server, c: Server, single: Server) -> None:
+    """A source of n entries replaced on A: until A, B and C hold it, vs one host's PUT."""
+    body = "".join(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}\n" for i in range(n))
+    hdr = {"content-type": "text/plain"}
+    with single.client() as cl:
+        t0 = time.perf_counter()
+        r = cl.put("/v1/sources/big", content=body, headers=hdr, timeout=300)
+        one = time.perf_counter() - t0
+        assert r.status_code == 200, r.text
+    done: dict[str, float] = {}
+    with a.client() as cl:
+        t0 = time.perf_counter()
+        r = cl.put("/v1/sources/big", content=body, headers=hdr, timeout=300)
+        assert r.status_code == 200, r.text
+        committed = time.perf_counter() - t0
+        while len(done) < 3 and time.perf_counter() - t0 < 300:
+            for name, s in (("A", a), ("B", b), ("C", c)):
+                if name not in done:
+                    with s.client() as sc:
+                        src = sc.get("/v1/sources/big")
+                    if src.status_code == 200 and src.json()["rules"] == n:
+                        done[name] = time.perf_counter() - t0
+            time.sleep(0.05)
+    last = max(done.values()) if len(done) == 3 else float("nan")
+    print(f"source of {n} entries: single host PUT {one:.2f} s; fleet: committed "
+          f"{committed:.2f} s, " + ", ".join(f"{k} {v:.2f} s" for k, v in sorted(done.items()))
+          + f"; all three / single host = {last / one:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
