@@ -19,7 +19,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import overload
@@ -124,11 +124,13 @@ class AddedRules(Sequence[StoredRule]):
     def __init__(
         self, ids: list[int], codes: list[int], comments: list[str], now: float,
         expiry: list[float | None], sources: list[str],
+        limits: Mapping[int, Limit] | None = None,
     ) -> None:
         self.ids, self._codes, self._comments, self._now, self._expiry = (
             ids, codes, comments, now, expiry
         )
         self._sources = sources
+        self._limits = limits or {}  # issue 16: the budgets of limit rules, by id
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -143,8 +145,9 @@ class AddedRules(Sequence[StoredRule]):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         source = self._sources[i]
+        rule = rule_from_code(self.ids[i], self._codes[i])
         return StoredRule(
-            rule_from_code(self.ids[i], self._codes[i]), self._comments[i], self._now,
+            _with_limit(rule, self._limits.get(rule.id)), self._comments[i], self._now,
             self._expiry[i], source, (source,),
         )
 
@@ -696,7 +699,7 @@ class FirewallService:
                     undo.append(lambda: self.dp.remove_rules(ids))
             added = AddedRules(
                 ids, new_codes, [comments[i] for i in fresh], now, [expiry(i) for i in fresh],
-                [sources[i] for i in fresh],
+                [sources[i] for i in fresh], got,
             )
             dups.extend(ids[pos] for _, pos in again)
             return BulkResult(added, dups, overlaps.shown, overlaps.count)

@@ -129,6 +129,7 @@ __all__ = [
     "unpack",
     "verdict",
     "verdict_class",
+    "verdict_columns",
 ]
 
 
@@ -427,15 +428,27 @@ def rank_columns(low: Any, key_low: Any, rule_ids: Any) -> Any:
     hi = low & u64(PORT_HI.bits)
     narrow = np.where(has_ports == u64(1), u64(PORT_SPAN) - (hi - lo + u64(1)), zero)
     proto_named = (((low >> u64(PROTO.shift)) & u64(PROTO.bits)) != zero).astype(u64)
+    classes = np.array(_CLASS_OF, dtype=u64)  # slot verdict -> rank class (allow 3 ... 0)
+    verdict = (low >> u64(VERDICT.shift)) & u64(_SLOT_VERDICT_BITS)
     out: Any = (
-        (((low >> u64(VERDICT.shift)) & u64(VERDICT.bits)) << u64(RANK_VERDICT.shift))
+        (classes[verdict.astype(np.intp)] << u64(RANK_VERDICT.shift))
         | (np.where(direction == u64(DIR_SRC), plen, zero) << u64(RANK_SRC_PLEN.shift))
         | (np.where(direction == u64(DIR_DST), plen, zero) << u64(RANK_DST_PLEN.shift))
         | (proto_named << u64(RANK_PROTO.shift))
         | (narrow << u64(RANK_NARROW.shift))
-        | (u64(RANK_ID.bits) - rule_ids.astype(u64, copy=False))
+        | (u64(RANK_ID.bits) - rule_ids.astype(u64, copy=False) + u64(1))
     )
     return out
+
+
+def verdict_columns(low: Any) -> Any:
+    """`verdict` (the slot's verdict byte: VERDICT with LIMIT) over a numpy column of
+    code & CODE_LOW."""
+    import numpy as np
+
+    return (low.astype(np.uint64, copy=False) >> np.uint64(VERDICT.shift)) & np.uint64(
+        _SLOT_VERDICT_BITS
+    )
 
 
 def rank_plens(r: int) -> tuple[int, int]:

@@ -39,18 +39,20 @@ from xdpfw.codes import (
     PORT_HI,
     PORT_LO,
     PROTO,
+    TCP_MASK,
     VERDICT,
     code_of_key,
     pack_key,
     rank,
 )
+from xdpfw.codes import verdict as slot_verdict
 from xdpfw.compiler import table_of, trie_of
 from xdpfw.errors import InvalidRule
 from xdpfw.rules import Proto, rule_from_code
 
 __all__ = ["Decision", "Entries", "Packet", "Slot", "Verdict", "lookup", "parse_packet"]
 
-Verdict = Literal["drop", "pass", "monitor"]
+Verdict = Literal["drop", "pass", "monitor", "limit"]
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _VERDICT_NAME: dict[int, Verdict] = {
@@ -58,6 +60,8 @@ _VERDICT_NAME: dict[int, Verdict] = {
     abi.VERDICT_ALLOW: "pass",
     abi.VERDICT_DROP: "drop",
     abi.VERDICT_MONITOR: "monitor",
+    abi.VERDICT_LIMIT: "limit",  # issue 16: the budget decides (the lookup has no clock)
+    abi.VERDICT_LIMIT_MONITOR: "monitor",
 }
 _PROTO_BY_NAME = {p.value: p.number for p in Proto}
 _PORT_PROTOS = (Proto.TCP.number, Proto.UDP.number)
@@ -152,6 +156,8 @@ def parse_packet(
 
 
 def _slot_matches(code: int, proto: int | None, dport: int | None) -> bool:
+    if code & TCP_MASK.mask:  # a TCP-flags rule: the lookup names no flags, so never
+        return False
     want = (code >> PROTO.shift) & PROTO.bits
     if want and want != proto:
         return False
@@ -203,7 +209,7 @@ def lookup(compiler: Entries, packet: Packet) -> Decision:
         return Decision("pass", None, (), tuple(looked))
     best = matches[0]
     return Decision(
-        _VERDICT_NAME[(best.code >> VERDICT.shift) & VERDICT.bits], best.rule_id, matches,
+        _VERDICT_NAME[slot_verdict(best.code)], best.rule_id, matches,
         tuple(looked),
     )
 

@@ -35,8 +35,9 @@ class LookupEntryOut(BaseModel):
 
 
 class LookupOut(BaseModel):
-    verdict: Literal["drop", "pass", "monitor"] = Field(
-        description="drop; pass (an allow rule, or no rule); monitor (passed and counted)"
+    verdict: Literal["drop", "pass", "monitor", "limit"] = Field(
+        description="drop; pass (an allow rule, or no rule); monitor (passed and counted); "
+        "limit (a rate-limit rule decides: passed within its budget, dropped over it)"
     )
     rule_id: int | None = Field(description="the credited rule (its counters count the packet)")
     rule: RuleOut | None

@@ -121,6 +121,8 @@ def read_columns(
             | np.where(has_ports == u64(1),
                        (first["port_lo"].astype(u64) << u64(codes.PORT_LO.shift))
                        | first["port_hi"].astype(u64), u64(0))
+            | (first["tcp_mask"].astype(u64) << u64(codes.TCP_MASK.shift))  # issue 16
+            | (first["tcp_want"].astype(u64) << u64(codes.TCP_WANT.shift))
         )
         key_list = key.tolist()
         shift = codes.KEY.shift

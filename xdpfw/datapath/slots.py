@@ -118,8 +118,10 @@ def entry_columns(rule_ids: Any, low: Any, key_low: Any, counters: Any) -> bytes
                                 & u64(codes.PORT_LO.bits), u64(0))
     first["port_hi"] = np.where(has_ports == u64(1), low & u64(codes.PORT_HI.bits), u64(0))
     first["proto"] = (low >> u64(codes.PROTO.shift)) & u64(codes.PROTO.bits)
-    first["verdict"] = (low >> u64(codes.VERDICT.shift)) & u64(codes.VERDICT.bits)
+    first["verdict"] = codes.verdict_columns(low)
     first["has_ports"] = has_ports
+    first["tcp_mask"] = (low >> u64(codes.TCP_MASK.shift)) & u64(codes.TCP_MASK.bits)
+    first["tcp_want"] = (low >> u64(codes.TCP_WANT.shift)) & u64(codes.TCP_WANT.bits)
     first["counter"] = counters
     return out.tobytes()
 
