@@ -230,6 +230,22 @@ def test_a_source_replace_keeps_limit_rules_budgets(api: Api) -> None:
     assert api.dp.limits[rid].pps == 50
 
 
+def test_lookup_reports_limit_rules(api: Api) -> None:
+    """GET /v1/lookup names a rate-limit rule's verdict "limit" (its budget decides each
+    packet); a drop rule still outranks it; a TCP-flags rule never matches (no flags given)."""
+    c = api.client
+    lim = c.post("/v1/rules", json={"action": "limit", "src": "198.18.8.0/24",
+                                    "limit": {"pps": 10}}).json()["id"]
+    c.post("/v1/rules", json=SYN_LIMIT)
+    body = c.get("/v1/lookup", params={"src": "198.18.8.9", "dst": "198.19.0.1",
+                                       "proto": "tcp", "dport": 80}).json()
+    assert (body["verdict"], body["rule_id"]) == ("limit", lim)
+    assert [m["rule"]["id"] for m in body["matches"]] == [lim]
+    drop = c.post("/v1/rules", json={"src": "198.18.8.9"}).json()["id"]
+    body = c.get("/v1/lookup", params={"src": "198.18.8.9"}).json()
+    assert (body["verdict"], body["rule_id"]) == ("drop", drop)
+
+
 def test_a_lost_database_adopts_limit_rules_with_their_budgets(tmp_path: Path) -> None:
     from tests.fakes import FakeDatapath
     from xdpfw.rules import RuleSpec
