@@ -87,13 +87,6 @@ CREATE TABLE IF NOT EXISTS rules (
 );
 CREATE INDEX IF NOT EXISTS rules_expiry ON rules(expires_at) WHERE expires_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS interfaces (name TEXT PRIMARY KEY, mode TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS rule_sample (rule_id INTEGER PRIMARY KEY, every INTEGER NOT NULL);
--- issue 16: a rule's TCP flags and rate limit, beside its row (created on open when missing)
-CREATE TABLE IF NOT EXISTS rule_extras (
-    rule_id INTEGER PRIMARY KEY,
-    tcp_flags TEXT,
-    rate_limit TEXT
-);
 """
 # v2: sources. A rule (one kernel rule) is held by one or more sources; each holding has its
 # own comment, creation and expiry (rules.expires_at is no longer used: NULL). `sources` keeps
@@ -110,6 +103,16 @@ CREATE TABLE IF NOT EXISTS holdings (
 CREATE INDEX IF NOT EXISTS holdings_rule ON holdings(rule_id);
 CREATE INDEX IF NOT EXISTS holdings_expiry ON holdings(expires_at) WHERE expires_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS sources (name TEXT PRIMARY KEY, updated_at REAL NOT NULL);
+"""
+# v3: beside a rule's row, X-ray's sampling (rule_sample: 1 in `every` frames) and issue 16's
+# TCP flags and rate limit (rule_extras, JSON). A rule without either has no row there.
+_SCHEMA_V3 = """
+CREATE TABLE IF NOT EXISTS rule_sample (rule_id INTEGER PRIMARY KEY, every INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS rule_extras (
+    rule_id INTEGER PRIMARY KEY,
+    tcp_flags TEXT,
+    rate_limit TEXT
+);
 """
 # No index on rules(src): delete by value scans (~0.1-0.3 s at 1M rules, measured), where an
 # index would cost every bulk load ~25% more (0.5 s per 200k rows, measured).
@@ -150,8 +153,17 @@ def _migrate_1_to_2(db: sqlite3.Connection) -> None:
 
 # _MIGRATIONS[v] takes a database at version v to v + 1 (never renumbered, never edited once
 # released: a new change is a new function at the end).
-_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _migrate_1_to_2}
-SCHEMA_VERSION = 2
+def _migrate_2_to_3(db: sqlite3.Connection) -> None:
+    """Sampling and rate limits: their tables (empty: no rule of v2 has either)."""
+    for statement in _statements(_SCHEMA_V3):
+        db.execute(statement)
+
+
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
+    1: _migrate_1_to_2,
+    2: _migrate_2_to_3,
+}
+SCHEMA_VERSION = 3
 ANY_SOURCE = -1  # `source` argument of Store.release: every source
 
 # SQLite primary result codes (sqlite3.h)
@@ -326,7 +338,9 @@ class Store:
             # adopts the pinned maps' rules in the same transaction that clears the mark).
             # A crash or a full disk in between leaves it new: the next start adopts again.
             with self.transaction(), self._sql(f"create the rule database {path}"):
-                for statement in _statements(_SCHEMA) + _statements(_SCHEMA_V2):
+                for statement in (
+                    _statements(_SCHEMA) + _statements(_SCHEMA_V2) + _statements(_SCHEMA_V3)
+                ):
                     self._db.execute(statement)
                 self._db.executemany(
                     "INSERT INTO meta VALUES (?, ?)",
@@ -344,7 +358,8 @@ class Store:
             self._upgrade()
         with self._sql(f"write the rule database {path}"):
             meta = {r["key"]: r["value"] for r in self._db.execute("SELECT * FROM meta")}
-            self._db.executescript(_SCHEMA + _SCHEMA_V2)  # an index added since: no-op otherwise
+            # an index added since: no-op otherwise
+            self._db.executescript(_SCHEMA + _SCHEMA_V2 + _SCHEMA_V3)
             # One write at every open: a full disk shows at start, not at the first change.
             self._db.execute(
                 "INSERT INTO meta VALUES ('opened_at', ?)"

@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from api.store import SCHEMA_VERSION
 from tests.conftest import unique_pin_dir
 from tests.server import XDPFW, Server, running_server
 from tests.test_sources_pure import V1_SCHEMA
@@ -294,7 +295,7 @@ def test_a_v1_database_is_migrated_by_the_server(tmp_path: Path) -> None:
         assert udp_roundtrip(srv.lab, count=5) == 5
         assert "migrated" in srv.output() and "schema version 1 to 2" in srv.output()
         db = sqlite3.connect(srv.state_dir / "rules.sqlite3")
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         db.close()
 
 

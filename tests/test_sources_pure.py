@@ -314,7 +314,7 @@ def test_a_v1_database_is_migrated_in_place(tmp_path: Path) -> None:
     path = v1_file(tmp_path / "rules.sqlite3")
     a = _api(path)
     try:
-        assert a.store.version() == SCHEMA_VERSION == 2
+        assert a.store.version() == SCHEMA_VERSION == 3
         rules = a.client.get("/v1/rules").json()["rules"]
         assert [(r["id"], r["src"], r["comment"], r["source"]) for r in rules] == [
             (1, "198.18.15.1/32", "old one", "api"), (2, "198.18.15.0/24", "ttl", "api")]
@@ -327,9 +327,30 @@ def test_a_v1_database_is_migrated_in_place(tmp_path: Path) -> None:
     finally:
         a.store.close()
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
-    assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == "2"
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == str(
+        SCHEMA_VERSION)
     db.close()
+
+
+def test_a_v2_database_gains_the_sampling_and_limit_tables(tmp_path: Path) -> None:
+    """v2 (sources) -> v3 (X-ray's rule_sample, issue 16's rule_extras): the rules stay."""
+    path = tmp_path / "rules.sqlite3"
+    s = Store(path)
+    s.insert_codes([(1, RuleSpec.parse(src="198.18.16.1").code(), "kept", 1.0, None)], "feed")
+    s.close()
+    db = sqlite3.connect(path)
+    db.executescript("DROP TABLE rule_sample; DROP TABLE rule_extras; PRAGMA user_version=2;"
+                     " UPDATE meta SET value='2' WHERE key='schema';")
+    db.close()
+    s = Store(path)
+    try:
+        assert s.version() == SCHEMA_VERSION == 3
+        assert [(r.id, r.comment, r.source) for r in s.all()] == [(1, "kept", "feed")]
+        tables = {r[0] for r in s._db.execute("SELECT name FROM sqlite_master")}
+        assert {"rule_sample", "rule_extras"} <= tables
+    finally:
+        s.close()
 
 
 def test_a_failed_migration_leaves_the_file_as_it_was(tmp_path: Path,
@@ -353,7 +374,7 @@ def test_a_failed_migration_leaves_the_file_as_it_was(tmp_path: Path,
     db.close()
     monkeypatch.undo()
     s = Store(path)  # and the real migration then works
-    assert s.version() == 2 and len(s.all()) == 2
+    assert s.version() == SCHEMA_VERSION and len(s.all()) == 2
     s.close()
 
 
