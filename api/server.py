@@ -80,20 +80,7 @@ def load_token(settings: Settings) -> str:
             f"refusing to listen on {settings.listen} (not loopback) without a token: set "
             f"XDPFW_TOKEN or create {path} (mode 0600) first"
         )
-    settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    token = secrets.token_urlsafe(32)
-    while token.startswith("-"):  # `--token -abc` would read as an option on a command line
-        token = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(token + "\n")
-    except OSError as exc:  # ENOSPC: leave no empty token file behind
-        path.unlink(missing_ok=True)
-        raise ServeError(
-            f"cannot write the API token to {path}: {exc.strerror}; free space in "
-            f"{settings.state_dir} (or set XDPFW_TOKEN) and start again"
-        ) from exc
+    token = _generate(settings, path, 0o600, "the API token", "XDPFW_TOKEN")
     log.info("generated an API token in %s", path)
     return token
 
@@ -121,22 +108,28 @@ def load_read_token(settings: Settings) -> str:
                 f"a token of at least {MIN_TOKEN_CHARS} characters into it"
             )
         return _long_enough(settings, token, f"the read token in {path}")
+    token = _generate(settings, path, 0o640, "the read token", "XDPFW_READ_TOKEN")
+    log.info("generated a read-only API token in %s", path)
+    return token
+
+
+def _generate(settings: Settings, path: Path, mode: int, what: str, env: str) -> str:
+    """A new random token written to `path` (created, never overwritten) with this mode."""
     settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     token = secrets.token_urlsafe(32)
-    while token.startswith("-"):
+    while token.startswith("-"):  # `--token -abc` would read as an option on a command line
         token = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
-        os.fchmod(fd, 0o640)  # whatever the umask
+        os.fchmod(fd, mode)  # whatever the umask
         with os.fdopen(fd, "w") as fh:
             fh.write(token + "\n")
-    except OSError as exc:
+    except OSError as exc:  # ENOSPC: leave no empty token file behind
         path.unlink(missing_ok=True)
         raise ServeError(
-            f"cannot write the read token to {path}: {exc.strerror}; free space in "
-            f"{settings.state_dir} (or set XDPFW_READ_TOKEN) and start again"
+            f"cannot write {what} to {path}: {exc.strerror}; free space in "
+            f"{settings.state_dir} (or set {env}) and start again"
         ) from exc
-    log.info("generated a read-only API token in %s", path)
     return token
 
 
