@@ -174,6 +174,28 @@ def let_go(*containers: list[Any] | dict[Any, Any]) -> None:
                     c.popitem()
 
 
+# Items per C-level call in bulk work (a set or dict built from a million big ints is one
+# call that holds the GIL for 0.1-0.3 s, and /healthz waits on it): in pieces of this size
+# each call takes a few ms and the other threads get their turns in between.
+_PIECE = 1 << 16
+
+
+def _n_distinct(items: list[int]) -> int:
+    """len(set(items)), built a piece at a time."""
+    seen: set[int] = set()
+    for i in range(0, len(items), _PIECE):
+        seen.update(items[i : i + _PIECE])
+    return len(seen)
+
+
+def _update_in_pieces(d: dict[int, Any], keys: list[int], values: list[Any]) -> None:
+    """d.update(zip(keys, values)), a piece at a time."""
+    if len(keys) != len(values):
+        raise ValueError(f"{len(keys)} keys for {len(values)} values")
+    for i in range(0, len(keys), _PIECE):
+        d.update(zip(keys[i : i + _PIECE], values[i : i + _PIECE], strict=True))
+
+
 def key_of(rule: Rule) -> TableKey:
     """The one key a rule lives under."""
     if rule.src is not None:
@@ -459,7 +481,7 @@ class RuleCompiler:
         exact = addressed & (plen == np.where(v6, u64(ADDR_BITS_V6), u64(ADDR_BITS_V4)))
         prefix4 = addressed & ~v6 & ~exact  # IPv4 prefixes, the only prefixes done as columns
         cand = exact | prefix4
-        if len(set(keys)) != n:  # a key twice in the batch: those go the general way
+        if _n_distinct(keys) != n:  # a key twice in the batch: those go the general way
             twice = {k for k, c in Counter(keys).items() if c > 1}
             cand &= np.array([k not in twice for k in keys], dtype=bool)
         own = self._own
@@ -804,8 +826,8 @@ class RuleCompiler:
             else:
                 self._inherit.pop(k, None)
         for h in plan.hosts:
-            codes.update(zip(h.ids, h.codes, strict=True))
-            own.update(zip(h.keys, h.ids, strict=True))
+            _update_in_pieces(codes, h.ids, h.codes)
+            _update_in_pieces(own, h.keys, h.ids)
             if h.table in LPM_TABLES:
                 self._trie_keys[h.table].update(map(trie_position, h.keys))
                 trie_plens = self._trie_plens[h.table]
