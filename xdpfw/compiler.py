@@ -188,6 +188,15 @@ def _n_distinct(items: list[int]) -> int:
     return len(seen)
 
 
+def _has_repeats(keys: list[int], v6: Any) -> bool:
+    """Whether a key comes twice. IPv4 keys fit in 64 bits: sorted by numpy, which lets the
+    other threads run meanwhile; a batch with IPv6 keys builds a set, a piece at a time."""
+    if bool(v6.any()):
+        return _n_distinct(keys) != len(keys)
+    ordered = np.sort(np.fromiter(keys, dtype=np.uint64, count=len(keys)))
+    return bool((ordered[1:] == ordered[:-1]).any())
+
+
 def _update_in_pieces(d: dict[int, Any], keys: list[int], values: list[Any]) -> None:
     """d.update(zip(keys, values)), a piece at a time."""
     if len(keys) != len(values):
@@ -481,7 +490,7 @@ class RuleCompiler:
         exact = addressed & (plen == np.where(v6, u64(ADDR_BITS_V6), u64(ADDR_BITS_V4)))
         prefix4 = addressed & ~v6 & ~exact  # IPv4 prefixes, the only prefixes done as columns
         cand = exact | prefix4
-        if _n_distinct(keys) != n:  # a key twice in the batch: those go the general way
+        if _has_repeats(keys, v6):  # a key twice in the batch: those go the general way
             twice = {k for k, c in Counter(keys).items() if c > 1}
             cand &= np.array([k not in twice for k in keys], dtype=bool)
         own = self._own
