@@ -209,16 +209,29 @@ async def bulk_add(
 
 def _answered(add: Callable[[T], BulkResult], what: T) -> bytes:
     result = add(what)
-    body = BulkOut(
+    head = BulkOut(
         added=len(result.added),
         duplicates=len(result.duplicates),
-        ids=result.ids,
-        duplicate_ids=result.duplicates,
+        ids=[],
+        duplicate_ids=[],
         overlaps=result.overlaps,
         overlap_count=result.overlap_count,
     ).model_dump_json().encode()
+    # The id lists (a million ints for a big list) are written a piece at a time: built in
+    # one call (validated, then dumped) they held the GIL ~0.1 s, and /healthz waited.
+    body = head.replace(b'"ids":[]', b'"ids":[' + _int_list(result.ids) + b"]", 1).replace(
+        b'"duplicate_ids":[]', b'"duplicate_ids":[' + _int_list(result.duplicates) + b"]", 1
+    )
     result.release()  # a million rules freed in pieces: the event loop keeps its turns
     return body
+
+
+def _int_list(values: list[int]) -> bytes:
+    """`1,2,3`: the JSON of a list of ints without its brackets, a piece at a time."""
+    step = 1 << 16
+    return b",".join(
+        ",".join(map(str, values[i : i + step])).encode() for i in range(0, len(values), step)
+    )
 
 
 _PIECE = 1 << 20  # bytes of body parsed per trip to a worker thread
