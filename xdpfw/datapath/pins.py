@@ -30,6 +30,7 @@ __all__ = [
     "ensure_bpffs",
     "finish_interrupted_upgrade",
     "open_pins",
+    "pid_alive",
     "pin_all",
     "remove_pin_dir",
     "remove_stale_staging",
@@ -91,14 +92,15 @@ def remove_stale_staging(pin_dir: Path) -> list[Path]:
         pid = d.name[len(prefix) :]
         if not (d.name.startswith(prefix) and pid.isdigit() and d.is_dir()):
             continue
-        if int(pid) == os.getpid() or _alive(int(pid)):
+        if int(pid) == os.getpid() or pid_alive(int(pid)):
             continue
         remove_pin_dir(d)
         removed.append(d)
     return removed
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (the owner of a staging pin set, a lab)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

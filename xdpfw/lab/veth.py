@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
 
+from xdpfw.datapath.pins import pid_alive
 from xdpfw.kernel import netlink
 
 __all__ = ["VethLab", "cleanup_stale", "pid_alive", "veth_lab"]
@@ -162,17 +163,6 @@ def veth_lab(prefix: str = "xfw") -> Iterator[VethLab]:
         errors = cleanup()
         if errors:
             raise errors[0]
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists (the owner of a lab resource)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _owner_pid(prefix: str, name: str, kind: str) -> int | None:
