@@ -16,6 +16,7 @@ import stat
 import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -51,6 +52,35 @@ class ServeError(Exception):
     """The service cannot start; the message says why and what to do."""
 
 
+@dataclass(frozen=True)
+class _TokenFile:
+    """How one kind of token file is read, refused and generated."""
+
+    name: str  # "token", "read token": "the {name} in {path}"
+    what: str  # in messages: "the API token", "the read token"
+    env: str  # the variable that overrides the file
+    mode: int  # the mode a generated file gets
+    refused: int  # permission bits that make an existing file unsafe
+    unsafe: str  # why those bits are refused, and the fix ({path}, {mode})
+    empty: str  # what to do with an empty file ({path})
+
+
+_API_TOKEN = _TokenFile(
+    "token", "the API token", "XDPFW_TOKEN", 0o600, 0o077,
+    "token file {path} is accessible by group or others (mode {mode:04o}); anyone who reads "
+    "it controls the firewall. Run: chmod 600 {path}",
+    "token file {path} is empty; write a token into it (at least {min} characters, e.g. "
+    "`openssl rand -hex 32 > {path}`) or delete it to have one generated on a loopback listener",
+)
+_READ_TOKEN = _TokenFile(
+    "read token", "the read token", "XDPFW_READ_TOKEN", 0o640, 0o027,
+    "read token file {path} is accessible by others or writable by its group (mode "
+    "{mode:04o}); Run: chmod 640 {path}",
+    "read token file {path} is empty; delete it to have one generated, or write a token of at "
+    "least {min} characters into it",
+)
+
+
 def load_token(settings: Settings) -> str:
     """XDPFW_TOKEN, else <state-dir>/token, generated (0600) on first start on loopback.
 
@@ -61,26 +91,13 @@ def load_token(settings: Settings) -> str:
         return _long_enough(settings, settings.token, "XDPFW_TOKEN")
     path = settings.token_file
     if path.exists():
-        mode = stat.S_IMODE(path.stat().st_mode)
-        if mode & 0o077:
-            raise ServeError(
-                f"token file {path} is accessible by group or others (mode {mode:04o}); "
-                f"anyone who reads it controls the firewall. Run: chmod 600 {path}"
-            )
-        token = path.read_text().strip()
-        if not token:
-            raise ServeError(
-                f"token file {path} is empty; write a token into it (at least "
-                f"{MIN_TOKEN_CHARS} characters, e.g. `openssl rand -hex 32 > {path}`) or "
-                "delete it to have one generated on a loopback listener"
-            )
-        return _long_enough(settings, token, f"the token in {path}")
+        return _read_token_file(settings, path, _API_TOKEN)
     if not settings.loopback_only:
         raise ServeError(
             f"refusing to listen on {settings.listen} (not loopback) without a token: set "
             f"XDPFW_TOKEN or create {path} (mode 0600) first"
         )
-    token = _generate(settings, path, 0o600, "the API token", "XDPFW_TOKEN")
+    token = _generate(settings, path, _API_TOKEN)
     log.info("generated an API token in %s", path)
     return token
 
@@ -95,26 +112,26 @@ def load_read_token(settings: Settings) -> str:
         return _long_enough(settings, settings.read_token, "XDPFW_READ_TOKEN")
     path = settings.read_token_file
     if path.exists():
-        mode = stat.S_IMODE(path.stat().st_mode)
-        if mode & 0o007 or mode & 0o020:
-            raise ServeError(
-                f"read token file {path} is accessible by others or writable by its group "
-                f"(mode {mode:04o}); Run: chmod 640 {path}"
-            )
-        token = path.read_text().strip()
-        if not token:
-            raise ServeError(
-                f"read token file {path} is empty; delete it to have one generated, or write "
-                f"a token of at least {MIN_TOKEN_CHARS} characters into it"
-            )
-        return _long_enough(settings, token, f"the read token in {path}")
-    token = _generate(settings, path, 0o640, "the read token", "XDPFW_READ_TOKEN")
+        return _read_token_file(settings, path, _READ_TOKEN)
+    token = _generate(settings, path, _READ_TOKEN)
     log.info("generated a read-only API token in %s", path)
     return token
 
 
-def _generate(settings: Settings, path: Path, mode: int, what: str, env: str) -> str:
-    """A new random token written to `path` (created, never overwritten) with this mode."""
+def _read_token_file(settings: Settings, path: Path, kind: _TokenFile) -> str:
+    """The token in an existing file, refused when the file is unsafe, empty or too short."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & kind.refused:
+        raise ServeError(kind.unsafe.format(path=path, mode=mode))
+    token = path.read_text().strip()
+    if not token:
+        raise ServeError(kind.empty.format(path=path, min=MIN_TOKEN_CHARS))
+    return _long_enough(settings, token, f"the {kind.name} in {path}")
+
+
+def _generate(settings: Settings, path: Path, kind: _TokenFile) -> str:
+    """A new random token written to `path` (created, never overwritten) with the kind's mode."""
+    mode, what, env = kind.mode, kind.what, kind.env
     settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     token = secrets.token_urlsafe(32)
     while token.startswith("-"):  # `--token -abc` would read as an option on a command line

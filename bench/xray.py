@@ -112,16 +112,22 @@ def measure(repeat: int, reps: int, base_rev: str) -> dict[str, Any]:
     try:
         dp.add_rules([RuleSpec.parse(src=HIT).with_id(1), RuleSpec.parse(src=OTHER).with_id(2)])
         ring = dp.sample_ring()
+
+        def sampling(every: dict[int, int | None],
+                     max_pps: int | None = None) -> Callable[[], None]:
+            def setup() -> None:
+                dp.sample_set(every)
+                if max_pps is not None:
+                    dp.sample_configure(max_pps, 128)
+            return setup
+
         # every mode: (setup, drain the ring after each run)
-        modes: dict[str, tuple[Callable[[], object], bool]] = {
+        modes: dict[str, tuple[Callable[[], None], bool]] = {
             "base": (lambda: None, False),
-            "off": (lambda: dp.sample_set({1: None, 2: None}), False),
-            "other": (lambda: (dp.sample_set({1: None, 2: 1}),
-                               dp.sample_configure(10_000_000, 128)), False),
-            "capped": (lambda: (dp.sample_set({1: 1, 2: None}), dp.sample_configure(1, 128)),
-                       False),
-            "on": (lambda: (dp.sample_set({1: 1, 2: None}),
-                            dp.sample_configure(10_000_000, 128)), True),
+            "off": (sampling({1: None, 2: None}), False),
+            "other": (sampling({1: None, 2: 1}, 10_000_000), False),
+            "capped": (sampling({1: 1, 2: None}, 1), False),
+            "on": (sampling({1: 1, 2: None}, 10_000_000), True),
         }
         runs: dict[str, dict[str, list[float]]] = {m: {f: [] for f in FRAMES} for m in modes}
         rets: dict[str, dict[str, int]] = {m: {} for m in modes}
