@@ -44,7 +44,7 @@ def test_schemathesis_finds_no_5xx_and_no_schema_violation(tmp_path: Path) -> No
                 "--max-examples", "40",
                 "--workers", "1",
                 "--seed", "20261126",
-                "--max-time", "90",
+                "--max-time", "60",
                 "--request-timeout", "30",
             ],
             capture_output=True, text=True, timeout=300,
