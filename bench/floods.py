@@ -32,7 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.sysutil import stats
+from bench.floods_live import live_rules, report_live, run_live
+from bench.sysutil import machine, stats
 from xdpfw import abi
 from xdpfw.compiler import Capacities
 from xdpfw.datapath import Datapath, DatapathConfig
@@ -174,13 +175,15 @@ def run(quick: bool = False) -> dict[str, Any]:
     percpu = None
     try:
         percpu = _open_percpu()
-        limits.add_rules(_rules())
-        percpu.add_rules(_rules())
+        limits.add_rules(_rules() + live_rules())
+        percpu.add_rules(_rules() + live_rules())
         progs = {"plain": plain, "limits": limits, "percpu": percpu}
         res: dict[str, Any] = {
             "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "kernel": os.uname().release,
+            "machine": machine(),
             "cost": cost(progs, repeat=20_000 if quick else 200_000, reps=3 if quick else 7),
+            "live": run_live("quick" if quick else "full", plain, limits, percpu),
             "flood": flood(limits, seconds=1.0 if quick else 6.0, mix=100),
         }
     finally:
@@ -210,6 +213,8 @@ def report(res: dict[str, Any]) -> str:
         f"(ratio {fl['passed_over_allowed']}); {fl['buckets_live']:,} buckets live "
         f"(capacity {fl['bucket_capacity']:,})",
     ]
+    if "live" in res:
+        lines += ["", report_live(res["live"])]
     return "\n".join(lines)
 
 
@@ -217,7 +222,11 @@ def main() -> int:
     p = argparse.ArgumentParser(prog="python -m bench.floods", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--report", type=Path, metavar="FILE", help="print the tables of a results file")
     args = p.parse_args()
+    if args.report:
+        print(report(json.loads(args.report.read_text())))
+        return 0
     res = run(args.quick)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2) + "\n")
