@@ -246,6 +246,24 @@ def test_lookup_reports_limit_rules(api: Api) -> None:
     assert (body["verdict"], body["rule_id"]) == ("drop", drop)
 
 
+def test_lookup_with_tcp_flags_credits_the_syn_limit(api: Api) -> None:
+    """With `tcp_flags` the lookup matches TCP-flags rules: a SYN is the SYN limit's, a
+    SYN-ACK is nobody's; the packet echoes the flags; bad flags are a 422 naming the field."""
+    c = api.client
+    syn = c.post("/v1/rules", json=SYN_LIMIT).json()["id"]
+    q = {"src": "198.18.9.9", "proto": "tcp", "dport": 80}
+    assert c.get("/v1/lookup", params=q).json()["rule_id"] is None  # flags unsaid
+    body = c.get("/v1/lookup", params={**q, "tcp_flags": "SYN"}).json()
+    assert (body["verdict"], body["rule_id"]) == ("limit", syn)
+    assert body["packet"]["tcp_flags"] == "SYN"
+    body = c.get("/v1/lookup", params={**q, "tcp_flags": "syn,ack"}).json()
+    assert (body["verdict"], body["matches"]) == ("pass", [])
+    for params, words in (({**q, "proto": "udp", "tcp_flags": "SYN"}, "needs proto tcp"),
+                          ({**q, "tcp_flags": "!ACK"}, "no !FLAG")):
+        r = c.get("/v1/lookup", params=params)
+        assert r.status_code == 422 and words in r.text and "tcp_flags" in r.text, r.text
+
+
 def test_a_lost_database_adopts_limit_rules_with_their_budgets(tmp_path: Path) -> None:
     from tests.fakes import FakeDatapath
     from xdpfw.rules import RuleSpec

@@ -279,6 +279,7 @@ class LookupPacket(TypedDict):
     dst: str | None
     proto: int | None
     dport: int | None
+    tcp_flags: str | None  # issue 16
 
 
 class LookupMatch(TypedDict):
@@ -672,11 +673,13 @@ class Client:
         return cast(BulkResult, r.json())
 
     def lookup(
-        self, src: str, dst: str | None = None, proto: str | None = None, dport: int | None = None
+        self, src: str, dst: str | None = None, proto: str | None = None,
+        dport: int | None = None, tcp_flags: str | None = None,
     ) -> Lookup:
         """GET /v1/lookup: the data plane's verdict for such a packet and the rules matching."""
         params: dict[str, str | int] = {"src": src}
-        for name, value in (("dst", dst), ("proto", proto), ("dport", dport)):
+        for name, value in (("dst", dst), ("proto", proto), ("dport", dport),
+                            ("tcp_flags", tcp_flags)):
             if value is not None:
                 params[name] = value
         return cast(Lookup, self._request("GET", "/v1/lookup", params=params).json())

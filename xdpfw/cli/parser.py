@@ -406,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dst", metavar="ADDR", help="its destination address")
     p.add_argument("--proto", metavar="P", help="tcp, udp, icmp, icmpv6 or a protocol number")
     p.add_argument("--dport", type=int, metavar="N", help="its destination port (tcp/udp)")
+    p.add_argument("--tcp-flags", metavar="FLAGS",
+                   help='the TCP flags it has set, e.g. SYN or SYN,ACK (with --proto tcp)')
     _json_flag(p, "print the API's answer as JSON")
     _source_commands(sub)
     _fleet_commands(sub)
