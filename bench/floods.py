@@ -1,10 +1,14 @@
-"""Rate-limit rules under BPF_PROG_TEST_RUN (issue 16): what a limit rule costs per packet,
-and whether a random-source flood can wash one real abuser's budget out of the LRU.
+"""Rate-limit rules (issue 16): what a limit rule costs per packet, whether a random-source
+flood can wash one real abuser's budget out of the LRU, and (bench/floods_live.py) the same
+limit under live traffic on the veth lab against nftables, and on two CPUs.
 
-    sudo .venv/bin/python -m bench.floods            # ~1 minute; writes bench/results/floods.json
-    sudo .venv/bin/python -m bench.floods --quick    # seconds
+    sudo flock /work/tools/bench.lock .venv/bin/python -m bench.floods   # ~7 minutes
+    sudo .venv/bin/python -m bench.floods --quick    # ~30 s (tests/test_bench_smoke.py)
+    .venv/bin/python -m bench.floods --report bench/results/floods.json   # the tables again
 
-Two programs are loaded side by side: "plain" has no rules, "limits" holds the rules below;
+The full run writes bench/results/floods.json. Under BPF_PROG_TEST_RUN, three programs are
+loaded side by side: "plain" has no rules, "limits" holds the rules below, "percpu" the same
+rules in the XDPFW_PERCPU_BUCKETS build;
 every (frame, program) pair is measured `reps` times with `repeat` runs each, interleaved, and
 the median of the kernel's own per-run average is reported (bench/progrun.py's method).
 
@@ -184,7 +188,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             "machine": machine(),
             "cost": cost(progs, repeat=20_000 if quick else 200_000, reps=3 if quick else 7),
             "live": run_live("quick" if quick else "full", plain, limits, percpu),
-            "flood": flood(limits, seconds=1.0 if quick else 6.0, mix=100),
+            "flood": flood(limits, seconds=0.5 if quick else 6.0, mix=100),
         }
     finally:
         plain.close(cleanup=True)
