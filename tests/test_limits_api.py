@@ -7,6 +7,7 @@ tests/test_floods_kernel.py.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,40 @@ def test_stats_and_bans(api: Api) -> None:
     ]
     assert api.client.delete("/v1/limits/banned", params={"source": "nope"}).status_code == 422
     assert api.client.delete("/v1/limits/banned").json() == {"unbanned": 1}
+
+
+def test_cli_ban_ls_and_rm(api: Api, capsys: pytest.CaptureFixture[str]) -> None:
+    """`xdpfw ban ls` lists what GET /v1/limits/banned answers, `xdpfw ban rm` lifts through
+    DELETE; rm without --source/--rule/--all is a usage error that lifts nothing."""
+    from tests.test_api_pure import TOKEN
+    from xdpfw.cli.client import Client, ClientError
+
+    rid = api.client.post("/v1/rules", json=SYN_LIMIT).json()["id"]
+    cli = Client("http://testserver", TOKEN, transport=api.client._transport)
+
+    from xdpfw.cli.bans import cmd_ban_ls, cmd_ban_rm
+
+    def ls(*argv: str) -> str:
+        assert cmd_ban_ls(build_parser().parse_args(["ban", "ls", *argv]), cli) == 0
+        return capsys.readouterr().out
+
+    def rm(*argv: str) -> str:
+        assert cmd_ban_rm(build_parser().parse_args(["ban", "rm", *argv]), cli) == 0
+        return capsys.readouterr().out
+
+    assert ls() == "no bans\n"
+    api.dp.banned = [Ban(rid, "198.18.7.7", 42.5), Ban(rid, "2001:db8::7", 9.0)]
+    lines = ls().splitlines()
+    assert lines[0].split() == ["RULE", "SOURCE", "EXPIRES", "IN"]
+    assert lines[1].split() == [str(rid), "198.18.7.7", "42.5s"] and "2001:db8::7" in lines[2]
+    assert json.loads(ls("--json"))["bans"][1] == {
+        "rule_id": rid, "source": "2001:db8::7", "expires_in": 9.0}
+    with pytest.raises(ClientError) as info:
+        rm()
+    assert info.value.exit_code == 2 and len(api.dp.banned) == 2
+    assert rm("--source", "2001:db8::7") == "lifted 1 ban\n"
+    assert [b.source for b in api.dp.banned] == ["198.18.7.7"]
+    assert rm("--all") == "lifted 1 ban\n" and api.dp.banned == []
 
 
 # -- the CLI's flags ------------------------------------------------------------------------------

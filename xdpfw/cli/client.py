@@ -745,6 +745,21 @@ class Client:
         r = self._request("DELETE", f"/v1/sources/{name}", not_found=_no_source(name))
         return cast(Removed, r.json())["removed"]
 
+    # issue 16: bans
+
+    def bans(self) -> Bans:
+        """GET /v1/limits/banned: the (rule, source) pairs dropped outright now."""
+        return cast(Bans, self._request("GET", "/v1/limits/banned").json())
+
+    def unban(self, source: str | None = None, rule: int | None = None) -> Unban:
+        """DELETE /v1/limits/banned: lift a source's and/or a rule's bans (neither: all)."""
+        params: dict[str, str | int] = {}
+        if source is not None:
+            params["source"] = source
+        if rule is not None:
+            params["rule"] = rule
+        return cast(Unban, self._request("DELETE", "/v1/limits/banned", params=params).json())
+
     def stats(self, top: int | None = None) -> Stats:
         params = {"top": top} if top is not None else {}
         return cast(Stats, self._request("GET", "/v1/stats", params=params).json())
