@@ -5,12 +5,14 @@
 Why not trafgen: its `--rate` shaper sends a whole second's worth of frames at full speed and
 then sleeps out the rest of the second, so a per-source token bucket with a burst of 100 sees
 clumps of thousands of frames and passes little more than its burst per second (measured:
-2,000 pps into a 10,000 pps / burst 100 limit passed ~150 pps); its `--gap` sleeps per frame
-and, with the 50 us timer slack, tops out near 6k pps. This sender keeps the average rate
+2,000 pps into a 10,000 pps / burst 100 limit passed ~150 pps); its `--gap` sleeps once per
+frame, and with the 50 us timer slack a sleep outlasts the 10 us a frame may take at 100k pps
+(not measured). This sender keeps the average rate
 exact and the clumps short: it sends whatever is due by the monotonic clock (frames x rate x
 elapsed), then sleeps until the next frame is due, so frames leave in runs of a few (the
-timer slack). It never catches up on a stall (other work on this shared machine can take its
-CPU for tens of ms): frames more than `--max-lag-ms` overdue are skipped and counted, since a
+timer slack). After a stall (other work on this shared machine can take its CPU for tens of
+ms) it catches up only on what is at most `--max-lag-ms` overdue; older frames are skipped and
+counted, since a
 longer catch-up burst would push a source under its limit over it for a moment (the default,
 10 ms, is half the time the bench's second source takes to send its limit's burst).
 
