@@ -57,10 +57,11 @@ def lookup(
     dst: str | None = None,
     proto: str | int | None = None,
     dport: int | None = None,
+    tcp_flags: str | None = None,
 ) -> LookupAnswer:
-    """The answer for a packet from `src` (to `dst`, protocol `proto`, port `dport`);
-    InvalidRule (422) naming a bad field."""
-    packet = lookup_.parse_packet(src, dst, proto, dport)
+    """The answer for a packet from `src` (to `dst`, protocol `proto`, port `dport`, TCP
+    flags set `tcp_flags`); InvalidRule (422) naming a bad field."""
+    packet = lookup_.parse_packet(src, dst, proto, dport, tcp_flags)
     with svc.lock:
         decision = lookup_.lookup(svc.dp.compiler, packet)
         matches = []

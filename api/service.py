@@ -982,9 +982,10 @@ class FirewallService:
         dst: str | None = None,
         proto: str | int | None = None,
         dport: int | None = None,
+        tcp_flags: str | None = None,
     ) -> LookupAnswer:
         """The verdict the data plane gives such a packet, the credited rule, every match."""
-        return lookup_packet(self, src, dst, proto, dport)
+        return lookup_packet(self, src, dst, proto, dport, tcp_flags)
 
     # -- TTL sweeper ---------------------------------------------------------------------------
 

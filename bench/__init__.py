@@ -12,5 +12,7 @@ Items (the numbering of the benchmark issue and of docs/benchmarks.md):
 Modules: `lists` (the blocklists), `lab` (our namespaces), `ours` (xdpfw's Datapath),
 `rivals` (xdp-filter, nftables, iptables+ipset), `progrun` (test runs), `traffic` (trafgen),
 `dataplane` (items 1, 2, 3, 5), `control` (item 4), `report` (targets, tables, plot),
-`cli` (the command).
+`cli` (the command). Apart from the items: `floods` (issue 16, `python -m bench.floods`:
+rate limits under test runs), `floods_live` (the same limit live on the lab against
+nftables, and on two CPUs) and `pacer` (the paced frame sender it runs in the tx namespace).
 """

@@ -1,10 +1,14 @@
-"""Rate-limit rules under BPF_PROG_TEST_RUN (issue 16): what a limit rule costs per packet,
-and whether a random-source flood can wash one real abuser's budget out of the LRU.
+"""Rate-limit rules (issue 16): what a limit rule costs per packet, whether a random-source
+flood can wash one real abuser's budget out of the LRU, and (bench/floods_live.py) the same
+limit under live traffic on the veth lab against nftables, and on two CPUs.
 
-    sudo .venv/bin/python -m bench.floods            # ~1 minute; writes bench/results/floods.json
-    sudo .venv/bin/python -m bench.floods --quick    # seconds
+    sudo flock /work/tools/bench.lock .venv/bin/python -m bench.floods   # ~7 minutes
+    sudo .venv/bin/python -m bench.floods --quick    # ~30 s (tests/test_bench_smoke.py)
+    .venv/bin/python -m bench.floods --report bench/results/floods.json   # the tables again
 
-Two programs are loaded side by side: "plain" has no rules, "limits" holds the rules below;
+The full run writes bench/results/floods.json. Under BPF_PROG_TEST_RUN, three programs are
+loaded side by side: "plain" has no rules, "limits" holds the rules below, "percpu" the same
+rules in the XDPFW_PERCPU_BUCKETS build;
 every (frame, program) pair is measured `reps` times with `repeat` runs each, interleaved, and
 the median of the kernel's own per-run average is reported (bench/progrun.py's method).
 
@@ -32,7 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.sysutil import stats
+from bench.floods_live import live_rules, report_live, run_live
+from bench.sysutil import machine, stats
 from xdpfw import abi
 from xdpfw.compiler import Capacities
 from xdpfw.datapath import Datapath, DatapathConfig
@@ -174,14 +179,16 @@ def run(quick: bool = False) -> dict[str, Any]:
     percpu = None
     try:
         percpu = _open_percpu()
-        limits.add_rules(_rules())
-        percpu.add_rules(_rules())
+        limits.add_rules(_rules() + live_rules())
+        percpu.add_rules(_rules() + live_rules())
         progs = {"plain": plain, "limits": limits, "percpu": percpu}
         res: dict[str, Any] = {
             "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "kernel": os.uname().release,
+            "machine": machine(),
             "cost": cost(progs, repeat=20_000 if quick else 200_000, reps=3 if quick else 7),
-            "flood": flood(limits, seconds=1.0 if quick else 6.0, mix=100),
+            "live": run_live("quick" if quick else "full", plain, limits, percpu),
+            "flood": flood(limits, seconds=0.5 if quick else 6.0, mix=100),
         }
     finally:
         plain.close(cleanup=True)
@@ -210,6 +217,8 @@ def report(res: dict[str, Any]) -> str:
         f"(ratio {fl['passed_over_allowed']}); {fl['buckets_live']:,} buckets live "
         f"(capacity {fl['bucket_capacity']:,})",
     ]
+    if "live" in res:
+        lines += ["", report_live(res["live"])]
     return "\n".join(lines)
 
 
@@ -217,7 +226,11 @@ def main() -> int:
     p = argparse.ArgumentParser(prog="python -m bench.floods", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--report", type=Path, metavar="FILE", help="print the tables of a results file")
     args = p.parse_args()
+    if args.report:
+        print(report(json.loads(args.report.read_text())))
+        return 0
     res = run(args.quick)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2) + "\n")

@@ -62,8 +62,12 @@ class Pair:
 
 
 class TrafficLab:
-    def __init__(self) -> None:
+    def __init__(self, queues: int = 1) -> None:
+        """``queues``: rx/tx queues of every veth (bench/floods.py uses two, one per CPU: a
+        sender pinned to CPU n with qdisc bypass transmits on queue n, whose NAPI then runs
+        native XDP on CPU n)."""
         pid = os.getpid()
+        self.queues = queues
         self.pid = pid
         self.rx_ns = f"xbn-{pid}-rx"
         self.tx_ns = f"xbn-{pid}-tx"
@@ -97,8 +101,9 @@ class TrafficLab:
             self._created.append(ns)
         self.rx(["ip", "link", "set", "lo", "up"])
         for p, (rx_if, tx_if) in self._names.items():
-            run(["ip", "link", "add", rx_if, "netns", self.rx_ns, "type", "veth",
-                 "peer", "name", tx_if, "netns", self.tx_ns])
+            q = ["numtxqueues", str(self.queues), "numrxqueues", str(self.queues)]
+            run(["ip", "link", "add", rx_if, "netns", self.rx_ns, *q, "type", "veth",
+                 "peer", "name", tx_if, "netns", self.tx_ns, *q])
             self.rx(["ip", "addr", "add", f"{self._ips[p]}/32", "dev", rx_if])
             for ns, ifn in ((self.rx_ns, rx_if), (self.tx_ns, tx_if)):
                 run(["ip", "-n", ns, "link", "set", ifn, "up"])

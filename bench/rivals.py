@@ -34,7 +34,7 @@ from bench.lists import Entry, addr_text, entry_text
 from bench.sysutil import CommandError, log
 from xdpfw.kernel import bpfsys, netlink
 
-__all__ = ["IptablesIpset", "NftSet", "XdpFilter"]
+__all__ = ["IptablesIpset", "NftMeter", "NftSet", "NftSourceCounter", "XdpFilter"]
 
 _U64 = ctypes.c_uint64
 MAP_FLAG_SRC = 1 << 0  # xdp-filter common_kern_user.h
@@ -307,3 +307,87 @@ class IptablesIpset:
             if pat.search(line):
                 return int(line.split()[0])
         raise RuntimeError(f"no iptables rule for set {self.name}")
+
+
+class NftMeter:
+    """nftables' per-source rate limit as its docs write it: a netdev ingress chain on our
+    interface with a dynamic set (what `meter` creates under the hood) keyed by the source,
+    `update @set { ip saddr limit rate over N/second burst B packets } counter drop`; the rule
+    matches ``src`` (a CIDR), as the xdpfw limit rule does."""
+
+    def __init__(self, lab: TrafficLab, name: str, ifname: str, src: str, pps: int,
+                 burst: int, size: int = 65536) -> None:
+        self.lab = lab
+        self.name = name
+        self.ifname = ifname
+        self.src = src
+        self.pps = pps
+        self.burst = burst
+        self.size = size
+        self.created = False
+
+    def script(self) -> str:
+        return "\n".join([
+            f"table netdev {self.name} {{",
+            f"  set perip {{ type ipv4_addr; size {self.size}; flags dynamic; }}",
+            "  chain in {",
+            f'    type filter hook ingress device "{self.ifname}" priority 0; policy accept;',
+            f"    ip saddr {self.src} update @perip {{ ip saddr limit rate over "
+            f"{self.pps}/second burst {self.burst} packets }} counter drop",
+            "  }",
+            "}",
+        ]) + "\n"
+
+    def create(self) -> None:
+        self.created = True
+        self.lab.rx(["nft", "-f", "-"], input=self.script(), timeout=60)
+
+    def delete(self) -> None:
+        if self.created:
+            self.created = False
+            self.lab.rx(["nft", "delete", "table", "netdev", self.name], timeout=60)
+
+    def drops(self) -> int:
+        out = self.lab.rx(["nft", "-j", "list", "chain", "netdev", self.name, "in"]).stdout
+        for item in json.loads(out)["nftables"]:
+            for expr in item.get("rule", {}).get("expr", []):
+                if "counter" in expr:
+                    return int(expr["counter"]["packets"])
+        raise RuntimeError(f"no counter in nft chain {self.name}/in")
+
+
+class NftSourceCounter:
+    """Counters of what got past the filter, per source: an `ip` table whose prerouting chain
+    (priority -300, before conntrack) counts each source given. It sits behind XDP and the
+    netdev ingress hook, so it sees only what the contender let through; the same table is
+    in place for every contender, so its cost is the same for all."""
+
+    def __init__(self, lab: TrafficLab, name: str, sources: Sequence[str]) -> None:
+        self.lab = lab
+        self.name = name
+        self.sources = list(sources)
+        self.created = False
+
+    def create(self) -> None:
+        rules = "".join(f"    ip saddr {s} counter\n" for s in self.sources)
+        text = (f"table ip {self.name} {{\n  chain pre {{\n"
+                "    type filter hook prerouting priority -300; policy accept;\n"
+                f"{rules}  }}\n}}\n")
+        self.created = True
+        self.lab.rx(["nft", "-f", "-"], input=text, timeout=60)
+
+    def delete(self) -> None:
+        if self.created:
+            self.created = False
+            self.lab.rx(["nft", "delete", "table", "ip", self.name], timeout=60)
+
+    def counts(self) -> dict[str, int]:
+        out = self.lab.rx(["nft", "-j", "list", "chain", "ip", self.name, "pre"]).stdout
+        got: list[int] = []
+        for item in json.loads(out)["nftables"]:
+            for expr in item.get("rule", {}).get("expr", []):
+                if "counter" in expr:
+                    got.append(int(expr["counter"]["packets"]))
+        if len(got) != len(self.sources):
+            raise RuntimeError(f"nft chain {self.name}/pre: {len(got)} counters")
+        return dict(zip(self.sources, got, strict=True))

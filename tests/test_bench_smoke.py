@@ -131,3 +131,39 @@ def test_item4_control_plane(smoke: dict[str, object]) -> None:
 def test_targets_listed(smoke: dict[str, object]) -> None:
     ids = {t["id"] for t in smoke["targets"]}  # type: ignore[union-attr]
     assert {"1", "3", "4a", "4b", "4c", "4d", "4e", "4f"} <= ids
+
+
+def test_floods_quick(tmp_path: Path) -> None:
+    """`python -m bench.floods --quick` (issue 16): the test runs, the random-source flood
+    and every live part on the veth lab with short windows. Shape and the limit's own
+    arithmetic only (the abuser held near its budget, per-CPU buckets passing about twice
+    the shared one), never speeds."""
+    if shutil.which("trafgen") is None or shutil.which("nft") is None:
+        pytest.skip("trafgen and nft are needed (make setup installs them)")
+    out = tmp_path / "floods.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.floods", "--quick", "--out", str(out)],
+        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+        timeout=180, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "| contender |" in proc.stdout and "| buckets |" in proc.stdout
+    res = json.loads(out.read_text())
+    assert set(res["cost"]["frames"]) == {"miss", "within", "over", "banned", "drop"}
+    assert 0.5 <= res["flood"]["passed_over_allowed"] <= 2.0
+    live = res["live"]
+    contenders = {"no filter", "xdpfw native", "xdpfw generic", "nftables"}
+    assert set(live["side_by_side"]) == set(live["full_speed"]) == contenders
+    for name, s in live["side_by_side"].items():
+        m = s["median"]
+        assert m["rx_pps"] > 0 and m["sender_cpu_ns_per_packet"] > 0, name
+        if name != "no filter":  # every limiter holds the abuser near 10,000 pps
+            assert 0.5 <= m["abuser_passed_over_limit"] <= 1.5, (name, m)
+    for name, s in live["full_speed"].items():
+        assert s["median"]["pps"] > 0, name
+    assert set(live["cost"]) == {"miss", "within", "over", "mix"}
+    for case, row in live["cost"].items():
+        assert row["no rules"]["median"] > 0 and row["limit rules"]["median"] > 0, case
+    shared, percpu = (live["two_cpus"][k]["median"] for k in ("shared", "per-CPU"))
+    assert shared["cpus_running"] == percpu["cpus_running"] == 2
+    assert percpu["passed_pps"] > 1.3 * shared["passed_pps"]

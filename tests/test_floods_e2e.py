@@ -46,9 +46,12 @@ def test_a_limit_rule_from_the_cli_limits_real_traffic_and_bans(server: Server) 
         assert [(b["rule_id"], b["source"]) for b in bans] == [(rule["id"], server.lab.peer_ip4)]
         assert 3500 < bans[0]["expires_in"] <= 3600
         assert c.get("/v1/stats").json()["totals"]["limited"] >= 30
-        # lifting the ban gives the source its burst back
-        r = c.delete("/v1/limits/banned", params={"source": server.lab.peer_ip4})
-        assert r.json() == {"unbanned": 1}
+    # the CLI lists the same ban and lifts it: the source gets its burst back
+    listed = json.loads(ok(server, "ban", "ls", "--json"))["bans"]
+    assert [(b["rule_id"], b["source"]) for b in listed] == [(rule["id"], server.lab.peer_ip4)]
+    assert server.lab.peer_ip4 in ok(server, "ban", "ls")
+    assert ok(server, "ban", "rm", "--source", server.lab.peer_ip4) == "lifted 1 ban\n"
+    assert ok(server, "ban", "ls") == "no bans\n"
     assert udp_roundtrip(server.lab, count=3) == 3
     ok(server, "rule", "rm", str(rule["id"]))
     assert udp_roundtrip(server.lab, count=10) == 10

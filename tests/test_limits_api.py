@@ -7,6 +7,7 @@ tests/test_floods_kernel.py.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,40 @@ def test_stats_and_bans(api: Api) -> None:
     assert api.client.delete("/v1/limits/banned").json() == {"unbanned": 1}
 
 
+def test_cli_ban_ls_and_rm(api: Api, capsys: pytest.CaptureFixture[str]) -> None:
+    """`xdpfw ban ls` lists what GET /v1/limits/banned answers, `xdpfw ban rm` lifts through
+    DELETE; rm without --source/--rule/--all is a usage error that lifts nothing."""
+    from tests.test_api_pure import TOKEN
+    from xdpfw.cli.client import Client, ClientError
+
+    rid = api.client.post("/v1/rules", json=SYN_LIMIT).json()["id"]
+    cli = Client("http://testserver", TOKEN, transport=api.client._transport)
+
+    from xdpfw.cli.bans import cmd_ban_ls, cmd_ban_rm
+
+    def ls(*argv: str) -> str:
+        assert cmd_ban_ls(build_parser().parse_args(["ban", "ls", *argv]), cli) == 0
+        return capsys.readouterr().out
+
+    def rm(*argv: str) -> str:
+        assert cmd_ban_rm(build_parser().parse_args(["ban", "rm", *argv]), cli) == 0
+        return capsys.readouterr().out
+
+    assert ls() == "no bans\n"
+    api.dp.banned = [Ban(rid, "198.18.7.7", 42.5), Ban(rid, "2001:db8::7", 9.0)]
+    lines = ls().splitlines()
+    assert lines[0].split() == ["RULE", "SOURCE", "EXPIRES", "IN"]
+    assert lines[1].split() == [str(rid), "198.18.7.7", "42.5s"] and "2001:db8::7" in lines[2]
+    assert json.loads(ls("--json"))["bans"][1] == {
+        "rule_id": rid, "source": "2001:db8::7", "expires_in": 9.0}
+    with pytest.raises(ClientError) as info:
+        rm()
+    assert info.value.exit_code == 2 and len(api.dp.banned) == 2
+    assert rm("--source", "2001:db8::7") == "lifted 1 ban\n"
+    assert [b.source for b in api.dp.banned] == ["198.18.7.7"]
+    assert rm("--all") == "lifted 1 ban\n" and api.dp.banned == []
+
+
 # -- the CLI's flags ------------------------------------------------------------------------------
 
 
@@ -244,6 +279,24 @@ def test_lookup_reports_limit_rules(api: Api) -> None:
     drop = c.post("/v1/rules", json={"src": "198.18.8.9"}).json()["id"]
     body = c.get("/v1/lookup", params={"src": "198.18.8.9"}).json()
     assert (body["verdict"], body["rule_id"]) == ("drop", drop)
+
+
+def test_lookup_with_tcp_flags_credits_the_syn_limit(api: Api) -> None:
+    """With `tcp_flags` the lookup matches TCP-flags rules: a SYN is the SYN limit's, a
+    SYN-ACK is nobody's; the packet echoes the flags; bad flags are a 422 naming the field."""
+    c = api.client
+    syn = c.post("/v1/rules", json=SYN_LIMIT).json()["id"]
+    q = {"src": "198.18.9.9", "proto": "tcp", "dport": 80}
+    assert c.get("/v1/lookup", params=q).json()["rule_id"] is None  # flags unsaid
+    body = c.get("/v1/lookup", params={**q, "tcp_flags": "SYN"}).json()
+    assert (body["verdict"], body["rule_id"]) == ("limit", syn)
+    assert body["packet"]["tcp_flags"] == "SYN"
+    body = c.get("/v1/lookup", params={**q, "tcp_flags": "syn,ack"}).json()
+    assert (body["verdict"], body["matches"]) == ("pass", [])
+    for params, words in (({**q, "proto": "udp", "tcp_flags": "SYN"}, "needs proto tcp"),
+                          ({**q, "tcp_flags": "!ACK"}, "no !FLAG")):
+        r = c.get("/v1/lookup", params=params)
+        assert r.status_code == 422 and words in r.text and "tcp_flags" in r.text, r.text
 
 
 def test_a_lost_database_adopts_limit_rules_with_their_budgets(tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ from xdpfw.compiler import RuleCompiler
 from xdpfw.datapath import Datapath, DatapathConfig
 from xdpfw.errors import InvalidRule
 from xdpfw.lookup import Decision, lookup, parse_packet
-from xdpfw.rules import Rule, RuleSpec
+from xdpfw.rules import Limit, Rule, RuleSpec
 from xdpfw.verify import harness, model
 from xdpfw.verify.frames import build_frame
 from xdpfw.verify.soak import SOAK_CAPS, RuleGen, fit
@@ -266,7 +266,8 @@ def test_route_answers_with_the_stored_rules(client: tuple[TestClient, FirewallS
     assert body["rule"]["comment"] == "feed" and body["rule"]["src"] == "198.18.0.0/16"
     assert [(m["rule"]["id"], m["table"]) for m in body["matches"]] == [
         (wide.id, "xdpfw_src4_lpm"), (host.id, "xdpfw_src4")]
-    assert body["packet"] == {"src": "198.18.9.1", "dst": "198.19.0.1", "proto": 6, "dport": 443}
+    assert body["packet"] == {"src": "198.18.9.1", "dst": "198.19.0.1", "proto": 6, "dport": 443,
+                              "tcp_flags": None}
     assert {"table": "xdpfw_src4", "network": "198.18.9.1/32"} in body["entries"]
     # a protected prefix is an allow rule above every drop: credited, with what it is
     body = c.get("/v1/lookup", params={"src": "198.18.255.7"}).json()
@@ -322,3 +323,50 @@ def test_cli_lookup_prints_the_verdict_and_the_rules(
     with pytest.raises(ClientError) as info:
         run("198.18.7.1", "--proto", "gre")
     assert "--proto" in info.value.message and info.value.exit_code == 2
+    # issue 16: --tcp-flags, and a SYN-limit rule credited for a SYN only
+    syn, _ = svc.add(NewRule(RuleSpec.parse(
+        src="203.0.113.0/24", action="limit", proto="tcp", dport=80, tcp_flags="syn",
+        limit=Limit.parse(pps=5))))
+    out = run("203.0.113.9", "--proto", "tcp", "--dport", "80", "--tcp-flags", "SYN")
+    assert out.splitlines()[0] == "203.0.113.9 tcp dport 80 flags SYN: limit"
+    assert f"credited: rule {syn.id}, limit " in out
+    out = run("203.0.113.9", "--proto", "tcp", "--dport", "80", "--tcp-flags", "SYN,ACK")
+    assert out.splitlines() == ["203.0.113.9 tcp dport 80 flags SYN,ACK: pass", "  no rule matches"]
+    with pytest.raises(ClientError) as info:
+        run("203.0.113.9", "--proto", "udp", "--tcp-flags", "SYN")
+    assert "--tcp-flags" in info.value.message and info.value.exit_code == 2
+
+
+@pytest.mark.pure
+def test_tcp_flags_in_the_question_match_flag_rules_as_the_model_does() -> None:
+    """Issue 16: a question naming the packet's TCP flags matches TCP-flags rules exactly as
+    the model matches a frame carrying them, for all 256 flag bytes; without flags no flags
+    rule matches (the earlier reading)."""
+    lim = Limit.parse(pps=10)
+    rules = [
+        RuleSpec.parse(action="limit", proto="tcp", dport=80, tcp_flags="syn", limit=lim
+                       ).with_id(1),
+        RuleSpec.parse(proto="tcp", dport=80, tcp_flags="RST").with_id(2),
+        RuleSpec.parse(src="198.18.4.0/24", proto="tcp", tcp_flags="FIN,!ACK").with_id(3),
+        RuleSpec.parse(src="198.18.4.0/24", proto="tcp", dport=80, mode="monitor").with_id(4),
+    ]
+    comp = compiled(rules)
+    names = ("FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR")
+    for flags in range(256):
+        text = ",".join(n for i, n in enumerate(names) if flags >> i & 1) or "none"
+        got = lookup(comp, parse_packet("198.18.4.7", "198.19.0.1", "tcp", 80, text))
+        frame = build_frame(src="198.18.4.7", dst="198.19.0.1", proto="tcp", dport=80,
+                            tcp_flags=flags)
+        out = model.evaluate(rules, frame, limits=model.LimitState())
+        assert got.rule_id == out.rule_id, (text, got, out)
+        parsed = model.parse_frame(frame)
+        assert {m.rule_id for m in got.matches} == {
+            r.id for r in rules if model.rule_matches(r, parsed)}, text
+    syn = lookup(comp, parse_packet("198.18.4.7", "198.19.0.1", "tcp", 80, "syn"))
+    assert (syn.verdict, syn.rule_id) == ("limit", 1)
+    unsaid = lookup(comp, parse_packet("198.18.4.7", "198.19.0.1", "tcp", 80))
+    assert (unsaid.verdict, unsaid.rule_id) == ("monitor", 4)
+    for proto, text, words in (("udp", "SYN", "needs proto tcp"), ("tcp", "!ACK", "no !FLAG"),
+                               ("tcp", "SYN,BOGUS", "not a TCP flag")):
+        with pytest.raises(InvalidRule, match=words):
+            parse_packet("198.18.4.7", None, proto, 80, text)

@@ -18,7 +18,10 @@ matches the packet, since a rule lives in exactly one entry and a covering prefi
 copied into each longer prefix's entry.
 
 A question without `dst` (or without `proto`) describes a packet whose destination (protocol)
-no rule names: only rules that name no destination (protocol) can match it.
+no rule names: only rules that name no destination (protocol) can match it. Likewise a TCP
+question without `tcp_flags` (the flags set in the packet, e.g. "SYN" or "SYN,ACK") matches
+no TCP-flags rule; with them, a flags rule matches as in the kernel (each flag it names set
+or clear as it says).
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ from xdpfw.codes import (
     PORT_HI,
     PORT_LO,
     PROTO,
+    TCP_FLAG_NAMES,
     TCP_MASK,
+    TCP_WANT,
     VERDICT,
     code_of_key,
     pack_key,
@@ -50,7 +55,9 @@ from xdpfw.compiler import table_of, trie_of
 from xdpfw.errors import InvalidRule
 from xdpfw.rules import Proto, rule_from_code
 
-__all__ = ["Decision", "Entries", "Packet", "Slot", "Verdict", "lookup", "parse_packet"]
+__all__ = [
+    "Decision", "Entries", "Packet", "Slot", "Verdict", "lookup", "parse_packet", "tcp_flags_text",
+]
 
 Verdict = Literal["drop", "pass", "monitor", "limit"]
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -87,6 +94,30 @@ class Packet:
     dst: Address | None = None
     proto: int | None = None
     dport: int | None = None
+    tcp_flags: int | None = None  # issue 16: the flags set (FIN 0x01 ... CWR 0x80); None: unsaid
+
+
+def tcp_flags_text(flags: int) -> str:
+    """The names of the flags set, "SYN,ACK" (empty: none)."""
+    return ",".join(n for n, bit in TCP_FLAG_NAMES.items() if flags & bit)
+
+
+def _packet_flags(text: str) -> int:
+    """A packet's flags: the names of those set, e.g. "SYN" or "syn,ack" (any case, comma
+    separated); "none" for a segment with none set."""
+    words = [w.strip().upper() for w in text.split(",")]
+    if words == ["NONE"]:
+        return 0
+    flags = 0
+    for w in words:
+        if w.startswith("!"):
+            raise InvalidRule("tcp_flags", f"{w!r}: name the flags the packet has set (no !FLAG)")
+        bit = TCP_FLAG_NAMES.get(w)
+        if bit is None:
+            raise InvalidRule("tcp_flags", f"{w!r} is not a TCP flag (one of "
+                              f"{', '.join(TCP_FLAG_NAMES)}, or none)")
+        flags |= bit
+    return flags
 
 
 @dataclass(frozen=True)
@@ -124,6 +155,7 @@ def parse_packet(
     dst: str | None = None,
     proto: str | int | None = None,
     dport: int | None = None,
+    tcp_flags: str | None = None,
 ) -> Packet:
     """Validate a question; InvalidRule naming the field otherwise."""
     s = _address(src, "src")
@@ -152,12 +184,19 @@ def parse_packet(
             raise InvalidRule("dport", f"port {dport} is out of range 0-65535")
         if number not in _PORT_PROTOS:
             raise InvalidRule("dport", "dport needs proto tcp or udp (only they carry ports)")
-    return Packet(s, d, number, dport)
+    flags = None
+    if tcp_flags is not None:
+        if number != Proto.TCP.number:
+            raise InvalidRule("tcp_flags", "tcp_flags needs proto tcp")
+        flags = _packet_flags(tcp_flags)
+    return Packet(s, d, number, dport, flags)
 
 
-def _slot_matches(code: int, proto: int | None, dport: int | None) -> bool:
-    if code & TCP_MASK.mask:  # a TCP-flags rule: the lookup names no flags, so never
-        return False
+def _slot_matches(code: int, proto: int | None, dport: int | None, flags: int | None) -> bool:
+    if code & TCP_MASK.mask:  # a TCP-flags rule: only a question naming the flags matches
+        mask = (code >> TCP_MASK.shift) & TCP_MASK.bits
+        if flags is None or flags & mask != (code >> TCP_WANT.shift) & TCP_WANT.bits:
+            return False
     want = (code >> PROTO.shift) & PROTO.bits
     if want and want != proto:
         return False
@@ -202,7 +241,8 @@ def lookup(compiler: Entries, packet: Packet) -> Decision:
         looked.append((table.map_name, _net_text(k)))
         for rid in compiler.slots(k):
             code = codes[rid]
-            if rid not in found and _slot_matches(code, packet.proto, packet.dport):
+            if rid not in found and _slot_matches(code, packet.proto, packet.dport,
+                                                     packet.tcp_flags):
                 found[rid] = Slot(rid, code, rank(code, rid), table.map_name)
     matches = tuple(sorted(found.values(), key=lambda s: -s.rank))
     if not matches:

@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 
 from api.deps import AUTH_RESPONSES, ERROR_RESPONSES, ReadAccess, ServiceDep
 from api.models import RuleOut
+from xdpfw.lookup import tcp_flags_text
 
 __all__ = ["LookupOut", "router"]
 
@@ -22,6 +23,10 @@ class LookupPacketOut(BaseModel):
     dst: str | None
     proto: int | None = Field(description="IP protocol number; null: one no rule names")
     dport: int | None
+    tcp_flags: str | None = Field(
+        description='the TCP flags set, e.g. "SYN" ("" none); null: not asked (no flags rule '
+        "matches)"
+    )
 
 
 class LookupMatchOut(BaseModel):
@@ -55,14 +60,20 @@ def lookup(
         str | None, Query(max_length=8, description="tcp, udp, icmp, icmpv6 or a number")
     ] = None,
     dport: Annotated[int | None, Query(ge=0, le=65535, description="destination port")] = None,
+    tcp_flags: Annotated[
+        str | None,
+        Query(max_length=40, description='TCP flags set in the packet, e.g. "SYN" or '
+              '"SYN,ACK" (with proto tcp); without them no TCP-flags rule matches'),
+    ] = None,
 ) -> LookupOut:
     """What the XDP program does with a packet from `src` (to `dst`, `proto`, `dport`).
 
     Computed from the entries the program looks up (the same steps, the same ranks), so the
     verdict and the credited rule are the kernel's. Without `dst` (or `proto`) the packet is
-    one whose destination (protocol) no rule names: only rules naming none can match.
+    one whose destination (protocol) no rule names: only rules naming none can match; a TCP
+    packet without `tcp_flags`, one that no TCP-flags rule matches.
     """
-    answer = svc.lookup(src, dst, proto, dport)
+    answer = svc.lookup(src, dst, proto, dport, tcp_flags)
     matches = [LookupMatchOut(table=m.table, rule=RuleOut.of(m.stored)) for m in answer.matches]
     p = answer.packet
     return LookupOut(
@@ -74,5 +85,6 @@ def lookup(
         packet=LookupPacketOut(
             src=str(p.src), dst=None if p.dst is None else str(p.dst), proto=p.proto,
             dport=p.dport,
+            tcp_flags=None if p.tcp_flags is None else tcp_flags_text(p.tcp_flags),
         ),
     )

@@ -279,6 +279,7 @@ class LookupPacket(TypedDict):
     dst: str | None
     proto: int | None
     dport: int | None
+    tcp_flags: str | None  # issue 16
 
 
 class LookupMatch(TypedDict):
@@ -672,11 +673,13 @@ class Client:
         return cast(BulkResult, r.json())
 
     def lookup(
-        self, src: str, dst: str | None = None, proto: str | None = None, dport: int | None = None
+        self, src: str, dst: str | None = None, proto: str | None = None,
+        dport: int | None = None, tcp_flags: str | None = None,
     ) -> Lookup:
         """GET /v1/lookup: the data plane's verdict for such a packet and the rules matching."""
         params: dict[str, str | int] = {"src": src}
-        for name, value in (("dst", dst), ("proto", proto), ("dport", dport)):
+        for name, value in (("dst", dst), ("proto", proto), ("dport", dport),
+                            ("tcp_flags", tcp_flags)):
             if value is not None:
                 params[name] = value
         return cast(Lookup, self._request("GET", "/v1/lookup", params=params).json())
@@ -741,6 +744,21 @@ class Client:
     def delete_source(self, name: str) -> int:
         r = self._request("DELETE", f"/v1/sources/{name}", not_found=_no_source(name))
         return cast(Removed, r.json())["removed"]
+
+    # issue 16: bans
+
+    def bans(self) -> Bans:
+        """GET /v1/limits/banned: the (rule, source) pairs dropped outright now."""
+        return cast(Bans, self._request("GET", "/v1/limits/banned").json())
+
+    def unban(self, source: str | None = None, rule: int | None = None) -> Unban:
+        """DELETE /v1/limits/banned: lift a source's and/or a rule's bans (neither: all)."""
+        params: dict[str, str | int] = {}
+        if source is not None:
+            params["source"] = source
+        if rule is not None:
+            params["rule"] = rule
+        return cast(Unban, self._request("DELETE", "/v1/limits/banned", params=params).json())
 
     def stats(self, top: int | None = None) -> Stats:
         params = {"top": top} if top is not None else {}

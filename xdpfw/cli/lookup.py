@@ -13,15 +13,18 @@ if TYPE_CHECKING:
 __all__ = ["LOOKUP_EPILOG", "cmd_lookup"]
 
 LOOKUP_EPILOG = """The verdict is the data plane's (computed from the entries the XDP program looks
-up, with its ranks): drop, pass, or monitor (passed and counted). The credited rule is the one
-whose counters the packet bumps; every matching rule is listed, best first.
+up, with its ranks): drop, pass, monitor (passed and counted), or limit (a rate-limit rule's
+budget decides: passed within it, dropped over it). The credited rule is the one whose
+counters the packet bumps; every matching rule is listed, best first.
 
 Without --dst (or --proto) the packet is one whose destination (protocol) no rule names: only
-rules that name none can match it. Exit code 0 whatever the verdict.
+rules that name none can match it; a TCP packet without --tcp-flags is one no TCP-flags rule
+matches. Exit code 0 whatever the verdict.
 
 examples:
   xdpfw lookup 203.0.113.9
   xdpfw lookup 203.0.113.9 --dst 198.51.100.1 --proto tcp --dport 22
+  xdpfw lookup 203.0.113.9 --proto tcp --dport 80 --tcp-flags SYN    # a connection attempt
   xdpfw lookup 2001:db8::7 --json | jq -r .verdict
 """
 
@@ -36,17 +39,20 @@ def _packet(a: Lookup) -> str:
         text += f" {names.get(p['proto'], 'proto ' + str(p['proto']))}"
     if p["dport"] is not None:
         text += f" dport {p['dport']}"
+    if p.get("tcp_flags") is not None:
+        text += f" flags {p['tcp_flags'] or 'none'}"
     return text
 
 
-_FLAGS = {"src": "ADDR", "dst": "--dst", "proto": "--proto", "dport": "--dport"}
+_FLAGS = {"src": "ADDR", "dst": "--dst", "proto": "--proto", "dport": "--dport",
+          "tcp_flags": "--tcp-flags"}
 
 
 def cmd_lookup(args: argparse.Namespace, api: Client) -> int:
     from xdpfw.cli.client import ClientError
 
     try:
-        answer = api.lookup(args.addr, args.dst, args.proto, args.dport)
+        answer = api.lookup(args.addr, args.dst, args.proto, args.dport, args.tcp_flags)
     except ClientError as exc:
         if exc.problems:
             text = "; ".join(f"{_FLAGS.get(f, f)}: {m}" for f, m in exc.problems)

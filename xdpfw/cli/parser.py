@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from xdpfw.cli import humanize as hz
+from xdpfw.cli.bans import BAN_LS_EPILOG, BAN_RM_EPILOG, cmd_ban_ls, cmd_ban_rm
 from xdpfw.cli.capture import CAPTURE_EPILOG, add_capture_parser, cmd_capture
 from xdpfw.cli.completion import cmd_completion, cmd_man
 from xdpfw.cli.connection import Handler, add_client_options, client_command
@@ -406,9 +407,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dst", metavar="ADDR", help="its destination address")
     p.add_argument("--proto", metavar="P", help="tcp, udp, icmp, icmpv6 or a protocol number")
     p.add_argument("--dport", type=int, metavar="N", help="its destination port (tcp/udp)")
+    p.add_argument("--tcp-flags", metavar="FLAGS",
+                   help='the TCP flags it has set, e.g. SYN or SYN,ACK (with --proto tcp)')
     _json_flag(p, "print the API's answer as JSON")
     _source_commands(sub)
     _fleet_commands(sub)
+
+    # -- issue 16: bans of rate-limit rules --
+    ban = sub.add_parser(
+        "ban",
+        help="list and lift the bans of rate-limit rules",
+        description="List and lift the bans of rate-limit rules (sources dropped outright).",
+        epilog="examples:\n  xdpfw ban ls\n  xdpfw ban rm --source 198.18.7.7\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bsub = ban.add_subparsers(dest="ban_command", metavar="ACTION")
+    bsub.required = True
+    p = _sub(bsub, "ls", "list the sources banned now, per rule", BAN_LS_EPILOG, cmd_ban_ls,
+             "ban ls")
+    _json_flag(p, 'print the API\'s shape {"bans": [...]}')
+    p = _sub(bsub, "rm", "lift bans (the source's budget starts full again)", BAN_RM_EPILOG,
+             cmd_ban_rm, "ban rm")
+    p.add_argument("--source", metavar="ADDR", help="the bans of this address")
+    p.add_argument("--rule", type=_positive_int, metavar="ID", help="the bans of this rule")
+    p.add_argument("--all", action="store_true", help="every ban")
 
     p = _sub(sub, "stats", "per-rule counters and totals", STATS_EPILOG, cmd_stats)
     p.add_argument("--top", type=_positive_int, metavar="N", help="only the N busiest rules")
