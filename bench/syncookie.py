@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import hashlib
 import ipaddress
 import itertools
 import json
@@ -50,7 +51,10 @@ __all__ = [
     "STATS",
     "CookieLab",
     "CookieProg",
+    "Server",
     "Synack",
+    "TcpInfo",
+    "bulk",
     "capture",
     "cookie_lab",
     "drain_synacks",
@@ -67,13 +71,16 @@ __all__ = [
     "send_frames",
     "syn_frame",
     "syn_recv_sockets",
+    "tcp_info",
 ]
 
 SRC = Path(__file__).with_name("progs") / "syncookie.c"
 XDP_DROP, XDP_PASS, XDP_TX = 1, 2, 3
 # sc_stats slots, in the order of the SC_* defines in syncookie.c.
 STATS = ("cookie4", "cookie6", "let_through", "unanswerable", "helper_error", "dropped", "other")
-PORT_STATE = struct.Struct("=QQ")  # struct sc_port: interval_ns, last_pass_ns
+# struct sc_port: interval_ns, last_pass_ns, flags, rcv_wscale
+PORT_STATE = struct.Struct("=QQIB3x")
+SC_F_TIMESTAMPS = 1
 SC_KEY = struct.Struct("=BxH16s")  # struct sc_key: family, pad, port (host order), address
 NS_PER_S = 1_000_000_000
 SPOOF_NET = ipaddress.ip_network("198.18.0.0/15")
@@ -113,15 +120,27 @@ class CookieProg:
             ctypes.c_uint8 * info.value_size,
         )
 
-    def protect(self, addr: str, port: int, interval_s: float, *, let_first: bool = True) -> None:
+    def protect(
+        self,
+        addr: str,
+        port: int,
+        interval_s: float,
+        *,
+        let_first: bool = True,
+        wscale: int | None = None,
+    ) -> None:
         """Answer SYNs to the listener ``addr``:``port``, letting one through to the stack per
         ``interval_s``. ``let_first=False`` starts the interval now (the next SYN is answered,
-        not let through)."""
-        if not 0 < port < 65536 or interval_s < 0:
-            raise ValueError(f"bad port {port} or interval {interval_s}")
+        not let through). ``wscale``: answer SYNs that carry a timestamp with the full set of
+        options (timestamp cookies), advertising this window scale, which must be the one
+        the listener uses (see ``stack_wscale``); needs net.ipv4.tcp_timestamps=2."""
+        if not 0 < port < 65536 or interval_s < 0 or not (wscale is None or 0 <= wscale <= 14):
+            raise ValueError(f"bad port {port}, interval {interval_s} or wscale {wscale}")
         last = time.clock_gettime_ns(time.CLOCK_MONOTONIC) if not let_first else 0
+        flags = 0 if wscale is None else SC_F_TIMESTAMPS
         self._ports.update(
-            listener_key(addr, port), PORT_STATE.pack(int(interval_s * NS_PER_S), last)
+            listener_key(addr, port),
+            PORT_STATE.pack(int(interval_s * NS_PER_S), last, flags, wscale or 0),
         )
 
     def unprotect(self, addr: str, port: int) -> None:
@@ -209,6 +228,10 @@ class Synack:
     window: int
     options: bytes
     mss: int | None
+    wscale: int | None
+    sack_perm: bool
+    tsval: int | None
+    tsecr: int | None
     eth_src: str
     eth_dst: str
     checksums_ok: bool
@@ -242,7 +265,8 @@ def parse_synack(frame: bytes) -> Synack | None:
     ok &= _l4_csum(sa, da, tcp) == 0
     sport, dport, seq, ack, off, flags, window = struct.unpack_from("!HHIIBBH", tcp)
     options = tcp[20 : (off >> 4) * 4]
-    mss = None
+    mss = wscale = tsval = tsecr = None
+    sack = False
     i = 0
     while i < len(options):
         kind = options[i]
@@ -253,12 +277,20 @@ def parse_synack(frame: bytes) -> Synack | None:
             continue
         if i + 1 >= len(options):
             break
-        if kind == 2 and options[i + 1] == 4:
+        olen = options[i + 1]
+        if kind == 2 and olen == 4:
             (mss,) = struct.unpack_from("!H", options, i + 2)
-        i += max(options[i + 1], 2)
+        elif kind == 3 and olen == 3:
+            wscale = options[i + 2]
+        elif kind == 4 and olen == 2:
+            sack = True
+        elif kind == 8 and olen == 10:
+            tsval, tsecr = struct.unpack_from("!II", options, i + 2)
+        i += max(olen, 2)
     return Synack(
         str(ipaddress.ip_address(sa)), str(ipaddress.ip_address(da)), sport, dport, seq,
-        ack, flags, window, options, mss, _mac_text(frame[6:12]), _mac_text(frame[0:6]), ok,
+        ack, flags, window, options, mss, wscale, sack, tsval, tsecr,
+        _mac_text(frame[6:12]), _mac_text(frame[0:6]), ok,
     )
 
 
@@ -359,7 +391,11 @@ def cookie_lab(prog: CookieProg, prefix: str = "xfwc", subnet: int = 251) -> Ite
         netlink.neigh_add(cli_if, srv6, srv_mac, cli_ns)
         _ip(srv_ns, "route", "add", str(SPOOF_NET), "via", cli4)
         _ip(srv_ns, "-6", "route", "add", "2001:db8::/32", "via", cli6)
-        _in_ns(srv_ns, "sysctl", "-qw", "net.ipv4.tcp_syncookies=2")
+        # tcp_timestamps=2: timestamps without the per-connection random offset, which the
+        # timestamp cookies need (protect(..., wscale=N)); the stack's own cookies work
+        # either way.
+        _in_ns(srv_ns, "sysctl", "-qw", "net.ipv4.tcp_syncookies=2",
+               "net.ipv4.tcp_timestamps=2")
         empty_fd = progrun.empty_xdp_prog()
         netlink.xdp_attach(cli_if, empty_fd, "native", cli_ns)
         netlink.xdp_attach(srv_if, prog.fd, "native", srv_ns)
@@ -391,9 +427,38 @@ def syn_recv_sockets(ns: str) -> int:
     return len(_in_ns(ns, "ss", "-Htn", "state", "syn-recv").splitlines())
 
 
+@dataclass
+class Server:
+    """A listener run by ``echo_server``; ``conns`` has the TCP_INFO view of every
+    connection it accepted (as the stack built it, e.g. from a cookie)."""
+
+    sock: socket.socket
+    conns: list[TcpInfo]
+
+
+@dataclass(frozen=True)
+class TcpInfo:
+    """The negotiated options of a connection (struct tcp_info's first bytes)."""
+
+    timestamps: bool
+    sack: bool
+    wscale: bool
+    snd_wscale: int
+    rcv_wscale: int
+
+
+def tcp_info(s: socket.socket) -> TcpInfo:
+    raw = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+    opts, scales = raw[5], raw[6]
+    return TcpInfo(bool(opts & 1), bool(opts & 2), bool(opts & 4), scales & 0xF, scales >> 4)
+
+
 @contextlib.contextmanager
-def echo_server(lab: CookieLab, port: int, family: int = 4) -> Iterator[socket.socket]:
-    """A real listening socket in the server namespace echoing what each client sends."""
+def echo_server(lab: CookieLab, port: int, family: int = 4, *, sink: bool = False
+                ) -> Iterator[Server]:
+    """A real listening socket in the server namespace. It echoes the first read of each
+    client, or with ``sink`` reads until the client shuts its side and answers the
+    SHA-256 of everything it read."""
     af = socket.AF_INET if family == 4 else socket.AF_INET6
     srv = netlink.socket_in_netns(lab.srv_ns, af, socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -401,6 +466,7 @@ def echo_server(lab: CookieLab, port: int, family: int = 4) -> Iterator[socket.s
     srv.listen(128)
     srv.settimeout(0.2)
     stop = threading.Event()
+    server = Server(srv, [])
 
     def serve() -> None:
         while not stop.is_set():
@@ -409,15 +475,21 @@ def echo_server(lab: CookieLab, port: int, family: int = 4) -> Iterator[socket.s
             except (TimeoutError, OSError):
                 continue
             with conn:
-                conn.settimeout(2)
+                conn.settimeout(5)
                 with contextlib.suppress(OSError):
-                    data = conn.recv(65536)
-                    conn.sendall(data)
+                    server.conns.append(tcp_info(conn))
+                    if not sink:
+                        conn.sendall(conn.recv(65536))
+                        continue
+                    h = hashlib.sha256()
+                    while part := conn.recv(1 << 16):
+                        h.update(part)
+                    conn.sendall(h.digest())
 
     t = threading.Thread(target=serve, daemon=True)
     t.start()
     try:
-        yield srv
+        yield server
     finally:
         stop.set()
         t.join(2)
@@ -439,6 +511,23 @@ def roundtrip(lab: CookieLab, port: int, payload: bytes, family: int = 4,
                 break
             got += part
         return got
+
+
+def bulk(lab: CookieLab, port: int, payload: bytes, family: int = 4,
+         timeout: float = 5.0) -> tuple[bytes, TcpInfo]:
+    """To a ``sink`` server: send ``payload``, shut the sending side, return the digest the
+    server answered and the client's view of the connection's options."""
+    af = socket.AF_INET if family == 4 else socket.AF_INET6
+    with netlink.socket_in_netns(lab.cli_ns, af, socket.SOCK_STREAM) as c:
+        c.settimeout(timeout)
+        c.connect((lab.srv_ip4 if family == 4 else lab.srv_ip6, port))
+        info = tcp_info(c)
+        c.sendall(payload)
+        c.shutdown(socket.SHUT_WR)
+        got = b""
+        while part := c.recv(64):
+            got += part
+        return got, info
 
 
 _SO_RCVBUFFORCE, _SOL_PACKET, _PACKET_IGNORE_OUTGOING = 33, 263, 23

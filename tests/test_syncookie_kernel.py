@@ -9,6 +9,9 @@ veth pair; the server has net.ipv4.tcp_syncookies=2, real listening sockets on 1
   does (the stack validated our cookie), and the SYN-ACK the client received carries only
   the MSS option (the stack's own cookie SYN-ACK to Linux carries timestamps and window
   scaling). IPv4 and IPv6.
+* With net.ipv4.tcp_timestamps=2 (the lab sets it) and the listener's window scale, the
+  timestamp variant keeps window scaling and SACK: both ends agree on them and 4 MiB cross
+  intact.
 * The control that makes the design's condition visible: a listener the stack never put in
   cookie mode (no SYN let through) rejects the same kind of XDP cookie, and the client's
   connection is reset.
@@ -22,7 +25,9 @@ veth pair; the server has net.ipv4.tcp_syncookies=2, real listening sockets on 1
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -96,6 +101,47 @@ def test_connect_completes_on_an_xdp_cookie(
         assert sa.window == 65535 - 65535 % (sa.mss or 1)
         assert sa.eth_src == lab_.srv_mac and sa.eth_dst == lab_.cli_mac
         prog.unprotect(addr, port)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_timestamp_cookies_keep_window_scaling_and_sack(
+    lab: tuple[sc.CookieProg, sc.CookieLab], family: int
+) -> None:
+    """With tcp_timestamps=2 and the listener's window scale (learnt here from the stack's
+    own SYN-ACK), XDP encodes SACK and the client's window scale in TSval, as the stack
+    does: the connection the stack builds from the cookie has timestamps, SACK and window
+    scaling on both ends, with matching scales, and carries 4 MiB intact."""
+    prog, lab_ = lab
+    port = next(_ports)
+    addr = lab_.srv_ip4 if family == 4 else lab_.srv_ip6
+    payload = os.urandom(4 << 20)
+    digest = hashlib.sha256(payload).digest()
+    with sc.echo_server(lab_, port, family, sink=True) as srv:
+        prog.protect(addr, port, 60.0)
+        with sc.capture(lab_) as cap:  # let through: the stack's answer shows its scale
+            assert sc.bulk(lab_, port, b"x", family)[0] == hashlib.sha256(b"x").digest()
+            stack_synacks = sc.drain_synacks(cap, settle=0.1)
+        assert len(stack_synacks) == 1 and stack_synacks[0].wscale is not None
+        wscale = stack_synacks[0].wscale
+        prog.protect(addr, port, 60.0, let_first=False, wscale=wscale)
+        s0 = prog.stats()
+        with sc.capture(lab_) as cap:
+            got, client = sc.bulk(lab_, port, payload, family)
+            synacks = [a for a in sc.drain_synacks(cap, settle=0.1) if a.dport != port]
+        prog.unprotect(addr, port)
+    cookie = "cookie4" if family == 4 else "cookie6"
+    assert prog.stats()[cookie] - s0[cookie] == 1
+    assert got == digest
+    assert len(synacks) == 1
+    sa = synacks[0]
+    assert sa.checksums_ok and sa.sack_perm and sa.wscale == wscale and sa.tsval is not None
+    # TSval's low bits: the client's own scale (what its SYN offered) and SACK permitted.
+    assert sa.tsval & 0xF == client.rcv_wscale and sa.tsval & 0x10
+    server = srv.conns[-1]
+    assert server.timestamps and server.sack and server.wscale
+    assert client.timestamps and client.sack and client.wscale
+    assert client.snd_wscale == server.rcv_wscale == wscale
+    assert server.snd_wscale == client.rcv_wscale
 
 
 def test_listener_not_in_cookie_mode_rejects_the_cookie(

@@ -17,10 +17,14 @@
  *   listener (address, port) per `interval_ns` through to the stack instead of answering it.
  * - Only listed (address, port) pairs are answered: the program protects local listeners,
  *   it must not answer for addresses it forwards to.
- * - The SYN-ACK carries one option, MSS (the cookie encodes one of 4 MSS values). Without
- *   a timestamp option there is nowhere to encode window scaling, SACK or ECN
+ * - By default the SYN-ACK carries one option, MSS (the cookie encodes one of 4 MSS values).
+ *   Without a timestamp option there is nowhere to encode window scaling or SACK
  *   (cookie_init_timestamp() puts them in TSval), so the connection has none: a window of
  *   at most 64 KiB. This is what the stack's own cookies give a client without timestamps.
+ * - With SC_F_TIMESTAMPS on a listener (needs net.ipv4.tcp_timestamps=2 in its namespace,
+ *   and the window scale the listener will use, from user space), a SYN with a timestamp
+ *   gets the stack's full answer: MSS, SACK permitted, timestamps with the options encoded
+ *   in TSval, window scale. ECN is never offered.
  * - Only a plain SYN (SYN set; ACK, RST, FIN clear) is answered: the listener would drop
  *   SYN+RST and SYN+FIN anyway. IPv4 with options, IPv6 with extension headers, fragments
  *   and VLAN-tagged frames go to the stack unanswered (counted): the prototype keeps the
@@ -57,8 +61,12 @@
 #define TCP_FLAG_ACK 0x10
 
 #define SYNACK_TCP_LEN 24       /* 20-byte header + MSS option */
-#define SYNACK4_LEN (ETH_HLEN + 20 + SYNACK_TCP_LEN)
-#define SYNACK6_LEN (ETH_HLEN + 40 + SYNACK_TCP_LEN)
+#define SYNACK_TCP_TS_LEN 40    /* + SACK permitted, timestamps, window scale (as Linux) */
+
+#define SC_F_TIMESTAMPS 1       /* sc_port.flags: encode options in TSval (see above) */
+#define TS_OPT_WSCALE_MASK 0xf  /* include/net/tcp.h: the options in TSval's low bits */
+#define TS_OPT_SACK 0x10
+#define TSBITS 6
 
 /* A protected listener: a local address and port. The stack keeps its cookie-mode stamp
  * per listening socket, so the let-through state is per (address, port): a SYN let through
@@ -73,6 +81,9 @@ struct sc_key {
 struct sc_port {
 	__u64 interval_ns;      /* let one SYN through per this many ns (0: every SYN) */
 	__u64 last_pass_ns;     /* bpf_ktime_get_ns() of the last one let through */
+	__u32 flags;            /* SC_F_* */
+	__u8 rcv_wscale;        /* with SC_F_TIMESTAMPS: the window scale the listener uses */
+	__u8 pad[3];
 };
 
 /* sc_ports: protected listeners -> their state. */
@@ -89,6 +100,14 @@ struct syn_info {
 	__u32 seq;              /* host order */
 	__u32 cookie;
 	__u16 mss;
+	/* SC_F_TIMESTAMPS, and the SYN carried a timestamp: */
+	__u8 ts_ok;
+	__u8 sack_ok;           /* the SYN offered SACK */
+	__u8 ws_ok;             /* the SYN offered window scaling, snd_wscale its shift */
+	__u8 snd_wscale;
+	__u8 rcv_wscale;        /* ours, from sc_port */
+	__u8 flags;             /* sc_port.flags */
+	__u32 tsval;            /* the SYN's TSval (host order), our TSecr */
 };
 
 static __always_inline int count(int slot, int verdict)
@@ -116,12 +135,19 @@ static __always_inline __u16 sc_csum_fold(__u32 sum)
 	return ~sum;
 }
 
-/* The SYN-ACK's TCP header and MSS option, checksum left to the caller. */
+/* The SYN-ACK's TCP header and options, checksum left to the caller. Without timestamps
+ * only the first 24 bytes are sent; the rest stays zero, so summing all of it is the same. */
 struct synack_tcp {
 	struct tcphdr th;
 	__u8 opt_kind;
 	__u8 opt_len;
 	__be16 opt_mss;
+	__u8 sack_or_nop[2];    /* SACK permitted (4, 2) or two NOPs */
+	__u8 ts_kind;           /* 8 */
+	__u8 ts_len;            /* 10 */
+	__be32 tsval;
+	__be32 tsecr;
+	__u8 ws_or_nop[4];      /* NOP, window scale (3, 3, shift) or four NOPs */
 };
 
 static __always_inline void fill_synack(struct synack_tcp *t, const struct syn_info *s)
@@ -141,6 +167,82 @@ static __always_inline void fill_synack(struct synack_tcp *t, const struct syn_i
 	t->opt_kind = 2;        /* TCPOPT_MSS */
 	t->opt_len = 4;
 	t->opt_mss = bpf_htons(s->mss);
+	if (!s->ts_ok)
+		return;
+	/* cookie_init_timestamp(): the options the connection keeps go in TSval's low 6 bits,
+	 * TSval = the stack's TCP clock (ms of CLOCK_MONOTONIC) rounded down to carry them, so
+	 * that it never runs ahead of the timestamps the connection sends later. The stack
+	 * reads them back in cookie_timestamp_decode() after subtracting its per-connection
+	 * TS offset, which is 0 only with net.ipv4.tcp_timestamps=2: the condition of this
+	 * mode (the offset is a secret XDP cannot compute). */
+	__u32 options = s->ws_ok ? s->snd_wscale : TS_OPT_WSCALE_MASK;
+	if (s->sack_ok)
+		options |= TS_OPT_SACK;
+	__u32 now = (__u32)(bpf_ktime_get_ns() / 1000000);
+	__u32 ts = ((now >> TSBITS) << TSBITS) | options;
+	if (ts > now)
+		ts -= 1 << TSBITS;
+	t->th.doff = SYNACK_TCP_TS_LEN / 4;
+	t->sack_or_nop[0] = s->sack_ok ? 4 : 1;
+	t->sack_or_nop[1] = s->sack_ok ? 2 : 1;
+	t->ts_kind = 8;
+	t->ts_len = 10;
+	t->tsval = bpf_htonl(ts);
+	t->tsecr = bpf_htonl(s->tsval);
+	t->ws_or_nop[0] = 1;
+	t->ws_or_nop[1] = s->ws_ok ? 3 : 1;
+	t->ws_or_nop[2] = s->ws_ok ? 3 : 1;
+	t->ws_or_nop[3] = s->ws_ok ? s->rcv_wscale : 1;
+}
+
+/* With SC_F_TIMESTAMPS: the SYN's timestamp, SACK permitted and window scale options.
+ * Walked byte by byte with constant indices (the loop is unrolled): `next`, where the next
+ * option starts, is only compared, never used as an index, so the verifier need not tell
+ * its values apart and the paths stay few. `buf` has 8 spare bytes after the 60. */
+static __always_inline void parse_options(const __u8 *buf, __u32 len, struct syn_info *s)
+{
+	__u32 next = 20;
+
+#pragma clang loop unroll(full)
+	for (int i = 20; i < 60; i++) {
+		if (i >= len || i != next)
+			continue;  /* past the header, or inside an option */
+		__u8 kind = buf[i];
+		if (kind == 1) {  /* NOP */
+			next = i + 1;
+			continue;
+		}
+		__u8 olen = buf[i + 1];
+		if (kind == 0 || olen < 2) {  /* end of options, or malformed: stop */
+			next = 60;
+			continue;
+		}
+		if (kind == 3 && olen == 3) {
+			s->ws_ok = 1;
+			s->snd_wscale = buf[i + 2] > 14 ? 14 : buf[i + 2];  /* as tcp_parse_options() */
+		} else if (kind == 4 && olen == 2) {
+			s->sack_ok = 1;
+		} else if (kind == 8 && olen == 10) {
+			s->ts_ok = 1;
+			s->tsval = ((__u32)buf[i + 2] << 24) | ((__u32)buf[i + 3] << 16) |
+				   ((__u32)buf[i + 4] << 8) | buf[i + 5];
+		}
+		next = i + olen;
+	}
+	if (!s->ts_ok) {  /* no timestamp, nowhere to encode the rest: MSS only */
+		s->sack_ok = 0;
+		s->ws_ok = 0;
+	}
+}
+
+/* The frame's length now. The empty asm pins the subtraction to data_end - data: clang
+ * would otherwise fold it into `n - data_end + data`, pointer arithmetic the verifier refuses. */
+static __always_inline int frame_len(struct xdp_md *ctx)
+{
+	long n = (long)ctx->data_end - (long)ctx->data;
+
+	asm volatile("" : "+r"(n));
+	return n;
 }
 
 /* Read the SYN's TCP header (with its options) onto the stack for the cookie helper:
@@ -155,13 +257,14 @@ static __always_inline int load_tcp(struct xdp_md *ctx, __u32 off, __u8 *buf, __
 static __always_inline int answer4(struct xdp_md *ctx, struct syn_info *s, __be32 saddr,
 				   __be32 daddr)
 {
-	int delta = SYNACK4_LEN - (int)(ctx->data_end - ctx->data);
+	__u32 tcp_len = s->ts_ok ? SYNACK_TCP_TS_LEN : SYNACK_TCP_LEN;
+	int delta = ETH_HLEN + 20 + tcp_len - frame_len(ctx);
 
 	if (bpf_xdp_adjust_tail(ctx, delta))
 		return count(SC_HELPER_ERROR, XDP_PASS);
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
-	if (data + SYNACK4_LEN > data_end)
+	if (data + ETH_HLEN + 20 + tcp_len > data_end || data + ETH_HLEN + 20 + SYNACK_TCP_LEN > data_end)
 		return count(SC_HELPER_ERROR, XDP_DROP);  /* the SYN is gone already */
 
 	struct ethhdr *eth = data;
@@ -171,7 +274,7 @@ static __always_inline int answer4(struct xdp_md *ctx, struct syn_info *s, __be3
 	ip->version = 4;
 	ip->ihl = 5;
 	ip->tos = 0;
-	ip->tot_len = bpf_htons(20 + SYNACK_TCP_LEN);
+	ip->tot_len = bpf_htons(20 + tcp_len);
 	ip->id = 0;
 	ip->frag_off = bpf_htons(0x4000);  /* DF */
 	ip->ttl = 64;
@@ -184,10 +287,16 @@ static __always_inline int answer4(struct xdp_md *ctx, struct syn_info *s, __be3
 	struct synack_tcp t;
 	fill_synack(&t, s);
 	__u32 sum = sc_csum_add16(0, (__u16 *)&ip->saddr, 4);  /* pseudo header: addresses */
-	sum += bpf_htons(IPPROTO_TCP) + bpf_htons(SYNACK_TCP_LEN);
-	sum = sc_csum_add16(sum, (__u16 *)&t, SYNACK_TCP_LEN / 2);
+	sum += bpf_htons(IPPROTO_TCP) + bpf_htons(tcp_len);
+	sum = sc_csum_add16(sum, (__u16 *)&t, sizeof(t) / 2);
 	t.th.check = sc_csum_fold(sum);
-	__builtin_memcpy(data + ETH_HLEN + 20, &t, sizeof(t));
+	if (s->ts_ok) {
+		if (data + ETH_HLEN + 20 + SYNACK_TCP_TS_LEN > data_end)
+			return count(SC_HELPER_ERROR, XDP_DROP);
+		__builtin_memcpy(data + ETH_HLEN + 20, &t, SYNACK_TCP_TS_LEN);
+	} else {
+		__builtin_memcpy(data + ETH_HLEN + 20, &t, SYNACK_TCP_LEN);
+	}
 	return count(SC_COOKIE4, XDP_TX);
 }
 
@@ -195,13 +304,14 @@ static __always_inline int answer6(struct xdp_md *ctx, struct syn_info *s,
 				   const struct in6_addr *saddr, const struct in6_addr *daddr)
 {
 	struct in6_addr src = *daddr, dst = *saddr;  /* copied: the rewrite overlaps them */
-	int delta = SYNACK6_LEN - (int)(ctx->data_end - ctx->data);
+	__u32 tcp_len = s->ts_ok ? SYNACK_TCP_TS_LEN : SYNACK_TCP_LEN;
+	int delta = ETH_HLEN + 40 + tcp_len - frame_len(ctx);
 
 	if (bpf_xdp_adjust_tail(ctx, delta))
 		return count(SC_HELPER_ERROR, XDP_PASS);
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
-	if (data + SYNACK6_LEN > data_end)
+	if (data + ETH_HLEN + 40 + SYNACK_TCP_LEN > data_end)
 		return count(SC_HELPER_ERROR, XDP_DROP);
 
 	struct ethhdr *eth = data;
@@ -209,7 +319,7 @@ static __always_inline int answer6(struct xdp_md *ctx, struct syn_info *s,
 	__builtin_memcpy(eth->h_source, s->dmac, ETH_ALEN);
 	struct ipv6hdr *ip6 = data + ETH_HLEN;
 	*(__be32 *)ip6 = bpf_htonl(0x60000000);  /* version 6, no traffic class, no flow label */
-	ip6->payload_len = bpf_htons(SYNACK_TCP_LEN);
+	ip6->payload_len = bpf_htons(tcp_len);
 	ip6->nexthdr = IPPROTO_TCP;
 	ip6->hop_limit = 64;
 	ip6->saddr = src;
@@ -219,16 +329,23 @@ static __always_inline int answer6(struct xdp_md *ctx, struct syn_info *s,
 	fill_synack(&t, s);
 	__u32 sum = sc_csum_add16(0, (__u16 *)&src, 8);
 	sum = sc_csum_add16(sum, (__u16 *)&dst, 8);
-	sum += bpf_htons(SYNACK_TCP_LEN) + bpf_htons(IPPROTO_TCP);
-	sum = sc_csum_add16(sum, (__u16 *)&t, SYNACK_TCP_LEN / 2);
+	sum += bpf_htons(tcp_len) + bpf_htons(IPPROTO_TCP);
+	sum = sc_csum_add16(sum, (__u16 *)&t, sizeof(t) / 2);
 	t.th.check = sc_csum_fold(sum);
-	__builtin_memcpy(data + ETH_HLEN + 40, &t, sizeof(t));
+	if (s->ts_ok) {
+		if (data + ETH_HLEN + 40 + SYNACK_TCP_TS_LEN > data_end)
+			return count(SC_HELPER_ERROR, XDP_DROP);
+		__builtin_memcpy(data + ETH_HLEN + 40, &t, SYNACK_TCP_TS_LEN);
+	} else {
+		__builtin_memcpy(data + ETH_HLEN + 40, &t, SYNACK_TCP_LEN);
+	}
 	return count(SC_COOKIE6, XDP_TX);
 }
 
 /* A plain SYN to a protected listener? Then let it through (once per interval: returns
  * XDP_PASS, counted) or answer it (returns 0); -1 when the segment is not one to act on. */
-static __always_inline int syn_to_protected(struct tcphdr *th, struct sc_key *key)
+static __always_inline int syn_to_protected(struct tcphdr *th, struct sc_key *key,
+					    struct syn_info *s)
 {
 	__u8 flags = ((__u8 *)th)[13];
 
@@ -238,6 +355,8 @@ static __always_inline int syn_to_protected(struct tcphdr *th, struct sc_key *ke
 	struct sc_port *p = sc_ports.lookup(key);
 	if (!p)
 		return -1;
+	s->flags = p->flags;
+	s->rcv_wscale = p->rcv_wscale;
 	__u64 now = bpf_ktime_get_ns();
 	if (now - p->last_pass_ns >= p->interval_ns) {
 		/* Racy across CPUs by design: two SYNs let through instead of one is harmless. */
@@ -254,7 +373,7 @@ int xdp_syncookie(struct xdp_md *ctx)
 	struct ethhdr *eth = data;
 	struct syn_info s = {};
 	struct sc_key key = {};
-	__u8 tcpbuf[60] = {};
+	__u8 tcpbuf[68] = {};
 	int r;
 
 	if ((void *)(eth + 1) > data_end)
@@ -273,7 +392,7 @@ int xdp_syncookie(struct xdp_md *ctx)
 			return count(SC_OTHER, XDP_PASS);
 		key.family = 4;
 		__builtin_memcpy(key.addr, &ip->daddr, 4);
-		r = syn_to_protected(th, &key);
+		r = syn_to_protected(th, &key, &s);
 		if (r < 0)
 			return count(SC_OTHER, XDP_PASS);
 		if (r > 0)
@@ -287,6 +406,8 @@ int xdp_syncookie(struct xdp_md *ctx)
 		if (load_tcp(ctx, ETH_HLEN + 20, tcpbuf, len) < 0)
 			return count(SC_OTHER, XDP_PASS);
 		__s64 ret = bpf_tcp_raw_gen_syncookie_ipv4(ip, (struct tcphdr *)tcpbuf, len);
+		if (s.flags & SC_F_TIMESTAMPS)
+			parse_options(tcpbuf, len, &s);
 		if (ret < 0)
 			return count(SC_HELPER_ERROR, XDP_PASS);
 		s.cookie = (__u32)ret;
@@ -305,7 +426,7 @@ int xdp_syncookie(struct xdp_md *ctx)
 			return count(SC_OTHER, XDP_PASS);
 		key.family = 6;
 		__builtin_memcpy(key.addr, &ip6->daddr, 16);
-		r = syn_to_protected(th, &key);
+		r = syn_to_protected(th, &key, &s);
 		if (r < 0)
 			return count(SC_OTHER, XDP_PASS);
 		if (r > 0)
@@ -317,6 +438,8 @@ int xdp_syncookie(struct xdp_md *ctx)
 		if (load_tcp(ctx, ETH_HLEN + 40, tcpbuf, len) < 0)
 			return count(SC_OTHER, XDP_PASS);
 		__s64 ret = bpf_tcp_raw_gen_syncookie_ipv6(ip6, (struct tcphdr *)tcpbuf, len);
+		if (s.flags & SC_F_TIMESTAMPS)
+			parse_options(tcpbuf, len, &s);
 		if (ret < 0)
 			return count(SC_HELPER_ERROR, XDP_PASS);
 		s.cookie = (__u32)ret;
