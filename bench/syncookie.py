@@ -595,6 +595,7 @@ def send_frames(lab: CookieLab, frames: Sequence[bytes], seconds: float = 0.0) -
 
 BENCH_PORT = 8443
 BENCH_DST4, BENCH_DST6 = "198.18.251.1", "2001:db8:fb::1"
+BENCH_DST4_TS = "198.18.251.3"  # protected with timestamp cookies
 
 
 def bench_frames() -> dict[str, bytes]:
@@ -603,6 +604,8 @@ def bench_frames() -> dict[str, bytes]:
         "syn4_mss_only": syn_frame("198.18.7.7", BENCH_DST4, 40000, BENCH_PORT, 1,
                                    options=struct.pack("!BBH", 2, 4, 1460)),
         "syn6_linux_options": syn_frame("2001:db8:7::7", BENCH_DST6, 40000, BENCH_PORT, 1),
+        "syn4_linux_options_ts_cookie": syn_frame("198.18.7.7", BENCH_DST4_TS, 40000,
+                                                  BENCH_PORT, 1),
     }
 
 
@@ -615,6 +618,7 @@ def measure_test_run(calls: int = 20_000, rounds: int = 5) -> dict[str, Any]:
             for p in (cookie, drop):  # nothing let through during the run
                 p.protect(BENCH_DST4, BENCH_PORT, 1e6, let_first=False)
                 p.protect(BENCH_DST6, BENCH_PORT, 1e6, let_first=False)
+                p.protect(BENCH_DST4_TS, BENCH_PORT, 1e6, let_first=False, wscale=7)
             fds = {"cookie": cookie.fd, "drop": drop.fd, "empty": empty}
             want = {"cookie": XDP_TX, "drop": XDP_DROP, "empty": XDP_PASS}
             samples: dict[str, dict[str, list[float]]] = {
