@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import errno
 import hashlib
 import ipaddress
 import itertools
@@ -568,7 +569,8 @@ def drain_synacks(s: socket.socket, settle: float = 0.3) -> list[Synack]:
 
 def send_frames(lab: CookieLab, frames: Sequence[bytes], seconds: float = 0.0) -> float:
     """Send ``frames`` out of the client's veth, spread over ``seconds``; returns the time
-    taken."""
+    taken. A frame the veth refuses (its ring to the peer full: ENOBUFS) is sent again, so
+    every frame arrives once."""
     s = netlink.socket_in_netns(lab.cli_ns, socket.AF_PACKET, socket.SOCK_RAW, 0)
     t0 = time.monotonic()
     try:
@@ -581,8 +583,10 @@ def send_frames(lab: CookieLab, frames: Sequence[bytes], seconds: float = 0.0) -
                     try:
                         s.send(f)
                         break
-                    except BlockingIOError:  # pragma: no cover - full qdisc
-                        time.sleep(0.001)
+                    except OSError as exc:  # the veth's ring is full: let it drain, resend
+                        if exc.errno not in (errno.ENOBUFS, errno.EAGAIN):
+                            raise
+                        time.sleep(0.0005)
             wait = t0 + (b + 1) * seconds / batches - time.monotonic()
             if wait > 0:
                 time.sleep(wait)
