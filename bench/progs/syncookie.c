@@ -1,7 +1,7 @@
 /*
  * Issue 16's SYN-cookie prototype: XDP answers a TCP SYN to a protected local port with a
  * SYN-ACK whose sequence number is the kernel's own SYN cookie, so a flood never reaches
- * the listener's SYN queue. Helpers only (bcc can call them); no conntrack, no kfuncs.
+ * the stack. Helpers only (bcc can call them); no conntrack, no kfuncs.
  * bench/syncookie.py builds, fills and reads it; docs/benchmarks.md ("SYN cookies at XDP")
  * has the design, its conditions and the figures.
  *
@@ -48,9 +48,9 @@
 /* sc_stats slots (per CPU; bench/syncookie.py STATS names them in this order). */
 #define SC_COOKIE4 0            /* SYN-ACK with a cookie sent back (XDP_TX), IPv4 */
 #define SC_COOKIE6 1            /* the same, IPv6 */
-#define SC_LET_THROUGH 2        /* SYN to a protected listener passed to the stack (one per interval) */
-#define SC_UNANSWERABLE 3       /* SYN to a protected listener the prototype cannot rewrite: passed */
-#define SC_HELPER_ERROR 4       /* the cookie helper refused the header: passed */
+#define SC_LET_THROUGH 2        /* SYN to a protected listener let through (one per interval) */
+#define SC_UNANSWERABLE 3       /* SYN to a protected listener we cannot rewrite: passed */
+#define SC_HELPER_ERROR 4       /* the helper or the rewrite failed: passed (dropped if cut) */
 #define SC_DROPPED 5            /* SC_ANSWER=0: a SYN that would have been answered, dropped */
 #define SC_OTHER 6              /* anything else: passed untouched */
 #define SC_NSTATS 7
