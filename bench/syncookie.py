@@ -1,9 +1,13 @@
 """Issue 16: SYN cookies answered in XDP with helpers only (a prototype, not the product).
 
-``bench/progs/syncookie.c`` answers a plain TCP SYN to a protected local port with a
-SYN-ACK carrying the kernel's own cookie (``bpf_tcp_raw_gen_syncookie_ipv4/6``, XDP_TX) and
-lets one SYN per port and interval through to the stack, which keeps the listener in
-cookie mode (``net.ipv4.tcp_syncookies=2``) so that it accepts the client's ACK itself.
+``bench/progs/syncookie.c`` answers a plain TCP SYN to a protected local listener (address
+and port) with a SYN-ACK carrying the kernel's own cookie (``bpf_tcp_raw_gen_syncookie_ipv4/6``,
+XDP_TX) and lets one SYN per listener and interval through to the stack, which keeps the
+listener in cookie mode (``net.ipv4.tcp_syncookies=2``) so that it accepts the client's ACK
+itself. By default the SYN-ACK carries MSS only; per listener it can make timestamp cookies
+(SACK and window scale encoded in TSval, as the stack does), which need
+``net.ipv4.tcp_timestamps=2`` and the listener's window scale.
+
 This module builds it (as ``bench/lpm_designs.py`` builds its designs), fills its port map,
 reads its counters, sets up the two-namespace lab the kernel test and the live bench use,
 and measures the cost:
@@ -13,10 +17,11 @@ and measures the cost:
   per call and the median of many calls is taken: with ``repeat > 1`` the kernel reruns the
   program on the frame it already rewrote (a SYN-ACK, which passes), not on the SYN.
 * live: a spoofed SYN flood from the client namespace through the veth, native XDP on the
-  server side; the program's own run time per packet (BPF_ENABLE_STATS), the SYN-ACKs that
-  came back, and what the stack saw (TcpExtSyncookiesSent, SYN-RECV sockets).
+  server side, answered by XDP, dropped by XDP, or answered by the stack; the program's own
+  run time per packet (BPF_ENABLE_STATS), the send loop's time per SYN, the frames that came
+  back, and what the stack saw (TcpExtSyncookiesSent, SYN-RECV sockets).
 
-Run (root): ``python -m bench.syncookie --out bench/results/syncookie-r1.json``
+Run (root): ``python -m bench.syncookie --out bench/results/syncookie-r3.json``
 (under ``flock /work/tools/bench.lock``).
 """
 
