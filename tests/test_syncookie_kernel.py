@@ -15,12 +15,12 @@ veth pair; the server has net.ipv4.tcp_syncookies=2, real listening sockets on 1
 * The control that makes the design's condition visible: a listener the stack never put in
   cookie mode (no SYN let through) rejects the same kind of XDP cookie, and the client's
   connection is reset.
-* A flood of spoofed SYNs from thousands of 198.18.0.0/15 sources is answered by XDP (the
-  SYN-ACKs come back to the client's veth, checksums valid), the stack answers exactly the
-  SYNs let through (one per second), no request socket is created, and a real client
-  connects during the flood. (With tcp_syncookies=2 the stack itself never queues a
-  request socket either; what XDP saves it is the work per SYN, visible in
-  TcpExtSyncookiesSent.)
+* A flood of spoofed SYNs from thousands of 198.18.0.0/15 (or 2001:db8::/32) sources is
+  answered by XDP (the SYN-ACKs come back to the client's veth, checksums valid), the stack
+  answers exactly the SYNs let through (one per second), no request socket is created, and
+  a real client connects during the flood. (With tcp_syncookies=2 the stack itself never
+  queues a request socket either; what XDP saves it is the work per SYN, visible in
+  TcpExtSyncookiesSent.) IPv4 and IPv6.
 """
 
 from __future__ import annotations
@@ -162,14 +162,19 @@ def test_listener_not_in_cookie_mode_rejects_the_cookie(
         assert got == b"through an XDP cookie %d" % port and "cookie4" not in prog_d
 
 
-def test_spoofed_flood_is_answered_in_xdp(lab: tuple[sc.CookieProg, sc.CookieLab]) -> None:
+@pytest.mark.parametrize("family", [4, 6])
+def test_spoofed_flood_is_answered_in_xdp(
+    lab: tuple[sc.CookieProg, sc.CookieLab], family: int
+) -> None:
     prog, lab_ = lab
     port = next(_ports)
+    srv_ip, cli_ip = (lab_.srv_ip4, lab_.cli_ip4) if family == 4 else (lab_.srv_ip6, lab_.cli_ip6)
+    cookie = "cookie4" if family == 4 else "cookie6"
     n, seconds = 6000, 2.5
-    frames, sources = sc.flood_frames(lab_, n, port)
+    frames, sources = sc.flood_frames(lab_, n, port, family=family)
     assert len(sources) > 5000
-    with sc.echo_server(lab_, port), sc.capture(lab_) as cap:
-        prog.protect(lab_.srv_ip4, port, 1.0)
+    with sc.echo_server(lab_, port, family), sc.capture(lab_) as cap:
+        prog.protect(srv_ip, port, 1.0)
         n0, s0 = sc.netstat(lab_.srv_ns), prog.stats()
         clients: list[bytes | BaseException] = []
         syn_recv: list[int] = []
@@ -179,7 +184,7 @@ def test_spoofed_flood_is_answered_in_xdp(lab: tuple[sc.CookieProg, sc.CookieLab
                 time.sleep(seconds / 3)
                 syn_recv.append(sc.syn_recv_sockets(lab_.srv_ns))
                 try:
-                    clients.append(sc.roundtrip(lab_, port, b"during the flood", 4))
+                    clients.append(sc.roundtrip(lab_, port, b"during the flood", family))
                 except OSError as exc:
                     clients.append(exc)
 
@@ -189,10 +194,10 @@ def test_spoofed_flood_is_answered_in_xdp(lab: tuple[sc.CookieProg, sc.CookieLab
         t.join(10)
         synacks = sc.drain_synacks(cap, settle=0.3)
         prog_d, stack_d = delta(prog.stats(), s0), delta(sc.netstat(lab_.srv_ns), n0)
-        prog.unprotect(lab_.srv_ip4, port)
+        prog.unprotect(srv_ip, port)
     assert clients == [b"during the flood"] * 2
     assert syn_recv == [0, 0] and sc.syn_recv_sockets(lab_.srv_ns) == 0
-    passed, answered = prog_d.get("let_through", 0), prog_d.get("cookie4", 0)
+    passed, answered = prog_d.get("let_through", 0), prog_d.get(cookie, 0)
     assert passed + answered == n + 2  # every SYN of the flood and of the two clients
     # One SYN per second (plus one at the start) reached the stack; it answered those only.
     assert 1 <= passed <= int(took) + 2, (passed, took)
@@ -203,6 +208,6 @@ def test_spoofed_flood_is_answered_in_xdp(lab: tuple[sc.CookieProg, sc.CookieLab
     # checksum veth leaves to offload (CHECKSUM_PARTIAL: the field holds the pseudo-header
     # sum only), which is how the capture tells them apart.
     assert len(synacks) == n + 2
-    assert {s.dst for s in synacks} == sources | {lab_.cli_ip4}
-    assert all(s.sport == port and s.src == lab_.srv_ip4 for s in synacks)
+    assert {s.dst for s in synacks} == sources | {cli_ip}
+    assert all(s.sport == port and s.src == srv_ip for s in synacks)
     assert sum(s.checksums_ok for s in synacks) == answered
