@@ -26,6 +26,7 @@ from tests.etcd_cluster import Cluster, etcd_cluster
 from tests.fakes import FakeDatapath
 from tests.server import free_port
 from tests.test_api_pure import TOKEN
+from xdpfw.rules import RuleSpec
 
 pytestmark = pytest.mark.pure
 
@@ -179,10 +180,7 @@ def test_a_write_on_one_node_is_applied_on_the_other(nodes: Callable[..., Node])
     assert paths["/v1/rules"]["post"]["operationId"].startswith("fleet_")
     assert paths["/v1/sources/{name}"]["put"]["operationId"].startswith("fleet_")
     assert "/v1/fleet/nodes" in paths
-    # Writes not routed to the store yet say so (and change nothing).
-    r = a.client.post("/v1/rules/bulk", content="192.0.2.9\n", headers=PLAIN)
-    assert r.status_code == 501 and "PUT /v1/sources" in r.json()["detail"]
-    assert "192.0.2.9/32" not in a.held("api")
+    assert paths["/v1/rules/bulk"]["post"]["operationId"].startswith("fleet_")
 
 
 def test_big_source_in_chunks(nodes: Callable[..., Node],
@@ -273,3 +271,122 @@ def test_scoped_to_nodes_and_labels(nodes: Callable[..., Node]) -> None:
 def test_prefix_end() -> None:
     assert prefix_end(b"/a/") == b"/a0"
     assert prefix_end(b"\xff") == b"\0"
+
+
+# -- issue 19, left open: scoped single rules, bulk and delete by value in etcd -----------------
+
+
+def test_a_single_rule_scoped_to_nodes_or_labels(nodes: Callable[..., Node]) -> None:
+    a, b = nodes("a"), nodes("b", {"zone": "z2"})
+    # Scoped to b by name, written on a: a answers 202 (not enforced here), b holds it.
+    r = a.client.post("/v1/rules?wait=applied", json={"src": "192.0.2.20", "nodes": ["b"]})
+    assert r.status_code == 202, r.text
+    body = r.json()
+    assert body["here"] is False and body["nodes"] == ["b"] and "not by this node" in \
+        body["detail"]
+    until(lambda: "192.0.2.20/32" in b.held("api"))
+    # By label, written on b (in scope): 201 with the rule as enforced, as on one host.
+    r = b.client.post("/v1/rules?wait=applied",
+                      json={"src": "192.0.2.21", "selector": {"zone": "z2"}})
+    assert r.status_code == 201 and r.json()["src"] == "192.0.2.21/32", r.text
+    r = a.client.post("/v1/rules?wait=applied", json={"src": "192.0.2.22"})  # every node
+    assert r.status_code == 201, r.text
+    until(lambda: b.held("api") == {"192.0.2.20/32", "192.0.2.21/32", "192.0.2.22/32"})
+    assert a.held("api") == {"192.0.2.22/32"}  # a applied all three writes, enforces one
+    # GET /v1/fleet/rules: every rule with its scope, on any node.
+    seen = {x["src"]: x for x in a.client.get("/v1/fleet/rules").json()}
+    assert seen["192.0.2.20/32"]["nodes"] == ["b"] and not seen["192.0.2.20/32"]["here"]
+    assert seen["192.0.2.21/32"]["selector"] == {"zone": "z2"}
+    assert seen["192.0.2.22/32"]["nodes"] is None and seen["192.0.2.22/32"]["here"]
+    # A changed scope is one more write: the rule moves from b to a.
+    r = a.client.post("/v1/rules?wait=applied", json={"src": "192.0.2.20", "nodes": ["a"]})
+    assert r.status_code == 201, r.text
+    until(lambda: "192.0.2.20/32" not in b.held("api"))
+    assert "192.0.2.20/32" in a.held("api")
+    bad = a.client.post("/v1/rules", json={"src": "192.0.2.23", "nodes": ["Not A Node"]})
+    assert bad.status_code == 422
+
+
+def test_a_scoped_rule_on_a_single_host_is_refused(tmp_path: Path) -> None:
+    store = Store(tmp_path / "one.sqlite3")
+    svc = FirewallService(FakeDatapath(), store)
+    svc.reconcile()
+    app = create_app(Settings(state_dir=tmp_path), svc, TOKEN)
+    client = TestClient(app, headers={"Authorization": f"Bearer {TOKEN}"})
+    try:
+        r = client.post("/v1/rules", json={"src": "192.0.2.30", "nodes": ["edge-1"]})
+        assert r.status_code == 422 and "fleet mode" in r.text, r.text
+        r = client.post("/v1/rules", json={"src": "192.0.2.30", "selector": {"rack": "r1"}})
+        assert r.status_code == 422
+        assert client.get("/v1/rules").json()["rules"] == []
+        r = client.post("/v1/rules", json={"src": "192.0.2.30"})  # unscoped: as ever
+        assert r.status_code == 201
+    finally:
+        store.close()
+
+
+def test_bulk_and_delete_by_value_go_to_etcd(nodes: Callable[..., Node],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(state, "CHUNK_BYTES", 2048)  # a few chunks from a small list
+    a, b = nodes("a"), nodes("b")
+    etcd = EtcdClient(a.agent.config.endpoints)
+    L = a.agent.layout
+    try:
+        a.client.post("/v1/rules?wait=applied", json={"src": "192.0.2.40", "comment": "one"})
+        entries = [f"198.51.100.{i}" for i in range(200)]
+        r = a.client.post("/v1/rules/bulk?wait=applied&comment=bulk",
+                          content="\n".join([*entries, "192.0.2.40"]), headers=PLAIN)
+        assert r.status_code == 201, r.text
+        assert (r.json()["added"], r.json()["duplicates"]) == (200, 1)
+        _, rev0 = etcd.get(b"/")
+        until(lambda: len(b.held("api")) == 201)
+        m, _ = etcd.get(L.manifest("api"))
+        assert m is not None and json.loads(m.value)["chunks"] > 2
+        assert len(etcd.prefix(L.rules("api"))[0]) == 1  # the single rule stays a rule key
+        # A second bulk (JSON) joins the same list: one new generation, the old one deleted.
+        r = a.client.post("/v1/rules/bulk?wait=applied", json=[
+            {"src": "203.0.113.1", "comment": "j", "ttl_seconds": 600},
+            {"src": "198.51.100.1"},
+        ])
+        assert r.status_code == 201 and r.json()["added"] == 1, r.text
+        gens = {k.key.split(b"/")[-2] for k in etcd.prefix(L.chunks("api"))[0]}
+        assert len(gens) == 1
+        until(lambda: "203.0.113.1/32" in b.held("api"))
+        ids = b.ids("api")
+        # Delete by value: the rule key and a list entry, in ONE transaction (one revision).
+        a.client.post("/v1/rules?wait=applied", json={"src": "198.51.100.7", "proto": "udp"})
+        key = L.rule("api", RuleSpec.parse(src="198.51.100.7", proto="udp").code())
+        r = a.client.delete("/v1/rules", params={"src": "198.51.100.7", "wait": "applied"})
+        assert r.status_code == 200 and r.json()["removed"] == 2, r.text
+        rev = r.json()["revision"]
+        m, _ = etcd.get(L.manifest("api"))
+        assert m is not None and m.mod_revision == rev  # the list's new generation ...
+        assert etcd.range(key, revision=rev - 1)[0] and not etcd.range(key, revision=rev)[0]
+        until(lambda: "198.51.100.7/32" not in b.held("api"))
+        assert len(b.held("api")) == 201  # the rest stays, with its rule ids
+        assert b.ids("api")["198.51.100.8/32"] == ids["198.51.100.8/32"]
+        r = a.client.delete("/v1/rules", params={"src": "198.51.100.7"})
+        assert r.status_code == 200 and r.json()["removed"] == 0
+        # Delete by id of a list entry: it leaves the list (no more 422).
+        rid = a.ids("api")["198.51.100.9/32"]
+        assert a.client.delete(f"/v1/rules/{rid}?wait=applied").status_code == 204
+        until(lambda: "198.51.100.9/32" not in b.held("api"))
+        # A bulk with a scope of its own is refused: the list has the source's scope.
+        r = a.client.post("/v1/rules/bulk?nodes=b", content="192.0.2.99", headers=PLAIN)
+        assert r.status_code == 422 and "scope" in r.text
+        assert rev0 > 0
+    finally:
+        etcd.close()
+
+
+def test_chunks_carry_absolute_expiries() -> None:
+    from api.fleet.etcd import KV
+
+    L = Layout("/x")
+    parts = encode_chunks([1, 2, 3], ["a", "b", "c"], None, [None, time.time() + 60, 1.0])
+    m = KV(L.manifest("s"), json.dumps({"gen": "g", "chunks": len(parts), "comment": "",
+                                        "expires_at": None}).encode(), 5, 5, 1)
+    chunks = [KV(L.chunk("s", "g", i), p, 5, 5, 1) for i, p in enumerate(parts)]
+    d = decode_source("s", m, chunks, [])
+    assert d is not None and d.codes == [1, 2] and d.comments == ["a", "b"]  # 3 expired
+    assert d.ttls[0] is None and 59 <= (d.ttls[1] or 0) <= 61 and d.uniform is None

@@ -114,6 +114,10 @@ class EtcdClient:
         self._http = httpx.Client(timeout=timeout, verify=verify, cert=certs)
         self._stream_args: dict[str, Any] = {"verify": verify, "cert": certs}
         self._streams: set[httpx.Client] = set()  # the watches in progress
+        # Bytes received (response bodies as sent by the gateway): on watch streams, and on
+        # every other call (range reads of chunks, txns, ...). xdpfw_fleet_*_bytes_total.
+        self.watch_bytes = 0
+        self.call_bytes = 0
 
     def abort_watches(self) -> None:
         """End every watch in progress now (their generators return)."""
@@ -148,6 +152,7 @@ class EtcdClient:
             except httpx.HTTPError as exc:
                 errors.append(f"{endpoint}: {type(exc).__name__} {exc}".strip())
                 continue
+            self.call_bytes += len(r.content)
             if r.status_code == 200:
                 self._good(endpoint)
                 return r.json()
@@ -308,6 +313,7 @@ class EtcdClient:
                 # last revision.
                 self._check(endpoint)
                 return
+            self.watch_bytes += len(line) + 1  # the gateway's JSON is ASCII; + the newline
             if not line.strip():
                 continue
             msg = json.loads(line)

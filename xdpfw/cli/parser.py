@@ -23,6 +23,8 @@ from xdpfw.cli.rules import (
     cmd_rule_ls,
     cmd_rule_rm,
     cmd_rule_show,
+    label_selector,
+    node_list,
 )
 from xdpfw.cli.serve import DETACH_EPILOG, SERVE_EPILOG, cmd_detach, cmd_serve
 from xdpfw.cli.sources import (
@@ -140,8 +142,8 @@ def _source_flag(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _fleet_commands(sub: Any) -> None:
-    """`xdpfw fleet ls` (issue 19, docs/fleet.md)."""
-    from xdpfw.cli.fleet import FLEET_EPILOG, cmd_fleet_ls
+    """`xdpfw fleet ls|rules` (issue 19, docs/fleet.md)."""
+    from xdpfw.cli.fleet import FLEET_EPILOG, FLEET_RULES_EPILOG, cmd_fleet_ls, cmd_fleet_rules
 
     fleet = sub.add_parser(
         "fleet", help="the nodes of a fleet (serve --etcd)",
@@ -152,6 +154,10 @@ def _fleet_commands(sub: Any) -> None:
     fsub.required = True
     p = _sub(fsub, "ls", "list the fleet's nodes: applied revision, lag, heartbeat",
              FLEET_EPILOG, cmd_fleet_ls, "fleet ls")
+    _json_flag(p)
+    p = _sub(fsub, "rules", "list the single rules in the fleet store, with their scope",
+             FLEET_RULES_EPILOG, cmd_fleet_rules, "fleet rules")
+    _source_flag(p, "only this source's rules")
     _json_flag(p)
 
 
@@ -361,6 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a budget per source address (default) or one for the rule")
     lim.add_argument("--ban", metavar="DURATION",
                      help="drop a source that goes over for this long (30s, 10m, 1h)")
+    # -- issue 19: fleet mode --
+    fl = p.add_argument_group("fleet (serve --etcd): which nodes enforce it; default every node")
+    fl.add_argument("--nodes", type=node_list, metavar="NAME[,NAME...]",
+                    help="only these nodes (their serve --node names)")
+    fl.add_argument("--selector", type=label_selector, metavar="KEY=VALUE[,...]",
+                    help="only nodes carrying all these labels (serve --node-label)")
     # --
     _json_flag(p, "print the new rule as JSON, not just its id")
 

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from xdpfw.cli import humanize as hz
-from xdpfw.cli.output import err, print_json, printable, rule_match, rule_verdict
+from xdpfw.cli.output import err, print_json, printable, rule_match, rule_verdict, table
 
 if TYPE_CHECKING:
     from xdpfw.cli.client import Client, Rule, SourceChange
@@ -124,7 +124,7 @@ def cmd_source_ls(args: argparse.Namespace, api: Client) -> int:
          hz.ago(s["last_hit"]) if s["last_hit"] else "never", hz.ago(s["updated_at"])]
         for s in sources
     ]
-    print(hz.table(["SOURCE", "RULES", "PACKETS", "BYTES", "LAST HIT", "UPDATED"], rows,
+    print(table(["SOURCE", "RULES", "PACKETS", "BYTES", "LAST HIT", "UPDATED"], rows,
                    right=(1, 2, 3)))
     return 0
 
@@ -156,7 +156,7 @@ def _rule_table(rules: list[Rule]) -> str:
          printable(",".join(r["sources"])), printable(r["comment"])]
         for r in rules
     ]
-    return hz.table(["ID", "ACTION", "MATCH", "EXPIRES", "SOURCES", "COMMENT"], rows,
+    return table(["ID", "ACTION", "MATCH", "EXPIRES", "SOURCES", "COMMENT"], rows,
                     right=(0,))
 
 
