@@ -390,3 +390,26 @@ def test_chunks_carry_absolute_expiries() -> None:
     d = decode_source("s", m, chunks, [])
     assert d is not None and d.codes == [1, 2] and d.comments == ["a", "b"]  # 3 expired
     assert d.ttls[0] is None and 59 <= (d.ttls[1] or 0) <= 61 and d.uniform is None
+
+
+def test_the_clients_fleet_shapes_match_the_fleet_routes_schema() -> None:
+    """The CLI's view of the fleet answers (client.FleetNode, FleetRule, FleetWrite) against
+    the OpenAPI schema of the fleet routes (a fleet node's; tests/test_contracts.py checks
+    the single-host ones the same way)."""
+    from typing import get_type_hints
+
+    from fastapi import FastAPI
+
+    from api.routes import fleet as fleet_routes
+    from tests.test_contracts import _py_type, _schema_type
+    from xdpfw.cli import client
+
+    app = FastAPI()
+    app.include_router(fleet_routes.router)
+    app.include_router(fleet_routes.writes)
+    components = app.openapi()["components"]["schemas"]
+    for shape, name in ((client.FleetNode, "NodeOut"), (client.FleetRule, "FleetRuleOut"),
+                        (client.FleetWrite, "FleetWriteOut")):
+        want = {k: _schema_type(p) for k, p in components[name]["properties"].items()}
+        have = {k: _py_type(t) for k, t in get_type_hints(shape).items()}
+        assert have == want, f"client.{shape.__name__} vs {name}"
