@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from api.fleet.etcd import EtcdClient
-from api.fleet.state import Conflict, Layout, Writer
+from api.fleet.state import Conflict, Layout, Writer, chunk_body
 from tests.conftest import unique_pin_dir
 from tests.etcd_cluster import Cluster, etcd_cluster
 from tests.server import XDPFW, Server, _remove_pins
@@ -349,7 +349,7 @@ def test_two_writers_one_wins_whole(fleet: list[Server], cluster: Cluster) -> No
     m = json.loads(manifest.value)
     chunks, _ = etcd.prefix(layout.chunks("contested", m["gen"]))
     assert m["chunks"] == len(chunks) > 1
-    codes = [c for kv in chunks for c in json.loads(kv.value)["codes"]]
+    codes = [c for kv in chunks for c in chunk_body(kv.value)["codes"]]
     assert codes in (lists[1], lists[2])  # whole, never a mix
     # No orphan chunks of the losers left behind: one generation only.
     every, _ = etcd.prefix(layout.chunks("contested"), )

@@ -32,6 +32,7 @@ import json
 import os
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +47,7 @@ __all__ = [
     "Layout",
     "Scope",
     "Writer",
+    "chunk_body",
     "decode_source",
     "encode_chunks",
     "in_scope",
@@ -122,8 +124,10 @@ def encode_chunks(
     codes: Sequence[int], comments: Sequence[str] | None, ttls: Sequence[int | None] | None,
     expires: Sequence[float | None] | None = None,
 ) -> list[bytes]:
-    """The list as JSON chunks of at most ~CHUNK_BYTES each. Per entry, optionally: its
-    comment, its TTL (seconds from when a node applies it) or its expiry (unix time)."""
+    """The list as chunks of at most ~CHUNK_BYTES of JSON each, zlib-compressed (a list of
+    codes packs ~2.3x: etcd stores, replicates and serves that much less; `chunk_body`
+    reads both forms). Per entry, optionally: its comment, its TTL (seconds from when a
+    node applies it) or its expiry (unix time)."""
     out: list[bytes] = []
     start = 0
     n = len(codes)
@@ -146,11 +150,18 @@ def encode_chunks(
             body["ttls"] = list(ttls[start:end])
         if expires is not None:
             body["expires"] = [None if e is None else round(e, 3) for e in expires[start:end]]
-        out.append(json.dumps(body, separators=(",", ":")).encode())
+        out.append(zlib.compress(json.dumps(body, separators=(",", ":")).encode(), 1))
         start = end
         if n == 0:
             break
     return out
+
+
+def chunk_body(value: bytes) -> dict[str, Any]:
+    """A chunk's JSON body: zlib-compressed (a zlib stream starts with 0x78, `x`) or, as
+    written before compression, plain JSON (which starts with `{`)."""
+    body: dict[str, Any] = json.loads(zlib.decompress(value) if value[:1] == b"x" else value)
+    return body
 
 
 @dataclass
@@ -215,7 +226,7 @@ def decode_source(
             raise ValueError(f"source {name}: {len(chunks)} chunk(s) of {m['chunks']}")
         left = _ttl_left(m.get("expires_at"), now)
         ttl = left if isinstance(left, int) else None
-        bodies = [json.loads(c.value) for c in chunks]
+        bodies = [chunk_body(c.value) for c in chunks]
         if left is not False:
             for body in bodies:
                 codes = body["codes"]
@@ -271,7 +282,7 @@ def _list_entries(manifest: dict[str, Any], chunks: Sequence[KV], now: float
     if whole is not None and whole <= now:
         return codes, comments, expires
     for kv in chunks:
-        body = json.loads(kv.value)
+        body = chunk_body(kv.value)
         n = len(body["codes"])
         cms = body.get("comments") or [manifest.get("comment", "")] * n
         if "expires" in body:
@@ -313,7 +324,7 @@ class Writer:
         before: set[int] = set()
         if old_gen is not None:
             kvs, _ = self.etcd.prefix(L.chunks(name, old_gen))
-            before = {c for kv in kvs for c in json.loads(kv.value)["codes"]}
+            before = {c for kv in kvs for c in chunk_body(kv.value)["codes"]}
         rules, _ = self.etcd.prefix(L.rules(name))
         before.update(int(kv.key.rsplit(b"/", 1)[1], 16) for kv in rules)
         after = set(codes)
