@@ -415,3 +415,21 @@ def test_the_clients_fleet_shapes_match_the_fleet_routes_schema() -> None:
         want = {k: _schema_type(p) for k, p in components[name]["properties"].items()}
         have = {k: _py_type(t) for k, t in get_type_hints(shape).items()}
         assert have == want, f"client.{shape.__name__} vs {name}"
+
+
+def test_the_agent_exposes_what_the_fleet_alerts_read(tmp_path: Path) -> None:
+    """deploy/prometheus/alerts.yml's XdpfwFleetNodeBehind and XdpfwFleetStoreUnreachable
+    read these names (tests/test_prometheus.py FLEET_METRICS); a node of no fleet exposes
+    none of them, so the check is here."""
+    from tests.test_prometheus import FLEET_METRICS, rule_groups
+
+    n = make_node(tmp_path / "m.sqlite3", [f"http://127.0.0.1:{free_port()}"], "/m", "m1",
+                  start=False)
+    try:
+        names = {s.name for family in n.agent.metrics() for s in family.samples}
+        assert names >= FLEET_METRICS, names
+        exprs = " ".join(r["expr"] for r in rule_groups() if "alert" in r)
+        assert all(name in exprs for name in FLEET_METRICS)
+    finally:
+        n.store.close()
+        n.agent.etcd.close()
