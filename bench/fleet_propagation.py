@@ -28,6 +28,8 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+import httpx
+
 from api.fleet.etcd import EtcdClient
 from tests.conftest import unique_pin_dir
 from tests.etcd_cluster import Cluster, etcd_cluster
@@ -228,8 +230,11 @@ def _wait_holds(node: Server, name: str, n: int, timeout: float = 600,
                 every: float = 0.2) -> float:
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < timeout:
-        with node.client() as cl:
-            r = cl.get(f"/v1/sources/{name}")
+        try:
+            with node.client() as cl:  # waits on the node's lock while it applies
+                r = cl.get(f"/v1/sources/{name}", timeout=120)
+        except httpx.TimeoutException:
+            continue
         if r.status_code == 200 and r.json()["rules"] == n:
             return time.perf_counter() - t0
         time.sleep(every)

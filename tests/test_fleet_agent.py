@@ -433,3 +433,75 @@ def test_the_agent_exposes_what_the_fleet_alerts_read(tmp_path: Path) -> None:
     finally:
         n.store.close()
         n.agent.etcd.close()
+
+
+def test_the_issues_flags_and_env_names(monkeypatch: pytest.MonkeyPatch,
+                                        tmp_path: Path) -> None:
+    """Issue 19's `serve --etcd URL[,URL...] --node NAME [--etcd-prefix] [--etcd-ca/--etcd-cert/
+    --etcd-key]` and env `XDPFW_ETCD`, `XDPFW_NODE`, ...: flags over env over defaults."""
+    from api.settings import get_settings
+    from xdpfw.cli.main import build_parser
+    from xdpfw.cli.serve import _fleet_flags
+
+    for name in ("XDPFW_ETCD", "XDPFW_NODE", "XDPFW_NODE_LABELS", "XDPFW_ETCD_PREFIX",
+                 "XDPFW_ETCD_CA", "XDPFW_ETCD_CERT", "XDPFW_ETCD_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDPFW_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("XDPFW_ETCD", "http://e1:2379,http://e2:2379")
+    monkeypatch.setenv("XDPFW_NODE", "edge-9")
+    monkeypatch.setenv("XDPFW_NODE_LABELS", "rack=r9")
+    monkeypatch.setenv("XDPFW_ETCD_PREFIX", "/fleet-a")
+    monkeypatch.setenv("XDPFW_ETCD_CA", "/etc/xdpfw/etcd/ca.crt")
+    monkeypatch.setenv("XDPFW_ETCD_CERT", "/etc/xdpfw/etcd/tls.crt")
+    monkeypatch.setenv("XDPFW_ETCD_KEY", "/etc/xdpfw/etcd/tls.key")
+    s = get_settings()
+    assert (s.etcd, s.node, s.node_labels, s.etcd_prefix) == (
+        ["http://e1:2379", "http://e2:2379"], "edge-9", {"rack": "r9"}, "/fleet-a")
+    assert (str(s.etcd_ca), str(s.etcd_cert), str(s.etcd_key)) == (
+        "/etc/xdpfw/etcd/ca.crt", "/etc/xdpfw/etcd/tls.crt", "/etc/xdpfw/etcd/tls.key")
+    args = build_parser().parse_args([
+        "serve", "--etcd", "https://f1:2379", "--node", "edge-1", "--node-label", "rack=r1",
+        "--node-label", "zone=eu", "--etcd-prefix", "/fleet-b", "--etcd-ca", "/c/ca.pem",
+        "--etcd-cert", "/c/cert.pem", "--etcd-key", "/c/key.pem",
+    ])
+    s = get_settings(**_fleet_flags(args))  # the flags win over the environment
+    assert (s.etcd, s.node, s.node_labels, s.etcd_prefix) == (
+        ["https://f1:2379"], "edge-1", {"rack": "r1", "zone": "eu"}, "/fleet-b")
+    assert str(s.etcd_key) == "/c/key.pem"
+    monkeypatch.setenv("XDPFW_ETCD", "")  # compose/ConfigMap's empty value: one host
+    monkeypatch.setenv("XDPFW_NODE", "")
+    assert get_settings().etcd == [] and get_settings().node is None
+
+
+def test_the_deploy_files_carry_the_fleet_settings() -> None:
+    """Compose and the DaemonSet pass every fleet setting through (empty: one host), and the
+    DaemonSet mounts the optional Secret xdpfw-etcd where the ConfigMap says the certs are."""
+    import yaml
+
+    from api.settings import get_settings
+
+    root = Path(__file__).resolve().parent.parent
+    compose = yaml.safe_load((root / "docker-compose.yml").read_text())
+    env = next(iter(compose["services"].values()))["environment"]
+    fleet_env = {"XDPFW_ETCD", "XDPFW_NODE", "XDPFW_NODE_LABELS", "XDPFW_ETCD_PREFIX",
+                 "XDPFW_ETCD_CA", "XDPFW_ETCD_CERT", "XDPFW_ETCD_KEY"}
+    assert fleet_env <= set(env)
+    k8s = root / "deploy" / "kubernetes"
+    cm = yaml.safe_load((k8s / "configmap.yaml").read_text())
+    assert {"XDPFW_ETCD", "XDPFW_ETCD_PREFIX", "XDPFW_ETCD_CA", "XDPFW_ETCD_CERT",
+            "XDPFW_ETCD_KEY"} <= set(cm["data"])
+    # The ConfigMap's defaults are one host: every empty value is "unset".
+    s = get_settings(**{k.removeprefix("XDPFW_").lower(): v for k, v in cm["data"].items()
+                        if k.startswith("XDPFW_ETCD")})
+    assert s.etcd == [] and s.etcd_ca is None and s.etcd_key is None
+    ds = yaml.safe_load((k8s / "daemonset.yaml").read_text())
+    pod = ds["spec"]["template"]["spec"]
+    node_env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert node_env["XDPFW_NODE"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    vol = next(v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == "xdpfw-etcd")
+    assert vol["secret"]["optional"] is True  # no Secret: the pod still starts (no TLS)
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == vol["name"])
+    assert mount["mountPath"] == "/etc/xdpfw/etcd" and mount["readOnly"] is True
+    text = (k8s / "configmap.yaml").read_text()
+    assert "/etc/xdpfw/etcd/ca.crt" in text and "create secret generic xdpfw-etcd" in text
+    assert all(f"--from-file={name}" in text for name in ("ca.crt", "tls.crt", "tls.key"))
