@@ -201,6 +201,13 @@ def big(n: int, a: Server, b: Server, c: Server, single: Server) -> None:
     alone = time.perf_counter() - t0
     print(f"the same, scoped to B only: B holds it after {alone:.2f} s = {alone / one:.2f}x "
           "the single host")
+    # Where a node's time went: its agent logs the read from etcd and the apply of each source.
+    for name, s in (("A", a), ("B", b), ("C", c)):
+        for line in s.log.read_text(errors="replace").splitlines():
+            m = re.search(r"fleet: source (big\S*): .*\((read [0-9.]+ s, applied in [0-9.]+ s)\)",
+                          line)
+            if m:
+                print(f"  {name} {m.group(1)}: {m.group(2)}")
 
 
 def _ipv4_list(n: int, base: int) -> str:

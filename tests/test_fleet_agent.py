@@ -377,6 +377,19 @@ def test_bulk_and_delete_by_value_go_to_etcd(nodes: Callable[..., Node],
         r = a.client.post("/v1/rules/bulk?nodes=b", content="192.0.2.99", headers=PLAIN)
         assert r.status_code == 422 and "scope" in r.text
         assert rev0 > 0
+        # A bulk into a source with a TTL: the source's expiry moves onto its old entries
+        # (no lease left to take the bulk's entries with it).
+        a.client.put("/v1/sources/tmp?ttl_seconds=600&wait=applied", content="192.0.2.50",
+                     headers=PLAIN)
+        r = a.client.post("/v1/rules/bulk?source=tmp&wait=applied", content="192.0.2.51",
+                          headers=PLAIN)
+        assert r.status_code == 201, r.text
+        m, _ = etcd.get(L.manifest("tmp"))
+        assert m is not None and m.lease == 0
+        until(lambda: b.held("tmp") == {"192.0.2.50/32", "192.0.2.51/32"})
+        rows = b.client.get("/v1/rules", params={"source": "tmp"}).json()["rules"]
+        expiry = {x["src"]: x["expires_at"] for x in rows}
+        assert expiry["192.0.2.50/32"] is not None and expiry["192.0.2.51/32"] is None
     finally:
         etcd.close()
 

@@ -539,7 +539,9 @@ class Writer:
         written: list[tuple[str, str]] = []
         try:
             for name, old, manifest, codes, comments, expires in lists:
-                lease = old.lease if old is not None else 0  # a source's TTL lease stays
+                # A source's TTL lease stays with a list that keeps the source's expiry (a
+                # delete); a bulk moves that expiry onto each old entry and drops the lease.
+                lease = old.lease if old is not None and manifest.get("expires_at") else 0
                 parts = encode_chunks(codes, comments, None, expires)
                 for i, part in enumerate(parts):
                     if not written or written[-1] != (name, manifest["gen"]):
