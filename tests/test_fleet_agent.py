@@ -323,8 +323,25 @@ def test_a_scoped_rule_on_a_single_host_is_refused(tmp_path: Path) -> None:
         assert client.get("/v1/rules").json()["rules"] == []
         r = client.post("/v1/rules", json={"src": "192.0.2.30"})  # unscoped: as ever
         assert r.status_code == 201
+        r = client.put("/v1/sources/eu?selector=zone=eu", content="192.0.2.31", headers=PLAIN)
+        assert r.status_code == 422 and "fleet mode" in r.text, r.text
+        assert client.get("/v1/sources/eu").status_code == 404
     finally:
         store.close()
+
+
+def test_the_cli_scope_flags() -> None:
+    from xdpfw.cli.main import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["rule", "add", "--src", "192.0.2.1", "--nodes", "edge-1,edge-2",
+                              "--selector", "rack=r1,zone=eu"])
+    assert args.nodes == ["edge-1", "edge-2"] and args.selector == {"rack": "r1", "zone": "eu"}
+    args = parser.parse_args(["source", "replace", "eu", "-", "--selector", "zone=eu"])
+    assert args.selector == {"zone": "eu"} and args.nodes is None
+    for bad in (["--nodes", "Edge 1"], ["--selector", "rack"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["rule", "add", "--src", "192.0.2.1", *bad])
 
 
 def test_bulk_and_delete_by_value_go_to_etcd(nodes: Callable[..., Node],

@@ -778,13 +778,20 @@ class Client:
         comment: str = "",
         ttl_seconds: int | None = None,
         timeout: float = 600.0,
+        nodes: list[str] | None = None,
+        selector: dict[str, str] | None = None,
     ) -> SourceChange:
-        """PUT /v1/sources/{name} with a list (text): the source holds exactly these."""
+        """PUT /v1/sources/{name} with a list (text): the source holds exactly these.
+        `nodes`/`selector`: fleet mode, only the nodes in that scope enforce it."""
         params: dict[str, str | int] = {"action": action, "mode": mode, "wait": "applied"}
         if comment:
             params["comment"] = comment
         if ttl_seconds is not None:
             params["ttl_seconds"] = ttl_seconds
+        if nodes is not None:
+            params["nodes"] = ",".join(nodes)
+        if selector is not None:
+            params["selector"] = ",".join(f"{k}={v}" for k, v in selector.items())
         r = self._request(
             "PUT",
             f"/v1/sources/{name}",

@@ -68,6 +68,7 @@ examples:
   xdpfw source replace firehol_level1 firehol_level1.netset
   curl -s https://www.spamhaus.org/drop/drop.txt | xdpfw source replace spamhaus-drop -
   xdpfw source replace scanners scanners.txt --ttl 1d --comment "daily feed"
+  xdpfw source replace eu-only eu.txt --selector zone=eu     # fleet: nodes labelled zone=eu
 """
 SOURCE_EXPORT_EPILOG = """Prints the source's addresses, one CIDR per line, in a form that
 `xdpfw import` and `xdpfw source replace` read back. Rules that are not plain source-address
@@ -179,6 +180,8 @@ def cmd_source_replace(args: argparse.Namespace, api: Client) -> int:
             mode="monitor" if args.monitor else "enforce",
             comment=args.comment,
             ttl_seconds=args.ttl,
+            nodes=getattr(args, "nodes", None),  # issue 19: fleet mode
+            selector=getattr(args, "selector", None),
         )
     if args.json:
         print_json(change)
