@@ -157,22 +157,41 @@ def main() -> None:
         for name in ("A", "B", "C"):
             print(f"{name} / single (p50): {pct(lat[name], .5) / base:.1f}x")
         if args.big:
-            big(args.big, a, b, c, single)
+            big(args.big, a, b, c, single, cluster)
         if args.sizes:
             sizes(args.sizes, cluster, a, b)
         print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
-def big(n: int, a: Server, b: Server, c: Server, single: Server) -> None:
+def _cpu(pid: int) -> float:
+    """CPU seconds (user + system) process `pid` has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _pids(servers: list[Server], cluster: Cluster | None) -> dict[str, int]:
+    out = {f"node {s.url}": s.proc.pid for s in servers if s.proc is not None}
+    if cluster is not None:
+        out.update({f"etcd {m.name}": m.proc.pid for m in cluster.members
+                    if m.proc is not None})
+    return out
+
+
+def big(n: int, a: Server, b: Server, c: Server, single: Server,
+        cluster: Cluster | None = None) -> None:
     """A source of n entries replaced on A: until A, B and C hold it, vs one host's PUT."""
     body = "".join(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}\n" for i in range(n))
     hdr = {"content-type": "text/plain"}
     with single.client() as cl:
+        cpu0 = _cpu(single.proc.pid) if single.proc is not None else 0.0
         t0 = time.perf_counter()
         r = cl.put("/v1/sources/big", content=body, headers=hdr, timeout=300)
         one = time.perf_counter() - t0
         assert r.status_code == 200, r.text
+        cpu_one = (_cpu(single.proc.pid) if single.proc is not None else 0.0) - cpu0
     done: dict[str, float] = {}
+    pids = _pids([a, b, c], cluster)
+    before = {k: _cpu(p) for k, p in pids.items()}
     with a.client() as cl:
         t0 = time.perf_counter()
         r = cl.put("/v1/sources/big", content=body, headers=hdr, timeout=300)
@@ -190,6 +209,12 @@ def big(n: int, a: Server, b: Server, c: Server, single: Server) -> None:
     print(f"source of {n} entries: single host PUT {one:.2f} s; fleet: committed "
           f"{committed:.2f} s, " + ", ".join(f"{k} {v:.2f} s" for k, v in sorted(done.items()))
           + f"; all three / single host = {last / one:.2f}x")
+    # Where the 2 cores went meanwhile: CPU seconds of each process (the bench's own polls
+    # included in the nodes').
+    used = {k: _cpu(p) - before[k] for k, p in pids.items()}
+    print(f"  CPU seconds: single host {cpu_one:.2f}; " + ", ".join(
+        f"{k.split(' ', 1)[0]} {v:.2f}" for k, v in used.items())
+        + f"; fleet total {sum(used.values()):.2f} in {last:.2f} s")
     # The same size once more, scoped to B alone (other addresses: all new rules, as above):
     # what the fleet path costs one node when it is not sharing 2 cores with two others.
     other = "".join(f"11.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}\n" for i in range(n))
