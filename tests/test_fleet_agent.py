@@ -535,3 +535,48 @@ def test_the_deploy_files_carry_the_fleet_settings() -> None:
     text = (k8s / "configmap.yaml").read_text()
     assert "/etc/xdpfw/etcd/ca.crt" in text and "create secret generic xdpfw-etcd" in text
     assert all(f"--from-file={name}" in text for name in ("ca.crt", "tls.crt", "tls.key"))
+
+
+def test_two_bulks_into_one_source_at_once_both_land(etcd1: Cluster,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Adding is order-free: the bulk that loses the txn's compare reads again and retries,
+    so both land whole and one generation is left (a replace that loses answers 409)."""
+    import threading
+
+    from api.fleet.state import Writer, chunk_body
+
+    monkeypatch.setattr(state, "CHUNK_BYTES", 1024)
+    L = Layout(f"/b{time.monotonic_ns()}")
+    etcd = EtcdClient(etcd1.urls)
+    try:
+        writers = [Writer(EtcdClient(etcd1.urls), L, f"w{i}") for i in range(2)]
+        lists = [[(9 << 100) + i * 1000 + j for j in range(300)] for i in range(2)]
+        errors: list[BaseException] = []
+        gate = threading.Barrier(2)
+
+        def run(i: int) -> None:
+            try:
+                gate.wait()
+                for k in range(0, 300, 100):  # three bulks each, interleaved with the other's
+                    part = lists[i][k:k + 100]
+                    writers[i].add_to_source("both", part, [""] * 100, [None] * 100)
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not errors, errors
+        m, _ = etcd.get(L.manifest("both"))
+        assert m is not None
+        gen = json.loads(m.value)["gen"]
+        kvs, _ = etcd.prefix(L.chunks("both"))
+        assert {kv.key.split(b"/")[-2].decode() for kv in kvs} == {gen}  # one generation
+        stored = [c for kv in kvs for c in chunk_body(kv.value)["codes"]]
+        assert sorted(stored) == sorted(lists[0] + lists[1])
+        for w in writers:
+            w.etcd.close()
+    finally:
+        etcd.close()

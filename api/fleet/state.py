@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import time
 import uuid
 import zlib
@@ -419,19 +420,20 @@ class Writer:
 
     def add_to_source(
         self, name: str, codes: Sequence[int], comments: Sequence[str],
-        expires: Sequence[float | None], attempts: int = 3,
+        expires: Sequence[float | None], attempts: int = 8,
     ) -> tuple[int, int, int]:
         """A bulk add: the entries join source `name`'s list (a new generation: the old
         list plus the entries it did not hold, made current by one txn; the source's rule
         keys and scope stay). (revision, added, duplicates). Two bulks of one source at
         once: the one that loses the txn's compare reads again and retries (adding is
-        order-free), up to `attempts` times, then Conflict."""
+        order-free) after a short random pause, up to `attempts` times, then Conflict."""
         for attempt in range(attempts):
             try:
                 return self._add_to_source(name, codes, comments, expires)
             except Conflict:
                 if attempt == attempts - 1:
                     raise
+                time.sleep(random.uniform(0, 0.02 * (attempt + 1)))  # the two fall apart
         raise AssertionError("unreachable")
 
     def _add_to_source(
