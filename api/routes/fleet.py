@@ -467,8 +467,8 @@ def install(app: FastAPI, agent: FleetAgent) -> None:
 
     async def conflict(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse(
-            {"detail": f"source {exc} was changed by another writer while this replace was "
-             "being written: nothing of this replace was applied (the other one won whole); "
+            {"detail": f"source {exc} was changed by another writer while this write was "
+             "being made: nothing of this write was applied (the other one won whole); "
              "read the source and retry", "error": "conflict"}, status_code=409,
         )
 
