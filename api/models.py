@@ -222,6 +222,18 @@ class RuleIn(BaseModel):
         "source lets it go); re-adding a rule the source holds sets its new expiry",
     )
     sample: SampleIn | None = None  # X-ray
+    # -- issue 19: fleet mode (docs/fleet.md); a node without --etcd answers 422 --
+    nodes: list[Annotated[str, Field(pattern=SOURCE_PATTERN)]] | None = Field(
+        default=None, min_length=1, max_length=256,
+        description="fleet mode: only these nodes enforce the rule (default: every node)",
+    )
+    selector: dict[str, Annotated[str, Field(max_length=256)]] | None = Field(
+        default=None, min_length=1, max_length=32,
+        description="fleet mode: only nodes with all these labels (--node-label) enforce it",
+    )
+
+    def scoped(self) -> bool:
+        return self.nodes is not None or self.selector is not None
 
     def spec(self) -> RuleSpec:
         return RuleSpec.parse(
@@ -254,6 +266,9 @@ def bulk_rules(raw: bytes, force: bool, source: str | None = None) -> list[NewRu
     for i, obj in enumerate(data):
         try:
             body = RuleIn.model_validate(obj)
+            if body.scoped():
+                raise InvalidRule("nodes", "a bulk takes no per-rule scope: in fleet mode it "
+                                  "joins its source's list, and the source's scope holds")
             items.append(
                 NewRule(body.spec(), body.comment, body.ttl_seconds, body.force or force,
                         source or body.source,

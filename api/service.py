@@ -949,6 +949,21 @@ class FirewallService:
                 return 0
             return self._release(source if source is not None else ANY_SOURCE, ids)[0]
 
+    def sources_where(self, src: str | None = None, dst: str | None = None) -> set[str]:
+        """The sources holding a rule that `remove_where(src, dst)` would match (fleet mode,
+        issue 19: which lists a delete by value has to rewrite in etcd)."""
+        src_text = parse_network(src, "src").with_prefixlen if src is not None else None
+        dst_text = parse_network(dst, "dst").with_prefixlen if dst is not None else None
+        if src_text is None and dst_text is None:
+            raise InvalidRule("src", "name the rules to remove by src, dst or both")
+        with self.lock:
+            out: set[str] = set()
+            for rid in self.store.matching(src_text, dst_text, None):
+                stored = self.store.get(rid)
+                if stored is not None:
+                    out.update(stored.sources)
+            return out
+
     def drop_source(self, name: str) -> int:
         """Delete a source: its holdings go (a rule another source holds stays). The holdings
         removed; SourceNotFound if there is no such source."""

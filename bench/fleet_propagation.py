@@ -7,12 +7,20 @@ nodes each on its own veth lab, one single-host `xdpfw serve`. Each node's probe
 datagram from its lab's namespace and waits up to 20 ms for it; the first of 3 datagrams in a
 row that never arrive marks the drop at its send time. The rule is `src 198.18.0.0/15` (every
 lab's peer), deleted and re-added each round. Root; ~1-2 min.
-Run: .venv/bin/python -m bench.fleet_propagation [--rounds N]
+
+`--sizes N` (after the rest): what a source of N entries costs the store and the wire: etcd's
+db size (maintenance/status of every member: the largest) before, after loading it on A, after
+replacing it with N other entries, and after a compaction to the head plus a defragment of
+every member; and the bytes node B received from etcd for each load, over the watch and by
+its other calls (the chunk reads), from its xdpfw_fleet_*_bytes_total counters.
+Run: flock /work/tools/bench.lock .venv/bin/python -m bench.fleet_propagation [--rounds N]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import socket
 import tempfile
 import threading
@@ -20,8 +28,11 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+import httpx
+
+from api.fleet.etcd import EtcdClient
 from tests.conftest import unique_pin_dir
-from tests.etcd_cluster import etcd_cluster
+from tests.etcd_cluster import Cluster, etcd_cluster
 from tests.server import Server, _remove_pins
 from xdpfw.kernel import netlink
 from xdpfw.lab import VethLab, veth_lab
@@ -85,7 +96,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--big", type=int, default=100_000,
                     help="entries of the source replaced once on A and on the single host")
+    ap.add_argument("--sizes", type=int, default=0,
+                    help="entries of the source whose etcd size and watch traffic are measured")
     args = ap.parse_args()
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     with tempfile.TemporaryDirectory() as tmp_s, ExitStack() as stack:
         tmp = Path(tmp_s)
         cluster = stack.enter_context(etcd_cluster(tmp, 3))
@@ -94,7 +108,10 @@ def main() -> None:
             lab = stack.enter_context(veth_lab(prefix="xfw"))
             pins = unique_pin_dir(f"bench{i}")
             fleet = ["--etcd", cluster.endpoints, "--node", f"n{i}"] if i < 3 else []
-            caps = ["--max-rules", str(max(8192, 2 * args.big))]
+            # B (n1) alone holds the --sizes source (scoped to it), old and new list at once,
+            # and big-b (scoped to it) besides big
+            room = 2 * args.sizes if i == 1 else 0
+            caps = ["--max-rules", str(max(8192, 3 * args.big + room + 8192))]
             srv = Server(lab=lab, state_dir=tmp / f"s{i}", bpffs_dir=pins,
                          extra_args=[*fleet, *caps])
             stack.callback(_remove_pins, pins)
@@ -140,19 +157,41 @@ def main() -> None:
         for name in ("A", "B", "C"):
             print(f"{name} / single (p50): {pct(lat[name], .5) / base:.1f}x")
         if args.big:
-            big(args.big, a, b, c, single)
+            big(args.big, a, b, c, single, cluster)
+        if args.sizes:
+            sizes(args.sizes, cluster, a, b)
+        print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
-def big(n: int, a: Server, b: Server, c: Server, single: Server) -> None:
+def _cpu(pid: int) -> float:
+    """CPU seconds (user + system) process `pid` has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _pids(servers: list[Server], cluster: Cluster | None) -> dict[str, int]:
+    out = {f"node {s.url}": s.proc.pid for s in servers if s.proc is not None}
+    if cluster is not None:
+        out.update({f"etcd {m.name}": m.proc.pid for m in cluster.members
+                    if m.proc is not None})
+    return out
+
+
+def big(n: int, a: Server, b: Server, c: Server, single: Server,
+        cluster: Cluster | None = None) -> None:
     """A source of n entries replaced on A: until A, B and C hold it, vs one host's PUT."""
     body = "".join(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}\n" for i in range(n))
     hdr = {"content-type": "text/plain"}
     with single.client() as cl:
+        cpu0 = _cpu(single.proc.pid) if single.proc is not None else 0.0
         t0 = time.perf_counter()
         r = cl.put("/v1/sources/big", content=body, headers=hdr, timeout=300)
         one = time.perf_counter() - t0
         assert r.status_code == 200, r.text
+        cpu_one = (_cpu(single.proc.pid) if single.proc is not None else 0.0) - cpu0
     done: dict[str, float] = {}
+    pids = _pids([a, b, c], cluster)
+    before = {k: _cpu(p) for k, p in pids.items()}
     with a.client() as cl:
         t0 = time.perf_counter()
         r = cl.put("/v1/sources/big", content=body, headers=hdr, timeout=300)
@@ -170,6 +209,101 @@ def big(n: int, a: Server, b: Server, c: Server, single: Server) -> None:
     print(f"source of {n} entries: single host PUT {one:.2f} s; fleet: committed "
           f"{committed:.2f} s, " + ", ".join(f"{k} {v:.2f} s" for k, v in sorted(done.items()))
           + f"; all three / single host = {last / one:.2f}x")
+    # Where the 2 cores went meanwhile: CPU seconds of each process (the bench's own polls
+    # included in the nodes').
+    used = {k: _cpu(p) - before[k] for k, p in pids.items()}
+    print(f"  CPU seconds: single host {cpu_one:.2f}; " + ", ".join(
+        f"{k.split(' ', 1)[0]} {v:.2f}" for k, v in used.items())
+        + f"; fleet total {sum(used.values()):.2f} in {last:.2f} s")
+    # The same size once more, scoped to B alone (other addresses: all new rules, as above):
+    # what the fleet path costs one node when it is not sharing 2 cores with two others.
+    other = "".join(f"11.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}\n" for i in range(n))
+    with a.client() as cl:
+        t0 = time.perf_counter()
+        r = cl.put("/v1/sources/big-b?nodes=n1", content=other, headers=hdr, timeout=300)
+        assert r.status_code == 200, r.text
+    _wait_holds(b, "big-b", n, timeout=300, every=0.05)
+    alone = time.perf_counter() - t0
+    print(f"the same, scoped to B only: B holds it after {alone:.2f} s = {alone / one:.2f}x "
+          "the single host")
+    # Where a node's time went: its agent logs the read from etcd and the apply of each source.
+    for name, s in (("A", a), ("B", b), ("C", c)):
+        for line in s.log.read_text(errors="replace").splitlines():
+            m = re.search(r"fleet: source (big\S*): .*\((read [0-9.]+ s, applied in [0-9.]+ s)\)",
+                          line)
+            if m:
+                print(f"  {name} {m.group(1)}: {m.group(2)}")
+
+
+def _ipv4_list(n: int, base: int) -> str:
+    return "".join(f"{(base + i) >> 24 & 255}.{(base + i) >> 16 & 255}."
+                   f"{(base + i) >> 8 & 255}.{(base + i) & 255}\n" for i in range(n))
+
+
+def _db_size(etcd: list[EtcdClient]) -> tuple[int, int]:
+    """(dbSize, dbSizeInUse) in bytes: the largest over the members."""
+    stats = [e.status() for e in etcd]
+    return (max(int(s.get("dbSize", 0)) for s in stats),
+            max(int(s.get("dbSizeInUse", 0)) for s in stats))
+
+
+def _bytes_in(node: Server) -> tuple[int, int]:
+    """(watch bytes, other bytes) node has received from etcd so far."""
+    with node.client() as cl:
+        text = cl.get("/metrics").text
+    def one(name: str) -> int:
+        m = re.search(rf"^{name}_total{{[^}}]*}} ([0-9.e+]+)$", text, re.M)
+        assert m, name
+        return int(float(m.group(1)))
+    return one("xdpfw_fleet_watch_bytes"), one("xdpfw_fleet_read_bytes")
+
+
+def _wait_holds(node: Server, name: str, n: int, timeout: float = 600,
+                every: float = 0.2) -> float:
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        try:
+            with node.client() as cl:  # waits on the node's lock while it applies
+                r = cl.get(f"/v1/sources/{name}", timeout=120)
+        except httpx.TimeoutException:
+            continue
+        if r.status_code == 200 and r.json()["rules"] == n:
+            return time.perf_counter() - t0
+        time.sleep(every)
+    raise RuntimeError(f"{name}: {n} entries never reached {node.url}")
+
+
+def sizes(n: int, cluster: Cluster, a: Server, b: Server) -> None:
+    """etcd's size and B's traffic for a source of n entries: loaded, replaced, compacted.
+    The source is scoped to B (n1): A and C see the same watch events but do not load it."""
+    etcd = [EtcdClient([u]) for u in cluster.urls]
+    hdr = {"content-type": "text/plain"}
+    mib = 1 << 20
+    try:
+        rows = [("start", *_db_size(etcd), 0, 0)]
+        for step, base in (("loaded", 0x0A000000), ("replaced", 0x0B000000)):
+            w0, r0 = _bytes_in(b)
+            with a.client() as cl:
+                r = cl.put("/v1/sources/sizes?nodes=n1", content=_ipv4_list(n, base), headers=hdr,
+                           timeout=600)
+            assert r.status_code == 200, r.text
+            _wait_holds(b, "sizes", n)
+            time.sleep(3)  # two heartbeats' worth: their bytes are in every row alike
+            w1, r1 = _bytes_in(b)
+            rows.append((step, *_db_size(etcd), w1 - w0, r1 - r0))
+        _, head = etcd[0].get(b"/")
+        etcd[0].compact(head)
+        for e in etcd:
+            e.call("maintenance/defragment", {}, timeout=120)
+        rows.append(("compacted + defragmented", *_db_size(etcd), 0, 0))
+        print(f"source of {n} IPv4 entries (text list {len(_ipv4_list(n, 0)) / mib:.1f} MiB):")
+        for step, size, used, watch, other in rows:
+            print(f"  {step:<26} etcd db {size / mib:8.1f} MiB (in use {used / mib:8.1f} MiB)"
+                  + (f"; node B received: watch {watch / 1024:.1f} KiB, other calls "
+                     f"{other / mib:.1f} MiB" if watch or other else ""))
+    finally:
+        for e in etcd:
+            e.close()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import pytest
 
 from xdpfw import importers
 from xdpfw.cli import humanize as hz
+from xdpfw.cli import output
 from xdpfw.cli.client import (
     EXIT_AUTH,
     EXIT_ERROR,
@@ -182,7 +183,7 @@ def test_humanise() -> None:
 
 
 def test_table() -> None:
-    out = hz.table(["ID", "NAME"], [["1", "a"], ["123", "bcd"]], right=(0,))
+    out = output.table(["ID", "NAME"], [["1", "a"], ["123", "bcd"]], right=(0,))
     assert out.splitlines() == [" ID  NAME", "  1  a", "123  bcd"]
 
 

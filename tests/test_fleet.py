@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from api.fleet.etcd import EtcdClient
-from api.fleet.state import Conflict, Layout, Writer
+from api.fleet.state import Conflict, Layout, Writer, chunk_body
 from tests.conftest import unique_pin_dir
 from tests.etcd_cluster import Cluster, etcd_cluster
 from tests.server import XDPFW, Server, _remove_pins
@@ -115,6 +115,15 @@ def clean(nodes: list[Server], *sources: str) -> None:
         until(lambda s=s: not blocked(s))  # type: ignore[misc]
 
 
+def cli(srv: Server, *args: str) -> str:
+    """The real CLI against node `srv`; its stdout (a non-zero exit fails the test)."""
+    run = subprocess.run([XDPFW, "--state-dir", str(srv.state_dir), *args],
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "XDPFW_API": srv.url})
+    assert run.returncode == 0, (args, run.stdout, run.stderr)
+    return run.stdout
+
+
 def test_one_write_enforced_on_every_node(fleet: list[Server]) -> None:
     a, b, c = fleet
     try:
@@ -155,13 +164,6 @@ def test_one_write_enforced_on_every_node(fleet: list[Server]) -> None:
         assert [ln.split()[0] for ln in p.stdout.splitlines()] == ["NODE", "n0", "n1", "n2"]
         assert "rack=r1" in p.stdout
         # The CLI works unchanged in fleet mode (it asks ?wait=applied): add on B, rm on C.
-        def cli(srv: Server, *args: str) -> str:
-            run = subprocess.run([XDPFW, "--state-dir", str(srv.state_dir), *args],
-                                 capture_output=True, text=True, timeout=60,
-                                 env={**os.environ, "XDPFW_API": srv.url})
-            assert run.returncode == 0, (args, run.stdout, run.stderr)
-            return run.stdout
-
         added = json.loads(cli(b, "rule", "add", "--src", "198.51.100.8", "--json"))
         assert added["src"] == "198.51.100.8/32"
         until(lambda: "198.51.100.8/32" in source_members(c, "api"))
@@ -181,6 +183,34 @@ def test_one_write_enforced_on_every_node(fleet: list[Server]) -> None:
             until(lambda s=s: not blocked(s))  # type: ignore[misc]
     finally:
         clean(fleet, "banned")
+
+
+def test_a_rule_scoped_to_one_node_drops_there_only(fleet: list[Server]) -> None:
+    a, b, c = fleet
+    net = "198.18.0.0/15"  # every lab's peer: what a node drops shows on its own probe
+    try:
+        # Written through A's CLI, for B only: A answers "committed" (it does not enforce it).
+        out = cli(a, "rule", "add", "--src", net, "--nodes", "n1", "--comment", "b only")
+        assert out.startswith("committed at revision") and "n1" in out, out
+        until(lambda: blocked(b))
+        assert not blocked(c) and not blocked(a)
+        listed = json.loads(cli(c, "fleet", "rules", "--json"))
+        mine = [r for r in listed if r["src"] == net]
+        assert len(mine) == 1 and mine[0]["nodes"] == ["n1"] and mine[0]["here"] is False
+        assert "n1" in cli(c, "fleet", "rules")  # the SCOPE column
+        # The same rule re-scoped by label (rack=r0: n0 and n2), written on C (in scope).
+        cli(c, "rule", "add", "--src", net, "--selector", "rack=r0")
+        until(lambda: blocked(a) and blocked(c))
+        until(lambda: not blocked(b))
+        # Delete by value on B (outside the scope): gone from the store, every node passes.
+        r = write(b, "DELETE", "/v1/rules", params={"src": net, "wait": "applied"})
+        assert r.status_code == 200 and r.json()["removed"] == 1, r.text
+        for s in (a, c):
+            until(lambda s=s: not blocked(s))  # type: ignore[misc]
+    finally:
+        write(a, "DELETE", "/v1/rules", params={"src": net})
+        for s in fleet:
+            until(lambda s=s: not blocked(s))  # type: ignore[misc]
 
 
 def test_leader_killed_writes_continue(fleet: list[Server], cluster: Cluster) -> None:
@@ -319,7 +349,7 @@ def test_two_writers_one_wins_whole(fleet: list[Server], cluster: Cluster) -> No
     m = json.loads(manifest.value)
     chunks, _ = etcd.prefix(layout.chunks("contested", m["gen"]))
     assert m["chunks"] == len(chunks) > 1
-    codes = [c for kv in chunks for c in json.loads(kv.value)["codes"]]
+    codes = [c for kv in chunks for c in chunk_body(kv.value)["codes"]]
     assert codes in (lists[1], lists[2])  # whole, never a mix
     # No orphan chunks of the losers left behind: one generation only.
     every, _ = etcd.prefix(layout.chunks("contested"), )

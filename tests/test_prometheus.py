@@ -37,6 +37,9 @@ PROMTOOL = shutil.which("promtool")
 # Exposed by the CrowdSec bouncer when it runs (`xdpfw serve --crowdsec-lapi`), so absent
 # from a server without it; the alert is unit-tested on series in tests.yml.
 BOUNCER_METRICS = {"xdpfw_crowdsec_lapi_errors_total", "xdpfw_crowdsec_last_pull_timestamp_seconds"}
+# Exposed by the fleet agent (`xdpfw serve --etcd`) only; tests/test_fleet_agent.py checks that
+# it exposes them, tests.yml unit-tests the alerts that read them.
+FLEET_METRICS = {"xdpfw_fleet_lag_revisions", "xdpfw_fleet_store_up"}
 
 needs_promtool = pytest.mark.skipif(
     PROMTOOL is None, reason="promtool missing (Debian `prometheus`; `make setup` installs it)"
@@ -371,7 +374,7 @@ def test_dashboard_and_alerts_read_what_a_live_server_exposes(
     live: tuple[Server, str, int],
 ) -> None:
     _, text, _ = live
-    have = exposed_names(text) | recorded() | {"up"} | BOUNCER_METRICS
+    have = exposed_names(text) | recorded() | {"up"} | BOUNCER_METRICS | FLEET_METRICS
     missing = used_metrics() - have
     assert not missing, f"the dashboard or rules read metrics nobody exposes: {missing}"
 

@@ -15,7 +15,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from api.fleet.etcd import KV, Compacted, EtcdClient, EtcdError, EtcdUnavailable
-from api.fleet.state import Desired, Layout, Writer, decode_source
+from api.fleet.state import Desired, Layout, Writer, decode_source, in_scope
 from api.service import FirewallService, NewCodes, NewRule
 from api.store import StoredRule
 from xdpfw.errors import SourceNotFound, XdpfwError
@@ -80,6 +80,7 @@ class FleetAgent:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._lease = 0
+        self.read_seconds = 0.0  # the last source read from etcd took this long (the log)
 
     # -- life ----------------------------------------------------------------------------------
 
@@ -180,7 +181,10 @@ class FleetAgent:
         return decode_source(name, manifests[0] if manifests else None, chunks, rules)
 
     def apply_source(self, name: str, revision: int) -> None:
-        self._apply(name, self._read_source(name, revision))
+        t0 = time.perf_counter()
+        desired = self._read_source(name, revision)
+        self.read_seconds = time.perf_counter() - t0
+        self._apply(name, desired)
 
     def _apply(self, name: str, desired: Desired | None) -> None:
         """Apply one source; a source this node cannot take (a full table, a bad entry) is
@@ -199,8 +203,12 @@ class FleetAgent:
             self.apply_source(name, 0)
 
     def _apply_one(self, name: str, desired: Desired | None) -> None:
-        if desired is not None and not desired.applies_to(self.config.node, self.config.labels):
+        node, labels = self.config.node, self.config.labels
+        if desired is not None and not desired.applies_to(node, labels):
             desired = None  # scoped to other nodes: not here (dropped if it was)
+        if desired is not None:
+            mine = desired.for_node(node, labels)  # single rules scoped to others left out
+            desired = None if desired.codes and not mine.codes else mine
         if desired is None:
             self.managed.discard(name)
             try:
@@ -219,9 +227,11 @@ class FleetAgent:
                 NewRule(rule_from_code(1, c), cm, ttl, True, name)
                 for c, cm, ttl in zip(desired.codes, desired.comments, desired.ttls, strict=True)
             ]
+        t0 = time.perf_counter()
         change = self.svc.replace_source(name, batch)
-        log.info("fleet: source %s: +%d -%d =%d", name, change.added, change.removed,
-                 change.unchanged)
+        log.info("fleet: source %s: +%d -%d =%d (read %.3f s, applied in %.3f s)", name,
+                 change.added, change.removed, change.unchanged, self.read_seconds,
+                 time.perf_counter() - t0)
 
     def resync(self) -> None:
         """Make every fleet source equal its etcd version, at one revision."""
@@ -252,6 +262,24 @@ class FleetAgent:
         log.info("fleet: full resync at revision %d: %d source(s)", rev, len(present))
         self._set_applied(rev)
 
+    def lists_to_read(self, local: set[str]) -> Callable[[str, KV], bool]:
+        """For a delete by value or id (Writer.remove_matching): which sources' lists may
+        hold a match - those this node holds a match of (`local`), those scoped to other
+        nodes (this node cannot know), and those changed since this node applied them."""
+        node, labels = self.config.node, self.config.labels
+
+        def read(name: str, manifest: KV) -> bool:
+            if name in local or manifest.mod_revision > self.applied:
+                return True
+            m = json.loads(manifest.value)
+            return not in_scope((m.get("nodes"), m.get("selector")), node, labels)
+
+        return read
+
+    def in_scope(self, nodes: Sequence[str] | None, selector: dict[str, str] | None) -> bool:
+        return in_scope((None if nodes is None else list(nodes), selector), self.config.node,
+                        self.config.labels)
+
     def rule_of(self, source: str, code: int) -> StoredRule | None:
         """The rule this node enforces for `code`, as `source` holds it (None: not here)."""
         with self.svc.lock:
@@ -272,6 +300,11 @@ class FleetAgent:
              len(self.failed), GaugeMetricFamily),
             ("xdpfw_fleet_resyncs", "Full resyncs since start (compaction, first start).",
              self.resyncs, CounterMetricFamily),
+            ("xdpfw_fleet_watch_bytes", "Bytes received from etcd over the watch.",
+             self.etcd.watch_bytes, CounterMetricFamily),
+            ("xdpfw_fleet_read_bytes", "Bytes received from etcd by other calls (reads of "
+             "the chunks of a changed source, writes, heartbeats).",
+             self.etcd.call_bytes, CounterMetricFamily),
         ):
             family = kind(name, doc, labels=["node"])
             family.add_metric(node, value)

@@ -9,7 +9,9 @@ killed, the leader included, costs one connection error, not an outage.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import socket
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -114,11 +116,22 @@ class EtcdClient:
         self._http = httpx.Client(timeout=timeout, verify=verify, cert=certs)
         self._stream_args: dict[str, Any] = {"verify": verify, "cert": certs}
         self._streams: set[httpx.Client] = set()  # the watches in progress
+        self._socks: dict[httpx.Client, socket.socket] = {}  # and their sockets
+        # Bytes received (response bodies as sent by the gateway): on watch streams, and on
+        # every other call (range reads of chunks, txns, ...). xdpfw_fleet_*_bytes_total.
+        self.watch_bytes = 0
+        self.call_bytes = 0
 
     def abort_watches(self) -> None:
-        """End every watch in progress now (their generators return)."""
+        """End every watch in progress now (their generators return): the stream's socket is
+        shut down, so a read blocked on a quiet watch returns at once, not after its read
+        timeout (closing the client alone does not wake it)."""
         with self._lock:
             streams = list(self._streams)
+            socks = list(self._socks.values())
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
         for http in streams:
             http.close()
 
@@ -148,6 +161,7 @@ class EtcdClient:
             except httpx.HTTPError as exc:
                 errors.append(f"{endpoint}: {type(exc).__name__} {exc}".strip())
                 continue
+            self.call_bytes += len(r.content)
             if r.status_code == 200:
                 self._good(endpoint)
                 return r.json()
@@ -279,6 +293,13 @@ class EtcdClient:
                     if r.status_code != 200:
                         errors.append(f"{endpoint}: HTTP {r.status_code}")
                         continue
+                    net = r.extensions.get("network_stream")
+                    sock = net.get_extra_info("socket") if net is not None else None
+                    if isinstance(sock, socket.socket):
+                        with self._lock:
+                            self._socks[http] = sock
+                    if stop.is_set():  # stopped while connecting: abort_watches missed it
+                        return
                     self._good(endpoint)
                     yield from self._events(endpoint, r, stop)
                     return
@@ -292,6 +313,7 @@ class EtcdClient:
             finally:
                 with self._lock:
                     self._streams.discard(http)
+                    self._socks.pop(http, None)
                 http.close()
         raise EtcdUnavailable("; ".join(errors) or "watch ended")
 
@@ -308,6 +330,7 @@ class EtcdClient:
                 # last revision.
                 self._check(endpoint)
                 return
+            self.watch_bytes += len(line) + 1  # the gateway's JSON is ASCII; + the newline
             if not line.strip():
                 continue
             msg = json.loads(line)

@@ -9,6 +9,7 @@ while the store is unreachable, `X-Xdpfw-Stale`.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal
@@ -16,19 +17,31 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, FastAPI, Path, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import AUTH_RESPONSES, ERROR_RESPONSES, ReadAccess, ServiceDep, WriteAccess
 from api.fleet.agent import FleetAgent
 from api.fleet.etcd import EtcdError, EtcdUnavailable
-from api.fleet.state import Conflict
-from api.models import MAX_TTL, RuleIn, RuleOut, bulk_rules
-from api.routes.rules import RuleId, read_list
+from api.fleet.state import Conflict, rule_code
+from api.models import MAX_TTL, RuleIn, RuleOut, bulk_rules, iso
+from api.routes.rules import RuleId, SourceQuery, read_list
+from xdpfw import codes as wire
 from xdpfw.errors import InvalidRule, RuleNotFound
-from xdpfw.sources import SOURCE_PATTERN, check_source
+from xdpfw.rules import RuleSpec, rule_from_code
+from xdpfw.sources import DEFAULT_SOURCE, SOURCE_PATTERN, check_source
 
-__all__ = ["FleetSourceOut", "FleetWriteOut", "NodeOut", "install", "router", "writes"]
+__all__ = [
+    "FleetBulkOut",
+    "FleetRuleOut",
+    "FleetSourceOut",
+    "FleetStatusOut",
+    "FleetWriteOut",
+    "NodeOut",
+    "install",
+    "router",
+    "writes",
+]
 
 router = APIRouter(prefix="/v1/fleet", tags=["fleet"],
                    responses={**AUTH_RESPONSES, **ERROR_RESPONSES})
@@ -71,10 +84,42 @@ class FleetWriteOut(BaseModel):
     """A write committed to the fleet store (etcd)."""
 
     revision: int
-    applied: bool  # this node enforces it already (always with ?wait=applied)
+    applied: bool  # this node has applied it already (always with ?wait=applied)
     source: str
     detail: str
     removed: int | None = None
+    nodes: list[str] | None = None  # a scoped rule: only these nodes enforce it
+    selector: dict[str, str] | None = None  # a scoped rule: only nodes with these labels
+    here: bool = True  # this node is in the write's scope (False: it does not enforce it)
+
+
+class FleetBulkOut(FleetWriteOut):
+    """A bulk add committed: its entries joined the source's list in etcd."""
+
+    added: int = Field(description="entries the source did not hold before")
+    duplicates: int = Field(description="entries it held already (nothing changed for them)")
+
+
+class FleetRuleOut(BaseModel):
+    """A single rule in the fleet store (POST /v1/rules), with its scope: every node sees
+    every rule here, also those scoped to other nodes (a node's GET /v1/rules shows what
+    it enforces)."""
+
+    source: str
+    action: str
+    mode: str
+    src: str | None
+    dst: str | None
+    proto: str | None
+    dport: str | None
+    tcp_flags: str | None
+    comment: str
+    expires_at: str | None
+    nodes: list[str] | None = Field(description="only these nodes enforce it (null: any)")
+    selector: dict[str, str] | None = Field(
+        description="only nodes with all these labels enforce it (null: any)")
+    here: bool = Field(description="this node is in its scope")
+    revision: int = Field(description="the etcd revision that wrote it")
 
 
 class FleetSourceOut(FleetWriteOut):
@@ -94,7 +139,8 @@ def _agent(request: Request) -> FleetAgent:
 
 def _answer(agent: FleetAgent, revision: int, wait: str | None, source: str,
             detail: str, status: int, removed: int | None = None,
-            diff: tuple[int, int, int] | None = None) -> JSONResponse:
+            diff: tuple[int, int, int] | None = None,
+            body: FleetWriteOut | None = None) -> JSONResponse:
     applied = agent.applied >= revision
     if wait == "applied" and not applied:
         applied = agent.wait_applied(revision, APPLY_TIMEOUT)
@@ -105,14 +151,24 @@ def _answer(agent: FleetAgent, revision: int, wait: str | None, source: str,
                  f"{agent.applied}); see GET /v1/fleet", "error": "not_applied"},
                 status_code=504,
             )
-    body: FleetWriteOut
-    if diff is not None:
+    if body is not None:
+        body.applied = applied
+    elif diff is not None:
         body = FleetSourceOut(revision=revision, applied=applied, source=source, detail=detail,
                               added=diff[0], removed=diff[1], unchanged=diff[2])
     else:
         body = FleetWriteOut(revision=revision, applied=applied, source=source, detail=detail,
                              removed=removed)
     return JSONResponse(body.model_dump(), status_code=status)
+
+
+def _scope_text(nodes: list[str] | None, selector: dict[str, str] | None) -> str:
+    parts = []
+    if nodes is not None:
+        parts.append("nodes " + ",".join(nodes))
+    if selector is not None:
+        parts.append("labels " + ",".join(f"{k}={v}" for k, v in sorted(selector.items())))
+    return " and ".join(parts) or "every node"
 
 
 # -- /v1/fleet ------------------------------------------------------------------------------
@@ -145,6 +201,36 @@ def fleet_nodes(request: Request) -> list[NodeOut]:
     ]
 
 
+@router.get("/rules", response_model=list[FleetRuleOut], dependencies=[ReadAccess])
+def fleet_rules(request: Request, source: SourceQuery = None) -> list[FleetRuleOut]:
+    """The single rules in the fleet store (POST /v1/rules) with their scope, read from etcd
+    (503 while it is unreachable); `source`: only that source's. The entries of sources'
+    lists are not listed here (GET /v1/sources/NAME on a node that enforces them)."""
+    a = _agent(request)
+    prefix = a.layout.rules(source) if source else a.layout.desired + b"rules/"
+    kvs, _ = a.etcd.prefix(prefix)
+    out = []
+    for kv in kvs:
+        name = a.layout.source_of(kv.key)
+        if name is None:
+            continue
+        r = rule_from_code(1, rule_code(kv.key))
+        body = json.loads(kv.value)
+        nodes, selector = body.get("nodes"), body.get("selector")
+        out.append(FleetRuleOut(
+            source=name, action=r.action.value, mode=r.mode.value,
+            src=r.src.with_prefixlen if r.src is not None else None,
+            dst=r.dst.with_prefixlen if r.dst is not None else None,
+            proto=r.proto.value if r.proto is not None else None,
+            dport=str(r.dport) if r.dport is not None else None,
+            tcp_flags=str(r.tcp_flags) if r.tcp_flags is not None else None,
+            comment=body.get("comment", ""), expires_at=iso(body.get("expires_at")),
+            nodes=nodes, selector=selector, here=a.in_scope(nodes, selector),
+            revision=kv.mod_revision,
+        ))
+    return out
+
+
 # -- writes, routed to etcd -------------------------------------------------------------------
 
 
@@ -156,10 +242,18 @@ def fleet_add_rule(body: RuleIn, request: Request, wait: Wait = None) -> JSONRes
     agent = _agent(request)
     source = check_source(body.source)
     code = body.spec().code()
-    rev = agent.writer.add_rule(source, code, body.comment, body.ttl_seconds)
-    answer = _answer(agent, rev, wait, source, "committed to the fleet store",
-                     201 if wait == "applied" else 202)
-    if wait == "applied" and answer.status_code == 201:
+    rev = agent.writer.add_rule(source, code, body.comment, body.ttl_seconds,
+                                body.nodes, body.selector)
+    here = agent.in_scope(body.nodes, body.selector)
+    detail = "committed to the fleet store"
+    if body.scoped():
+        detail += f"; enforced by {_scope_text(body.nodes, body.selector)}" + (
+            "" if here else f" (not by this node, {agent.config.node})")
+    out = FleetWriteOut(revision=rev, applied=False, source=source, detail=detail,
+                        nodes=body.nodes, selector=body.selector, here=here)
+    answer = _answer(agent, rev, wait, source, detail,
+                     201 if wait == "applied" and here else 202, body=out)
+    if wait == "applied" and here and answer.status_code == 201:
         stored = agent.rule_of(source, code)  # the single-host answer: the rule as enforced
         if stored is not None:
             return JSONResponse(jsonable_encoder(RuleOut.of(stored)), status_code=201)
@@ -171,17 +265,17 @@ def fleet_delete_rule(rule_id: RuleId, request: Request, svc: ServiceDep,
                       wait: Wait = None) -> Response:
     """Fleet mode: the rule's keys leave the fleet store (every node removes it): 204 as on
     one host, with the revision in `X-Xdpfw-Fleet-Committed`; `?wait=applied`: once this
-    node no longer enforces it. A rule that is part of a source's list is removed by
-    replacing or deleting that source (422)."""
+    node no longer enforces it. A rule in a source's list leaves that list (a new
+    generation of it, in the same one transaction)."""
     agent = _agent(request)
     stored = svc.get(rule_id)  # RuleNotFound -> 404
     code = stored.rule.code()
-    removed, rev = agent.writer.remove_rules([(s, code) for s in stored.sources])
+    removed, rev = agent.writer.remove_matching(
+        lambda c: c == code, None, agent.lists_to_read(set(stored.sources)))
     if not removed:
         raise InvalidRule(
-            "rule_id", f"rule {rule_id} comes from the list of source(s) "
-            f"{', '.join(stored.sources)}: replace that source (PUT /v1/sources/NAME) or "
-            "delete it"
+            "rule_id", f"rule {rule_id} is not in the fleet store: it is held by this "
+            f"node's own source(s) {', '.join(stored.sources)} (an integration of this node)"
         )
     answer = _answer(agent, rev, wait, stored.source, "removed from the fleet store", 200,
                      removed)
@@ -253,25 +347,85 @@ def fleet_delete_source(name: SourceName, request: Request, wait: Wait = None) -
     return _answer(agent, rev, wait, name, "deleted from the fleet store", 200, removed)
 
 
-def _not_in_fleet(what: str, instead: str) -> Callable[[], JSONResponse]:
-    def handler() -> JSONResponse:
-        return JSONResponse(
-            {"detail": f"{what} is not routed to the fleet store yet: {instead}",
-             "error": "not_in_fleet_mode"}, status_code=501,
-        )
-    return handler
+ScopeQuery = Annotated[str | None, Query(
+    description="not taken: a bulk joins its source's list, whose scope is the source's")]
 
 
-writes.add_api_route(
-    "/v1/rules/bulk", _not_in_fleet(
-        "a bulk add", "load the list as a source (PUT /v1/sources/NAME)"),
-    methods=["POST"], dependencies=[WriteAccess], include_in_schema=False,
-)
-writes.add_api_route(
-    "/v1/rules", _not_in_fleet(
-        "a delete by value", "delete the rule by id, or replace its source"),
-    methods=["DELETE"], dependencies=[WriteAccess], include_in_schema=False,
-)
+@writes.post("/v1/rules/bulk", response_model=FleetBulkOut, status_code=202,
+             dependencies=[WriteAccess])
+async def fleet_bulk_add(
+    request: Request, wait: Wait = None,
+    action: Literal["drop", "allow"] = "drop",
+    mode: Literal["enforce", "monitor"] = "enforce",
+    comment: Annotated[str, Query(max_length=256)] = "",
+    ttl_seconds: Annotated[int | None, Query(ge=1, le=MAX_TTL)] = None,
+    force: bool = False,
+    source: SourceQuery = None,
+    nodes: ScopeQuery = None,
+    selector: ScopeQuery = None,
+) -> JSONResponse:
+    """Fleet mode: a bulk is one write to the fleet store: its entries join the list of
+    `source` (default `api`) as a new generation of that list (chunks, then ONE
+    transaction; the source's single rules and scope stay), so every node applies it whole
+    or not at all. 202 when committed; `?wait=applied`: 201 when this node has applied it.
+    Entries the source holds already are `duplicates`. The same bodies as on one host
+    (text/plain list with `action`, `mode`, `comment`, `ttl_seconds`; or a JSON array of
+    rule bodies); `force` is implied (each node loads protected overlaps and logs them)."""
+    if nodes is not None or selector is not None:
+        raise InvalidRule("nodes", "a bulk joins its source's list, and a list has the "
+                          "source's scope: scope the source (PUT /v1/sources/NAME?nodes=...) "
+                          "or add scoped rules one by one (POST /v1/rules with nodes)")
+    agent = _agent(request)
+    name = check_source(source or DEFAULT_SOURCE)
+    _ = force
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    now = time.time()
+    if ctype == "text/plain":
+        codes = await read_list(request, action, mode)
+        comments = [comment] * len(codes)
+        expires: list[float | None] = [now + ttl_seconds if ttl_seconds else None] * len(codes)
+    else:
+        raw = bytearray()
+        async for chunk in request.stream():  # api/limits.py bounds it
+            raw += chunk
+        items = await run_in_threadpool(bulk_rules, bytes(raw), True, name)
+        codes = [i.spec.code() for i in items]
+        comments = [i.comment for i in items]
+        expires = [now + i.ttl_seconds if i.ttl_seconds else None for i in items]
+    rev, added, dups = await run_in_threadpool(
+        agent.writer.add_to_source, name, codes, comments, expires)
+    out = FleetBulkOut(revision=rev, applied=False, source=name,
+                       detail=f"{added} entries joined source {name} in the fleet store",
+                       added=added, duplicates=dups)
+    return await run_in_threadpool(
+        _answer, agent, rev, wait, name, out.detail, 201 if wait == "applied" else 202,
+        None, None, out)
+
+
+@writes.delete("/v1/rules", response_model=FleetWriteOut, dependencies=[WriteAccess])
+def fleet_delete_where(
+    request: Request, svc: ServiceDep, wait: Wait = None,
+    src: Annotated[str | None, Query(max_length=64, description="CIDR or address")] = None,
+    dst: Annotated[str | None, Query(max_length=64, description="CIDR or address")] = None,
+    source: SourceQuery = None,
+) -> JSONResponse:
+    """Fleet mode: delete by value in the fleet store, in ONE transaction: the single rules
+    whose `src` (and/or `dst`) is exactly this network, and such entries of sources' lists
+    (each list that held one becomes a new generation without it), of `source` only when
+    named. `removed`: how many went (0: none matched, nothing written)."""
+    agent = _agent(request)
+    if src is None and dst is None:
+        raise InvalidRule("src", "name the rules to remove by src, dst or both")
+    keys = [wire.key(RuleSpec.parse(src=src).code())] if src is not None else []
+    if dst is not None:
+        keys.append(wire.key(RuleSpec.parse(dst=dst).code()))
+    local = svc.sources_where(src, dst)
+    removed, rev = agent.writer.remove_matching(
+        lambda c: all(wire.key(c) == k for k in keys), source, agent.lists_to_read(local))
+    detail = (f"{removed} removed from the fleet store" if removed
+              else "nothing matched in the fleet store")
+    return _answer(agent, rev, wait if removed else None, source or "*", detail, 200,
+                   removed)
 
 
 def _fleet_openapi(app: FastAPI) -> None:
@@ -313,8 +467,8 @@ def install(app: FastAPI, agent: FleetAgent) -> None:
 
     async def conflict(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse(
-            {"detail": f"source {exc} was changed by another writer while this replace was "
-             "being written: nothing of this replace was applied (the other one won whole); "
+            {"detail": f"source {exc} was changed by another writer while this write was "
+             "being made: nothing of this write was applied (the other one won whole); "
              "read the source and retry", "error": "conflict"}, status_code=409,
         )
 

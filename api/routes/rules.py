@@ -19,6 +19,7 @@ from api.deps import (
 )
 from api.models import MAX_TTL, BulkOut, RemovedOut, RuleIn, RuleOut, RulePage, bulk_rules
 from api.service import BulkResult, FirewallService, NewCodes, NewRule
+from xdpfw.errors import InvalidRule
 from xdpfw.importers import ListReader
 from xdpfw.rules import MAX_RULE_ID
 from xdpfw.sources import DEFAULT_SOURCE, SOURCE_PATTERN
@@ -65,6 +66,10 @@ def add_rule(body: RuleIn, svc: ServiceDep, response: Response) -> RuleOut:
     rule's `source` then holds it too, and a `ttl_seconds` sets that holding's new expiry
     (a ban extended).
     """
+    if body.scoped():  # issue 19: a scope means something only in a fleet
+        raise InvalidRule("nodes", "this node runs alone (no --etcd): a rule scoped to "
+                          "nodes or labels needs fleet mode (docs/fleet.md); leave out "
+                          "nodes/selector to add it here")
     stored, created = svc.add(
         NewRule(body.spec(), body.comment, body.ttl_seconds, body.force, body.source,
                 sample=body.sample.every if body.sample else None)

@@ -99,6 +99,8 @@ async def replace_source(
     mode: Literal["enforce", "monitor"] = "enforce",
     comment: Annotated[str, Query(max_length=256)] = "",
     ttl_seconds: Annotated[int | None, Query(ge=1, le=MAX_TTL)] = None,
+    nodes: Annotated[str | None, Query(description="fleet mode only (422 here)")] = None,
+    selector: Annotated[str | None, Query(description="fleet mode only (422 here)")] = None,
 ) -> SourceChangeOut:
     """Replace the whole membership of a source, as one change.
 
@@ -112,6 +114,9 @@ async def replace_source(
     Entries overlapping a protected prefix are loaded anyway (protection wins in the data
     plane) and listed in `overlaps`. A rule another source also holds stays in the kernel.
     """
+    if nodes is not None or selector is not None:  # issue 19: a scope needs a fleet
+        raise InvalidRule("nodes", "this node runs alone (no --etcd): a source scoped to "
+                          "nodes or labels needs fleet mode (docs/fleet.md)")
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     batch: NewCodes | list[NewRule]
     if ctype == "text/plain":

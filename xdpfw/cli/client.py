@@ -39,6 +39,9 @@ __all__ = [
     "ClientError",
     "CrowdsecHealth",
     "FieldError",
+    "FleetNode",
+    "FleetRule",
+    "FleetWrite",
     "Health",
     "Interface",
     "Lookup",
@@ -192,6 +195,53 @@ class SourceChange(TypedDict):
 
 class Removed(TypedDict):
     removed: int
+
+
+# -- fleet mode (issue 19): api/routes/fleet.py; tests/test_contracts.py checks them too --
+
+
+_NO_FLEET = "this xdpfw runs without a fleet store: start it with --etcd URL"
+
+
+class FleetWrite(TypedDict):
+    """A write committed to the fleet store (a 202: not, or not yet, enforced here)."""
+
+    revision: int
+    applied: bool
+    source: str
+    detail: str
+    removed: int | None
+    nodes: list[str] | None
+    selector: dict[str, str] | None
+    here: bool
+
+
+class FleetNode(TypedDict):
+    name: str
+    labels: dict[str, str]
+    applied_revision: int
+    lag: int
+    last_heartbeat: float
+    heartbeat_age: float
+    healthy: bool
+    resyncs: int
+
+
+class FleetRule(TypedDict):
+    source: str
+    action: str
+    mode: str
+    src: str | None
+    dst: str | None
+    proto: str | None
+    dport: str | None
+    tcp_flags: str | None
+    comment: str
+    expires_at: str | None
+    nodes: list[str] | None
+    selector: dict[str, str] | None
+    here: bool
+    revision: int
 
 
 class Totals(TypedDict):
@@ -601,12 +651,16 @@ class Client:
     def metrics(self) -> str:
         return self._request("GET", "/metrics").text
 
-    def add_rule(self, body: Mapping[str, object]) -> tuple[Rule, bool]:
-        """POST /v1/rules -> (rule, created). created is False for an identical existing rule."""
+    def add_rule(self, body: Mapping[str, object]) -> tuple[Rule | FleetWrite, bool]:
+        """POST /v1/rules -> (rule, created). created is False for an identical existing rule.
+        In fleet mode a rule scoped away from this node answers the write (a FleetWrite,
+        202): committed, and enforced by the nodes of its scope."""
         # wait=applied: in fleet mode (docs/fleet.md) answer once this node enforces it, with
         # the rule, as on one host (one host ignores it).
-        r = self._request("POST", "/v1/rules", json=dict(body), ok=(200, 201),
+        r = self._request("POST", "/v1/rules", json=dict(body), ok=(200, 201, 202),
                           params={"wait": "applied"})
+        if r.status_code == 202:
+            return cast(FleetWrite, r.json()), True
         return cast(Rule, r.json()), r.status_code == 201
 
     def rule_pages(
@@ -698,13 +752,16 @@ class Client:
         return cast(list[Source], self._request("GET", "/v1/sources").json())
 
     # -- fleet mode (docs/fleet.md) --
-    def fleet_nodes(self) -> list[dict[str, Any]]:
+    def fleet_nodes(self) -> list[FleetNode]:
         """GET /v1/fleet/nodes (404: this node does not run with --etcd)."""
-        r = self._request(
-            "GET", "/v1/fleet/nodes",
-            not_found="this xdpfw runs without a fleet store: start it with --etcd URL",
-        )
-        return cast(list[dict[str, Any]], r.json())
+        r = self._request("GET", "/v1/fleet/nodes", not_found=_NO_FLEET)
+        return cast(list[FleetNode], r.json())
+
+    def fleet_rules(self, source: str | None = None) -> list[FleetRule]:
+        """GET /v1/fleet/rules: the single rules in the fleet store, with their scope."""
+        r = self._request("GET", "/v1/fleet/rules", not_found=_NO_FLEET,
+                          params={"source": source} if source else None)
+        return cast(list[FleetRule], r.json())
 
     def source(self, name: str, limit: int = 100, cursor: str | None = None) -> SourceDetail:
         params: dict[str, str | int] = {"limit": limit}
@@ -724,13 +781,20 @@ class Client:
         comment: str = "",
         ttl_seconds: int | None = None,
         timeout: float = 600.0,
+        nodes: list[str] | None = None,
+        selector: dict[str, str] | None = None,
     ) -> SourceChange:
-        """PUT /v1/sources/{name} with a list (text): the source holds exactly these."""
+        """PUT /v1/sources/{name} with a list (text): the source holds exactly these.
+        `nodes`/`selector`: fleet mode, only the nodes in that scope enforce it."""
         params: dict[str, str | int] = {"action": action, "mode": mode, "wait": "applied"}
         if comment:
             params["comment"] = comment
         if ttl_seconds is not None:
             params["ttl_seconds"] = ttl_seconds
+        if nodes is not None:
+            params["nodes"] = ",".join(nodes)
+        if selector is not None:
+            params["selector"] = ",".join(f"{k}={v}" for k, v in selector.items())
         r = self._request(
             "PUT",
             f"/v1/sources/{name}",

@@ -6,7 +6,6 @@ Pure functions, no I/O: the CLI's tables and `xdpfw top` use them.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from datetime import UTC, datetime
 
 __all__ = [
@@ -17,7 +16,6 @@ __all__ = [
     "parse_duration",
     "parse_time",
     "rate",
-    "table",
     "until",
 ]
 
@@ -123,26 +121,3 @@ def until(iso: str | None, now: datetime | None = None) -> str:
     now = now or datetime.now(UTC)
     left = (when - now).total_seconds()
     return "now" if left <= 0 else f"in {duration(left)}"
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> str:
-    """Plain aligned columns (greppable, like `ip` or `kubectl get`); `right` = right-aligned.
-
-    Control characters in a cell are shown escaped (`output.printable`): one row, one line.
-    """
-    from xdpfw.cli.output import printable
-
-    cols = len(headers)
-    headers = [printable(h) for h in headers]
-    rows = [[printable(c) for c in row] for row in rows]
-    widths = [len(h) for h in headers]
-    for row in rows:
-        for i in range(cols):
-            widths[i] = max(widths[i], len(row[i]))
-    out = []
-    for row in [list(headers), *rows]:
-        cells = [
-            row[i].rjust(widths[i]) if i in right else row[i].ljust(widths[i]) for i in range(cols)
-        ]
-        out.append("  ".join(cells).rstrip())
-    return "\n".join(out)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, cast
 
 if TYPE_CHECKING:
-    from xdpfw.cli.client import Rule
+    from xdpfw.cli.client import FleetRule, Limit, Rule
 
-__all__ = ["err", "print_json", "printable", "rule_match", "rule_verdict"]
+__all__ = ["err", "print_json", "printable", "rule_match", "rule_verdict", "table"]
 
 # C0 controls, DEL and C1 controls, plus the Unicode line and paragraph separators: what could
 # move the cursor, recolour the terminal or start a new line inside a table cell.
@@ -28,6 +29,28 @@ def printable(text: str) -> str:
     return text.translate(_ESCAPES)
 
 
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> str:
+    """Plain aligned columns (greppable, like `ip` or `kubectl get`); `right` = right-aligned.
+    Every listing of the CLI prints through this.
+
+    Control characters in a cell are shown escaped (`printable`): one row, one line.
+    """
+    cols = len(headers)
+    headers = [printable(h) for h in headers]
+    rows = [[printable(c) for c in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in rows:
+        for i in range(cols):
+            widths[i] = max(widths[i], len(row[i]))
+    out = []
+    for row in [list(headers), *rows]:
+        cells = [
+            row[i].rjust(widths[i]) if i in right else row[i].ljust(widths[i]) for i in range(cols)
+        ]
+        out.append("  ".join(cells).rstrip())
+    return "\n".join(out)
+
+
 def err(args: argparse.Namespace, message: str) -> None:
     print(f"xdpfw {args.cmd_name}: {printable(message)}", file=sys.stderr)
 
@@ -36,7 +59,7 @@ def print_json(obj: object) -> None:
     print(json.dumps(obj, indent=2))
 
 
-def rule_verdict(rule: Rule) -> str:
+def rule_verdict(rule: Rule | FleetRule) -> str:
     if rule["action"] == "allow":
         return "allow"
     if rule["action"] == "limit":  # issue 16
@@ -44,7 +67,7 @@ def rule_verdict(rule: Rule) -> str:
     return "monitor" if rule["mode"] == "monitor" else "drop"
 
 
-def rule_match(rule: Rule) -> str:
+def rule_match(rule: Rule | FleetRule) -> str:
     parts = []
     if rule["src"]:
         parts.append(f"src {rule['src']}")
@@ -56,7 +79,7 @@ def rule_match(rule: Rule) -> str:
         parts.append(f"dport {rule['dport']}")
     if rule.get("tcp_flags"):  # issue 16
         parts.append(f"flags {rule['tcp_flags']}")
-    lim = rule.get("limit")
+    lim = cast("Limit | None", rule.get("limit"))  # a FleetRule has none
     if lim:
         rate = f"{lim['pps']}/s burst {lim['burst']}" if lim["pps"] else \
             f"{lim['bps']}B/s burst {lim['burst_bytes']}B"

@@ -24,6 +24,8 @@ from xdpfw.cli.rules import (
     cmd_rule_ls,
     cmd_rule_rm,
     cmd_rule_show,
+    label_selector,
+    node_list,
 )
 from xdpfw.cli.serve import DETACH_EPILOG, SERVE_EPILOG, cmd_detach, cmd_serve
 from xdpfw.cli.sources import (
@@ -140,9 +142,18 @@ def _source_flag(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--source", type=_source_name, metavar="NAME", help=what)
 
 
+def _scope_flags(p: argparse.ArgumentParser, what: str) -> None:
+    """--nodes/--selector (issue 19): a rule's or a source's scope in fleet mode."""
+    fl = p.add_argument_group(f"fleet (serve --etcd): {what}; default every node")
+    fl.add_argument("--nodes", type=node_list, metavar="NAME[,NAME...]",
+                    help="only these nodes (their serve --node names)")
+    fl.add_argument("--selector", type=label_selector, metavar="KEY=VALUE[,...]",
+                    help="only nodes carrying all these labels (serve --node-label)")
+
+
 def _fleet_commands(sub: Any) -> None:
-    """`xdpfw fleet ls` (issue 19, docs/fleet.md)."""
-    from xdpfw.cli.fleet import FLEET_EPILOG, cmd_fleet_ls
+    """`xdpfw fleet ls|rules` (issue 19, docs/fleet.md)."""
+    from xdpfw.cli.fleet import FLEET_EPILOG, FLEET_RULES_EPILOG, cmd_fleet_ls, cmd_fleet_rules
 
     fleet = sub.add_parser(
         "fleet", help="the nodes of a fleet (serve --etcd)",
@@ -153,6 +164,10 @@ def _fleet_commands(sub: Any) -> None:
     fsub.required = True
     p = _sub(fsub, "ls", "list the fleet's nodes: applied revision, lag, heartbeat",
              FLEET_EPILOG, cmd_fleet_ls, "fleet ls")
+    _json_flag(p)
+    p = _sub(fsub, "rules", "list the single rules in the fleet store, with their scope",
+             FLEET_RULES_EPILOG, cmd_fleet_rules, "fleet rules")
+    _source_flag(p, "only this source's rules")
     _json_flag(p)
 
 
@@ -187,6 +202,7 @@ def _source_commands(sub: Any) -> None:
     p.add_argument("--monitor", action="store_true", help="count matches but let them pass")
     p.add_argument("--ttl", type=_ttl, metavar="DURATION", help="expire after 30s, 10m, 2h, 1d")
     p.add_argument("--comment", default="", metavar="TEXT", help="comment for every rule")
+    _scope_flags(p, "which nodes enforce the source")
     _json_flag(p)
     p = _sub(ssub, "export", "print a source as a list that import reads back",
              SOURCE_EXPORT_EPILOG, cmd_source_export, "source export")
@@ -362,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a budget per source address (default) or one for the rule")
     lim.add_argument("--ban", metavar="DURATION",
                      help="drop a source that goes over for this long (30s, 10m, 1h)")
-    # --
+    _scope_flags(p, "which nodes enforce it")  # issue 19
     _json_flag(p, "print the new rule as JSON, not just its id")
 
     p = _sub(rsub, "rm", "remove rules by id, or by value (--src/--dst)", RULE_RM_EPILOG,

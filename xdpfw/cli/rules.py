@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from xdpfw.cli import humanize as hz
-from xdpfw.cli.output import err, print_json, printable, rule_match, rule_verdict
+from xdpfw.cli.output import err, print_json, printable, rule_match, rule_verdict, table
 from xdpfw.errors import InvalidRule
 
 if TYPE_CHECKING:
-    from xdpfw.cli.client import Client, RuleCounters
+    from xdpfw.cli.client import Client, FleetWrite, RuleCounters
 
 __all__ = [
     "FLAGS",
@@ -23,7 +23,9 @@ __all__ = [
     "cmd_rule_ls",
     "cmd_rule_rm",
     "cmd_rule_show",
+    "label_selector",
     "limit_body",
+    "node_list",
 ]
 
 RULE_ADD_EPILOG = """Prints the new rule's id (the whole rule with --json). Adding a rule identical
@@ -40,6 +42,8 @@ examples:
   xdpfw rule add --proto tcp --dport 80 --tcp-flags syn --limit 100/s --burst 200 \
       --per source --ban 10m                               # SYN flood: 100 SYN/s per source
   xdpfw rule add --src 198.18.0.0/16 --limit 2mb/s --per rule   # 2 MB/s for the network
+  xdpfw rule add --src 198.18.7.9 --nodes edge-1,edge-2    # fleet: only these nodes
+  xdpfw rule add --src 198.18.7.9 --selector rack=r1       # fleet: nodes labelled rack=r1
 """
 
 RULE_RM_EPILOG = """By id, the rule goes whoever holds it. By value (--src/--dst), the rules whose
@@ -160,13 +164,25 @@ def cmd_rule_add(args: argparse.Namespace, api: Client) -> int:
         body["source"] = args.source
     if getattr(args, "sample", None) is not None:  # X-ray
         body["sample"] = {"every": args.sample}
+    if getattr(args, "nodes", None) is not None:  # issue 19: fleet mode
+        body["nodes"] = args.nodes
+    if getattr(args, "selector", None) is not None:
+        body["selector"] = args.selector
     try:
-        rule, created = api.add_rule(body)
+        answer, created = api.add_rule(body)
     except ClientError as exc:
         if exc.problems:
             text = "; ".join(f"{FLAGS.get(f, f)}: {m}" for f, m in exc.problems)
             raise ClientError(f"invalid rule: {text}", exc.exit_code, status=exc.status) from exc
         raise
+    if "revision" in answer:  # fleet mode, a rule scoped to other nodes: not enforced here
+        write = cast("FleetWrite", answer)
+        if args.json:
+            print_json(write)
+        else:
+            print(f"committed at revision {write['revision']}: {write['detail']}")
+        return 0
+    rule = answer
     if not created:
         err(args, f"an identical rule already exists (id {rule['id']}); nothing added"
             f" (source {rule['source']} holds it, expires {rule['expires_at'] or 'never'})")
@@ -175,6 +191,29 @@ def cmd_rule_add(args: argparse.Namespace, api: Client) -> int:
     else:
         print(rule["id"])
     return 0
+
+
+def node_list(text: str) -> list[str]:
+    """`--nodes edge-1,edge-2`: node names (the source-name alphabet, as `serve --node`)."""
+    from xdpfw.sources import SOURCE_RE
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if SOURCE_RE.fullmatch(n) is None]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: node names, comma separated (a-z 0-9 . _ -, as serve --node)")
+    return names
+
+
+def label_selector(text: str) -> dict[str, str]:
+    """`--selector rack=r1,zone=eu`: labels a node must all carry (serve --node-label)."""
+    out: dict[str, str] = {}
+    for item in (p.strip() for p in text.split(",")):
+        k, sep, v = item.partition("=")
+        if not sep or not k.strip():
+            raise argparse.ArgumentTypeError(f"{item!r}: a selector is KEY=VALUE[,KEY=VALUE]")
+        out[k.strip()] = v.strip()
+    return out
 
 
 def cmd_rule_rm(args: argparse.Namespace, api: Client) -> int:
@@ -241,7 +280,7 @@ def cmd_rule_ls(args: argparse.Namespace, api: Client) -> int:
         for r in rules
     ]
     print(
-        hz.table(
+        table(
             ["ID", "ACTION", "SRC", "DST", "PROTO", "DPORT", "EXPIRES", "SOURCES", "COMMENT"],
             rows, right=(0,),
         )

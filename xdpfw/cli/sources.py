@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from xdpfw.cli import humanize as hz
-from xdpfw.cli.output import err, print_json, printable, rule_match, rule_verdict
+from xdpfw.cli.output import err, print_json, printable, rule_match, rule_verdict, table
 
 if TYPE_CHECKING:
     from xdpfw.cli.client import Client, Rule, SourceChange
@@ -68,6 +68,7 @@ examples:
   xdpfw source replace firehol_level1 firehol_level1.netset
   curl -s https://www.spamhaus.org/drop/drop.txt | xdpfw source replace spamhaus-drop -
   xdpfw source replace scanners scanners.txt --ttl 1d --comment "daily feed"
+  xdpfw source replace eu-only eu.txt --selector zone=eu     # fleet: nodes labelled zone=eu
 """
 SOURCE_EXPORT_EPILOG = """Prints the source's addresses, one CIDR per line, in a form that
 `xdpfw import` and `xdpfw source replace` read back. Rules that are not plain source-address
@@ -124,7 +125,7 @@ def cmd_source_ls(args: argparse.Namespace, api: Client) -> int:
          hz.ago(s["last_hit"]) if s["last_hit"] else "never", hz.ago(s["updated_at"])]
         for s in sources
     ]
-    print(hz.table(["SOURCE", "RULES", "PACKETS", "BYTES", "LAST HIT", "UPDATED"], rows,
+    print(table(["SOURCE", "RULES", "PACKETS", "BYTES", "LAST HIT", "UPDATED"], rows,
                    right=(1, 2, 3)))
     return 0
 
@@ -156,7 +157,7 @@ def _rule_table(rules: list[Rule]) -> str:
          printable(",".join(r["sources"])), printable(r["comment"])]
         for r in rules
     ]
-    return hz.table(["ID", "ACTION", "MATCH", "EXPIRES", "SOURCES", "COMMENT"], rows,
+    return table(["ID", "ACTION", "MATCH", "EXPIRES", "SOURCES", "COMMENT"], rows,
                     right=(0,))
 
 
@@ -179,6 +180,8 @@ def cmd_source_replace(args: argparse.Namespace, api: Client) -> int:
             mode="monitor" if args.monitor else "enforce",
             comment=args.comment,
             ttl_seconds=args.ttl,
+            nodes=getattr(args, "nodes", None),  # issue 19: fleet mode
+            selector=getattr(args, "selector", None),
         )
     if args.json:
         print_json(change)

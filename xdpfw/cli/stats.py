@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, cast
 
 from xdpfw import abi
 from xdpfw.cli import humanize as hz
-from xdpfw.cli.output import print_json, rule_match, rule_verdict
+from xdpfw.cli.output import print_json, rule_match, rule_verdict, table
 
 if TYPE_CHECKING:
     from xdpfw.cli.client import Client, Rule, RuleStat, Stats
@@ -169,7 +169,7 @@ def cmd_stats(args: argparse.Namespace, api: Client) -> int:
     ]
     if rows:
         print(
-            hz.table(
+            table(
                 ["RULE", "MATCH", "ACTION", "PACKETS", "BYTES", "RATE", "LAST HIT", "LIMITED"],
                 rows,
                 right=(0, 3, 4, 5, 7),
@@ -187,7 +187,7 @@ def cmd_stats(args: argparse.Namespace, api: Client) -> int:
         for k in TOTALS
     ]
     print()
-    print(hz.table(["TOTALS", "COUNT", "RATE"], total_rows, right=(1, 2)))
+    print(table(["TOTALS", "COUNT", "RATE"], total_rows, right=(1, 2)))
     _print_samples(stats)
     return 0
 

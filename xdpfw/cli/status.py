@@ -6,7 +6,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from xdpfw.cli import humanize as hz
-from xdpfw.cli.output import err, print_json, printable
+from xdpfw.cli.output import err, print_json, printable, table
 
 if TYPE_CHECKING:
     from xdpfw.cli.client import Client, Health
@@ -64,7 +64,7 @@ def status_text(url: str, health: Health) -> str:
         for i in health["interfaces"]
     ]
     if ifaces:
-        lines.append(hz.table(["INTERFACE", "ATTACHED", "XDP MODE", "PROG", "IFINDEX"], ifaces))
+        lines.append(table(["INTERFACE", "ATTACHED", "XDP MODE", "PROG", "IFINDEX"], ifaces))
     else:
         lines.append("no interfaces (attach one with POST /v1/interfaces)")
     if capacity:
@@ -74,7 +74,7 @@ def status_text(url: str, health: Health) -> str:
             used, cap = capacity[t]["entries"], capacity[t]["capacity"]
             pct = f"{100 * used / cap:.1f}%" if cap else "-"
             rows.append([t.removeprefix("xdpfw_"), hz.count(used), hz.count(cap), pct])
-        lines += ["", hz.table(["TABLE", "USED", "CAPACITY", "USE"], rows, right=(1, 2, 3))]
+        lines += ["", table(["TABLE", "USED", "CAPACITY", "USE"], rows, right=(1, 2, 3))]
     return "\n".join(lines)
 
 
