@@ -10,8 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from xdpfw.cli import humanize as hz
-from xdpfw.cli.output import print_json
+from xdpfw.cli.output import print_json, table
 
 if TYPE_CHECKING:
     from xdpfw.cli.client import Client
@@ -45,7 +44,7 @@ def cmd_ban_ls(args: argparse.Namespace, api: Client) -> int:
         print("no bans")
         return 0
     rows = [[str(b["rule_id"]), b["source"], f"{b['expires_in']:.1f}s"] for b in bans["bans"]]
-    print(hz.table(["RULE", "SOURCE", "EXPIRES IN"], rows, right=(0, 2)))
+    print(table(["RULE", "SOURCE", "EXPIRES IN"], rows, right=(0, 2)))
     return 0
 
 
