@@ -329,7 +329,7 @@ class PrefixTable:
         if len(new_groups) > self._groups.available():
             raise CapacityExceeded(
                 f"{self.name} tbl8 groups (/24s holding prefixes longer than /24)",
-                self.max_groups, "raise max_tbl8_groups at load time")
+                self.max_groups, "raise XDPFW_MAX_TBL8_GROUPS (a capacity set at load time)")
 
     def _put(self, addr: int, plen: int, value: bytes) -> None:
         """The entry of prefix (addr, plen) becomes `value`: at a fresh index, then the cells."""
