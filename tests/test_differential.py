@@ -435,6 +435,37 @@ def test_entry_check_finds_a_stale_trie_entry(differ: Differ) -> None:
     assert differ.check_entries() == []
 
 
+def test_array_check_finds_wrong_cells(differ: Differ) -> None:
+    """The bit-for-bit check of the DIR-24-8 arrays sees a cell that names nothing, a cell
+    that names a stale entry, and a wrong cell inside a tbl8 group."""
+    from xdpfw.datapath.d248 import PrefixTable
+
+    install(differ, [RuleSpec.parse(src="198.18.0.0/16").with_id(1),
+                     RuleSpec.parse(src="198.18.1.64/26", proto="tcp").with_id(2)])
+    assert harness.d248_mismatches(differ.dp) == []
+    pt = differ.dp.table(Table.SRC4_LPM)
+    assert isinstance(pt, PrefixTable)
+    inside = (198 << 16) | (18 << 8) | 7  # the /24 198.18.7.0: the /16's
+    outside = (198 << 16) | (19 << 8) | 7
+    grouped = (198 << 16) | (18 << 8) | 1
+    g = int(pt.tbl24[grouped]) & 0x7FFF_FFFF
+    for cells, at, value in ((pt.tbl24, inside, 0), (pt.tbl24, outside, int(pt.tbl24[inside])),
+                             (pt.tbl8, g * 256 + 70, int(pt.tbl8[g * 256]))):
+        old = int(cells[at])
+        cells[at] = value
+        try:
+            assert harness.d248_mismatches(differ.dp), f"cell {at} = {value} not seen"
+        finally:
+            cells[at] = old
+    stale = int(pt.tbl24[inside])
+    pt.keys["live"][stale] = 0  # the entry the cells name is no longer the prefix's
+    try:
+        assert harness.d248_mismatches(differ.dp)
+    finally:
+        pt.keys["live"][stale] = 1
+    assert harness.d248_mismatches(differ.dp) == []
+
+
 @settings(CI, max_examples=100)
 @given(rules=rule_sets(max_rules=200), frames=st.lists(frames_for([]) | garbage(), max_size=20))
 def test_model_index_is_the_full_model(rules: list[Rule], frames: list[bytes]) -> None:

@@ -44,6 +44,7 @@ __all__ = [
     "PrefixTables",
     "Reference",
     "reference",
+    "reference_runs",
     "sparse_reference",
 ]
 
@@ -505,7 +506,7 @@ class PrefixTable:
             self._len8[g] = lens[cells]
         plain = np.ones(len(cells24), dtype=bool)
         if self._group:
-            plain &= ~np.isin(cells24, np.fromiter(self._group.keys(), dtype=np.int64))
+            plain[np.searchsorted(cells24, np.fromiter(self._group.keys(), dtype=np.int64))] = False
         cur = self.tbl24[cells24]
         bad = np.flatnonzero(plain & (cur != want24))
         if len(bad):
@@ -523,8 +524,10 @@ class PrefixTable:
         problems: list[str] = []
         k = self.keys
         n = len(want)
-        # number (1..n) of each pfx index, from the key array; 0 = no live key of `want`
-        number = np.zeros(self.n_entries, dtype=np.uint32)
+        # number (1..n) of each pfx index, from the key array; index 0 is 0 (none), and an
+        # index with no live key of `want` a number no prefix has (a cell naming it is wrong)
+        number = np.full(self.n_entries, np.uint32(0x7FFF_FFFE), dtype=np.uint32)
+        number[0] = 0
         by_key = {_pos(a, p): j + 1 for j, (a, p) in enumerate(want)}
         live = np.flatnonzero(k["live"] == 1)
         seen: set[int] = set()
@@ -541,20 +544,19 @@ class PrefixTable:
         if len(seen) != n:
             problems.append(f"{self.name}: {n - len(seen)} prefixes have no live key")
         cells = self.tbl24
-        nonzero = np.flatnonzero(cells)
-        ref_cells, ref24, ref_groups = sparse_reference(want, nonzero)
-        got = cells[ref_cells]
-        is_group = (got & np.uint32(GROUP)) != 0
-        got24 = number[np.where(is_group, 0, got)]
-        plain = ~is_group
-        if ref_groups:
-            plain &= ~np.isin(ref_cells, np.fromiter(ref_groups, np.int64, len(ref_groups)))
-        wrong = np.flatnonzero(plain & (got24 != ref24))
-        if len(wrong):
-            c = int(ref_cells[wrong[0]])
-            problems.append(f"{self.name}_tbl24: {len(wrong)} cells wrong, first /24 "
+        # tbl24 as runs (a wide prefix is one run, not 2^k cells), each run's number from the
+        # key array; a /24 with a group is a run of its own, marked GROUP
+        starts = np.concatenate([[0], np.flatnonzero(cells[1:] != cells[:-1]) + 1])
+        vals = cells[starts]
+        is_group = (vals & np.uint32(GROUP)) != 0
+        got = np.where(is_group, np.uint32(GROUP), number[np.where(is_group, 0, vals)])
+        ref_starts, ref_vals, ref_groups = reference_runs(want)
+        got_s, got_v = _merge_runs(starts, got)
+        if not (np.array_equal(got_s, ref_starts) and np.array_equal(got_v, ref_vals)):
+            c = _first_difference(got_s, got_v, ref_starts, ref_vals)
+            problems.append(f"{self.name}_tbl24: cells wrong, first at /24 "
                             f"{c >> 16}.{c >> 8 & 255}.{c & 255}.0")
-        grouped = ref_cells[is_group].tolist()
+        grouped = starts[is_group].tolist()
         groups_seen: set[int] = set()
         for c in sorted(set(grouped) | ref_groups.keys()):
             v = int(cells[c])
@@ -577,19 +579,80 @@ class PrefixTable:
 
     def digest(self) -> bytes:
         """The cells resolved to the keys they name (not the indices, which a rollback may
-        change), hashed: equal digests mean the program answers every address alike."""
+        change), hashed: equal digests mean the program answers every address alike. Hashed
+        as runs (where the resolved key changes), so a wide prefix costs one run, not 2^k
+        cells."""
         k = self.keys
         key_of = (k["addr"].astype(np.uint64) << np.uint64(6)) | k["plen"].astype(np.uint64)
-        key_of[0] = np.uint64(1 << 63)
-        nonzero = np.flatnonzero(self.tbl24)
-        cells = self.tbl24[nonzero]
-        h = hashlib.sha256(nonzero.astype(np.int64).tobytes())
-        h.update(key_of[np.where(cells & np.uint32(GROUP), 0, cells)].tobytes())
-        for c in nonzero[(cells & np.uint32(GROUP)) != 0].tolist():
-            g = int(self.tbl24[c]) & ~GROUP
-            h.update(c.to_bytes(4, "little"))
+        key_of[0] = np.uint64(1 << 63)  # none
+        cells = self.tbl24
+        starts = np.concatenate([[0], np.flatnonzero(cells[1:] != cells[:-1]) + 1])
+        vals = cells[starts]
+        grouped = (vals & np.uint32(GROUP)) != 0
+        resolved = key_of[np.where(grouped, 0, vals)]
+        resolved[grouped] = np.uint64(1 << 62)  # a group: hashed below
+        keep = np.concatenate([[True], resolved[1:] != resolved[:-1]]) | grouped
+        h = hashlib.sha256(starts[keep].astype(np.int64).tobytes())
+        h.update(resolved[keep].tobytes())
+        for cell in starts[grouped].tolist():  # a group is one /24's: a run of one cell
+            g = int(cells[cell]) & ~GROUP
+            h.update(cell.to_bytes(4, "little"))
             h.update(key_of[self.tbl8[g * 256 : (g + 1) * 256]].tobytes())
         return h.digest()
+
+
+def _merge_runs(starts: np.ndarray[Any, Any], vals: np.ndarray[Any, Any]
+                ) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    """Runs with adjacent equal values joined (a group run never joins: each is its /24's)."""
+    keep = np.ones(len(starts), dtype=bool)
+    keep[1:] = (vals[1:] != vals[:-1]) | (vals[1:] == np.uint32(GROUP))
+    return starts[keep].astype(np.int64), vals[keep].astype(np.uint32)
+
+
+def _first_difference(a_s: np.ndarray[Any, Any], a_v: np.ndarray[Any, Any],
+                      b_s: np.ndarray[Any, Any], b_v: np.ndarray[Any, Any]) -> int:
+    """The first cell where two run lists disagree."""
+    bounds = np.union1d(a_s, b_s)
+    va = a_v[np.searchsorted(a_s, bounds, side="right") - 1]
+    vb = b_v[np.searchsorted(b_s, bounds, side="right") - 1]
+    bad = np.flatnonzero(va != vb)
+    return int(bounds[bad[0]]) if len(bad) else 0
+
+
+def reference_runs(want: Sequence[tuple[int, int]]
+                   ) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], dict[int, _U32]]:
+    """What tbl24 must hold for prefixes `want` (addr, plen; prefix j is number j + 1), as runs:
+    (starts, numbers; GROUP for a /24 holding a longer prefix, 0 = none), merged like
+    `_merge_runs`; and each such /24's 256 numbers. Painted shortest first on the elementary
+    intervals the prefixes' bounds make, so its cost follows the number of prefixes."""
+    a = np.array([x for x, _ in want], dtype=np.int64).reshape(-1)
+    ln = np.array([p for _, p in want], dtype=np.int64).reshape(-1)
+    short = np.flatnonzero(ln <= 24)
+    lo = a[short] >> 8
+    hi = lo + (np.int64(1) << (24 - ln[short]))
+    long_24 = np.unique(a[ln > 24] >> 8)
+    bounds = np.unique(np.concatenate([[0, _CELLS24], lo, hi, long_24, long_24 + 1]))
+    num = np.zeros(len(bounds), dtype=np.uint32)  # of interval [bounds[i], bounds[i + 1])
+    order = short[np.argsort(ln[short], kind="stable")]
+    first = np.searchsorted(bounds, a[order] >> 8)
+    last = np.searchsorted(bounds, (a[order] >> 8) + (np.int64(1) << (24 - ln[order])))
+    for j, f, e in zip(order.tolist(), first.tolist(), last.tolist(), strict=True):
+        num[f:e] = j + 1
+    groups: dict[int, _U32] = {}
+    long_ = np.flatnonzero(ln > 24)
+    at24 = np.searchsorted(bounds, a[long_] >> 8)
+    for i in np.argsort(ln[long_], kind="stable").tolist():
+        j = int(long_[i])
+        c = int(a[j]) >> 8
+        g = groups.get(c)
+        if g is None:
+            g = groups[c] = np.full(256, num[at24[i]], np.uint32)
+        x = int(a[j]) & 0xFF
+        g[x : x + (1 << (32 - int(ln[j])))] = j + 1
+    vals = num[:-1].copy()
+    vals[np.searchsorted(bounds, long_24)] = np.uint32(GROUP)
+    starts, merged = _merge_runs(bounds[:-1], vals)
+    return starts, merged, groups
 
 
 def sparse_reference(
