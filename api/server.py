@@ -204,7 +204,8 @@ def serve(settings: Settings, *, demo: bool = False, cleanup: bool = False) -> i
         lab_note = ""
         if demo:
             lab_note = stack.enter_context(_demo_lab(settings))
-        caps = Capacities(settings.max_rules, settings.max_prefixes, settings.max_sets)
+        caps = Capacities(settings.max_rules, settings.max_prefixes, settings.max_sets,
+                          settings.max_tbl8_groups)
         try:
             # A full disk, a garbage file or a foreign schema: say so and exit; the pinned
             # program keeps filtering (nothing is detached or unpinned: cleanup is off).

@@ -88,6 +88,10 @@ class Settings(BaseSettings):
     max_sets: int = Field(
         default=16_384, ge=2, le=1 << 26, description="distinct port/protocol rule sets"
     )
+    max_tbl8_groups: int = Field(
+        default=16_384, ge=1, le=1 << 20,
+        description="IPv4 /24s holding prefixes longer than /24, per direction (1 KiB each)",
+    )
     protect: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="source prefixes that can never be dropped (XDPFW_PROTECT=a,b)",

@@ -65,6 +65,7 @@ def _text(master: MasterList, n: int) -> bytes:
 def run_bulkpath(p: Profile, master: MasterList) -> dict[str, Any]:
     from api.service import FirewallService, NewCodes
     from api.store import Store
+    from xdpfw.abi import Table
     from xdpfw.compiler import Capacities
     from xdpfw.datapath import Datapath, DatapathConfig
     from xdpfw.importers import ListReader
@@ -87,6 +88,7 @@ def run_bulkpath(p: Profile, master: MasterList) -> dict[str, Any]:
             store = Store(Path(tmp) / "rules.sqlite3")
             svc = FirewallService(dp, store)
             w = dp._writer  # the bench names the private steps it times
+            src4 = dp.table(Table.SRC4_LPM)
             comp = dp.compiler
             targets = [
                 (store, "insert_codes", "SQLite: insert the rows (one per rule)"),
@@ -100,9 +102,9 @@ def run_bulkpath(p: Profile, master: MasterList) -> dict[str, Any]:
                 (w._counters, "zero", "counters: zero them (batched)"),
                 (w, "_write_hosts", "maps: column entries (numpy pack + batches)"),
                 (w, "_write_entries", "maps: other entries"),
-                (w._hint, "widen", "hint: widen"),
-                (w._hint, "redo", "hint: redo"),
-                (w._hint, "account", "hint: account"),
+                # IPv4 prefixes: the DIR-24-8 arrays (issue 18; the /24 hint is retired)
+                (src4, "update_batch_raw", "prefix arrays: column batches (src)"),
+                (src4, "_put", "prefix arrays: of it, one prefix at a time (src)"),
             ]
             with _timing(steps, targets):
                 t = time.perf_counter()
@@ -119,7 +121,7 @@ def run_bulkpath(p: Profile, master: MasterList) -> dict[str, Any]:
 
             out["batch_update"] = {  # did the kernel take BPF_MAP_UPDATE_BATCH for each map
                 name: dp.map(name)._batch_ok.get(Cmd.MAP_UPDATE_BATCH)
-                for name in ("xdpfw_src4", "xdpfw_src4_lpm", "xdpfw_rule_stats")
+                for name in ("xdpfw_src4", "xdpfw_rule_stats")
             }
             out["maxrss_growth_mib"] = (
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0

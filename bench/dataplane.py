@@ -230,8 +230,8 @@ def _ablation(
     xf.fill_ipv4(master.hosts_only(1))
     stages: list[tuple[str, list[Rule]]] = [
         ("1 exact IPv4 host rule", [host]),
-        ("+ 1 IPv4 prefix rule in another /24 (the hint skips the trie)", [prefix]),
-        ("+ 1 IPv4 prefix rule in the hit's /24 (the hit walks the trie)", [near]),
+        ("+ 1 IPv4 prefix rule in another /24 (the hit reads a tbl24 cell: 0)", [prefix]),
+        ("+ 1 IPv4 prefix rule in the hit's /24 (tbl24 cell, then its entry)", [near]),
         ("+ 1 tcp/22 rule (address-less table looked up)", [port]),
         ("+ 1 IPv6 host rule", [v6]),
     ]

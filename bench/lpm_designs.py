@@ -418,8 +418,10 @@ def run_v4(
             from bench.ours import Ours
             from xdpfw.compiler import Capacities
 
-            log("loading xdpfw (bcc compile, default capacities)")
-            ours = Ours(Capacities())
+            # default capacities, but tbl8 groups for the master list's random /26s and /28s
+            # (35,618 at 1M entries; real lists need few: docs/dataplane.md)
+            log("loading xdpfw (bcc compile, default capacities, 65,536 tbl8 groups)")
+            ours = Ours(Capacities(max_tbl8_groups=TBL8_GROUPS_CAP))
         loaded = 0
         for n in sorted(sizes):
             entries = master.take(n)

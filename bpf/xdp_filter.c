@@ -6,14 +6,14 @@
  * in at most five tables (exact source, source prefixes, exact destination,
  * destination prefixes, address-less rules), keep the best-ranked matching
  * slot, credit that rule and leave through finish(), the only exit, which
- * records the global counters. An IPv4 trie is only walked when the prefix
- * hint says a prefix covers or lies in the address's /24; crediting a rule
- * is one per-CPU array element (the slot carries its index) and a coarse
- * clock read.
+ * records the global counters. An IPv4 prefix lookup is one or two array
+ * loads (DIR-24-8, see xdpfw_abi.h), an IPv6 one a trie walk; crediting a
+ * rule is one per-CPU array element (the slot carries its index) and a
+ * coarse clock read.
  *
  * The rule contract (allow beats drop beats monitor, then most specific) is
  * encoded by the control plane in each slot's rank (see xdpfw_abi.h), so the
- * data plane never scans rules: each lookup is O(1) or one trie walk, and each
+ * data plane never scans rules: each lookup is O(1) or one IPv6 trie walk, and each
  * entry holds at most 1 + XDPFW_SET_SLOTS slots.
  *
  * The program only returns XDP_PASS or XDP_DROP; it never aborts.
@@ -54,9 +54,23 @@ BPF_F_TABLE("hash", struct xdpfw_addr6, struct xdpfw_entry, xdpfw_src6, XDPFW_MA
 	    BPF_F_NO_PREALLOC);
 BPF_F_TABLE("hash", struct xdpfw_addr6, struct xdpfw_entry, xdpfw_dst6, XDPFW_MAX_RULES,
 	    BPF_F_NO_PREALLOC);
-/* Prefixes shorter than a host route: LPM tries (entries carry covering prefixes' slots). */
-BPF_LPM_TRIE(xdpfw_src4_lpm, struct xdpfw_lpm4_key, struct xdpfw_entry, XDPFW_MAX_PREFIXES);
-BPF_LPM_TRIE(xdpfw_dst4_lpm, struct xdpfw_lpm4_key, struct xdpfw_entry, XDPFW_MAX_PREFIXES);
+/*
+ * IPv4 prefixes shorter than a host route: DIR-24-8 per direction (xdpfw_abi.h). The cells
+ * name the entry of the longest covering prefix; entries carry covering prefixes' slots.
+ */
+BPF_F_TABLE("array", __u32, struct xdpfw_d248_row, xdpfw_src4_tbl24, XDPFW_D248_TBL24_ROWS,
+	    BPF_F_MMAPABLE);
+BPF_F_TABLE("array", __u32, struct xdpfw_d248_row, xdpfw_src4_tbl8,
+	    XDPFW_MAX_TBL8_GROUPS * (256 / XDPFW_D248_ROW), BPF_F_MMAPABLE);
+BPF_F_TABLE("array", __u32, struct xdpfw_pfx_entry, xdpfw_src4_pfx, 2 * XDPFW_MAX_PREFIXES + 1,
+	    BPF_F_MMAPABLE);
+BPF_F_TABLE("array", __u32, struct xdpfw_d248_row, xdpfw_dst4_tbl24, XDPFW_D248_TBL24_ROWS,
+	    BPF_F_MMAPABLE);
+BPF_F_TABLE("array", __u32, struct xdpfw_d248_row, xdpfw_dst4_tbl8,
+	    XDPFW_MAX_TBL8_GROUPS * (256 / XDPFW_D248_ROW), BPF_F_MMAPABLE);
+BPF_F_TABLE("array", __u32, struct xdpfw_pfx_entry, xdpfw_dst4_pfx, 2 * XDPFW_MAX_PREFIXES + 1,
+	    BPF_F_MMAPABLE);
+/* IPv6 prefixes: LPM tries. */
 BPF_LPM_TRIE(xdpfw_src6_lpm, struct xdpfw_lpm6_key, struct xdpfw_entry, XDPFW_MAX_PREFIXES);
 BPF_LPM_TRIE(xdpfw_dst6_lpm, struct xdpfw_lpm6_key, struct xdpfw_entry, XDPFW_MAX_PREFIXES);
 /* Rules naming no address (protocol/port only): one entry, key 0; a hash so updates are atomic. */
@@ -67,8 +81,6 @@ BPF_ARRAY(xdpfw_sets, struct xdpfw_set, XDPFW_MAX_SETS);
 BPF_PERCPU_ARRAY(xdpfw_rule_stats, struct xdpfw_rule_stats, XDPFW_MAX_RULES + 1);
 /* Per-rule last hit (coarse ns, 0 = never), same index, shared by the CPUs. */
 BPF_F_TABLE("array", __u32, __u64, xdpfw_rule_seen, XDPFW_MAX_RULES + 1, BPF_F_MMAPABLE);
-/* Which /24s may hold an IPv4 prefix: a frame outside them skips that trie. */
-BPF_F_TABLE("array", __u32, __u64, xdpfw_lpm4_hint, 2 * XDPFW_HINT_WORDS, BPF_F_MMAPABLE);
 /* Global counters, per CPU, one element. */
 BPF_PERCPU_ARRAY(xdpfw_stats, struct xdpfw_global_stats, 1);
 /* ABI version, capacities and per-table entry counts, one element. */
@@ -367,38 +379,68 @@ static __always_inline void eval_entry(const struct xdpfw_entry *e, const struct
 	}
 }
 
-/* May a prefix in the trie (XDPFW_HINT_SRC or XDPFW_HINT_DST) hold this address (be)? */
-static __always_inline int lpm4_hint(__u32 trie, __u32 addr_be)
+/* Cell i (mod 16) of a DIR-24-8 row; 0 (no prefix) when the row is out of range. */
+static __always_inline __u32 d248_cell(const struct xdpfw_d248_row *row, __u32 i)
 {
-	__u32 a = bpf_ntohl(addr_be);
-	__u32 idx = trie * XDPFW_HINT_WORDS + (a >> 14);
-	__u64 *word = xdpfw_lpm4_hint.lookup(&idx);
+	return row ? row->cell[i & (XDPFW_D248_ROW - 1)] : 0;
+}
 
-	return word && ((*word >> ((a >> 8) & 63)) & 1);
+/*
+ * The row of tbl8 holding address a's cell in group g (cell (g << 8) | (a & 0xff)), as an
+ * element index of the tbl8 array.
+ */
+static __always_inline __u32 d248_row8(__u32 cell, __u32 a)
+{
+	return ((cell & ~XDPFW_D248_GROUP) << 4) | ((a & 0xff) >> 4);
+}
+
+/* The entry of the longest IPv4 source prefix covering addr_be (be), or NULL. */
+static __always_inline struct xdpfw_entry *src4_prefix(__u32 addr_be)
+{
+	__u32 a = bpf_ntohl(addr_be), row = a >> 12, v;
+	struct xdpfw_pfx_entry *pfx;
+
+	v = d248_cell(xdpfw_src4_tbl24.lookup(&row), a >> 8);
+	if (v & XDPFW_D248_GROUP) {
+		row = d248_row8(v, a);
+		v = d248_cell(xdpfw_src4_tbl8.lookup(&row), a);
+	}
+	pfx = v ? xdpfw_src4_pfx.lookup(&v) : 0;
+	return pfx ? &pfx->entry : 0;
+}
+
+/* The same for destinations (its own arrays). */
+static __always_inline struct xdpfw_entry *dst4_prefix(__u32 addr_be)
+{
+	__u32 a = bpf_ntohl(addr_be), row = a >> 12, v;
+	struct xdpfw_pfx_entry *pfx;
+
+	v = d248_cell(xdpfw_dst4_tbl24.lookup(&row), a >> 8);
+	if (v & XDPFW_D248_GROUP) {
+		row = d248_row8(v, a);
+		v = d248_cell(xdpfw_dst4_tbl8.lookup(&row), a);
+	}
+	pfx = v ? xdpfw_dst4_pfx.lookup(&v) : 0;
+	return pfx ? &pfx->entry : 0;
 }
 
 static __always_inline void lookup_v4(const struct xdpfw_config *cfg, const struct pkt *p,
 				      struct best *b)
 {
-	struct xdpfw_lpm4_key k = { .prefixlen = 32 };
 	__u32 addr;
 
 	if (cfg->n_entries[XDPFW_TBL_SRC4]) {
 		addr = p->saddr4;
 		eval_entry(xdpfw_src4.lookup(&addr), p, b);
 	}
-	if (cfg->n_entries[XDPFW_TBL_SRC4_LPM] && lpm4_hint(XDPFW_HINT_SRC, p->saddr4)) {
-		__builtin_memcpy(k.addr, &p->saddr4, 4);
-		eval_entry(xdpfw_src4_lpm.lookup(&k), p, b);
-	}
+	if (cfg->n_entries[XDPFW_TBL_SRC4_LPM])
+		eval_entry(src4_prefix(p->saddr4), p, b);
 	if (cfg->n_entries[XDPFW_TBL_DST4]) {
 		addr = p->daddr4;
 		eval_entry(xdpfw_dst4.lookup(&addr), p, b);
 	}
-	if (cfg->n_entries[XDPFW_TBL_DST4_LPM] && lpm4_hint(XDPFW_HINT_DST, p->daddr4)) {
-		__builtin_memcpy(k.addr, &p->daddr4, 4);
-		eval_entry(xdpfw_dst4_lpm.lookup(&k), p, b);
-	}
+	if (cfg->n_entries[XDPFW_TBL_DST4_LPM])
+		eval_entry(dst4_prefix(p->daddr4), p, b);
 }
 
 static __always_inline void lookup_v6(const struct xdpfw_config *cfg, struct pkt *p,

@@ -29,8 +29,13 @@
  *      XDPFW_STAT_LIMITED; maps xdpfw_limits, xdpfw_limit_stats, xdpfw_buckets, xdpfw_bans.
  *      X-ray: xdpfw_sample_ctl, xdpfw_sample_rules, xdpfw_sample_bucket,
  *      xdpfw_sample_stats and the ring buffer xdpfw_samples (added).
+ *   5  IPv4 prefixes in DIR-24-8 arrays (issue 18): maps xdpfw_{src,dst}4_tbl24, _tbl8 and
+ *      _pfx (added, struct xdpfw_pfx_entry); the tries xdpfw_src4_lpm, xdpfw_dst4_lpm and the hint
+ *      xdpfw_lpm4_hint retired (XDPFW_HINT_* kept as placeholders); struct xdpfw_config
+ *      gains max_tbl8_groups. ABI 4 pins are adopted by an upgrade (rules, counters, limits
+ *      and samples carried across, the attachment swapped atomically), never misread.
  */
-#define XDPFW_ABI_VERSION 4
+#define XDPFW_ABI_VERSION 5
 
 /* Bounds of the parser. */
 #define XDPFW_MAX_VLAN 2        /* 802.1Q / 802.1ad tags we look through */
@@ -67,8 +72,8 @@
 #define XDPFW_TBL_DST4 1        /* xdpfw_dst4: exact IPv4 destination */
 #define XDPFW_TBL_SRC6 2        /* xdpfw_src6: exact IPv6 source */
 #define XDPFW_TBL_DST6 3        /* xdpfw_dst6: exact IPv6 destination */
-#define XDPFW_TBL_SRC4_LPM 4    /* xdpfw_src4_lpm: IPv4 source prefixes */
-#define XDPFW_TBL_DST4_LPM 5    /* xdpfw_dst4_lpm: IPv4 destination prefixes */
+#define XDPFW_TBL_SRC4_LPM 4    /* IPv4 source prefixes (DIR-24-8: xdpfw_src4_tbl24 ...) */
+#define XDPFW_TBL_DST4_LPM 5    /* IPv4 destination prefixes (xdpfw_dst4_tbl24 ...) */
 #define XDPFW_TBL_SRC6_LPM 6    /* xdpfw_src6_lpm: IPv6 source prefixes */
 #define XDPFW_TBL_DST6_LPM 7    /* xdpfw_dst6_lpm: IPv6 destination prefixes */
 #define XDPFW_TBL_ANY 8         /* xdpfw_any: rules with no address */
@@ -79,7 +84,10 @@
 #define XDPFW_MAX_RULES 1048576 /* exact tables and per-rule counters */
 #endif
 #ifndef XDPFW_MAX_PREFIXES
-#define XDPFW_MAX_PREFIXES 262144 /* each LPM trie */
+#define XDPFW_MAX_PREFIXES 262144 /* each prefix table (IPv4: entries, IPv6: LPM trie) */
+#endif
+#ifndef XDPFW_MAX_TBL8_GROUPS
+#define XDPFW_MAX_TBL8_GROUPS 16384 /* per direction: /24s holding prefixes longer than /24 */
 #endif
 #ifndef XDPFW_MAX_SETS
 #define XDPFW_MAX_SETS 16384    /* overflow rule sets, index 0 unused */
@@ -166,17 +174,49 @@ struct xdpfw_rule_stats {
  * skip the per-CPU counters of every rule whose element is 0: they are zero.
  */
 /*
- * IPv4 prefix hint: one bit per /24 of the address space for each IPv4 trie, set when a
- * prefix in that trie covers or lies inside the /24. A frame whose address falls in a /24
- * with no bit set skips the trie walk (most of any blocklist's misses and host hits). Element
- * trie * XDPFW_HINT_WORDS + (addr >> 14) of xdpfw_lpm4_hint holds the bit of /24 number
- * (addr >> 8) at position (addr >> 8) % 64; trie is XDPFW_HINT_SRC for the source trie,
- * XDPFW_HINT_DST for the destination trie. The map is memory-mapped (BPF_F_MMAPABLE): the
- * control plane writes words in place.
+ * IPv4 prefixes: DIR-24-8 (the layout of DPDK's rte_lpm), one set of arrays per direction.
+ * A frame's address a (host order) picks cell a >> 8 of tbl24: 0 = no prefix covers that
+ * /24; XDPFW_D248_GROUP | g = the /24 holds prefixes longer than /24, look at cell
+ * (g << 8) | (a & 0xff) of tbl8 (same meaning, never a group); any other value = the index in
+ * pfx of the entry of the longest prefix covering the address (its slots carry the covering
+ * prefixes' rules, as a trie entry did). One array load for a /24 or shorter, two for
+ * /25-/32, whatever the number of prefixes. Cells are stored 16 to an array element
+ * (struct xdpfw_d248_row: one cache line, no per-element padding) and written in place
+ * through a memory mapping (BPF_F_MMAPABLE): each store is one aligned __u32, so a packet
+ * sees the old or the new longest match, never a torn one. An entry is never rewritten in
+ * place: a changed entry goes to a fresh pfx index, the cells flip to it, and the old index
+ * is reused only from the next change on (a packet that read the old cell is long gone).
  */
-#define XDPFW_HINT_WORDS 262144 /* 2^24 /24s / 64 bits */
-#define XDPFW_HINT_SRC 0        /* words 0 .. XDPFW_HINT_WORDS-1: xdpfw_src4_lpm */
-#define XDPFW_HINT_DST 1        /* the next XDPFW_HINT_WORDS: xdpfw_dst4_lpm */
+#define XDPFW_D248_ROW 16               /* cells per array element */
+#define XDPFW_D248_TBL24_ROWS 1048576   /* 2^24 cells: one per /24 */
+#define XDPFW_D248_GROUP 0x80000000     /* cell flag: the rest is a tbl8 group */
+/*
+ * Each pfx array holds 2 * XDPFW_MAX_PREFIXES + 1 elements (abi.pfx_entries): index 0 = none,
+ * and room for a change of every prefix while the old indices rest.
+ */
+
+struct xdpfw_d248_row {
+	__u32 cell[XDPFW_D248_ROW]; /* host */
+};
+
+/* Which prefix a pfx element is (what adoption reads back; the program does not read it). */
+struct xdpfw_pfx_key {
+	__u8 addr[4];   /* be; the network address */
+	__u8 plen;      /* 0..32 */
+	__u8 live;      /* 1: this element is the prefix's entry (or is being replaced by a newer one) */
+	__u8 pad[2];
+};
+
+/* Element of xdpfw_{src,dst}4_pfx: the entry, then its key. */
+struct xdpfw_pfx_entry {
+	struct xdpfw_entry entry;
+	struct xdpfw_pfx_key key;
+};
+
+/* Retired with ABI 5 (the /24 hint of the tries); the numbers are placeholders. */
+#define XDPFW_HINT_WORDS 262144
+#define XDPFW_HINT_SRC 0
+#define XDPFW_HINT_DST 1
 
 /* Single element of xdpfw_stats (per CPU); the reader sums the CPUs. */
 struct xdpfw_global_stats {
@@ -190,6 +230,7 @@ struct xdpfw_config {
 	__u32 max_rules;                 /* host; capacities the maps were made with */
 	__u32 max_prefixes;              /* host */
 	__u32 max_sets;                  /* host */
+	__u32 max_tbl8_groups;           /* host; tbl8 groups per direction (ABI 5) */
 	__u8 build_id[8];                /* hash of the source and flags the program was built from */
 };
 

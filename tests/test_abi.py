@@ -55,6 +55,11 @@ def _mirror(name: str) -> int | None:
         "HINT_WORDS": abi.HINT_WORDS,
         "HINT_SRC": abi.HINT_SRC,
         "HINT_DST": abi.HINT_DST,
+        # DIR-24-8 (issue 18)
+        "D248_ROW": abi.D248_ROW,
+        "D248_TBL24_ROWS": abi.D248_TBL24_ROWS,
+        "D248_GROUP": abi.D248_GROUP,
+        "MAX_TBL8_GROUPS": caps.max_tbl8_groups,
         "RANK_ID_MASK": abi.RANK_ID_MASK,
         # Default capacities: the loader overrides them with -D, from Capacities.
         "MAX_RULES": caps.max_rules,
@@ -95,7 +100,7 @@ def test_header_defines_are_found() -> None:
     defines = header_defines()
     # the parser sees the file: a few anchors
     assert defines["ABI_H"] is None  # include guard
-    assert defines["ABI_VERSION"] == 4
+    assert defines["ABI_VERSION"] == 5
     assert defines["RANK_ID_MASK"] == 0x1FFFFFFF
     assert len(defines) > 30
 
@@ -161,8 +166,11 @@ def test_map_names_agree_with_the_program() -> None:
     declared |= set(re.findall(rf"^BPF_(?:{kinds})\((\w+)", PROGRAM_TEXT, re.M))
     assert declared == set(MAP_TYPES) == set(MAP_NAMES)
     for table in abi.Table:
-        if table is not abi.Table.MAX:
+        if table.is_map:
             assert table.map_name in declared
+        elif table is not abi.Table.MAX:  # IPv4 prefixes: DIR-24-8 arrays (ABI 5)
+            assert table.map_name not in declared
+            assert set(abi.d248_maps(table)) <= declared
 
 
 # --- (b) struct layouts against bcc's generated types ----------------------------------------
@@ -309,7 +317,10 @@ def test_struct_sizes_are_what_the_header_implies() -> None:
     assert ctypes.sizeof(abi.Lpm6Key) == 20
     assert ctypes.sizeof(abi.RuleStats) == 16
     assert ctypes.sizeof(abi.GlobalStats) == 8 * abi.Stat.MAX
-    assert ctypes.sizeof(abi.Config) == 4 * (4 + abi.Table.MAX) + 8  # + build_id[8]
+    assert ctypes.sizeof(abi.Config) == 4 * (5 + abi.Table.MAX) + 8  # + build_id[8]
+    assert ctypes.sizeof(abi.D248Row) == 64  # one cache line
+    assert ctypes.sizeof(abi.PfxKey) == 8
+    assert ctypes.sizeof(abi.PfxEntry) == 48  # the entry, then its key
     assert ctypes.sizeof(abi.SampleCtl) == 24
     assert ctypes.sizeof(abi.SampleRule) == 16
     assert ctypes.sizeof(abi.SampleBucket) == 8

@@ -24,6 +24,7 @@ import pytest
 from conftest import unique_pin_dir
 
 from xdpfw import abi, codes
+from xdpfw.abi import Table
 from xdpfw.compiler import LPM_TABLES, Capacities, RuleCompiler
 from xdpfw.datapath import Datapath, DatapathConfig
 from xdpfw.datapath.slots import entry_bytes, entry_columns
@@ -245,7 +246,7 @@ def test_a_batch_the_kernel_refuses_leaves_the_maps_as_they_were(
     base.append(RuleSpec.parse(src="198.18.0.0/16").with_id(11))
     _add(dp, base)
     before = harness.table_snapshot(dp)
-    m = dp.map(failing)
+    m = dp.table(Table.SRC4_LPM) if failing == "xdpfw_src4_lpm" else dp.map(failing)
     real_raw, real_batch = m.update_batch_raw, m.update_batch
 
     def half_raw(keys: bytes, values: bytes, count: int, **kw: object) -> None:
@@ -300,13 +301,13 @@ def test_adopting_reads_the_columns_back_as_they_were_written() -> None:
         _add(first, rules)
         before = _state(first.compiler)
         indices = {r.id: first.counter_index(r.id) for r in rules}
-        hint = harness.table_snapshot(first)["xdpfw_lpm4_hint"]
+        cells = harness.table_snapshot(first)["xdpfw_src4_tbl24"]
         first.close()
         again = Datapath.open(DatapathConfig(bpffs_dir=pins, caps=SOAK_CAPS, upgrade=False))
         first = again
         assert _state(again.compiler) == before
         assert {r.id: again.counter_index(r.id) for r in rules} == indices
-        assert harness.table_snapshot(again)["xdpfw_lpm4_hint"] == hint
+        assert harness.table_snapshot(again)["xdpfw_src4_tbl24"] == cells
         assert harness.entry_mismatches(again) == []
         differ = harness.Differ(again)
         gen = FrameGen(rng)

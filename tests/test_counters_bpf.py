@@ -53,10 +53,13 @@ def hit(dp: Datapath, src: str, times: int = 1, dst: str = "198.19.255.254") -> 
     return retval
 
 
-def hint_words(dp: Datapath) -> np.ndarray[Any, np.dtype[np.uint64]]:
-    """The prefix hint as the kernel holds it (read with a batch lookup, not the mapping)."""
-    raw = dp.map("xdpfw_lpm4_hint").read_array(2 * abi.HINT_WORDS)
-    return np.frombuffer(raw, dtype="<u8").reshape(2, -1)
+def tbl24_cells(dp: Datapath) -> np.ndarray[Any, np.dtype[np.uint32]]:
+    """The IPv4 prefix tbl24 cells of both directions as the kernel holds them (read with a
+    batch lookup, not the mapping the writer uses): shape (2, 2^24), source first."""
+    rows = abi.D248_TBL24_ROWS
+    raw = [dp.map(abi.d248_maps(t)[0]).read_array(rows)
+           for t in (abi.Table.SRC4_LPM, abi.Table.DST4_LPM)]
+    return np.stack([np.frombuffer(r, dtype="<u4") for r in raw])
 
 
 def plain(counters: dict[int, RuleCounters]) -> dict[int, tuple[int, int, float | None]]:
@@ -116,7 +119,7 @@ def test_top_counters_rank_by_packets_then_id(dp: Datapath) -> None:
     assert abs(everything[14].last_hit - time.time()) < 5  # coarse clock, converted to Unix time
 
 
-def test_prefix_hint_follows_the_tries(dp: Datapath) -> None:
+def test_prefix_cells_follow_the_prefixes(dp: Datapath) -> None:
     # /15 spans two /16s; /18 sits inside one; a dst prefix uses the other half of the bitmap
     wide = rule(1, src="198.18.0.0/15")
     inner = rule(2, action="allow", src="198.18.64.0/18")
@@ -138,20 +141,21 @@ def test_prefix_hint_follows_the_tries(dp: Datapath) -> None:
     assert dp.rule_counters([3])[3].packets == 1
     dp.remove_rules([2, 3])
     assert entry_mismatches(dp) == []
-    assert not hint_words(dp).any(), "bits left after the last prefix"
+    assert not tbl24_cells(dp).any(), "cells left after the last prefix"
 
 
 def test_a_default_route_prefix_sets_every_bit(dp: Datapath) -> None:
     dp.add_rules([rule(1, src="0.0.0.0/0", proto="tcp"), rule(2, src="198.18.0.5")])
     assert entry_mismatches(dp) == []
-    words = hint_words(dp)
-    assert (words[0] == 0xFFFF_FFFF_FFFF_FFFF).all()  # every /24 of the source trie
-    assert not words[1].any()
+    cells = tbl24_cells(dp)
+    assert (cells[0] != 0).all()  # every /24 of the source table names the /0
+    assert len(np.unique(cells[0])) == 1
+    assert not cells[1].any()
     tcp = build_frame(src="198.19.7.7", dst="198.18.0.1", proto="tcp", dport=443)
     assert bpfsys.prog_test_run(dp.prog_fd, tcp).retval == XDP_DROP
 
 
-def test_adoption_reads_indices_and_hint_back() -> None:
+def test_adoption_reads_indices_and_prefix_arrays_back() -> None:
     pin_dir = unique_pin_dir("adopt-ctr")
     cfg = DatapathConfig(bpffs_dir=pin_dir, caps=TEST_CAPS)
     first = Datapath.open(cfg)

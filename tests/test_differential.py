@@ -418,7 +418,7 @@ def test_entry_check_finds_a_stale_trie_entry(differ: Differ) -> None:
     install(differ, [RuleSpec.parse(src="198.18.0.0/16").with_id(1),
                      RuleSpec.parse(src="198.18.1.0/24", proto="tcp").with_id(2)])
     assert differ.check_entries() == []
-    trie = differ.dp.map(Table.SRC4_LPM.map_name)
+    trie = differ.dp.table(Table.SRC4_LPM)  # the DIR-24-8 arrays, keyed as the trie was
     key = (24).to_bytes(4, "little") + bytes([198, 18, 1, 0])
     good = trie.lookup_raw(key)
     assert good is not None
@@ -433,6 +433,37 @@ def test_entry_check_finds_a_stale_trie_entry(differ: Differ) -> None:
         trie.delete(stray)
         trie.update(key, good)
     assert differ.check_entries() == []
+
+
+def test_array_check_finds_wrong_cells(differ: Differ) -> None:
+    """The bit-for-bit check of the DIR-24-8 arrays sees a cell that names nothing, a cell
+    that names a stale entry, and a wrong cell inside a tbl8 group."""
+    from xdpfw.datapath.d248 import PrefixTable
+
+    install(differ, [RuleSpec.parse(src="198.18.0.0/16").with_id(1),
+                     RuleSpec.parse(src="198.18.1.64/26", proto="tcp").with_id(2)])
+    assert harness.d248_mismatches(differ.dp) == []
+    pt = differ.dp.table(Table.SRC4_LPM)
+    assert isinstance(pt, PrefixTable)
+    inside = (198 << 16) | (18 << 8) | 7  # the /24 198.18.7.0: the /16's
+    outside = (198 << 16) | (19 << 8) | 7
+    grouped = (198 << 16) | (18 << 8) | 1
+    g = int(pt.tbl24[grouped]) & 0x7FFF_FFFF
+    for cells, at, value in ((pt.tbl24, inside, 0), (pt.tbl24, outside, int(pt.tbl24[inside])),
+                             (pt.tbl8, g * 256 + 70, int(pt.tbl8[g * 256]))):
+        old = int(cells[at])
+        cells[at] = value
+        try:
+            assert harness.d248_mismatches(differ.dp), f"cell {at} = {value} not seen"
+        finally:
+            cells[at] = old
+    stale = int(pt.tbl24[inside])
+    pt.keys["live"][stale] = 0  # the entry the cells name is no longer the prefix's
+    try:
+        assert harness.d248_mismatches(differ.dp)
+    finally:
+        pt.keys["live"][stale] = 1
+    assert harness.d248_mismatches(differ.dp) == []
 
 
 @settings(CI, max_examples=100)
@@ -493,6 +524,76 @@ def test_thousands_of_rules_with_covering_prefix_removal(differ: Differ) -> None
         differ.remove(r.id for r in shortest)
         TALLY["churn"] += len(shortest)
         assert differ.check_entries() == []
+
+
+def _prefix_heavy(rng: Any, n: int, first_id: int) -> list[Rule]:
+    """n IPv4 rules that are mostly prefixes, nested in one another, half of them /25-/32
+    (the second level of DIR-24-8), in both directions, some with protocols and ports."""
+    base = int(ipaddress.IPv4Address("198.18.0.0"))
+    nets: list[tuple[int, int]] = []
+    out: list[Rule] = []
+    codes: set[int] = set()
+    lens = [16, 18, 20, 21, 22, 23, 24, 24, 25, 26, 27, 28, 29, 30, 31, 32]
+    while len(out) < n:
+        plen = rng.choice(lens)
+        if nets and rng.random() < 0.7:  # inside (or around) an earlier one
+            a, pl = rng.choice(nets)
+            addr = a | rng.getrandbits(32 - pl) if pl < 32 else a
+        else:
+            addr = base | rng.getrandbits(17)
+        addr &= ~((1 << (32 - plen)) - 1) & 0xFFFF_FFFF
+        nets.append((addr, plen))
+        net = f"{ipaddress.IPv4Address(addr)}/{plen}"
+        spec: dict[str, str] = {"src" if rng.random() < 0.7 else "dst": net}
+        if rng.random() < 0.15:
+            spec["action"] = "allow"
+        if rng.random() < 0.2:
+            spec["proto"] = rng.choice(["tcp", "udp"])
+            if rng.random() < 0.5:
+                lo = rng.randrange(1, 60000)
+                spec["dport"] = f"{lo}-{lo + rng.randrange(2000)}"
+        rule = RuleSpec.parse(**spec).with_id(first_id + len(out))
+        if rule.code() not in codes:  # no two identical rules
+            codes.add(rule.code())
+            out.append(rule)
+    return out
+
+
+def test_prefix_heavy_sets_and_the_arrays_bit_for_bit(differ: Differ) -> None:
+    """Prefix-heavy rule sets (nesting, /25-/32) through plan steps of every kind: after each,
+    the DIR-24-8 arrays read through their mappings are bit for bit what the compiled
+    prefixes imply (harness.d248_mismatches inside check_entries), and 4,000 frames aimed at
+    the prefixes agree with the model."""
+    import random
+
+    from xdpfw.verify.soak import FrameGen
+
+    rng = random.Random(0x18D248)
+    fgen = FrameGen(rng, sweep=0.002)
+    rules = install(differ, _prefix_heavy(rng, 1500, 1))
+    assert sum(1 for r in rules if _prefix_len(r) > 24) > 500
+    next_id = 10_000
+    for step in range(5):
+        assert differ.check_entries() == [], f"step {step}"
+        fgen.aim(differ.rules)
+        found = differ.check(fgen.frames(4000))
+        assert not found, _fail(differ, found, minimize=True)
+        have = sorted(differ.rules, key=lambda r: r.id)
+        if step == 0:  # the widest go: their cells fall back to what covers them
+            gone = sorted(have, key=_prefix_len)[:40]
+        elif step == 1:  # long prefixes go: tbl8 groups empty and are freed
+            gone = [r for r in have if _prefix_len(r) > 24][::3]
+        else:  # random churn
+            gone = rng.sample(have, len(have) // 6)
+        differ.remove(r.id for r in gone)
+        more = [r for r in _prefix_heavy(rng, 300, next_id)
+                if differ.dp.compiler.find_code(r.code()) is None]
+        next_id += 300
+        accepted, _ = fit([*differ.rules, *more], differ.dp.caps)
+        differ.add([r for r in accepted if r.id >= 10_000 and r.id not in
+                    {x.id for x in differ.rules}])
+        TALLY["churn"] += len(gone) + len(more)
+    assert differ.check_entries() == []
 
 
 # --- churn --------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ def dump_maps(pin_dir: Path) -> dict[str, list[tuple[bytes, bytes]]]:
         if name == "xdpfw_samples":  # X-ray's ring buffer: records in flight, no entries
             continue
         with bpfsys.Map.from_pin(str(pin_dir / name), key_t, val_t, name) as m:
-            if name == "xdpfw_lpm4_hint":  # 524,288 words: one blob
+            if name.endswith(abi.D248_PARTS):  # big arrays (tbl24: 2^20 rows): one blob
                 out[name] = [(b"", m.read_array(m.info.max_entries))]
             else:
                 out[name] = sorted(m.dump_raw())
@@ -425,3 +425,108 @@ def test_vanished_interface_degrades_instead_of_failing(server: Server) -> None:
         ]
         assert c.get(f"/v1/rules/{rid}").status_code == 200
     assert "does not exist now" in server.output()
+
+
+# --- ABI 4 pins -> ABI 5 (issue 18: IPv4 prefixes moved from tries to DIR-24-8) ---------------
+
+# The last release whose pins speak ABI 4: run from a `git archive` of it, it is the real
+# xdpfw of that release (its compiler, its writer, its program), not a copy of its layouts.
+ABI4_RELEASE = "1c119335adb126d1666df7d27c8d3714f95a224c"
+
+_ABI4_CHILD = r'''
+import json, os, signal, sys
+from pathlib import Path
+from xdpfw import abi
+from xdpfw.compiler import Capacities
+from xdpfw.datapath import Datapath, DatapathConfig
+from xdpfw.kernel import bpfsys
+from xdpfw.rules import Limit, RuleSpec
+from xdpfw.verify.frames import build_frame
+
+assert abi.ABI_VERSION == 4, abi.ABI_VERSION
+pin_dir, ifname = Path(sys.argv[1]), sys.argv[2]
+dp = Datapath.open(DatapathConfig(bpffs_dir=pin_dir, caps=Capacities(8192, 4096, 512)))
+specs = [
+    dict(src="198.18.0.0/15"), dict(src="198.18.7.0/24", proto="tcp", action="allow"),
+    dict(src="198.18.7.64/26", proto="udp", dport="53"), dict(src="198.18.7.66/31"),
+    dict(src="198.18.9.9"), dict(dst="198.19.200.0/22", proto="udp"),
+    dict(dst="198.19.201.128/25"), dict(src="2001:db8:1::/48"), dict(src="10.0.0.0/8"),
+    dict(src="198.19.5.5", proto="udp", dport="7"),
+]
+dp.add_rules([RuleSpec.parse(**s).with_id(i + 1) for i, s in enumerate(specs)])
+lim = Limit(pps=5, burst=2)
+dp.add_rules([RuleSpec.parse(src="198.19.64.0/20", action="limit", limit=lim).with_id(50)])
+dp.sample_configure(1000, 256)
+dp.sample_set({3: 1, 50: 2})
+sends = {"198.18.7.66": 3, "198.18.1.1": 2, "198.19.64.9": 6, "10.9.9.9": 1}
+for src, n in sends.items():
+    for _ in range(n):
+        bpfsys.prog_test_run(dp.prog_fd, build_frame(src=src, dst="198.19.201.200", proto="udp",
+                                                     dport=53))
+dp.attach(ifname)
+print(json.dumps({"prog_id": dp.prog_id, "counters": {str(k): v.packets for k, v in
+                  dp.rule_counters().items()}}), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # kill -9: the pins and the attachment stay
+'''
+
+
+def test_abi4_pins_are_upgraded_with_rules_counters_limits_and_samples(tmp_path: Path) -> None:
+    """What a running ABI 4 xdpfw leaves after kill -9 (pinned program and maps, attached):
+    the ABI 5 build adopts it, carries every rule, counter, limit and sampling setting into
+    the new program and swaps the attachment atomically; the DIR-24-8 arrays it fills are
+    bit for bit what the prefixes imply, and the verdicts are the model's."""
+    import json
+    import os
+    import sys
+
+    from xdpfw.datapath import Datapath, DatapathConfig, pins
+    from xdpfw.kernel import netlink
+    from xdpfw.lab import veth_lab
+    from xdpfw.rules import Limit
+    from xdpfw.verify import harness
+    from xdpfw.verify.soak import FrameGen
+
+    repo = Path(__file__).resolve().parent.parent
+    tree = tmp_path / "abi4"
+    tree.mkdir()
+    archive = subprocess.run(["git", "-C", str(repo), "archive", ABI4_RELEASE, "xdpfw", "bpf"],
+                             capture_output=True)
+    if archive.returncode != 0:
+        pytest.skip(f"the ABI 4 release {ABI4_RELEASE[:12]} is not in this checkout's history")
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    pin_dir = unique_pin_dir("abi4")
+    with veth_lab(prefix="xfw") as lab:
+        try:
+            env = {**os.environ, "PYTHONPATH": str(tree)}
+            child = subprocess.run(
+                [sys.executable, "-c", _ABI4_CHILD, str(pin_dir), lab.host_if],
+                capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+            )
+            assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
+            old = json.loads(child.stdout.strip().splitlines()[-1])
+            assert pins.pinned_abi(pin_dir) == pins.ABI4
+            assert netlink.xdp_state(lab.host_if).prog_id == old["prog_id"]
+            with Datapath.open(DatapathConfig(bpffs_dir=pin_dir, caps=TEST_CAPS)) as dp:
+                assert dp.upgraded_from == old["prog_id"]
+                assert pins.pinned_abi(pin_dir) == abi.ABI_VERSION
+                # swapped in place (XDP_FLAGS_REPLACE): the interface runs the new program
+                assert netlink.xdp_state(lab.host_if).prog_id == dp.prog_id
+                rules = dp.rules()
+                assert [r.id for r in rules] == [*range(1, 11), 50]
+                assert dp.get_rule(50).limit == Limit(pps=5, burst=2)
+                got = {str(k): v.packets for k, v in dp.rule_counters().items()}
+                assert got == old["counters"]
+                assert dp.sample_rules() == {3: 1, 50: 2}
+                assert dp.sample_settings() == (256, 1000)
+                assert harness.entry_mismatches(dp) == []  # d248 arrays bit for bit
+                differ = harness.Differ(dp)
+                gen = FrameGen(__import__("random").Random(4))
+                gen.aim(differ.rules)
+                found = differ.check(gen.frames(3000))
+                assert not found, str(found[0])
+                dp.detach(lab.host_if)
+                dp.close(cleanup=True)
+        finally:
+            for leftover in (pin_dir, pins.retired_dir(pin_dir), pins.upgrading_dir(pin_dir)):
+                pins.remove_pin_dir(leftover)
+    assert not pin_dir.exists()

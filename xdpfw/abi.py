@@ -14,6 +14,10 @@ from pathlib import Path
 __all__ = [
     "ABI_VERSION",
     "BPF_DIR",
+    "D248_GROUP",
+    "D248_PARTS",
+    "D248_ROW",
+    "D248_TBL24_ROWS",
     "HEADER",
     "HINT_DST",
     "HINT_SRC",
@@ -22,6 +26,7 @@ __all__ = [
     "MAX_BUCKETS",
     "MAX_IPV6_EXT",
     "MAX_LIMITS",
+    "MAX_TBL8_GROUPS",
     "MAX_VLAN",
     "PER_RULE",
     "PER_SOURCE",
@@ -48,12 +53,15 @@ __all__ = [
     "Bucket",
     "BucketKey",
     "Config",
+    "D248Row",
     "Entry",
     "GlobalStats",
     "Limit",
     "LimitStats",
     "Lpm4Key",
     "Lpm6Key",
+    "PfxEntry",
+    "PfxKey",
     "RuleStats",
     "SampleBucket",
     "SampleCtl",
@@ -65,6 +73,8 @@ __all__ = [
     "Slot",
     "Stat",
     "Table",
+    "d248_maps",
+    "pfx_entries",
 ]
 
 
@@ -86,13 +96,19 @@ HEADER = BPF_DIR / "xdpfw_abi.h"
 PROGRAM = BPF_DIR / "xdp_filter.c"
 PROG_NAME = "xdpfw_prog"
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 MAX_VLAN = 2
 MAX_IPV6_EXT = 8
 SET_SLOTS = 31
-HINT_WORDS = 262144
-HINT_SRC = 0  # which half of xdpfw_lpm4_hint: the source trie's
-HINT_DST = 1  # the destination trie's
+HINT_WORDS = 262144  # retired with ABI 5 (the /24 hint of ABI 4's IPv4 tries): placeholders
+HINT_SRC = 0
+HINT_DST = 1
+
+# -- IPv4 prefixes: DIR-24-8 (issue 18), see xdpfw_abi.h --
+D248_ROW = 16  # cells per array element
+D248_TBL24_ROWS = 1048576  # 2^24 cells
+D248_GROUP = 0x80000000  # cell flag: a tbl8 group
+MAX_TBL8_GROUPS = 16384  # default tbl8 groups per direction
 RANK_ID_MASK = 0x1FFFFFFF
 
 VERDICT_NONE = 0
@@ -143,7 +159,7 @@ class Table(IntEnum):
     DST4 = 1
     SRC6 = 2
     DST6 = 3
-    SRC4_LPM = 4
+    SRC4_LPM = 4  # IPv4 prefixes: DIR-24-8 arrays since ABI 5 (the name is the table's)
     DST4_LPM = 5
     SRC6_LPM = 6
     DST6_LPM = 7
@@ -152,7 +168,23 @@ class Table(IntEnum):
 
     @property
     def map_name(self) -> str:
+        """The table's name (the map's name, but for the IPv4 prefix tables, which are the
+        DIR-24-8 arrays of `d248_maps` since ABI 5)."""
         return "xdpfw_" + self.name.lower()
+
+    @property
+    def is_map(self) -> bool:
+        """Whether one map of this name holds the table (all but the IPv4 prefix tables)."""
+        return self not in (Table.SRC4_LPM, Table.DST4_LPM, Table.MAX)
+
+
+D248_PARTS = ("tbl24", "tbl8", "pfx")
+
+
+def d248_maps(table: Table) -> tuple[str, str, str]:
+    """The DIR-24-8 arrays of an IPv4 prefix table: (tbl24, tbl8, pfx)."""
+    base = {Table.SRC4_LPM: "xdpfw_src4", Table.DST4_LPM: "xdpfw_dst4"}[table]
+    return (f"{base}_tbl24", f"{base}_tbl8", f"{base}_pfx")
 
 
 class Slot(ctypes.Structure):
@@ -209,8 +241,31 @@ class Config(ctypes.Structure):
         ("max_rules", ctypes.c_uint32),
         ("max_prefixes", ctypes.c_uint32),
         ("max_sets", ctypes.c_uint32),
+        ("max_tbl8_groups", ctypes.c_uint32),
         ("build_id", ctypes.c_uint8 * 8),
     ]
+
+
+class D248Row(ctypes.Structure):
+    _fields_ = [("cell", ctypes.c_uint32 * D248_ROW)]
+
+
+class PfxKey(ctypes.Structure):
+    _fields_ = [
+        ("addr", ctypes.c_uint8 * 4),
+        ("plen", ctypes.c_uint8),
+        ("live", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 2),
+    ]
+
+
+class PfxEntry(ctypes.Structure):
+    _fields_ = [("entry", Entry), ("key", PfxKey)]
+
+
+def pfx_entries(max_prefixes: int) -> int:
+    """Elements of each xdpfw_*4_pfx array (XDPFW_PFX_ENTRIES)."""
+    return 2 * max_prefixes + 1
 
 
 # --- X-ray (issue 17): sampled frames through the ring buffer xdpfw_samples ----------------

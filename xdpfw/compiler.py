@@ -103,6 +103,9 @@ class Capacities:
     max_rules: int = 1_048_576
     max_prefixes: int = 262_144
     max_sets: int = 16_384
+    # IPv4 /24s holding prefixes longer than /24, per direction (DIR-24-8's tbl8 groups, 1 KiB
+    # of kernel memory each, allocated at load)
+    max_tbl8_groups: int = abi.MAX_TBL8_GROUPS
 
     def limit(self, table: Table) -> int:
         if table is Table.ANY:

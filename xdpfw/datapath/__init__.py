@@ -16,7 +16,7 @@ errno), never as OSError.
 
 The package: facade.py (Datapath, the face the service uses), pins.py (pin sets and the ABI
 check), attach.py (netlink), writer.py (plans into the maps, rollback), sets.py (rule-set
-ids), counters.py (counter indices and reads), hint.py (the IPv4 /24 hint), adopt.py (reading
+ids), counters.py (counter indices and reads), d248.py (the IPv4 prefix arrays), adopt.py (reading
 pinned maps back), recover.py (recognising an xdpfw program whose pins were lost, re-pinning
 it), slots.py and keys.py (the byte forms of slots, entries and keys),
 translate.py (kernel errors into xdpfw.errors).

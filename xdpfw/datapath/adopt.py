@@ -1,14 +1,16 @@
-"""Reading pinned maps back: entries, slots, rule sets, counter indices and IPv4 trie keys.
+"""Reading pinned maps back: entries, slots, rule sets and counter indices.
 
 The maps hold exactly what the compiler wrote, so adoption replans nothing: one pass over
 every lookup table yields each entry as (table, compact key, slots) for
-`RuleCompiler.adopt`, and records on the way which rule set each entry points at, each rule's
-counter index and each IPv4 trie key (for the prefix hint).
+`RuleCompiler.adopt`, and records on the way which rule set each entry points at and each
+rule's counter index. A table is read through `tables(table)`: a map, or the IPv4 prefix
+arrays (d248.PrefixTable, which show their entries as the IPv4 tries of ABI 4 did; ABI 4's
+tries themselves are read the same way by an upgrade).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,12 +19,11 @@ import numpy as np
 from xdpfw import codes
 from xdpfw.abi import Table
 from xdpfw.compiler import HostBatch, TableKey
-from xdpfw.datapath.hint import HINT_TRIES, HintChange, PrefixHint
 from xdpfw.datapath.keys import LPM4_KEY, compact_key, table_key
 from xdpfw.datapath.slots import ENTRY_DTYPE, ENTRY_SET_ID, SLOT, U32, read_slot
 from xdpfw.kernel import bpfsys
 
-__all__ = ["Adopted", "read_columns", "read_entries"]
+__all__ = ["Adopted", "Tables", "map_tables", "read_columns", "read_entries"]
 
 _V4 = {  # the IPv4 tables read as columns: (direction, exact)
     Table.SRC4: (codes.DIR_SRC, True),
@@ -38,11 +39,18 @@ class Adopted:
 
     set_of: dict[TableKey, int] = field(default_factory=dict)  # entry -> its rule set
     counters: dict[int, int] = field(default_factory=dict)  # rule id -> counter index
-    trie_keys: list[HintChange] = field(default_factory=list)  # IPv4 trie keys, as added
+
+
+Tables = Callable[[Table], Any]  # a table -> what holds its entries (dump_raw, dump_columns)
+
+
+def map_tables(maps: dict[str, bpfsys.Map[Any, Any]]) -> Tables:
+    """Every table in the map of its name (ABI 4's pins: the IPv4 prefixes in tries)."""
+    return lambda table: maps[table.map_name]
 
 
 def read_entries(
-    maps: dict[str, bpfsys.Map[Any, Any]], found: Adopted
+    maps: dict[str, bpfsys.Map[Any, Any]], found: Adopted, tables: Tables
 ) -> Iterator[tuple[Table, int, list[tuple[int, int]]]]:
     """Every lookup-table entry as (table, compact key, slots), best slot first.
 
@@ -53,28 +61,23 @@ def read_entries(
     for table in Table:
         if table is Table.MAX:
             continue
-        for raw_key, raw in maps[table.map_name].dump_raw():
+        for raw_key, raw in tables(table).dump_raw():
             yield _entry(table, raw_key, raw, sets, found)
 
 
 def _entry(
     table: Table, raw_key: bytes, raw: bytes, sets: bpfsys.Map[Any, Any], found: Adopted
 ) -> tuple[Table, int, list[tuple[int, int]]]:
-    trie = HINT_TRIES.get(table)
     k = compact_key(table, raw_key)
     (set_id,) = U32.unpack_from(raw, ENTRY_SET_ID)
     slots = [read_slot(k, raw, 0)]
-    if set_id or trie is not None:
-        key = table_key(table, k)
-        if set_id:
-            found.set_of[key] = set_id
-            rest = sets.lookup_raw(U32.pack(set_id)) or b""
-            for off in range(0, len(rest) - SLOT.size + 1, SLOT.size):
-                slot = read_slot(k, rest, off)
-                if slot[0]:  # rank 0: an unused slot
-                    slots.append(slot)
-        if trie is not None:
-            found.trie_keys.append((trie, key, 1))
+    if set_id:
+        found.set_of[table_key(table, k)] = set_id
+        rest = sets.lookup_raw(U32.pack(set_id)) or b""
+        for off in range(0, len(rest) - SLOT.size + 1, SLOT.size):
+            slot = read_slot(k, rest, off)
+            if slot[0]:  # rank 0: an unused slot
+                slots.append(slot)
     out = []
     for _, rule_id, code, counter in slots:
         found.counters[rule_id] = counter
@@ -83,7 +86,7 @@ def _entry(
 
 
 def read_columns(
-    maps: dict[str, bpfsys.Map[Any, Any]], found: Adopted
+    maps: dict[str, bpfsys.Map[Any, Any]], found: Adopted, tables: Tables
 ) -> tuple[list[HostBatch], Iterator[tuple[Table, int, list[tuple[int, int]]]]]:
     """`read_entries`, with the one-slot entries of the IPv4 tables (no rule set: the entry's
     own rule, most of a big rule set) read as columns: (batches for `RuleCompiler.adopt`,
@@ -92,7 +95,7 @@ def read_columns(
     rest: list[tuple[Table, bytes, bytes]] = []
     u64 = np.uint64
     for table, (direction, exact) in _V4.items():
-        m = maps[table.map_name]
+        m = tables(table)
         keys, values, n = m.dump_columns()
         if not n:
             continue
@@ -135,12 +138,12 @@ def read_columns(
         )
         batches.append(batch)
         found.counters.update(zip(ids, first["counter"].tolist(), strict=True))
-        found.trie_keys.extend(PrefixHint.batch_changes(table, key_list))
-    return batches, _chain(maps, found, rest)
+    return batches, _chain(maps, found, rest, tables)
 
 
 def _chain(
-    maps: dict[str, bpfsys.Map[Any, Any]], found: Adopted, rest: list[tuple[Table, bytes, bytes]]
+    maps: dict[str, bpfsys.Map[Any, Any]], found: Adopted, rest: list[tuple[Table, bytes, bytes]],
+    tables: Tables,
 ) -> Iterator[tuple[Table, int, list[tuple[int, int]]]]:
     sets = maps["xdpfw_sets"]
     for table, raw_key, raw in rest:
@@ -148,5 +151,5 @@ def _chain(
     for table in Table:
         if table is Table.MAX or table in _V4:
             continue
-        for raw_key, raw in maps[table.map_name].dump_raw():
+        for raw_key, raw in tables(table).dump_raw():
             yield _entry(table, raw_key, raw, sets, found)

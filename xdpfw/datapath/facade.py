@@ -2,9 +2,9 @@
 
 Opening (load or adopt, upgrade), lifetime and the lock are here; everything else is
 delegated: pins.py (pin sets, the ABI check), attach.py (netlink), writer.py (plans into the
-maps), sets.py and counters.py (allocators), hint.py (the /24 hint), adopt.py (reading pinned
-maps back). Read paths translate kernel errors at this door (KernelError), so callers never
-see an OSError or a netlink error.
+maps), sets.py and counters.py (allocators), d248.py (the IPv4 prefix arrays), adopt.py
+(reading pinned maps back). Read paths translate kernel errors at this door (KernelError),
+so callers never see an OSError or a netlink error.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from xdpfw import abi
 from xdpfw.abi import Table
 from xdpfw.compiler import Capacities, RuleCompiler, TableKey, gc_paused, let_go
 from xdpfw.datapath import attach as attach_
@@ -36,14 +37,14 @@ from xdpfw.datapath.counters import (
     copy_global,
     read_global,
 )
-from xdpfw.datapath.hint import PrefixHint
+from xdpfw.datapath.d248 import PrefixTable, PrefixTables
 from xdpfw.datapath.limits import Ban, LimitCounters, LimitMaps
 from xdpfw.datapath.sampling import Sampling
 from xdpfw.datapath.sets import SetAllocator
 from xdpfw.datapath.slots import U32
 from xdpfw.datapath.translate import kernel_door, kernel_error
 from xdpfw.datapath.writer import PlanWriter
-from xdpfw.errors import DatapathError, RuleNotFound
+from xdpfw.errors import AbiMismatch, DatapathError, RuleNotFound
 from xdpfw.kernel import bpfsys
 from xdpfw.kernel.ringbuf import RingBuffer
 from xdpfw.rules import Limit, Rule
@@ -75,6 +76,7 @@ class Datapath:
         maps: dict[str, bpfsys.Map[Any, Any]],
         caps: Capacities,
         adopted: bool,
+        abi4: bool = False,
     ) -> None:
         self.cfg = cfg
         self.caps = caps
@@ -89,8 +91,13 @@ class Datapath:
         self._counters = Counters(
             maps["xdpfw_rule_stats"], maps["xdpfw_rule_seen"], caps.max_rules, self._lock
         )
-        self._hint = PrefixHint(maps["xdpfw_lpm4_hint"])
-        self._writer = PlanWriter(maps, self.compiler, caps, self._sets, self._counters, self._hint)
+        # ABI 4 pins (read by an upgrade only) hold IPv4 prefixes in tries, not in arrays
+        self._prefixes = (
+            None if abi4 else PrefixTables(maps, caps.max_tbl8_groups, caps.max_prefixes)
+        )
+        self._writer = PlanWriter(
+            maps, self.compiler, caps, self._sets, self._counters, self._prefixes
+        )
         self._sampling = Sampling(maps)  # X-ray (issue 17)
         # rate limits (issue 16): each limit rule's budget, beside its code
         self._limit_maps = LimitMaps(maps)
@@ -170,10 +177,12 @@ class Datapath:
 
     @classmethod
     def _adopt(cls, cfg: DatapathConfig) -> Datapath:
+        if pins.pinned_abi(cfg.bpffs_dir) == pins.ABI4:
+            return cls._upgrade_abi4(cfg)
         prog_fd, maps = pins.open_pins(cfg.bpffs_dir)
         conf = maps["xdpfw_config"].lookup(U32.pack(0))
         assert conf is not None
-        caps = Capacities(conf.max_rules, conf.max_prefixes, conf.max_sets)
+        caps = Capacities(conf.max_rules, conf.max_prefixes, conf.max_sets, conf.max_tbl8_groups)
         dp = cls(cfg, prog_fd, maps, caps, adopted=True)
         dp.build_id = bytes(conf.build_id)
         dp._rebuild_from_maps()
@@ -184,12 +193,41 @@ class Datapath:
                 return dp._upgrade()
         return dp
 
+    @classmethod
+    def _upgrade_abi4(cls, cfg: DatapathConfig) -> Datapath:
+        """Pins of ABI 4 (IPv4 prefixes in tries; what a running xdpfw of that release leaves,
+        also after kill -9): read them as they are, then upgrade as for another build."""
+        if not cfg.upgrade:
+            raise AbiMismatch(
+                f"pinned maps in {cfg.bpffs_dir} speak ABI version {pins.ABI4}; this build "
+                f"speaks ABI version {abi.ABI_VERSION} and can only take them over by "
+                "upgrading the program (start without --no-upgrade)"
+            )
+        prog_fd, maps = pins.open_pins(cfg.bpffs_dir, abi4=True)
+        conf = maps["xdpfw_config"].lookup(U32.pack(0))
+        assert conf is not None
+        caps = dataclasses.replace(
+            cfg.caps, max_rules=conf.max_rules, max_prefixes=conf.max_prefixes,
+            max_sets=conf.max_sets,
+        )
+        old = cls(cfg, prog_fd, maps, caps, adopted=True, abi4=True)
+        try:
+            old.build_id = bytes(conf.build_id)
+            old._rebuild_from_maps()
+        except BaseException:
+            old.close()
+            raise
+        return old._upgrade()
+
     def _rebuild_from_maps(self) -> None:
         """Take the rules and the compiled entries back from the lookup tables, unplanned
         (see adopt.py): nothing is planned again, and no Rule object is made."""
         found = Adopted(set_of=self._sets.of)
         with gc_paused(), kernel_door(f"reading the pinned maps in {self.cfg.bpffs_dir}"):
-            batches, rest = read_columns(self._maps, found)
+            repairs = self._prefixes.adopt() if self._prefixes is not None else []
+            for repair in repairs:  # the arrays first: their keys are what is read
+                log.warning("adopting the IPv4 prefix arrays: repaired %s", repair)
+            batches, rest = read_columns(self._maps, found, self._writer.table)
             self.compiler.adopt(rest, batches)
             let_go(*(b.ids for b in batches), *(b.keys for b in batches),
                    *(b.codes for b in batches))
@@ -204,7 +242,6 @@ class Datapath:
                 np.fromiter(ctr.keys(), dtype=np.uint32, count=len(ctr)),
                 np.fromiter(ctr.values(), dtype=np.uint32, count=len(ctr)),
             )
-            self._hint.adopt(found.trie_keys)
             stored = self._limit_maps.read()
             self._limits = {rid: stored[rid] for rid in self.compiler.rules if rid in stored}
         self._sets.adopt(self._sets.of.values())
@@ -235,6 +272,7 @@ class Datapath:
             with kernel_door("copying counters to the new program"):
                 copy_global(self._maps["xdpfw_stats"], new._maps["xdpfw_stats"])
                 new._counters.copy_from(self._counters)
+                self._carry_limits_and_samples(new)
             pins.pin_all(loaded, staging)
             for att in self.attachments():
                 attach_.replace(att, new.prog_fd, self.prog_fd)
@@ -248,6 +286,23 @@ class Datapath:
         new.upgraded_from = self.prog_id
         self.close()
         return new
+
+    def _carry_limits_and_samples(self, new: Datapath) -> None:
+        """Rate-limit state and counters (budgets, bans, passed/limited/banned) and X-ray's
+        settings, sampled rules and counters, into the program an upgrade swaps in: the same
+        layouts in ABI 4 and 5."""
+        for name in ("xdpfw_limit_stats", "xdpfw_sample_stats"):  # per CPU
+            copy_global(self._maps[name], new._maps[name])
+        for name in ("xdpfw_buckets", "xdpfw_bans"):
+            dst = new._maps[name]
+            for k, v in self._maps[name].dump_raw():
+                dst.update(k, v)
+        snaplen, cap = self._sampling.settings()
+        if cap:
+            new._sampling.configure(cap, snaplen)
+        every = self._sampling.rules()
+        if every:
+            new._sampling.set(dict(every))
 
     # -- lifetime ------------------------------------------------------------------------------
 
@@ -274,7 +329,8 @@ class Datapath:
         finally:
             with self._lock:  # no reader holds a view of the mappings past this point
                 self._closed = True
-                self._hint.close()
+                if self._prefixes is not None:
+                    self._prefixes.close()
                 self._counters.close()
                 for m in self._maps.values():
                     m.close()
@@ -470,3 +526,8 @@ class Datapath:
     def map(self, name: str) -> bpfsys.Map[Any, Any]:
         """A map by name (tests and diagnostics)."""
         return self._maps[name]
+
+    def table(self, table: Table) -> bpfsys.Map[Any, Any] | PrefixTable:
+        """What holds a table's entries: its map, or (IPv4 prefixes) the DIR-24-8 arrays shown
+        as a map keyed like the trie (tests and diagnostics)."""
+        return self._writer.table(table)

@@ -25,13 +25,17 @@ if TYPE_CHECKING:
     from xdpfw.kernel.loader import LoadedProgram
 
 __all__ = [
+    "ABI4",
     "MAP_TYPES",
+    "MAP_TYPES_ABI4",
     "PROG_PIN",
+    "Abi4Config",
     "ensure_bpffs",
     "finish_interrupted_upgrade",
     "open_pins",
     "pid_alive",
     "pin_all",
+    "pinned_abi",
     "remove_pin_dir",
     "remove_stale_staging",
     "retired_dir",
@@ -49,15 +53,19 @@ MAP_TYPES: dict[str, tuple[type[Any], type[Any]]] = {
     "xdpfw_dst4": (ctypes.c_uint32, abi.Entry),
     "xdpfw_src6": (abi.Addr6, abi.Entry),
     "xdpfw_dst6": (abi.Addr6, abi.Entry),
-    "xdpfw_src4_lpm": (abi.Lpm4Key, abi.Entry),
-    "xdpfw_dst4_lpm": (abi.Lpm4Key, abi.Entry),
+    # IPv4 prefixes: DIR-24-8 (issue 18, ABI 5)
+    "xdpfw_src4_tbl24": (ctypes.c_uint32, abi.D248Row),
+    "xdpfw_src4_tbl8": (ctypes.c_uint32, abi.D248Row),
+    "xdpfw_src4_pfx": (ctypes.c_uint32, abi.PfxEntry),
+    "xdpfw_dst4_tbl24": (ctypes.c_uint32, abi.D248Row),
+    "xdpfw_dst4_tbl8": (ctypes.c_uint32, abi.D248Row),
+    "xdpfw_dst4_pfx": (ctypes.c_uint32, abi.PfxEntry),
     "xdpfw_src6_lpm": (abi.Lpm6Key, abi.Entry),
     "xdpfw_dst6_lpm": (abi.Lpm6Key, abi.Entry),
     "xdpfw_any": (ctypes.c_uint32, abi.Entry),
     "xdpfw_sets": (ctypes.c_uint32, abi.Set),
     "xdpfw_rule_stats": (ctypes.c_uint32, abi.RuleStats),
     "xdpfw_rule_seen": (ctypes.c_uint32, ctypes.c_uint64),
-    "xdpfw_lpm4_hint": (ctypes.c_uint32, ctypes.c_uint64),
     "xdpfw_stats": (ctypes.c_uint32, abi.GlobalStats),
     "xdpfw_config": (ctypes.c_uint32, abi.Config),
     # X-ray (issue 17); the ring buffer has neither key nor value (its size is max_entries)
@@ -71,6 +79,33 @@ MAP_TYPES: dict[str, tuple[type[Any], type[Any]]] = {
     "xdpfw_limit_stats": (ctypes.c_uint32, abi.LimitStats),
     "xdpfw_buckets": (abi.BucketKey, abi.Bucket),
     "xdpfw_bans": (abi.BucketKey, ctypes.c_uint64),
+}
+
+
+
+class Abi4Config(ctypes.Structure):
+    """struct xdpfw_config as ABI 4 pinned it (no max_tbl8_groups): read by an upgrade only."""
+
+    _fields_ = [
+        ("abi_version", ctypes.c_uint32),
+        ("n_entries", ctypes.c_uint32 * abi.Table.MAX),
+        ("max_rules", ctypes.c_uint32),
+        ("max_prefixes", ctypes.c_uint32),
+        ("max_sets", ctypes.c_uint32),
+        ("build_id", ctypes.c_uint8 * 8),
+    ]
+
+
+ABI4 = 4  # the previous ABI, whose pins an upgrade adopts (rules in IPv4 tries, the /24 hint)
+_ABI5_ONLY = {n for n in MAP_TYPES if n.endswith(abi.D248_PARTS)}
+# The maps of an ABI 4 pin set: ABI 5's without the DIR-24-8 arrays, with the IPv4 tries and
+# their hint; every struct but the config is the same.
+MAP_TYPES_ABI4: dict[str, tuple[type[Any], type[Any]]] = {
+    **{n: t for n, t in MAP_TYPES.items() if n not in _ABI5_ONLY},
+    "xdpfw_src4_lpm": (abi.Lpm4Key, abi.Entry),
+    "xdpfw_dst4_lpm": (abi.Lpm4Key, abi.Entry),
+    "xdpfw_lpm4_hint": (ctypes.c_uint32, ctypes.c_uint64),
+    "xdpfw_config": (ctypes.c_uint32, Abi4Config),
 }
 
 _Maps = dict[str, bpfsys.Map[Any, Any]]
@@ -185,6 +220,17 @@ def _read_raw_config(fd: int, value_size: int) -> bytes:
         m.close()
 
 
+def pinned_abi(pin_dir: Path) -> int:
+    """The ABI the pins in pin_dir speak: abi.ABI_VERSION, ABI4 (an upgrade adopts them) or
+    another number (refused by open_pins); -1 when unreadable."""
+    version, size = _pinned_abi(pin_dir)
+    if version == ABI4 and size == ctypes.sizeof(Abi4Config):
+        return ABI4
+    if version == abi.ABI_VERSION and size != ctypes.sizeof(abi.Config):
+        return -1
+    return version
+
+
 def _pinned_abi(pin_dir: Path) -> tuple[int, int]:
     """(ABI version, xdpfw_config value size) the pins record; version -1 when unreadable."""
     conf_fd = bpfsys.obj_get(str(pin_dir / "xdpfw_config"))
@@ -197,8 +243,9 @@ def _pinned_abi(pin_dir: Path) -> tuple[int, int]:
     return version, info.value_size
 
 
-def open_pins(pin_dir: Path) -> tuple[int, _Maps]:
-    """(program fd, maps) of the complete pin set in pin_dir, whose ABI must be this build's."""
+def open_pins(pin_dir: Path, abi4: bool = False) -> tuple[int, _Maps]:
+    """(program fd, maps) of the complete pin set in pin_dir, whose ABI must be this build's
+    (with abi4: ABI 4's, whose maps are opened with their ABI 4 layouts, for an upgrade)."""
     how_to_fix = (
         f"To migrate: save the rules you need (`xdpfw rule ls --json`), then either remove the "
         f"old pins (`xdpfw detach --cleanup --bpffs-dir {pin_dir}`, or `rm -r {pin_dir}` after "
@@ -207,12 +254,14 @@ def open_pins(pin_dir: Path) -> tuple[int, _Maps]:
     maps: _Maps = {}
     try:
         version, conf_size = _pinned_abi(pin_dir)
-        if version != abi.ABI_VERSION or conf_size != ctypes.sizeof(abi.Config):
+        want = (ABI4, ctypes.sizeof(Abi4Config)) if abi4 else (
+            abi.ABI_VERSION, ctypes.sizeof(abi.Config))
+        if (version, conf_size) != want:
             raise AbiMismatch(
                 f"pinned maps in {pin_dir} speak ABI version {version}; this build speaks ABI "
                 f"version {abi.ABI_VERSION} and will not reuse them. " + how_to_fix
             )
-        for name, (key_t, val_t) in MAP_TYPES.items():
+        for name, (key_t, val_t) in (MAP_TYPES_ABI4 if abi4 else MAP_TYPES).items():
             try:
                 maps[name] = bpfsys.Map.from_pin(str(pin_dir / name), key_t, val_t, name)
             except ValueError as exc:

@@ -1,11 +1,12 @@
 """Writing a compiled plan into the maps, all or nothing, and the config map.
 
 A plan (RuleCompiler.plan_add / plan_remove) names the new slot lists of every entry a change
-touches. `PlanWriter.apply` hands the added rules zeroed counter indices, widens the prefix
-hint, writes rule sets and entries in batches, and commits the plan to the compiler; on any
-failure it puts the touched entries back, frees what it took and says why (CapacityExceeded
-or KernelError). Only after the commit are freed counter indices and rule sets retired
-(quarantined), the hint narrowed and the per-table counts published in xdpfw_config.
+touches. `PlanWriter.apply` hands the added rules zeroed counter indices, writes rule sets and
+entries in batches (IPv4 prefix entries through d248.PrefixTable, which flips the DIR-24-8
+cells after each entry is in), and commits the plan to the compiler; on any failure it puts
+the touched entries back, frees what it took and says why (CapacityExceeded or KernelError).
+Only after the commit are freed counter indices and rule sets retired (quarantined) and the
+per-table counts published in xdpfw_config.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ from xdpfw import abi
 from xdpfw.abi import Table
 from xdpfw.compiler import Capacities, HostBatch, Plan, RuleCompiler, TableKey
 from xdpfw.datapath.counters import Counters
-from xdpfw.datapath.hint import PrefixHint
+from xdpfw.datapath.d248 import PrefixTable, PrefixTables
 from xdpfw.datapath.keys import batch_keys, encode_key
 from xdpfw.datapath.sets import SetAllocator
 from xdpfw.datapath.slots import U32, entry_bytes, entry_columns, slot_bytes
 from xdpfw.datapath.translate import kernel_door, kernel_error
-from xdpfw.errors import CapacityExceeded
+from xdpfw.errors import CapacityExceeded, DatapathError
 from xdpfw.kernel import bpfsys
 from xdpfw.rules import Rule
 
@@ -43,17 +44,27 @@ class PlanWriter:
         caps: Capacities,
         sets: SetAllocator,
         counters: Counters,
-        hint: PrefixHint,
+        prefixes: PrefixTables | None,
     ) -> None:
         self._maps = maps
         self._compiler = compiler
         self._caps = caps
         self._sets = sets
         self._counters = counters
-        self._hint = hint
+        self._prefixes = prefixes
         self.build_id = b""  # recorded in xdpfw_config: which build loaded the program
 
+    def table(self, table: Table) -> bpfsys.Map[Any, Any] | PrefixTable:
+        """Where a table's entries are written: its map, or the IPv4 prefix arrays (an ABI 4
+        pin set, read by an upgrade only, has no prefixes: its tries are maps)."""
+        if table.is_map or self._prefixes is None:
+            return self._maps[table.map_name]
+        return self._prefixes[table]
+
     def apply(self, plan: Plan) -> None:
+        if self._prefixes is None:
+            raise DatapathError("an ABI 4 pin set is only read (by an upgrade), never written")
+        self._prefixes.next_plan()  # what the last plan freed may be reused from now on
         old_entries = {k: self._compiler.compiled(k) for k in plan.entries}
         set_of = self._sets.of
         old_sets = {k: set_of.get(k, 0) for k in plan.entries}
@@ -68,15 +79,11 @@ class PlanWriter:
         except BaseException:
             index.release(plan.added_ids)
             raise
-        hint = self._hint.changes(plan, old_entries)
-        for h in plan.hosts:  # new isolated IPv4 prefixes light their /24s like any other
-            hint.extend(self._hint.batch_changes(h.table, h.keys))
         written: list[tuple[HostBatch, bytes, int]] = []  # host entries in the maps
         try:
             self._counters.zero(ctrs)
             for c in host_ctrs:
                 self._counters.zero(c)
-            self._hint.widen(hint)  # a prefix may appear: widen the hint first
             self._write_hosts(plan.hosts, host_ctrs, written)
             self._write_entries(plan.entries, new_sets)
             self._compiler.commit(plan)
@@ -84,7 +91,6 @@ class PlanWriter:
             self._rollback(old_entries, old_sets, new_sets)
             self._unwrite_hosts(written)
             index.release(plan.added_ids)
-            self._hint.redo(hint)  # back to what the committed keys need
             if not isinstance(exc, OSError):
                 raise
             if exc.errno in _NO_ROOM:
@@ -92,11 +98,7 @@ class PlanWriter:
                     "a kernel map", self._caps.max_rules, f"the kernel said: {exc}"
                 ) from exc
             raise kernel_error("updating rule maps", exc) from exc
-        # Committed. The hint first (nothing below may leave it narrower than the tries),
-        # then publish the counts and retire what is no longer referenced.
-        if hint:  # the entries are in (or gone): record the keys, narrow the hint
-            self._hint.account(hint)
-            self._hint.redo(hint)
+        # Committed: publish the counts and retire what is no longer referenced.
         index.release(r.id for r in plan.removed)
         for key in plan.entries:
             old = old_sets.get(key, 0)
@@ -130,9 +132,9 @@ class PlanWriter:
             ks.append(encode_key(key))
             vs.append(entry_bytes(slots[0], ctr[slots[0].id], set_id))
         for table, (ks, vs) in updates.items():
-            self._maps[table.map_name].update_batch(ks, vs)
+            self.table(table).update_batch(ks, vs)
         for table, dks in deletes.items():
-            self._maps[table.map_name].delete_batch(dks)
+            self.table(table).delete_batch(dks)
 
     def _write_hosts(
         self,
@@ -146,7 +148,7 @@ class PlanWriter:
             keys = batch_keys(h)
             values = entry_columns(h.rule_ids, h.low, h.key_low, ctrs)
             try:
-                self._maps[h.table.map_name].update_batch_raw(keys, values, len(h.ids))
+                self.table(h.table).update_batch_raw(keys, values, len(h.ids))
             except bpfsys.BpfError as exc:
                 written.append((h, keys, exc.applied or 0))
                 raise
@@ -156,7 +158,7 @@ class PlanWriter:
         """Best effort: delete the host entries a failed change wrote (they were new)."""
         for h, keys, n in written:
             size = len(keys) // max(1, len(h.ids))
-            m = self._maps[h.table.map_name]
+            m = self.table(h.table)
             try:
                 m.delete_batch([keys[i * size : (i + 1) * size] for i in range(n)])
             except OSError:
@@ -173,7 +175,7 @@ class PlanWriter:
         """Best effort: put back the entries a failed change may have touched."""
         ctr = self._counters.index
         for key, slots in old_entries.items():
-            m = self._maps[key.table.map_name]
+            m = self.table(key.table)
             try:
                 if slots:
                     first = slots[0]
@@ -195,6 +197,7 @@ class PlanWriter:
         conf.max_rules = self._caps.max_rules
         conf.max_prefixes = self._caps.max_prefixes
         conf.max_sets = self._caps.max_sets
+        conf.max_tbl8_groups = self._caps.max_tbl8_groups
         conf.build_id[:] = self.build_id.ljust(8, b"\0")[:8]
         with kernel_door("writing xdpfw_config"):
             self._maps["xdpfw_config"].update(U32.pack(0), conf)

@@ -38,11 +38,13 @@ __all__ = [
 ]
 
 MAP_NAMES = (
-    *(t.map_name for t in abi.Table if t is not abi.Table.MAX),
+    *(t.map_name for t in abi.Table if t.is_map),
+    # IPv4 prefixes: DIR-24-8 (issue 18, ABI 5)
+    *abi.d248_maps(abi.Table.SRC4_LPM),
+    *abi.d248_maps(abi.Table.DST4_LPM),
     "xdpfw_sets",
     "xdpfw_rule_stats",
     "xdpfw_rule_seen",
-    "xdpfw_lpm4_hint",
     "xdpfw_stats",
     "xdpfw_config",
     # X-ray (issue 17)
@@ -77,6 +79,7 @@ def cflags(caps: Capacities) -> list[str]:
         ("max_rules", caps.max_rules),
         ("max_prefixes", caps.max_prefixes),
         ("max_sets", caps.max_sets),
+        ("max_tbl8_groups", caps.max_tbl8_groups),
     ):
         if not isinstance(value, int) or not 1 <= value <= 1 << 26:
             raise ValueError(f"{name} must be an integer between 1 and {1 << 26}, got {value!r}")
@@ -87,6 +90,7 @@ def cflags(caps: Capacities) -> list[str]:
         f"-DXDPFW_MAX_RULES={caps.max_rules}",
         f"-DXDPFW_MAX_PREFIXES={caps.max_prefixes}",
         f"-DXDPFW_MAX_SETS={caps.max_sets}",
+        f"-DXDPFW_MAX_TBL8_GROUPS={caps.max_tbl8_groups}",
         f"-DXDPFW_XRAY={int(xray_supported())}",  # X-ray: sampling needs 5.18
         "-Wno-unused-function",
     ]
@@ -180,7 +184,7 @@ def load_isolated(caps: Capacities, staging: Path, timeout: float = 300.0) -> Lo
     cmd = [
         sys.executable, "-m", "xdpfw.kernel.loader", "--pin-dir", str(staging),
         "--max-rules", str(caps.max_rules), "--max-prefixes", str(caps.max_prefixes),
-        "--max-sets", str(caps.max_sets),
+        "--max-sets", str(caps.max_sets), "--max-tbl8-groups", str(caps.max_tbl8_groups),
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     try:
@@ -218,8 +222,9 @@ def _child_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-rules", type=int, required=True)
     ap.add_argument("--max-prefixes", type=int, required=True)
     ap.add_argument("--max-sets", type=int, required=True)
+    ap.add_argument("--max-tbl8-groups", type=int, default=abi.MAX_TBL8_GROUPS)
     args = ap.parse_args(argv)
-    caps = Capacities(args.max_rules, args.max_prefixes, args.max_sets)
+    caps = Capacities(args.max_rules, args.max_prefixes, args.max_sets, args.max_tbl8_groups)
     try:
         loaded = load(caps)
     except HeadersMissing as exc:

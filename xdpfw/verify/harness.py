@@ -33,7 +33,6 @@ one (the rest go to fragments the program never sees), which the model cannot kn
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import json
 import struct
@@ -42,12 +41,11 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from xdpfw import abi
 from xdpfw.abi import Stat, Table
 from xdpfw.compiler import RuleCompiler, TableKey
 from xdpfw.datapath import decode_key
+from xdpfw.datapath.d248 import D248_TABLES, PrefixTable
 from xdpfw.datapath.slots import ENTRY, ENTRY_SET_ID, SLOT, slot_fields
 from xdpfw.errors import CapacityExceeded, KernelError
 from xdpfw.kernel import bpfsys
@@ -66,6 +64,7 @@ __all__ = [
     "RunResult",
     "Verdict",
     "check_batch",
+    "d248_mismatches",
     "entry_mismatches",
     "rule_from_dict",
     "rule_to_dict",
@@ -607,12 +606,13 @@ def check_batch(dp: Datapath, rules: Iterable[Rule], frames: Iterable[bytes]) ->
 
 
 def table_snapshot(dp: Datapath) -> dict[str, list[tuple[bytes, bytes]]]:
-    """Raw contents of every lookup table, the rule sets in use, the config and the IPv4
-    prefix hint: what a refused change must leave alone."""
+    """Raw contents of every lookup table, the rule sets in use, the config and what the IPv4
+    prefix cells resolve to (a digest: pfx indices may change, the answers may not): what a
+    refused change must leave alone."""
     snap: dict[str, list[tuple[bytes, bytes]]] = {}
     for table in Table:
         if table is not Table.MAX:
-            snap[table.map_name] = sorted(dp.map(table.map_name).dump_raw())
+            snap[table.map_name] = sorted(dp.table(table).dump_raw())
     used = {
         _U32.unpack_from(v, ENTRY_SET_ID)[0] for rows in snap.values() for _, v in rows
     } - {0}
@@ -622,8 +622,10 @@ def table_snapshot(dp: Datapath) -> dict[str, list[tuple[bytes, bytes]]]:
     )
     conf = dp.map("xdpfw_config").lookup_raw(_U32.pack(0))
     snap["xdpfw_config"] = [(b"", conf or b"")]
-    with contextlib.closing(dp.map("xdpfw_lpm4_hint").mmap_array()) as mem:
-        snap["xdpfw_lpm4_hint"] = [(b"", bytes(mem))]
+    for table in D248_TABLES:
+        pt = dp.table(table)
+        assert isinstance(pt, PrefixTable)
+        snap[abi.d248_maps(table)[0]] = [(b"", pt.digest())]
     return snap
 
 
@@ -640,8 +642,8 @@ def entry_mismatches(dp: Datapath, rules: Sequence[Rule] | None = None) -> list[
     """Differences between dp's lookup tables and a fresh compile of ``rules`` (default: the
     rules dp says it holds): stale, missing or wrong entries, wrong slots, wrong per-table entry
     counts in xdpfw_config, counter indices that are missing, shared or differ between the
-    slots of one rule, and a wrong IPv4 prefix hint. [] when the maps are exactly what the
-    rules compile to."""
+    slots of one rule, and IPv4 prefix cells that are not what the prefixes imply
+    (`d248_mismatches`). [] when the maps are exactly what the rules compile to."""
     rules = list(dp.rules()) if rules is None else list(rules)
     fresh = RuleCompiler(dp.caps)
     if rules:
@@ -653,7 +655,7 @@ def entry_mismatches(dp: Datapath, rules: Sequence[Rule] | None = None) -> list[
     for table in Table:
         if table is Table.MAX:
             continue
-        for raw_key, raw in dp.map(table.map_name).dump_raw():
+        for raw_key, raw in dp.table(table).dump_raw():
             fields = _ENTRY.unpack(raw)
             slots = [fields[:_N_SLOT]]
             set_id = fields[_N_SLOT]
@@ -702,26 +704,25 @@ def entry_mismatches(dp: Datapath, rules: Sequence[Rule] | None = None) -> list[
         problems.append(
             f"{dp.counter_indices_in_use()} counter indices in use for {len(rules)} rules"
         )
-    hint_want = np.zeros((2, abi.HINT_WORDS), dtype=np.uint64)
-    for key, _ in fresh.entries():
-        if key.table in (Table.SRC4_LPM, Table.DST4_LPM):
-            row = hint_want[0 if key.table is Table.SRC4_LPM else 1]
-            first = int.from_bytes(key.addr, "big") >> 8  # /24 number
-            span = 1 << (24 - key.plen) if key.plen < 24 else 1
-            if span >= 64:  # whole words (spans are aligned to their size)
-                row[first // 64 : (first + span) // 64] = np.uint64(2**64 - 1)
-            else:
-                row[first // 64] |= np.uint64(((1 << span) - 1) << (first % 64))
-    with contextlib.closing(dp.map("xdpfw_lpm4_hint").mmap_array()) as mem:
-        hint_got = np.frombuffer(mem, dtype="<u8", count=2 * abi.HINT_WORDS).reshape(2, -1).copy()
-    for trie, name in enumerate(("source", "destination")):
-        wrong = np.flatnonzero(hint_got[trie] != hint_want[trie])
-        if len(wrong):
-            w = int(wrong[0])
-            bit = (int(hint_got[trie, w]) ^ int(hint_want[trie, w])).bit_length() - 1
-            net = ipaddress.IPv4Network(((w * 64 + bit) << 8, 24))
-            problems.append(
-                f"xdpfw_lpm4_hint ({name} trie): {len(wrong)} words wrong, first at {net} "
-                f"(set: {bool(int(hint_got[trie, w]) >> bit & 1)})"
-            )
+    problems += d248_mismatches(dp, fresh)
+    return problems
+
+
+def d248_mismatches(dp: Datapath, compiled: RuleCompiler | None = None) -> list[str]:
+    """The DIR-24-8 arrays of both directions, read through their mappings, against the
+    compiler's prefixes, bit for bit: every tbl24 cell and every cell of every tbl8 group must
+    name the pfx entry of its longest matching prefix (`d248.reference`, painted from the
+    compiled keys alone), the key array must name each entry's prefix, and no /24 may hold a
+    group without a longer prefix in it. `compiled`: the compiler to read the prefixes of
+    (default: dp's own)."""
+    comp = compiled or dp.compiler
+    want: dict[Table, list[tuple[int, int]]] = {t: [] for t in D248_TABLES}
+    for key, _ in comp.entries():
+        if key.table in want:
+            want[key.table].append((int.from_bytes(key.addr, "big"), key.plen))
+    problems: list[str] = []
+    for table, prefixes in want.items():
+        pt = dp.table(table)
+        assert isinstance(pt, PrefixTable)
+        problems += pt.mismatches(prefixes)
     return problems
