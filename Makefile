@@ -26,6 +26,7 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy --strict xdpfw api
+	$(VENV)/bin/mypy --strict bench
 
 run: setup-run
 	@[[ $$(id -u) -eq 0 ]] || { echo "make run: needs root (it loads an XDP program and, without" \
