@@ -33,6 +33,7 @@ from bench import progrun
 from bench.lists import PFX_POOL_BASE, POOL_BASE, Entry, MasterList, addr_text
 from bench.sysutil import log
 from xdpfw.kernel import bpfsys
+from xdpfw.kernel.loader import load_source
 from xdpfw.verify.frames import build_frame
 
 __all__ = [
@@ -191,28 +192,19 @@ class Design:
     """One compiled design: its program fd and its maps (bcc keeps them alive)."""
 
     def __init__(self, name: str, design: str, record: int = 0, **defs: int) -> None:
-        from xdpfw.kernel.kheaders import ensure_kernel_headers
-
-        ensure_kernel_headers()  # as the loader does: bcc needs the running kernel's headers
-        from bcc import BPF  # the bench's only bcc use outside xdpfw.kernel.loader
-
         self.name = name
         flags = [f"-DDESIGN_{design}=1"] + [f"-D{k}={int(v)}" for k, v in defs.items()]
         if record:
             flags.append("-DRECORD=1")
         t0 = time.perf_counter()
-        self._bpf = BPF(src_file=str(SRC).encode(), cflags=flags)
-        self.fd = int(self._bpf.load_func(b"xdp_main", BPF.XDP).fd)
+        self._prog = load_source(SRC, "xdp_main", flags, TABLES)
+        self.fd = self._prog.prog_fd
         self.compile_s = time.perf_counter() - t0
         self.maps: dict[str, bpfsys.Map[Any, Any]] = {}
-        for name_s in TABLES:
-            try:
-                t = self._bpf.get_table(name_s.encode())
-            except KeyError:
-                continue  # not in this design
-            info = bpfsys.map_info(t.map_fd)
+        for name_s, fd in self._prog.map_fds.items():
+            info = bpfsys.map_info(fd)
             self.maps[name_s] = bpfsys.Map(
-                os.dup(t.map_fd), name_s, ctypes.c_uint8 * info.key_size,
+                os.dup(fd), name_s, ctypes.c_uint8 * info.key_size,
                 ctypes.c_uint8 * info.value_size,
             )
 
@@ -231,7 +223,7 @@ class Design:
     def close(self) -> None:
         for m in self.maps.values():
             m.close()
-        self._bpf.cleanup()
+        self._prog.close()
 
     # -- filling -----------------------------------------------------------------------------
 

@@ -51,6 +51,7 @@ from typing import Any
 from bench import progrun
 from bench.sysutil import log, stats
 from xdpfw.kernel import bpfsys, netlink
+from xdpfw.kernel.loader import load_source
 from xdpfw.verify.frames import internet_checksum, mac_bytes
 
 __all__ = [
@@ -104,26 +105,21 @@ class CookieProg:
     ``answer=False`` builds the comparison program that drops what it would answer."""
 
     def __init__(self, answer: bool = True) -> None:
-        from xdpfw.kernel.kheaders import ensure_kernel_headers
-
-        ensure_kernel_headers()  # as the loader does: bcc needs the running kernel's headers
-        from bcc import BPF  # a bench prototype, built as bench/lpm_designs.py builds its own
-
         self.answer = answer
         t0 = time.perf_counter()
-        self._bpf = BPF(src_file=str(SRC).encode(), cflags=[f"-DSC_ANSWER={int(answer)}"])
-        self.fd = int(self._bpf.load_func(b"xdp_syncookie", BPF.XDP).fd)
+        self._prog = load_source(SRC, "xdp_syncookie", [f"-DSC_ANSWER={int(answer)}"],
+                                 ("sc_ports", "sc_stats"))
+        self.fd = self._prog.prog_fd
         self.compile_s = time.perf_counter() - t0
         self._ports = self._map("sc_ports")
         self._stats = self._map("sc_stats")
         self._ncpu = bpfsys.possible_cpus()
 
     def _map(self, name: str) -> bpfsys.Map[Any, Any]:
-        t = self._bpf.get_table(name.encode())
-        info = bpfsys.map_info(t.map_fd)
+        fd = self._prog.map_fds[name]
+        info = bpfsys.map_info(fd)
         return bpfsys.Map(
-            os.dup(t.map_fd), name, ctypes.c_uint8 * info.key_size,
-            ctypes.c_uint8 * info.value_size,
+            os.dup(fd), name, ctypes.c_uint8 * info.key_size, ctypes.c_uint8 * info.value_size,
         )
 
     def protect(
@@ -163,7 +159,7 @@ class CookieProg:
     def close(self) -> None:
         self._ports.close()
         self._stats.close()
-        self._bpf.cleanup()
+        self._prog.close()
 
     def __enter__(self) -> CookieProg:
         return self

@@ -50,17 +50,17 @@ FRAMES = {
 
 _CHILD = r"""
 import os, sys
-from bcc import BPF
+from pathlib import Path
 from xdpfw.kernel import bpfsys
-from xdpfw.kernel.kheaders import ensure_kernel_headers
+from xdpfw.kernel.loader import load_source
 src, pin, *cflags = sys.argv[1:]
-ensure_kernel_headers()
-b = BPF(src_file=src.encode(), cflags=cflags)
-fn = b.load_func(b"xdpfw_prog", BPF.XDP)
+maps = ("xdpfw_src4", "xdpfw_config")
+p = load_source(Path(src), "xdpfw_prog", cflags, maps)
+assert set(p.map_fds) == set(maps), f"{src} lacks {set(maps) - set(p.map_fds)}"
 os.makedirs(pin, exist_ok=True)
-bpfsys.obj_pin(fn.fd, pin + "/prog")
-for name in ("xdpfw_src4", "xdpfw_config"):
-    bpfsys.obj_pin(b[name.encode()].map_fd, pin + "/" + name)
+bpfsys.obj_pin(p.prog_fd, pin + "/prog")
+for name, fd in p.map_fds.items():
+    bpfsys.obj_pin(fd, pin + "/" + name)
 """
 
 

@@ -17,7 +17,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +35,7 @@ __all__ = [
     "compile_types",
     "load",
     "load_isolated",
+    "load_source",
 ]
 
 MAP_NAMES = (
@@ -170,6 +171,48 @@ def load(caps: Capacities, variants: tuple[str, ...] = ()) -> LoadedProgram:
             LoadedProgram(prog_fd, map_fds).close()
             raise
         return LoadedProgram(prog_fd, map_fds)
+
+
+def load_source(
+    src: Path, func: str, flags: Sequence[str] = (), maps: Sequence[str] = ()
+) -> LoadedProgram:
+    """Compile another XDP program (a bench prototype, an older release of ours) and load its
+    function `func`; the fds of the maps named in `maps` that it has (others are skipped).
+
+    The same door as `load`: headers found or built, compiler errors kept, bcc released."""
+    try:
+        ensure_kernel_headers()
+    except KernelHeadersMissing as exc:
+        raise HeadersMissing(str(exc)) from exc
+    from bcc import BPF
+
+    captured = io.StringIO()
+    try:
+        with _capture_fd2(captured):
+            module = BPF(src_file=str(src).encode(), cflags=list(flags))
+    except Exception as exc:
+        raise CompileError(f"bcc could not compile {src}: {exc}\n{captured.getvalue()[-4000:]}") \
+            from exc
+    map_fds: dict[str, int] = {}
+    prog_fd = -1
+    try:
+        try:
+            fn = module.load_func(func.encode(), BPF.XDP)
+        except Exception as exc:
+            raise CompileError(f"the kernel refused {func} of {src}: {exc}") from exc
+        prog_fd = os.dup(fn.fd)
+        for name in maps:
+            try:
+                table = module.get_table(name.encode())
+            except KeyError:
+                continue  # not in this build of the program
+            map_fds[name] = os.dup(table.map_fd)
+    except BaseException:
+        LoadedProgram(prog_fd, map_fds).close()
+        raise
+    finally:
+        module.cleanup()
+    return LoadedProgram(prog_fd, map_fds)
 
 
 def load_isolated(caps: Capacities, staging: Path, timeout: float = 300.0) -> LoadedProgram:
