@@ -23,15 +23,32 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from api.fleet.etcd import KV, Compacted, EtcdClient, EtcdError, EtcdUnavailable
-from api.fleet.state import Desired, Layout, Writer, decode_source, in_scope
+from api.fleet.state import (
+    Desired,
+    Layout,
+    Writer,
+    decode_source,
+    in_scope,
+    protected_prefixes,
+)
 from api.service import FirewallService, NewCodes, NewRule
-from api.store import StoredRule
+from api.store import Store, StoredRule
 from xdpfw.errors import SourceNotFound, XdpfwError
 from xdpfw.rules import rule_from_code
 
-__all__ = ["FleetAgent", "FleetConfig", "NodeInfo"]
+__all__ = ["FleetAgent", "FleetConfig", "NodeInfo", "cached_protected"]
 
 log = logging.getLogger("xdpfw.fleet")
+
+
+def cached_protected(store: Store) -> list[str]:
+    """The fleet's protected prefixes as this node last applied them (its SQLite cache):
+    `xdpfw serve --etcd` hands them to the service before the start-up reconcile, so a
+    restart (etcd reachable or not) never lets them go unprotected."""
+    try:
+        return protected_prefixes((store.fleet_meta("protected") or "").encode())
+    except ValueError:
+        return []
 
 
 @dataclass(frozen=True)
@@ -69,6 +86,9 @@ class FleetAgent:
         with svc.lock:
             self.applied = int(svc.store.fleet_meta("revision") or 0)
             self.managed: set[str] = set(json.loads(svc.store.fleet_meta("sources") or "[]"))
+            cached = cached_protected(svc.store)
+            if [r.src.with_prefixlen for r in svc.fleet_protected if r.src] != cached:
+                svc.set_fleet_protected(cached)  # the cache: protected with etcd down too
         self.head = self.applied  # the newest change seen in the store (P/head)
         self.resyncs = 0
         self.failed: dict[str, str] = {}  # sources this node could not apply: why
@@ -147,6 +167,12 @@ class FleetAgent:
                 for rev, events in self.etcd.watch(self.layout.desired, self.applied + 1,
                                                    self._stop):
                     self._up()
+                    # The protected prefixes first: a new one is allowed before any rule of
+                    # the same batch could drop it.
+                    mine = [e for e in events if e.kv.key == self.layout.protected]
+                    if mine:
+                        self.apply_protected(None if mine[-1].kind == "DELETE"
+                                             else mine[-1].kv.value)
                     names = sorted({n for e in events
                                     if (n := self.layout.source_of(e.kv.key)) is not None})
                     for name in names:
@@ -169,6 +195,20 @@ class FleetAgent:
                 resync = True
             self._stop.wait(pause)
             pause = min(pause * 2, 2.0)
+
+    def apply_protected(self, value: bytes | None) -> None:
+        """The fleet's protected prefixes (P/desired/protected) enforced here and cached; a
+        list this node cannot take (a bad prefix written straight into etcd) is logged and
+        the node keeps the list it had."""
+        try:
+            prefixes = self.svc.set_fleet_protected(protected_prefixes(value))
+        except (ValueError, XdpfwError) as exc:
+            log.error("fleet: the protected prefixes in etcd cannot be applied: %s; keeping "
+                      "the ones this node had", exc)
+            self.last_error = str(exc)
+            return
+        with self.svc.lock:
+            self.svc.store.set_fleet_meta("protected", json.dumps(prefixes))
 
     def _read_source(self, name: str, revision: int) -> Desired | None:
         L = self.layout
@@ -240,6 +280,7 @@ class FleetAgent:
         self._up()
         manifests: dict[str, KV] = {}
         rules: dict[str, list[KV]] = {}
+        self.apply_protected(next((kv.value for kv in kvs if kv.key == L.protected), None))
         for kv in kvs:
             name = L.source_of(kv.key)
             if name is None:
