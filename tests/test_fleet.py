@@ -406,12 +406,14 @@ def test_fleet_protected_prefixes(fleet: list[Server], cluster: Cluster, tmp_pat
             # Put on A (its CLI, then the API): B and C pass (and say so in /healthz).
             out = cli(a, "fleet", "protect", "add", b.lab.peer_ip4)
             assert bp in out, out
-            with a.client() as ca:
-                got = ca.get("/v1/fleet/protected").json()
-                assert got["prefixes"] == [bp] and got["local"] == []
-                r = ca.put("/v1/fleet/protected", json={"prefixes": [bp, cp],
-                                                        "revision": got["revision"]})
-                assert r.status_code == 200, r.text
+            rev = int(out.split("at revision ")[1].split(":")[0])
+            until(lambda: int(status(b)["applied_revision"]) >= rev)  # type: ignore[call-overload]
+            table = cli(b, "fleet", "protect", "ls").splitlines()
+            assert table[0].split() == ["PREFIX", "FROM", "ENFORCED"], table
+            assert table[1].split() == [bp, "fleet", "yes"], table
+            r = write(a, "PUT", "/v1/fleet/protected",
+                      json={"prefixes": [bp, cp], "revision": rev})
+            assert r.status_code == 200, r.text
             until(lambda: not blocked(b) and not blocked(c))
             assert protected_here(c) == [bp, cp]
             assert blocked(a)  # A's own peer was never protected
