@@ -651,14 +651,15 @@ def test_fleet_protected_prefixes_through_etcd(nodes: Callable[..., Node], tmp_p
     finally:
         b.agent.stop()
         b.store.close()
-    # b restarted with etcd unreachable: its cache protects the fleet's prefix at once.
+    # b restarted with etcd unreachable and without its own --protect: its cache (the
+    # fleet's whole list, b's own prefix included) protects both at once.
     dead = [f"http://127.0.0.1:{free_port()}"]
-    b2 = make_node(tmp_path / "b.sqlite3", dead, "/x", "b", start=False,
-                   protect=("198.51.100.0/24",))
+    b2 = make_node(tmp_path / "b.sqlite3", dead, "/x", "b", start=False)
     try:
         assert set(_allowed(b2.dp)) == {"198.51.100.0/24", "192.0.2.9/32"}
         stale = b2.client.get("/v1/fleet/protected").json()
-        assert stale["stale"] and stale["prefixes"] == ["192.0.2.9/32"]
+        assert stale["stale"] and stale["prefixes"] == ["192.0.2.9/32", "198.51.100.0/24"]
+        assert stale["local"] == [] and len(stale["enforced"]) == 2
     finally:
         b2.store.close()
 
@@ -689,6 +690,12 @@ def _through_etcd(a: Node, b: Node) -> None:
     until(lambda: b.agent.applied >= rev)
     assert set(_allowed(a.dp)) == {"192.0.2.9/32"}
     assert set(_allowed(b.dp)) == {"198.51.100.0/24", "192.0.2.9/32"}
+    # b's own prefix back in the fleet's list: still one rule on b (its own).
+    r = a.client.put("/v1/fleet/protected?wait=applied",
+                     json={"prefixes": ["192.0.2.9", "198.51.100.0/24"]})
+    rev = r.json()["revision"]
+    until(lambda: b.agent.applied >= rev)
+    assert [r.src.with_prefixlen for r in b.svc.fleet_protected if r.src] == ["192.0.2.9/32"]
 
 
 def test_fleet_protected_on_a_single_host_is_404(tmp_path: Path) -> None:

@@ -6,6 +6,8 @@ Applying goes through the same service paths the REST API uses (`replace_source`
 passed. The applied revision is a meta row of the local SQLite cache: a restart resumes the
 watch from it; a revision compacted away in etcd makes a full resync (every source replaced
 by its etcd version, the fleet sources etcd no longer has dropped) - again a diff, no window.
+The fleet's protected prefixes (P/desired/protected) are applied first in a batch and in a
+resync (`FirewallService.set_fleet_protected`), and cached in SQLite too (`cached_protected`).
 """
 
 from __future__ import annotations
@@ -86,9 +88,8 @@ class FleetAgent:
         with svc.lock:
             self.applied = int(svc.store.fleet_meta("revision") or 0)
             self.managed: set[str] = set(json.loads(svc.store.fleet_meta("sources") or "[]"))
-            cached = cached_protected(svc.store)
-            if [r.src.with_prefixlen for r in svc.fleet_protected if r.src] != cached:
-                svc.set_fleet_protected(cached)  # the cache: protected with etcd down too
+            # the cache: protected with etcd down too (no change when the service has them)
+            svc.set_fleet_protected(cached_protected(svc.store))
         self.head = self.applied  # the newest change seen in the store (P/head)
         self.resyncs = 0
         self.failed: dict[str, str] = {}  # sources this node could not apply: why
@@ -201,14 +202,20 @@ class FleetAgent:
         list this node cannot take (a bad prefix written straight into etcd) is logged and
         the node keeps the list it had."""
         try:
-            prefixes = self.svc.set_fleet_protected(protected_prefixes(value))
+            prefixes = protected_prefixes(value)
+            self.svc.set_fleet_protected(prefixes)
         except (ValueError, XdpfwError) as exc:
             log.error("fleet: the protected prefixes in etcd cannot be applied: %s; keeping "
                       "the ones this node had", exc)
             self.last_error = str(exc)
             return
-        with self.svc.lock:
+        with self.svc.lock:  # the fleet's whole list, also those this node has as its own
             self.svc.store.set_fleet_meta("protected", json.dumps(prefixes))
+
+    def protected_cache(self) -> list[str]:
+        """The fleet's protected prefixes as this node last applied them (etcd down)."""
+        with self.svc.lock:
+            return cached_protected(self.svc.store)
 
     def _read_source(self, name: str, revision: int) -> Desired | None:
         L = self.layout

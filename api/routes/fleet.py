@@ -277,8 +277,7 @@ def fleet_protected(request: Request, svc: ServiceDep) -> FleetProtectedOut:
     try:
         kv, _ = agent.etcd.get(agent.layout.protected)
     except EtcdUnavailable:
-        enforced = [r.src.with_prefixlen for r in svc.fleet_protected if r.src is not None]
-        return _protected_out(agent, svc, enforced, agent.applied, stale=True)
+        return _protected_out(agent, svc, agent.protected_cache(), agent.applied, stale=True)
     return _protected_out(agent, svc, protected_prefixes(kv.value if kv else None),
                           kv.mod_revision if kv else 0)
 
