@@ -234,7 +234,12 @@ def serve(settings: Settings, *, demo: bool = False, cleanup: bool = False) -> i
         if demo:
             stack.callback(_forget_interfaces, store)  # the lab goes away with the demo
         api_listen = (settings.host, settings.port) if settings.protect_api else None
-        svc = FirewallService(dp, store, settings.protect, api_listen)
+        fleet_protect: list[str] = []
+        if settings.etcd:  # the fleet's protected prefixes as cached: kept by the reconcile
+            from api.fleet.agent import cached_protected
+
+            fleet_protect = cached_protected(store)
+        svc = FirewallService(dp, store, settings.protect, api_listen, fleet_protect)
         if not settings.protect_api:
             log.warning(
                 "XDPFW_PROTECT_API=false: drop rules may cut off the API on %s; keep a way "

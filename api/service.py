@@ -386,15 +386,21 @@ class FirewallService:
         store: Store,
         protect: Sequence[str] = (),
         api_listen: tuple[str, int] | None = None,
+        fleet_protect: Sequence[str] = (),
     ) -> None:
         self.dp = datapath
         self.store = store
         if len(protect) > PROTECT_IDS - 1:
             raise InvalidRule("protect", f"at most {PROTECT_IDS - 1} protected prefixes")
-        self.protected: list[Rule] = [
+        # Protected prefixes, two sets (the maps enforce the union): the node's own
+        # (--protect: ids up from PROTECT_BASE, changed only by a restart) and the fleet's
+        # (docs/fleet.md: ids down from API_RULE_ID - 1, changed by `set_fleet_protected`;
+        # `fleet_protect` is the agent's cache, so a start-up reconcile keeps them).
+        self.local_protected: list[Rule] = [
             RuleSpec.parse(action=Action.ALLOW, src=p).with_id(PROTECT_BASE + i)
             for i, p in enumerate(protect)
         ]
+        self.fleet_protected: list[Rule] = self._fleet_rules(fleet_protect)
         # Interfaces: their own lock, so that the watchdog re-attaching one never waits on a
         # rule write (taken after `lock` where both are held); and the wanted set mirrored
         # from the database, so that the watchdog never reads the store outside `lock`.
@@ -467,6 +473,62 @@ class FirewallService:
                     self.store.mark_reconciled()
                 self.store.created = False
             return {"adopted": 0, "added": len(add), "removed": len(remove)}
+
+    @property
+    def protected(self) -> list[Rule]:
+        """Every protected prefix's allow rule: the node's own, then the fleet's."""
+        return self.local_protected + self.fleet_protected
+
+    def _fleet_rules(self, prefixes: Sequence[str]) -> list[Rule]:
+        """Allow rules for the fleet's prefixes, the node's own left out (one rule each);
+        a prefix the fleet protected already keeps its id (and its counters)."""
+        local = {r.src for r in self.local_protected}
+        have = {r.src: r for r in getattr(self, "fleet_protected", [])}
+        nets: list[Network] = []
+        for text in prefixes:
+            net = parse_network(text, "protected")
+            if net not in local and net not in nets:
+                nets.append(net)
+        if len(local) + len(nets) > PROTECT_IDS - 1:
+            raise InvalidRule("protected", f"at most {PROTECT_IDS - 1} protected prefixes "
+                              f"(this node's own {len(local)} included)")
+        # ids in use: the node's own and every current fleet rule (a removed one's id is
+        # not handed out again in the same change)
+        used = {r.id for r in self.local_protected} | {r.id for r in have.values()}
+        free = (rid for rid in range(API_RULE_ID - 1, PROTECT_BASE - 1, -1) if rid not in used)
+        return [have[n] if n in have else
+                RuleSpec.parse(action=Action.ALLOW, src=n.with_prefixlen).with_id(next(free))
+                for n in nets]
+
+    def set_fleet_protected(self, prefixes: Sequence[str]) -> list[str]:
+        """Make the fleet's protected prefixes these (InvalidRule: a bad one, nothing
+        changed). A new prefix's allow rule is in the maps before this returns, and before
+        any rule applied after it; a prefix no longer listed loses its rule, unless it is
+        also one of the node's own (--protect), which nothing but a restart removes; the
+        API port's rule is never touched. The fleet's prefixes, as enforced."""
+        with self.lock:
+            want = self._fleet_rules(prefixes)
+            before = {r.id: r for r in self.fleet_protected}
+            new = [r for r in want if r.id not in before]
+            gone = [r for rid, r in before.items() if rid not in {w.id for w in want}]
+            for r in new:  # a user rule identical to a protected one would be a duplicate
+                dup = self.dp.compiler.find_duplicate(r)
+                if dup is not None and not is_protected_id(dup):
+                    log.warning("protected rule (%s) replaces identical rule %d",
+                                r.describe(), dup)
+                    self._remove([dup])
+            if new:
+                self.dp.add_rules(new)
+            self.fleet_protected = [*want, *gone]  # gone: enforced until the maps drop it
+            if gone:
+                self.dp.remove_rules([r.id for r in gone])
+            self.fleet_protected = want
+            for r in new:
+                log.info("fleet: protected %s (rule %d)", r.describe(), r.id)
+            for r in gone:
+                log.warning("fleet: %s is no longer protected by the fleet: drop rules over "
+                            "it apply again", r.describe())
+            return [r.src.with_prefixlen for r in want if r.src is not None]
 
     @property
     def reserved(self) -> list[Rule]:

@@ -51,20 +51,23 @@ PREFIX = f"/xfw-{uuid.uuid4().hex[:8]}"
 
 
 @contextmanager
-def fleet_nodes(tmp: Path, cluster: Cluster, prefix: str, n: int) -> Iterator[list[Server]]:
+def fleet_nodes(tmp: Path, cluster: Cluster, prefix: str, n: int, first: int = 0,
+                protect_peer: bool = False, start: bool = True) -> Iterator[list[Server]]:
+    """Nodes n<first>... (`protect_peer`: each with --protect of its own lab's peer)."""
     with ExitStack() as stack:
         nodes: list[Server] = []
-        for i in range(n):
+        for i in range(first, first + n):
             lab = stack.enter_context(veth_lab(prefix="xfw"))
             pins = unique_pin_dir(f"fleet{i}")
             srv = Server(lab=lab, state_dir=tmp / f"node{i}", bpffs_dir=pins, extra_args=[
                 "--etcd", cluster.endpoints, "--node", f"n{i}", "--etcd-prefix", prefix,
                 "--node-label", f"rack=r{i % 2}",
+                *(["--protect", lab.peer_ip4] if protect_peer else []),
             ])
             stack.callback(_remove_pins, pins)
             stack.callback(srv.stop)
             nodes.append(srv)
-        for srv in nodes:
+        for srv in nodes if start else ():
             srv.start()
         yield nodes
 
@@ -376,3 +379,69 @@ def test_two_writers_one_wins_whole(fleet: list[Server], cluster: Cluster) -> No
     wanted = [{e + "/32" for e in v} for v in entries.values()]
     until(lambda: source_members(a, "shared") in wanted
           and source_members(a, "shared") == source_members(b, "shared"))
+
+
+def protected_here(srv: Server) -> list[str]:
+    with srv.client() as c:
+        out: list[str] = c.get("/healthz").json()["protected"]
+        return out
+
+
+def test_fleet_protected_prefixes(fleet: list[Server], cluster: Cluster, tmp_path: Path
+                                  ) -> None:
+    """A fleet-wide drop of every lab's peer, then fleet protected prefixes inside it put on
+    A: B's and C's peers pass; taken out, they drop again. D protects its own peer
+    (--protect): the fleet putting and removing the same prefix leaves it protected."""
+    a, b, c = fleet
+    net = "198.18.0.0/15"  # every lab's peer
+    bp, cp = f"{b.lab.peer_ip4}/32", f"{c.lab.peer_ip4}/32"
+    with fleet_nodes(tmp_path, cluster, PREFIX, 1, first=3, protect_peer=True,
+                     start=False) as (d,):
+        starting = threading.Thread(target=d.start)  # meanwhile: a start costs seconds
+        starting.start()
+        try:
+            r = write(a, "POST", "/v1/rules?wait=applied", json={"src": net})
+            assert r.status_code == 201, r.text
+            until(lambda: blocked(b) and blocked(c))
+            # Put on A (its CLI, then the API): B and C pass (and say so in /healthz).
+            out = cli(a, "fleet", "protect", "add", b.lab.peer_ip4)
+            assert bp in out, out
+            rev = int(out.split("at revision ")[1].split(":")[0])
+            until(lambda: int(status(b)["applied_revision"]) >= rev)  # type: ignore[call-overload]
+            table = cli(b, "fleet", "protect", "ls").splitlines()
+            assert table[0].split() == ["PREFIX", "FROM", "ENFORCED"], table
+            assert table[1].split() == [bp, "fleet", "yes"], table
+            r = write(a, "PUT", "/v1/fleet/protected",
+                      json={"prefixes": [bp, cp], "revision": rev})
+            assert r.status_code == 200, r.text
+            until(lambda: not blocked(b) and not blocked(c))
+            assert protected_here(c) == [bp, cp]
+            assert blocked(a)  # A's own peer was never protected
+            # B's prefix out: B drops again, C still passes; then the whole list emptied.
+            cli(c, "fleet", "protect", "rm", bp)
+            until(lambda: blocked(b))
+            assert not blocked(c)
+            r = write(b, "PUT", "/v1/fleet/protected?wait=applied", json={"prefixes": []})
+            assert r.status_code == 200 and r.json()["prefixes"] == [], r.text
+            until(lambda: blocked(c))
+            assert protected_here(b) == [] and protected_here(c) == []
+            # D's own --protect of its peer: the fleet's same prefix comes and goes, and D's
+            # peer passes throughout (the fleet's drop rule is applied there too).
+            starting.join()
+            dp = f"{d.lab.peer_ip4}/32"
+            rev = write(a, "PUT", "/v1/fleet/protected", json={"prefixes": [dp]}
+                        ).json()["revision"]
+            until(lambda: int(status(d)["applied_revision"]) >= rev)  # type: ignore[call-overload]
+            assert not blocked(d) and protected_here(d) == [dp]
+            rev = write(a, "PUT", "/v1/fleet/protected", json={"prefixes": []}
+                        ).json()["revision"]
+            until(lambda: int(status(d)["applied_revision"]) >= rev)  # type: ignore[call-overload]
+            assert not blocked(d) and protected_here(d) == [dp]
+            with d.client() as cd:
+                assert any(x["src"] == net for x in cd.get("/v1/rules").json()["rules"])
+        finally:
+            starting.join()
+            write(a, "PUT", "/v1/fleet/protected", json={"prefixes": []})
+            write(a, "DELETE", "/v1/rules", params={"src": net, "wait": "applied"})
+            for s in fleet:
+                until(lambda s=s: not blocked(s))  # type: ignore[misc]

@@ -17,17 +17,18 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from api.fleet import state
-from api.fleet.agent import FleetAgent, FleetConfig
+from api.fleet.agent import FleetAgent, FleetConfig, cached_protected
 from api.fleet.etcd import EtcdClient, prefix_end
 from api.fleet.state import Desired, Layout, chunk_body, decode_source, encode_chunks
-from api.service import FirewallService
+from api.service import API_RULE_ID, PROTECT_BASE, FirewallService, NewRule
 from api.settings import Settings
 from api.store import Store
 from tests.etcd_cluster import Cluster, etcd_cluster
 from tests.fakes import FakeDatapath
 from tests.server import free_port
 from tests.test_api_pure import TOKEN
-from xdpfw.rules import RuleSpec
+from xdpfw.errors import InvalidRule, RuleConflict
+from xdpfw.rules import Action, RuleSpec
 
 pytestmark = pytest.mark.pure
 
@@ -58,10 +59,12 @@ class Node:
 
 
 def make_node(db: Path, endpoints: list[str], prefix: str, name: str,
-              start: bool = True, labels: dict[str, str] | None = None) -> Node:
+              start: bool = True, labels: dict[str, str] | None = None,
+              protect: tuple[str, ...] = ()) -> Node:
     dp = FakeDatapath()
     store = Store(db)
-    svc = FirewallService(dp, store)
+    # as `xdpfw serve --etcd` does: the cached fleet protected prefixes before the reconcile
+    svc = FirewallService(dp, store, protect, fleet_protect=cached_protected(store))
     svc.reconcile()
     agent = FleetAgent(
         FleetConfig(endpoints, name, prefix, labels or {"zone": "z1"}, heartbeat=0.3), svc
@@ -78,8 +81,10 @@ def nodes(tmp_path: Path, etcd1: Cluster) -> Iterator[Callable[..., Node]]:
     made: list[Node] = []
     prefix = f"/t{time.monotonic_ns()}"
 
-    def make(name: str, labels: dict[str, str] | None = None) -> Node:
-        n = make_node(tmp_path / f"{name}.sqlite3", etcd1.urls, prefix, name, labels=labels)
+    def make(name: str, labels: dict[str, str] | None = None,
+             protect: tuple[str, ...] = ()) -> Node:
+        n = make_node(tmp_path / f"{name}.sqlite3", etcd1.urls, prefix, name, labels=labels,
+                      protect=protect)
         made.append(n)
         return n
 
@@ -441,7 +446,8 @@ def test_the_clients_fleet_shapes_match_the_fleet_routes_schema() -> None:
     app.include_router(fleet_routes.writes)
     components = app.openapi()["components"]["schemas"]
     for shape, name in ((client.FleetNode, "NodeOut"), (client.FleetRule, "FleetRuleOut"),
-                        (client.FleetWrite, "FleetWriteOut")):
+                        (client.FleetWrite, "FleetWriteOut"),
+                        (client.FleetProtected, "FleetProtectedOut")):
         want = {k: _schema_type(p) for k, p in components[name]["properties"].items()}
         have = {k: _py_type(t) for k, t in get_type_hints(shape).items()}
         assert have == want, f"client.{shape.__name__} vs {name}"
@@ -580,3 +586,126 @@ def test_two_bulks_into_one_source_at_once_both_land(etcd1: Cluster,
             w.etcd.close()
     finally:
         etcd.close()
+
+
+# -- protected prefixes, fleet-wide (P/desired/protected) ----------------------------------------
+
+
+def _allowed(dp: FakeDatapath) -> dict[str, int]:
+    """The maps' reserved allow rules by source prefix: {cidr: rule id}."""
+    return {r.src.with_prefixlen: rid for rid, r in dp.compiler.rules.items()
+            if rid >= PROTECT_BASE and r.src is not None and r.action == Action.ALLOW}
+
+
+def test_the_service_enforces_its_own_and_the_fleets_protected_prefixes(tmp_path: Path) -> None:
+    dp = FakeDatapath()
+    store = Store(tmp_path / "p.sqlite3")
+    svc = FirewallService(dp, store, ["192.0.2.0/24"], ("0.0.0.0", 8000))
+    svc.reconcile()
+    try:
+        own = _allowed(dp)["192.0.2.0/24"]
+        assert API_RULE_ID in dp.compiler.rules
+        # The node's own prefix in the fleet's list makes no second rule; repeats neither.
+        got = svc.set_fleet_protected(["198.51.100.0/24", "192.0.2.0/24", "198.51.100.0/24"])
+        assert got == ["198.51.100.0/24"]
+        fleet_id = _allowed(dp)["198.51.100.0/24"]
+        assert fleet_id not in (own, API_RULE_ID)
+        assert svc.health().protected == ["192.0.2.0/24", "198.51.100.0/24"]
+        # The union is what an overlap check sees: a drop rule over a fleet prefix is 409.
+        with pytest.raises(RuleConflict, match=r"198\.51\.100\.0/24"):
+            svc.add(NewRule(RuleSpec.parse(src="198.51.100.7")))
+        # Another prefix: the first keeps its rule id (its counters).
+        svc.set_fleet_protected(["198.51.100.0/24", "203.0.113.0/24"])
+        assert _allowed(dp)["198.51.100.0/24"] == fleet_id
+        # A bad prefix: refused, nothing changed.
+        before = dict(dp.compiler.rules)
+        with pytest.raises(InvalidRule):
+            svc.set_fleet_protected(["203.0.113.0/24", "not-a-prefix"])
+        assert dp.compiler.rules == before
+        # The fleet's list emptied (its own prefix included): only the fleet's rules go;
+        # the node's own and the API port's stay, and the drop rule is taken now.
+        assert svc.set_fleet_protected([]) == []
+        assert _allowed(dp) == {"192.0.2.0/24": own}
+        assert API_RULE_ID in dp.compiler.rules
+        assert svc.health().protected == ["192.0.2.0/24"]
+        svc.add(NewRule(RuleSpec.parse(src="198.51.100.7")))
+        # A restart with the cached list: the start-up reconcile keeps the fleet's rules.
+        svc.set_fleet_protected(["203.0.113.0/24"])
+        kept = _allowed(dp)["203.0.113.0/24"]
+        again = FirewallService(dp, store, ["192.0.2.0/24"], ("0.0.0.0", 8000),
+                                fleet_protect=["203.0.113.0/24"])
+        changes = dp.changes
+        again.reconcile()
+        assert dp.changes == changes and _allowed(dp)["203.0.113.0/24"] == kept
+    finally:
+        store.close()
+
+
+def test_fleet_protected_prefixes_through_etcd(nodes: Callable[..., Node], tmp_path: Path,
+                                               etcd1: Cluster) -> None:
+    a = nodes("a")
+    b = make_node(tmp_path / "b.sqlite3", etcd1.urls, a.agent.config.prefix, "b",
+                  protect=("198.51.100.0/24",))
+    try:
+        _through_etcd(a, b)
+    finally:
+        b.agent.stop()
+        b.store.close()
+    # b restarted with etcd unreachable and without its own --protect: its cache (the
+    # fleet's whole list, b's own prefix included) protects both at once.
+    dead = [f"http://127.0.0.1:{free_port()}"]
+    b2 = make_node(tmp_path / "b.sqlite3", dead, "/x", "b", start=False)
+    try:
+        assert set(_allowed(b2.dp)) == {"198.51.100.0/24", "192.0.2.9/32"}
+        stale = b2.client.get("/v1/fleet/protected").json()
+        assert stale["stale"] and stale["prefixes"] == ["192.0.2.9/32", "198.51.100.0/24"]
+        assert stale["local"] == [] and len(stale["enforced"]) == 2
+    finally:
+        b2.store.close()
+
+
+def _through_etcd(a: Node, b: Node) -> None:
+    r = a.client.get("/v1/fleet/protected")
+    assert r.status_code == 200 and r.json()["prefixes"] == [], r.text
+    r = a.client.put("/v1/fleet/protected?wait=applied",
+                     json={"prefixes": ["198.51.100.0/24", "203.0.113.7", "bogus"]})
+    assert r.status_code == 422, r.text
+    r = a.client.put("/v1/fleet/protected?wait=applied",
+                     json={"prefixes": ["198.51.100.0/24", "203.0.113.7"], "revision": 0})
+    assert r.status_code == 200, r.text
+    rev = r.json()["revision"]
+    assert r.json()["prefixes"] == ["198.51.100.0/24", "203.0.113.7/32"]
+    assert r.json()["applied"] and set(_allowed(a.dp)) == {"198.51.100.0/24", "203.0.113.7/32"}
+    until(lambda: b.agent.applied >= rev)
+    assert set(_allowed(b.dp)) == {"198.51.100.0/24", "203.0.113.7/32"}
+    got = b.client.get("/v1/fleet/protected").json()
+    assert got["local"] == ["198.51.100.0/24"] and got["enforced"] == ["203.0.113.7/32"]
+    assert got["revision"] == rev
+    # A read-modify-write against an older revision: 409, nothing written.
+    r = b.client.put("/v1/fleet/protected", json={"prefixes": [], "revision": rev - 1})
+    assert r.status_code == 409, r.text
+    # Emptied: a's rules go; b keeps its own --protect of the same prefix.
+    r = a.client.put("/v1/fleet/protected?wait=applied", json={"prefixes": ["192.0.2.9"]})
+    rev = r.json()["revision"]
+    until(lambda: b.agent.applied >= rev)
+    assert set(_allowed(a.dp)) == {"192.0.2.9/32"}
+    assert set(_allowed(b.dp)) == {"198.51.100.0/24", "192.0.2.9/32"}
+    # b's own prefix back in the fleet's list: still one rule on b (its own).
+    r = a.client.put("/v1/fleet/protected?wait=applied",
+                     json={"prefixes": ["192.0.2.9", "198.51.100.0/24"]})
+    rev = r.json()["revision"]
+    until(lambda: b.agent.applied >= rev)
+    assert [r.src.with_prefixlen for r in b.svc.fleet_protected if r.src] == ["192.0.2.9/32"]
+
+
+def test_fleet_protected_on_a_single_host_is_404(tmp_path: Path) -> None:
+    store = Store(tmp_path / "one.sqlite3")
+    svc = FirewallService(FakeDatapath(), store)
+    svc.reconcile()
+    client = TestClient(create_app(Settings(state_dir=tmp_path), svc, TOKEN),
+                        headers={"Authorization": f"Bearer {TOKEN}"})
+    try:
+        assert client.get("/v1/fleet/protected").status_code == 404
+        assert client.put("/v1/fleet/protected", json={"prefixes": []}).status_code == 404
+    finally:
+        store.close()

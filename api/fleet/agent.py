@@ -6,6 +6,8 @@ Applying goes through the same service paths the REST API uses (`replace_source`
 passed. The applied revision is a meta row of the local SQLite cache: a restart resumes the
 watch from it; a revision compacted away in etcd makes a full resync (every source replaced
 by its etcd version, the fleet sources etcd no longer has dropped) - again a diff, no window.
+The fleet's protected prefixes (P/desired/protected) are applied first in a batch and in a
+resync (`FirewallService.set_fleet_protected`), and cached in SQLite too (`cached_protected`).
 """
 
 from __future__ import annotations
@@ -23,15 +25,32 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from api.fleet.etcd import KV, Compacted, EtcdClient, EtcdError, EtcdUnavailable
-from api.fleet.state import Desired, Layout, Writer, decode_source, in_scope
+from api.fleet.state import (
+    Desired,
+    Layout,
+    Writer,
+    decode_source,
+    in_scope,
+    protected_prefixes,
+)
 from api.service import FirewallService, NewCodes, NewRule
-from api.store import StoredRule
+from api.store import Store, StoredRule
 from xdpfw.errors import SourceNotFound, XdpfwError
 from xdpfw.rules import rule_from_code
 
-__all__ = ["FleetAgent", "FleetConfig", "NodeInfo"]
+__all__ = ["FleetAgent", "FleetConfig", "NodeInfo", "cached_protected"]
 
 log = logging.getLogger("xdpfw.fleet")
+
+
+def cached_protected(store: Store) -> list[str]:
+    """The fleet's protected prefixes as this node last applied them (its SQLite cache):
+    `xdpfw serve --etcd` hands them to the service before the start-up reconcile, so a
+    restart (etcd reachable or not) never lets them go unprotected."""
+    try:
+        return protected_prefixes((store.fleet_meta("protected") or "").encode())
+    except ValueError:
+        return []
 
 
 @dataclass(frozen=True)
@@ -69,6 +88,8 @@ class FleetAgent:
         with svc.lock:
             self.applied = int(svc.store.fleet_meta("revision") or 0)
             self.managed: set[str] = set(json.loads(svc.store.fleet_meta("sources") or "[]"))
+            # the cache: protected with etcd down too (no change when the service has them)
+            svc.set_fleet_protected(cached_protected(svc.store))
         self.head = self.applied  # the newest change seen in the store (P/head)
         self.resyncs = 0
         self.failed: dict[str, str] = {}  # sources this node could not apply: why
@@ -147,6 +168,12 @@ class FleetAgent:
                 for rev, events in self.etcd.watch(self.layout.desired, self.applied + 1,
                                                    self._stop):
                     self._up()
+                    # The protected prefixes first: a new one is allowed before any rule of
+                    # the same batch could drop it.
+                    mine = [e for e in events if e.kv.key == self.layout.protected]
+                    if mine:
+                        self.apply_protected(None if mine[-1].kind == "DELETE"
+                                             else mine[-1].kv.value)
                     names = sorted({n for e in events
                                     if (n := self.layout.source_of(e.kv.key)) is not None})
                     for name in names:
@@ -169,6 +196,26 @@ class FleetAgent:
                 resync = True
             self._stop.wait(pause)
             pause = min(pause * 2, 2.0)
+
+    def apply_protected(self, value: bytes | None) -> None:
+        """The fleet's protected prefixes (P/desired/protected) enforced here and cached; a
+        list this node cannot take (a bad prefix written straight into etcd) is logged and
+        the node keeps the list it had."""
+        try:
+            prefixes = protected_prefixes(value)
+            self.svc.set_fleet_protected(prefixes)
+        except (ValueError, XdpfwError) as exc:
+            log.error("fleet: the protected prefixes in etcd cannot be applied: %s; keeping "
+                      "the ones this node had", exc)
+            self.last_error = str(exc)
+            return
+        with self.svc.lock:  # the fleet's whole list, also those this node has as its own
+            self.svc.store.set_fleet_meta("protected", json.dumps(prefixes))
+
+    def protected_cache(self) -> list[str]:
+        """The fleet's protected prefixes as this node last applied them (etcd down)."""
+        with self.svc.lock:
+            return cached_protected(self.svc.store)
 
     def _read_source(self, name: str, revision: int) -> Desired | None:
         L = self.layout
@@ -240,6 +287,7 @@ class FleetAgent:
         self._up()
         manifests: dict[str, KV] = {}
         rules: dict[str, list[KV]] = {}
+        self.apply_protected(next((kv.value for kv in kvs if kv.key == L.protected), None))
         for kv in kvs:
             name = L.source_of(kv.key)
             if name is None:

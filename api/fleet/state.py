@@ -9,6 +9,8 @@ Under the prefix P (default /xdpfw):
   P/desired/rules/<name>/<code>   one rule held by source <name> (POST /v1/rules), JSON
                                   (comment, expires_at, nodes, selector), under a lease when
                                   it has a TTL
+  P/desired/protected             the fleet's protected prefixes: a JSON list of CIDRs,
+                                  the whole list in one key (one txn per change)
   P/head                          touched by every write: its mod_revision is the newest
                                   change (a node's lag = head - applied)
   P/nodes/<node>                  the node registry (api/fleet/agent.py), under a lease
@@ -52,6 +54,7 @@ __all__ = [
     "decode_source",
     "encode_chunks",
     "in_scope",
+    "protected_prefixes",
     "rule_code",
 ]
 
@@ -101,6 +104,10 @@ class Layout:
 
     def rule(self, name: str, code: int) -> bytes:
         return self._k("desired", "rules", name, f"{code:x}")
+
+    @property
+    def protected(self) -> bytes:
+        return self._k("desired", "protected")
 
     @property
     def head(self) -> bytes:
@@ -268,6 +275,16 @@ def decode_source(
     return d
 
 
+def protected_prefixes(value: bytes | None) -> list[str]:
+    """The prefixes in a P/desired/protected value (None or empty: none)."""
+    if not value:
+        return []
+    prefixes = json.loads(value)
+    if not isinstance(prefixes, list) or not all(isinstance(p, str) for p in prefixes):
+        raise ValueError(f"the fleet's protected prefixes are not a list of CIDRs: {prefixes!r}")
+    return prefixes
+
+
 def rule_code(key: bytes) -> int:
     """The code in a rule key (P/desired/rules/<name>/<code in hex>)."""
     return int(key.rsplit(b"/", 1)[1], 16)
@@ -367,6 +384,20 @@ class Writer:
             self.etcd.delete(prefix, prefix_end(prefix))
         except Exception:
             pass
+
+    def set_protected(self, prefixes: Sequence[str], if_revision: int | None = None) -> int:
+        """The fleet's protected prefixes, the whole list, in one txn: its revision.
+        `if_revision`: only if the key's mod_revision is still that (0: never written), else
+        Conflict (a read-modify-write, as `xdpfw fleet protect add` does)."""
+        compare = ([] if if_revision is None
+                   else [EtcdClient.cmp_mod(self.layout.protected, if_revision)])
+        ok, rev, _ = self.etcd.txn(compare, [
+            EtcdClient.op_put(self.layout.protected, json.dumps(list(prefixes)).encode()),
+            self._head(),
+        ])
+        if not ok:
+            raise Conflict("the fleet's protected prefixes")
+        return rev
 
     def drop_source(self, name: str) -> tuple[int, int]:
         """(keys removed: manifest + rule keys, revision); 0 keys: no such source."""

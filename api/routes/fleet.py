@@ -23,16 +23,20 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import AUTH_RESPONSES, ERROR_RESPONSES, ReadAccess, ServiceDep, WriteAccess
 from api.fleet.agent import FleetAgent
 from api.fleet.etcd import EtcdError, EtcdUnavailable
-from api.fleet.state import Conflict, rule_code
+from api.fleet.state import Conflict, protected_prefixes, rule_code
 from api.models import MAX_TTL, RuleIn, RuleOut, bulk_rules, iso
 from api.routes.rules import RuleId, SourceQuery, read_list
+from api.service import FirewallService
+from api.store import PROTECT_IDS
 from xdpfw import codes as wire
 from xdpfw.errors import InvalidRule, RuleNotFound
-from xdpfw.rules import RuleSpec, rule_from_code
+from xdpfw.rules import RuleSpec, parse_network, rule_from_code
 from xdpfw.sources import DEFAULT_SOURCE, SOURCE_PATTERN, check_source
 
 __all__ = [
     "FleetBulkOut",
+    "FleetProtectedIn",
+    "FleetProtectedOut",
     "FleetRuleOut",
     "FleetSourceOut",
     "FleetStatusOut",
@@ -132,6 +136,30 @@ class FleetSourceOut(FleetWriteOut):
     overlap_count: int = 0
 
 
+class FleetProtectedIn(BaseModel):
+    """The fleet's protected prefixes, the whole list (PUT replaces it)."""
+
+    prefixes: list[str] = Field(max_length=PROTECT_IDS - 1,
+                                description="CIDRs (or addresses) every node allows above "
+                                "every drop rule")
+    revision: int | None = Field(None, ge=0, description="write only if the list is still "
+                                 "the one of this revision (GET's `revision`; 0: never "
+                                 "written), else 409")
+
+
+class FleetProtectedOut(BaseModel):
+    """The fleet's protected prefixes (every node enforces them, with its own --protect)."""
+
+    prefixes: list[str]
+    revision: int = Field(description="the etcd revision that wrote the list (0: never)")
+    applied: bool = Field(description="this node enforces this list")
+    local: list[str] = Field(description="this node's own protected prefixes (--protect): "
+                             "enforced whatever the fleet's list says")
+    enforced: list[str] = Field(description="the fleet's prefixes this node enforces now")
+    stale: bool = Field(False, description="etcd unreachable: `prefixes` is this node's "
+                        "cache (what it enforces), `revision` the one it applied")
+
+
 def _agent(request: Request) -> FleetAgent:
     agent: FleetAgent = request.app.state.fleet
     return agent
@@ -229,6 +257,58 @@ def fleet_rules(request: Request, source: SourceQuery = None) -> list[FleetRuleO
             revision=kv.mod_revision,
         ))
     return out
+
+
+def _protected_out(agent: FleetAgent, svc: FirewallService, prefixes: list[str], revision: int,
+                   stale: bool = False) -> FleetProtectedOut:
+    return FleetProtectedOut(
+        prefixes=prefixes, revision=revision, applied=agent.applied >= revision,
+        local=[r.src.with_prefixlen for r in svc.local_protected if r.src is not None],
+        enforced=[r.src.with_prefixlen for r in svc.fleet_protected if r.src is not None],
+        stale=stale,
+    )
+
+
+@router.get("/protected", response_model=FleetProtectedOut, dependencies=[ReadAccess])
+def fleet_protected(request: Request, svc: ServiceDep) -> FleetProtectedOut:
+    """The fleet's protected prefixes, read from etcd; while it is unreachable, this node's
+    cache (`stale`: true). Each node enforces them together with its own --protect."""
+    agent = _agent(request)
+    try:
+        kv, _ = agent.etcd.get(agent.layout.protected)
+    except EtcdUnavailable:
+        return _protected_out(agent, svc, agent.protected_cache(), agent.applied, stale=True)
+    return _protected_out(agent, svc, protected_prefixes(kv.value if kv else None),
+                          kv.mod_revision if kv else 0)
+
+
+@router.put("/protected", response_model=FleetProtectedOut, dependencies=[WriteAccess],
+            responses={409: {"description": "`revision` given and the list changed since"}})
+def fleet_set_protected(body: FleetProtectedIn, request: Request, svc: ServiceDep,
+                        wait: Wait = None) -> JSONResponse:
+    """Replace the fleet's protected prefixes (one etcd txn); every node allows them above
+    every drop rule. A prefix taken out stays protected on a node that has it in its own
+    --protect. 422: a bad prefix; `?wait=applied`: answer once this node enforces it."""
+    agent = _agent(request)
+    prefixes: list[str] = []
+    for text in body.prefixes:
+        net = parse_network(text, "prefixes").with_prefixlen  # InvalidRule -> 422
+        if net not in prefixes:
+            prefixes.append(net)
+    try:
+        rev = agent.writer.set_protected(prefixes, body.revision)
+    except Conflict:
+        return JSONResponse(
+            {"detail": "the fleet's protected prefixes changed since revision "
+             f"{body.revision}: nothing was written; read them and retry",
+             "error": "conflict"}, status_code=409)
+    if wait == "applied" and not agent.wait_applied(rev, APPLY_TIMEOUT):
+        return JSONResponse(
+            {"detail": f"committed to the fleet store at revision {rev}, but this node has "
+             f"not applied it within {APPLY_TIMEOUT:.0f} s (applied revision "
+             f"{agent.applied}); see GET /v1/fleet", "error": "not_applied"},
+            status_code=504)
+    return JSONResponse(_protected_out(agent, svc, prefixes, rev).model_dump())
 
 
 # -- writes, routed to etcd -------------------------------------------------------------------

@@ -244,6 +244,17 @@ class FleetRule(TypedDict):
     revision: int
 
 
+class FleetProtected(TypedDict):
+    """GET/PUT /v1/fleet/protected: the fleet's protected prefixes."""
+
+    prefixes: list[str]
+    revision: int
+    applied: bool
+    local: list[str]
+    enforced: list[str]
+    stale: bool
+
+
 class Totals(TypedDict):
     """TotalsOut: one field per abi.Stat counter, named by Stat.field, in index order."""
 
@@ -762,6 +773,23 @@ class Client:
         r = self._request("GET", "/v1/fleet/rules", not_found=_NO_FLEET,
                           params={"source": source} if source else None)
         return cast(list[FleetRule], r.json())
+
+    def fleet_protected(self) -> FleetProtected:
+        """GET /v1/fleet/protected: the fleet's protected prefixes (and this node's own)."""
+        r = self._request("GET", "/v1/fleet/protected", not_found=_NO_FLEET)
+        return cast(FleetProtected, r.json())
+
+    def set_fleet_protected(
+        self, prefixes: list[str], revision: int | None = None
+    ) -> FleetProtected | None:
+        """PUT /v1/fleet/protected (the whole list), answered once this node enforces it;
+        `revision`: only if the list is still that revision's, else None (409: retry)."""
+        body: dict[str, Any] = {"prefixes": prefixes}
+        if revision is not None:
+            body["revision"] = revision
+        r = self._request("PUT", "/v1/fleet/protected", ok=(200, 409), not_found=_NO_FLEET,
+                          json=body, params={"wait": "applied"})
+        return None if r.status_code == 409 else cast(FleetProtected, r.json())
 
     def source(self, name: str, limit: int = 100, cursor: str | None = None) -> SourceDetail:
         params: dict[str, str | int] = {"limit": limit}

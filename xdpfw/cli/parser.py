@@ -169,6 +169,36 @@ def _fleet_commands(sub: Any) -> None:
              FLEET_RULES_EPILOG, cmd_fleet_rules, "fleet rules")
     _source_flag(p, "only this source's rules")
     _json_flag(p)
+    _fleet_protect_commands(fsub)
+
+
+def _fleet_protect_commands(fsub: Any) -> None:
+    """`xdpfw fleet protect ls|add|rm` (the fleet's protected prefixes, docs/fleet.md)."""
+    from xdpfw.cli.fleet import (
+        FLEET_PROTECT_EPILOG,
+        cmd_fleet_protect_add,
+        cmd_fleet_protect_ls,
+        cmd_fleet_protect_rm,
+        prefix_arg,
+    )
+
+    protect = fsub.add_parser(
+        "protect", help="the fleet's protected prefixes (in etcd)",
+        description="The fleet's protected prefixes (in etcd).", epilog=FLEET_PROTECT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    psub = protect.add_subparsers(dest="protect_command", metavar="ACTION")
+    psub.required = True
+    p = _sub(psub, "ls", "list the fleet's protected prefixes and this node's own",
+             FLEET_PROTECT_EPILOG, cmd_fleet_protect_ls, "fleet protect ls")
+    _json_flag(p)
+    for name, what, handler in (
+        ("add", "protect a prefix on every node of the fleet", cmd_fleet_protect_add),
+        ("rm", "take a prefix out of the fleet's protected prefixes", cmd_fleet_protect_rm),
+    ):
+        p = _sub(psub, name, what, FLEET_PROTECT_EPILOG, handler, f"fleet protect {name}")
+        p.add_argument("prefix", type=prefix_arg, metavar="PREFIX",
+                       help="a CIDR or an address")
 
 
 def _source_commands(sub: Any) -> None:
