@@ -48,6 +48,8 @@ class LookupAnswer:
 def _reserved_comment(svc: FirewallService, rule_id: int) -> str:
     if svc.api_rule is not None and rule_id == svc.api_rule.id:
         return "the API's own port (XDPFW_PROTECT_API)"
+    if any(r.id == rule_id for r in svc.fleet_protected):
+        return "fleet protected prefix (/v1/fleet/protected)"
     return "protected prefix (--protect)"
 
 

@@ -20,6 +20,7 @@ from api.fleet import state
 from api.fleet.agent import FleetAgent, FleetConfig, cached_protected
 from api.fleet.etcd import EtcdClient, prefix_end
 from api.fleet.state import Desired, Layout, chunk_body, decode_source, encode_chunks
+from api.lookup import lookup
 from api.service import API_RULE_ID, PROTECT_BASE, FirewallService, NewRule
 from api.settings import Settings
 from api.store import Store
@@ -611,6 +612,10 @@ def test_the_service_enforces_its_own_and_the_fleets_protected_prefixes(tmp_path
         fleet_id = _allowed(dp)["198.51.100.0/24"]
         assert fleet_id not in (own, API_RULE_ID)
         assert svc.health().protected == ["192.0.2.0/24", "198.51.100.0/24"]
+        # A lookup names which list protects an address.
+        said = {ip: lookup(svc, ip).credited for ip in ("198.51.100.7", "192.0.2.7")}
+        assert [m.stored.comment if m else None for m in said.values()] == [
+            "fleet protected prefix (/v1/fleet/protected)", "protected prefix (--protect)"]
         # The union is what an overlap check sees: a drop rule over a fleet prefix is 409.
         with pytest.raises(RuleConflict, match=r"198\.51\.100\.0/24"):
             svc.add(NewRule(RuleSpec.parse(src="198.51.100.7")))
