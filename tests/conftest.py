@@ -49,6 +49,28 @@ def session_datapath() -> Iterator[Datapath]:
         dp.close(cleanup=True)
 
 
+@pytest.fixture(scope="session")
+def session_soak_datapath() -> Iterator[Datapath]:
+    """A second program for the session, with the soak's capacities (thousands of nested
+    prefixes, 65,536 rules): one compile shared by the modules that need room."""
+    from xdpfw.datapath import Datapath, DatapathConfig
+    from xdpfw.verify.soak import SOAK_CAPS
+
+    dp = Datapath.open(DatapathConfig(bpffs_dir=unique_pin_dir("soak"), caps=SOAK_CAPS))
+    try:
+        yield dp
+    finally:
+        dp.close(cleanup=True)
+
+
+@pytest.fixture
+def soak_dp(session_soak_datapath: Datapath) -> Iterator[Datapath]:
+    """The soak-capacity program with no rules; rules are removed after the test."""
+    session_soak_datapath.remove_rules([r.id for r in session_soak_datapath.rules()])
+    yield session_soak_datapath
+    session_soak_datapath.remove_rules([r.id for r in session_soak_datapath.rules()])
+
+
 @pytest.fixture
 def dp(session_datapath: Datapath) -> Iterator[Datapath]:
     """The session's loaded program with no rules; rules are removed after the test."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 import errno
 import ipaddress
 import random
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -191,13 +190,9 @@ def test_a_refused_batch_changes_nothing() -> None:
 # -- through the kernel ----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def dp() -> Iterator[Datapath]:
-    d = Datapath.open(DatapathConfig(bpffs_dir=unique_pin_dir("bulk"), caps=SOAK_CAPS))
-    try:
-        yield d
-    finally:
-        d.close(cleanup=True)
+@pytest.fixture
+def dp(soak_dp: Datapath) -> Datapath:
+    return soak_dp  # conftest's soak-capacity program, emptied around each test
 
 
 def _add(dp: Datapath, rules: list[Rule]) -> None:

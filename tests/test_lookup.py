@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import unique_pin_dir
 from fastapi.testclient import TestClient
 
 from api.app import create_app
@@ -27,7 +26,7 @@ from api.settings import Settings
 from api.store import Store
 from tests.fakes import FakeDatapath
 from xdpfw.compiler import RuleCompiler
-from xdpfw.datapath import Datapath, DatapathConfig
+from xdpfw.datapath import Datapath
 from xdpfw.errors import InvalidRule
 from xdpfw.lookup import Decision, lookup, parse_packet
 from xdpfw.rules import Limit, Rule, RuleSpec
@@ -113,13 +112,9 @@ def rule_sets(seed: int, count: int, size: tuple[int, int]) -> Iterator[list[Rul
 # -- against the kernel --------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def dp() -> Iterator[Datapath]:
-    d = Datapath.open(DatapathConfig(bpffs_dir=unique_pin_dir("lookup"), caps=SOAK_CAPS))
-    try:
-        yield d
-    finally:
-        d.close(cleanup=True)
+@pytest.fixture
+def dp(soak_dp: Datapath) -> Datapath:
+    return soak_dp  # conftest's soak-capacity program, emptied around each test
 
 
 @pytest.mark.bpf

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ipaddress
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,13 +27,11 @@ from hypothesis.stateful import (
 
 from api.service import FirewallService, NewCodes, NewRule
 from api.store import Store
-from tests.conftest import unique_pin_dir
 from tests.test_differential import CI, frames_for, rule_specs
-from xdpfw.datapath import Datapath, DatapathConfig
+from xdpfw.datapath import Datapath
 from xdpfw.rules import RuleSpec, rule_from_code
 from xdpfw.verify.harness import Differ
 from xdpfw.verify.holdings import Holdings
-from xdpfw.verify.soak import SOAK_CAPS
 
 pytestmark = pytest.mark.bpf
 
@@ -65,13 +62,9 @@ specs = st.one_of(
 )
 
 
-@pytest.fixture(scope="module")
-def dp() -> Iterator[Datapath]:
-    d = Datapath.open(DatapathConfig(bpffs_dir=unique_pin_dir("srcdiff"), caps=SOAK_CAPS))
-    try:
-        yield d
-    finally:
-        d.close(cleanup=True)
+@pytest.fixture
+def dp(soak_dp: Datapath) -> Datapath:
+    return soak_dp  # conftest's soak-capacity program, emptied around each test
 
 
 def _machine(dp: Datapath, tmp: Path) -> type[RuleBasedStateMachine]:
