@@ -557,12 +557,15 @@ class Store:
             )
 
     def held(self, source: str) -> list[int]:
-        """Ids of the rules `source` holds, in id order."""
+        """Ids of the rules `source` holds, in id order. One text of them all, split here: a
+        row per holding costs a Python tuple each (0.25-0.6 s for a million, measured)."""
         with self._sql("read the rule database"):
-            cur = self._db.cursor()
-            cur.row_factory = None
-            cur.execute("SELECT rule_id FROM holdings WHERE source=? ORDER BY rule_id", (source,))
-            return [rid for (rid,) in cur]
+            (text,) = self._db.execute(
+                "SELECT group_concat(rule_id) FROM (SELECT rule_id FROM holdings"
+                " WHERE source=? ORDER BY rule_id)",
+                (source,),
+            ).fetchone()
+        return list(map(int, text.split(","))) if text else []
 
     def holders(self, rule_ids: Iterable[int]) -> dict[int, list[str]]:
         """rule id -> its sources, first holder first (by creation, then name)."""
@@ -631,11 +634,13 @@ class Store:
             ]
 
     def refresh(self, source: str, comment: str, expires_at: float | None) -> None:
-        """Every holding of `source` gets this comment and expiry (a replace's uniform one)."""
+        """Every holding of `source` gets this comment and expiry (a replace's uniform one).
+        Rows that have them already are not written (a refresh without a TTL writes none)."""
         with self._sql(f"write the rule database {self.path}"):
             self._db.execute(
-                "UPDATE holdings SET comment=?, expires_at=? WHERE source=?",
-                (comment, expires_at, source),
+                "UPDATE holdings SET comment=?, expires_at=? WHERE source=?"
+                " AND (comment IS NOT ? OR expires_at IS NOT ?)",
+                (comment, expires_at, source, comment, expires_at),
             )
 
     def drop_source_row(self, source: str) -> None:
