@@ -485,7 +485,11 @@ class FirewallService:
             agree = 0
             limits = self.store.limits()  # issue 16: a limit rule agrees only with its budget
             in_limits = self.dp.rule_limits() if limits else {}
-            for rid, code in self.store.codes():
+            stored = dict(self.store.codes())
+            if len(stored) == n_user and limits == in_limits and stored.items() <= in_maps.items():
+                agree = n_user  # the usual start: every row agrees (compared in C, no loop)
+                stored = {}
+            for rid, code in stored.items():
                 have = in_maps.get(rid)
                 if have == code and in_limits.get(rid) == limits.get(rid):
                     agree += 1
@@ -493,6 +497,7 @@ class FirewallService:
                 if have is not None:
                     remove.append(rid)
                 add.append(_with_limit(rule_from_code(rid, code), limits.get(rid)))
+            del stored
             if agree + len(remove) < n_user:  # rules in the maps that the database lacks
                 known = set(self.store.ids())
                 remove.extend(
