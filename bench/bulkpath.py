@@ -10,7 +10,9 @@ planner for what is not columnar), counter indices, the /24 hint, the map writes
 compiler's commit. Then, on the same machine in the same run: SQLite alternatives for the
 same rows (the schema's one row per rule with texts, a narrow (id, code) row, one blob) and
 the old entry point `Datapath.add_rules` (Rule objects) against `Datapath.add_codes` on the
-same `bulk_compare` entries.
+same `bulk_compare` entries. After the load, item 4e in process: the loaded entries become a
+source's and `FirewallService.replace_source` replaces it with 1% changed (`_replace_steps`),
+step by step the same way.
 """
 
 from __future__ import annotations
