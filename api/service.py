@@ -22,7 +22,8 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import overload
+from itertools import filterfalse
+from typing import TypeVar, overload
 
 import numpy as np
 
@@ -376,6 +377,45 @@ def _within(a: Network, b: Network) -> bool:
     return False
 
 
+_T = TypeVar("_T")
+_PIECE = 1 << 16  # elements per C call in `_SourceDiff`
+
+
+def _pieces(seq: Sequence[_T]) -> Iterator[Sequence[_T]]:
+    for i in range(0, len(seq), _PIECE):
+        yield seq[i : i + _PIECE]
+
+
+class _SourceDiff:
+    """A uniform replace's set difference: which entries the source does not hold yet
+    (`new`, in input order, repeats kept) and which held rules the new version lacks
+    (`dropped`). A million entries cost three passes of set operations in C (one set of the
+    held codes; a lookup of each entry in it; a discard of each entry from its copy) and no
+    Python loop per entry; each C call takes a piece of `_PIECE`, since one over a million
+    ints holds the GIL for longer than /healthz may wait."""
+
+    def __init__(self, codes_of: Mapping[int, int], held_ids: Sequence[int],
+                 codes: Sequence[int]) -> None:
+        get = codes_of.get
+        self.old: set[int | None] = set()  # None: a held rule the maps lack
+        for piece in _pieces(held_ids):
+            self.old.update(map(get, piece))
+        self.new: list[int] = []
+        gone = self.old.copy()
+        for npiece in _pieces(codes):
+            self.new.extend(filterfalse(self.old.__contains__, npiece))
+            gone.difference_update(npiece)
+        self._gone, self._held_ids, self._get = gone, held_ids, get
+
+    def dropped(self, find: Callable[[int], int | None]) -> list[int]:
+        """Ids (in id order) of the held rules whose code is not in the new version, or that
+        are not in the maps at all."""
+        out = [rid for code in self._gone if code is not None and (rid := find(code)) is not None]
+        if None in self._gone:
+            out.extend(rid for rid in self._held_ids if self._get(rid) is None)
+        return sorted(out)
+
+
 class FirewallService:
     """The face the routes use: rules, counters, interfaces and health. Routes never reach
     through it into the datapath (`self.dp`, a `DatapathPort`)."""
@@ -451,7 +491,11 @@ class FirewallService:
             agree = 0
             limits = self.store.limits()  # issue 16: a limit rule agrees only with its budget
             in_limits = self.dp.rule_limits() if limits else {}
-            for rid, code in self.store.codes():
+            stored = dict(self.store.codes())
+            if len(stored) == n_user and limits == in_limits and stored.items() <= in_maps.items():
+                agree = n_user  # the usual start: every row agrees (compared in C, no loop)
+                stored = {}
+            for rid, code in stored.items():
                 have = in_maps.get(rid)
                 if have == code and in_limits.get(rid) == limits.get(rid):
                     agree += 1
@@ -459,6 +503,7 @@ class FirewallService:
                 if have is not None:
                     remove.append(rid)
                 add.append(_with_limit(rule_from_code(rid, code), limits.get(rid)))
+            del stored
             if agree + len(remove) < n_user:  # rules in the maps that the database lacks
                 known = set(self.store.ids())
                 remove.extend(
@@ -919,16 +964,31 @@ class FirewallService:
         with self.lock, gc_paused():
             now = time.time()
             find = self.dp.compiler.find_code
-            held = set(self.store.held(name))
+            held_ids = self.store.held(name)
             fresh: list[int] = []  # indexes of entries that make new rules
             keep: dict[int, int] = {}  # existing rule id -> index of its entry
             seen: set[int] = set()
             overlaps = _Overlaps()
+            # A uniform batch is a diff: the entries the source holds already (most of a
+            # refresh) keep their holding as it is (`refresh` below gives them the new comment
+            # and expiry in one statement), so only the others go through the per-entry checks.
+            # Per-entry comments and TTLs (a list of NewRule) need every holding written anyway.
+            diff = None
+            old: set[int | None] = set()
+            if uniform is not None:
+                diff = _SourceDiff(self.dp.compiler.codes(), held_ids, codes)
+                old = diff.old
+                if not self.protected:  # with protected prefixes every entry is checked
+                    codes = diff.new
             for i, code in enumerate(codes):
                 if code in seen:
                     continue
                 seen.add(code)
                 problem = self._overlap(code)
+                if code in old:  # held already (only with protected prefixes: see above)
+                    if problem is not None:
+                        overlaps.note(code, problem)
+                    continue
                 existing = find(code)
                 if existing is not None and is_protected_id(existing):
                     what = "the API's own port" if existing == API_RULE_ID else "a protected prefix"
@@ -942,8 +1002,13 @@ class FirewallService:
                     fresh.append(i)
                 else:
                     keep[existing] = i
-            drop = sorted(held - keep.keys())
-            unchanged = len(held) - len(drop)
+            if diff is not None:
+                drop = diff.dropped(find)
+                held: set[int] = set()  # on this path `keep` has no rule the source held
+            else:
+                held = set(held_ids)
+                drop = sorted(held - keep.keys())
+            unchanged = len(held_ids) - len(drop)
 
             def comment(i: int) -> str:
                 return uniform[0] if uniform is not None else comments[i]
@@ -967,8 +1032,7 @@ class FirewallService:
                 )
                 if uniform is not None:  # one statement refreshes the kept holdings
                     self.store.hold(
-                        name, ((rid, comment(i), now, expiry(i))
-                               for rid, i in keep.items() if rid not in held)
+                        name, ((rid, comment(i), now, expiry(i)) for rid, i in keep.items())
                     )
                     self.store.refresh(name, uniform[0], expiry(0))
                 else:
@@ -989,7 +1053,7 @@ class FirewallService:
             _test_pause("replace-committed")  # committed; the old-only rules still in the maps
             self._unmap(orphans, rows)
             return SourceChange(
-                name, len(fresh) + len(keep) - unchanged, len(drop), unchanged,
+                name, len(fresh) + len(keep) - len(held & keep.keys()), len(drop), unchanged,
                 overlaps.shown, overlaps.count,
             )
 

@@ -10,7 +10,9 @@ planner for what is not columnar), counter indices, the /24 hint, the map writes
 compiler's commit. Then, on the same machine in the same run: SQLite alternatives for the
 same rows (the schema's one row per rule with texts, a narrow (id, code) row, one blob) and
 the old entry point `Datapath.add_rules` (Rule objects) against `Datapath.add_codes` on the
-same `bulk_compare` entries.
+same `bulk_compare` entries. After the load, item 4e in process: the loaded entries become a
+source's and `FirewallService.replace_source` replaces it with 1% changed (`_replace_steps`),
+step by step the same way.
 """
 
 from __future__ import annotations
@@ -74,7 +76,9 @@ def run_bulkpath(p: Profile, master: MasterList) -> dict[str, Any]:
     out: dict[str, Any] = {"entries": n, "prefixes": n // 8}
     text = _text(master, n)
     steps: dict[str, float] = {}
-    caps = Capacities(max_rules=max(n + 1024, 1 << 16), max_prefixes=max(n // 4, 1 << 14))
+    # room for the 1% replace too (old + new, `_replace_steps`)
+    caps = Capacities(max_rules=max(n + n // 50 + 1024, 1 << 16),
+                      max_prefixes=max(n // 4, 1 << 14))
     with tempfile.TemporaryDirectory(prefix="xbn-bulk-") as tmp:
         log(f"item 4: the bulk path step by step, {n:,} entries in process")
         t = time.perf_counter()
@@ -126,11 +130,58 @@ def run_bulkpath(p: Profile, master: MasterList) -> dict[str, Any]:
             out["maxrss_growth_mib"] = (
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0
             ) / 1024
+            out["replace"] = _replace_steps(svc, master, n)
             store.close()
         out["steps_s"] = steps
         out["sqlite"] = _sqlite_alternatives(Path(tmp), codes)
     out["paths"] = _paths(p, master, caps)
     return out
+
+
+def _replace_steps(svc: Any, master: MasterList, n: int) -> dict[str, Any]:
+    """Item 4e in process: the loaded entries become source `bench`'s (their holdings moved
+    in SQLite, untimed), then `FirewallService.replace_source` with 1% changed (every
+    100th entry out, as many new hosts in: `control.changed_list`), each step timed by
+    wrapping the method that does it; the parse of the changed text (what the PUT route runs
+    first) is timed on its own."""
+    from api.service import NewCodes
+    from bench.control import changed_list
+    from bench.lists import entry_text
+    from xdpfw.importers import ListReader
+
+    store, dp = svc.store, svc.dp
+    with store.transaction():  # the bulk load's holdings (source api) become bench's
+        store._db.execute("UPDATE holdings SET source='bench' WHERE source='api'")
+        store.touch("bench", time.time())
+    text = ("\n".join(entry_text(e) for e in changed_list(master.take(n))) + "\n").encode()
+    steps: dict[str, float] = {}
+    t = time.perf_counter()
+    reader = ListReader()
+    for i in range(0, len(text), 1 << 20):
+        reader.feed(text[i : i + (1 << 20)])
+    changed = reader.finish()
+    steps["parse (ListReader, text -> codes)"] = time.perf_counter() - t
+    targets = [
+        (store, "held", "SQLite: the source's holdings (ids)"),
+        (store, "rows", "SQLite: rows of the removed (for an undo)"),
+        (store, "insert_codes", "SQLite: insert the new rows"),
+        (store, "refresh", "SQLite: refresh the kept holdings"),
+        (store, "release", "SQLite: release the removed"),
+        (dp, "add_codes", "Datapath.add_codes (the new)"),
+        (dp, "remove_rules", "Datapath.remove_rules (the removed)"),
+    ]
+    with _timing(steps, targets):
+        t = time.perf_counter()
+        change = svc.replace_source("bench", NewCodes(changed, source="bench"))
+        total = time.perf_counter() - t
+    steps["FirewallService.replace_source (total)"] = total
+    steps["service: its own work (the diff, the checks)"] = total - sum(
+        v for k, v in steps.items() if k.startswith(("SQLite", "Datapath"))
+    )
+    for k, v in steps.items():
+        log(f"  replace: {k}: {v:.3f} s")
+    return {"steps_s": steps, "added": change.added, "removed": change.removed,
+            "unchanged": change.unchanged}
 
 
 def _sqlite_alternatives(tmp: Path, codes: list[int]) -> dict[str, float]:

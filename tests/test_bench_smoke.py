@@ -126,6 +126,10 @@ def test_item4_control_plane(smoke: dict[str, object]) -> None:
     steps = r4["bulk_path"]["steps_s"]
     assert steps["FirewallService.bulk_add_codes (total)"] > 0
     assert r4["bulk_path"]["rules_loaded"] == n
+    # the 1% replace in process (item 4e's cost table): a diff of n // 100 each way
+    rep = r4["bulk_path"]["replace"]
+    assert (rep["added"], rep["removed"], rep["unchanged"]) == (n // 100, n // 100, n - n // 100)
+    assert rep["steps_s"]["FirewallService.replace_source (total)"] > 0
 
 
 def test_targets_listed(smoke: dict[str, object]) -> None:

@@ -18,14 +18,14 @@ from typing import Any
 import pytest
 
 from api.service import NewCodes, NewRule
-from api.store import SCHEMA_VERSION, Store
+from api.store import SCHEMA_VERSION, Store, StoredRule
 from tests.fakes import FakeDatapath
 from tests.test_api_pure import PROTECTED, Api, _api
 from tests.test_storage_faults import assert_agree, failing_commit
 from xdpfw import errors
 from xdpfw.compiler import Capacities
 from xdpfw.importers import list_codes
-from xdpfw.rules import RuleSpec
+from xdpfw.rules import Limit, RuleSpec
 from xdpfw.sources import check_source
 
 pytestmark = pytest.mark.pure
@@ -196,6 +196,32 @@ def test_overlaps_load_and_are_reported(api: Api) -> None:
     assert r.status_code == 200 and r.json()["added"] == 0 and r.json()["overlap_count"] == 1
 
 
+def test_a_refresh_is_a_diff_that_still_checks_and_refreshes_every_member(api: Api) -> None:
+    """The replace takes only the entries the source does not hold through its per-entry
+    checks, yet a re-PUT reports the overlaps of unchanged members again, gives every kept
+    holding the call's comment and expiry (none too), and takes a rule held elsewhere."""
+    c = api.client
+    assert c.post("/v1/rules", json={"src": "198.18.6.6"}).status_code == 201  # source api
+    body = lines("198.18.0.0/15", "198.18.5.1", "198.18.5.1", "198.18.6.6")
+    r = put(api, "feed", body, ttl_seconds=600, comment="v1")
+    assert (r.json()["added"], r.json()["unchanged"], r.json()["overlap_count"]) == (3, 0, 1)
+    ids = held(api, "feed")
+    for again in ({}, {"ttl_seconds": 60, "comment": "v3"}):
+        r = put(api, "feed", body, **again)
+        assert r.json() == {"source": "feed", "added": 0, "removed": 0, "unchanged": 3,
+                            "overlaps": r.json()["overlaps"], "overlap_count": 1}
+        assert PROTECTED in r.json()["overlaps"][0]
+        assert held(api, "feed") == ids
+        for rid in ids.values():
+            one = api.store.get(rid, "feed")  # feed's holding (the api holds 198.18.6.6 too)
+            assert one is not None and one.comment == again.get("comment", "")
+            assert (one.expires_at is None) == ("ttl_seconds" not in again)
+    r = put(api, "feed", lines("198.18.5.1"))
+    assert (r.json()["added"], r.json()["removed"], r.json()["unchanged"]) == (0, 2, 1)
+    assert "198.18.6.6/32" in in_maps(api)  # api holds it still
+    assert_agree(api)
+
+
 def test_bad_bodies_change_nothing(api: Api) -> None:
     put(api, "feed", lines("198.18.10.1"))
     before = held(api, "feed")
@@ -314,7 +340,7 @@ def test_a_v1_database_is_migrated_in_place(tmp_path: Path) -> None:
     path = v1_file(tmp_path / "rules.sqlite3")
     a = _api(path)
     try:
-        assert a.store.version() == SCHEMA_VERSION == 3
+        assert a.store.version() == SCHEMA_VERSION == 4
         rules = a.client.get("/v1/rules").json()["rules"]
         assert [(r["id"], r["src"], r["comment"], r["source"]) for r in rules] == [
             (1, "198.18.15.1/32", "old one", "api"), (2, "198.18.15.0/24", "ttl", "api")]
@@ -334,21 +360,53 @@ def test_a_v1_database_is_migrated_in_place(tmp_path: Path) -> None:
 
 
 def test_a_v2_database_gains_the_sampling_and_limit_tables(tmp_path: Path) -> None:
-    """v2 (sources) -> v3 (X-ray's rule_sample, issue 16's rule_extras): the rules stay."""
+    """v2 (sources) -> v3 (X-ray's rule_sample, issue 16's rule_extras) -> v4: the rules
+    stay."""
     path = tmp_path / "rules.sqlite3"
     s = Store(path)
     s.insert_codes([(1, RuleSpec.parse(src="198.18.16.1").code(), "kept", 1.0, None)], "feed")
     s.close()
     db = sqlite3.connect(path)
     db.executescript("DROP TABLE rule_sample; DROP TABLE rule_extras; PRAGMA user_version=2;"
+                     " ALTER TABLE rules DROP COLUMN code;"
                      " UPDATE meta SET value='2' WHERE key='schema';")
     db.close()
     s = Store(path)
     try:
-        assert s.version() == SCHEMA_VERSION == 3
+        assert s.version() == SCHEMA_VERSION == 4
         assert [(r.id, r.comment, r.source) for r in s.all()] == [(1, "kept", "feed")]
         tables = {r[0] for r in s._db.execute("SELECT name FROM sqlite_master")}
         assert {"rule_sample", "rule_extras"} <= tables
+    finally:
+        s.close()
+
+
+def test_a_v3_database_gains_the_codes_and_reads_them_back(tmp_path: Path) -> None:
+    """v3 -> v4: every rule's code is parsed from its texts once, in the migration, and then
+    read back as stored (limit and TCP-flag rules too); a row written without one is still
+    read (parsed from its texts)."""
+    path = tmp_path / "rules.sqlite3"
+    specs = [RuleSpec.parse(src="198.18.17.1"), RuleSpec.parse(src="2001:db8:17::/48"),
+             RuleSpec.parse(src="198.18.17.0/24", proto="tcp", dport="22", tcp_flags="syn"),
+             RuleSpec.parse(action="limit", src="198.18.17.2", limit=Limit.parse(pps=50))]
+    s = Store(path)
+    s.insert([StoredRule(spec.with_id(i + 1), "", 1.0, None) for i, spec in enumerate(specs)])
+    want = dict(s.codes())
+    assert want == {i + 1: spec.code() for i, spec in enumerate(specs)}
+    s.close()
+    db = sqlite3.connect(path)
+    db.executescript("ALTER TABLE rules DROP COLUMN code; PRAGMA user_version=3;"
+                     " UPDATE meta SET value='3' WHERE key='schema';")
+    db.close()
+    s = Store(path)
+    try:
+        assert s.version() == SCHEMA_VERSION == 4
+        assert [r[0] for r in s._db.execute("SELECT id FROM rules WHERE code IS NULL")] == []
+        assert dict(s.codes()) == want
+        assert s.limits() == {4: specs[3].limit}
+        with s.transaction():  # a row without a code (a hand-made write)
+            s._db.execute("UPDATE rules SET code=NULL WHERE id=2")
+        assert dict(s.codes()) == want
     finally:
         s.close()
 
