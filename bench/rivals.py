@@ -235,12 +235,7 @@ class NftSet:
             self.lab.rx(["nft", "delete", "table", "netdev", self.name], timeout=300)
 
     def drops(self) -> int:
-        out = self.lab.rx(["nft", "-j", "list", "chain", "netdev", self.name, "in"]).stdout
-        for item in json.loads(out)["nftables"]:
-            for expr in item.get("rule", {}).get("expr", []):
-                if "counter" in expr:
-                    return int(expr["counter"]["packets"])
-        raise RuntimeError(f"no counter in nft chain {self.name}/in")
+        return _nft_chain_drops(self.lab, self.name)
 
 
 class IptablesIpset:
@@ -348,12 +343,7 @@ class NftMeter:
             self.lab.rx(["nft", "delete", "table", "netdev", self.name], timeout=60)
 
     def drops(self) -> int:
-        out = self.lab.rx(["nft", "-j", "list", "chain", "netdev", self.name, "in"]).stdout
-        for item in json.loads(out)["nftables"]:
-            for expr in item.get("rule", {}).get("expr", []):
-                if "counter" in expr:
-                    return int(expr["counter"]["packets"])
-        raise RuntimeError(f"no counter in nft chain {self.name}/in")
+        return _nft_chain_drops(self.lab, self.name)
 
 
 class NftSourceCounter:
@@ -391,3 +381,13 @@ class NftSourceCounter:
         if len(got) != len(self.sources):
             raise RuntimeError(f"nft chain {self.name}/pre: {len(got)} counters")
         return dict(zip(self.sources, got, strict=True))
+
+
+def _nft_chain_drops(lab: Any, table: str) -> int:
+    """Packets counted by the drop rule's counter in chain `in` of netdev table `table`."""
+    out = lab.rx(["nft", "-j", "list", "chain", "netdev", table, "in"]).stdout
+    for item in json.loads(out)["nftables"]:
+        for expr in item.get("rule", {}).get("expr", []):
+            if "counter" in expr:
+                return int(expr["counter"]["packets"])
+    raise RuntimeError(f"no counter in nft chain {table}/in")
