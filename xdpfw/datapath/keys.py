@@ -79,10 +79,10 @@ def batch_keys(batch: HostBatch) -> bytes:
     """The map keys of a column batch's entries, back to back (`encode_key` of each)."""
     shift = codes.ADDR.shift
     if batch.table in _V4_EXACT:
-        return np.array([k >> shift for k in batch.keys], dtype=">u4").tobytes()
+        return np.fromiter((k >> shift for k in batch.keys), ">u4", len(batch.keys)).tobytes()
     if batch.table in LPM_TABLES and not any(codes.key_v6(k) for k in batch.keys[:1]):
         out = np.zeros(len(batch.keys), dtype=LPM4_KEY)
         out["plen"] = (batch.key_low >> np.uint64(codes.PLEN.shift)) & np.uint64(codes.PLEN.bits)
-        out["addr"] = [k >> shift for k in batch.keys]
+        out["addr"] = np.fromiter((k >> shift for k in batch.keys), ">u4", len(batch.keys))
         return out.tobytes()
     return b"".join(encode_key(table_key(batch.table, k)) for k in batch.keys)
