@@ -200,13 +200,6 @@ def _has_repeats(keys: list[int], v6: Any) -> bool:
     return bool((ordered[1:] == ordered[:-1]).any())
 
 
-def _column(values: Iterable[Any], dtype: Any, count: int) -> Any:
-    """A numpy column of `count` Python values. `np.array([...])` of a million ints is one C
-    loop that holds the GIL for 30-60 ms (a /healthz probe waits it out); `np.fromiter` over a
-    generator runs the generator's bytecode per item, so other threads get their turns."""
-    return np.fromiter(values, dtype=dtype, count=count)
-
-
 def _update_in_pieces(d: dict[int, Any], keys: list[int], values: list[Any]) -> None:
     """d.update(zip(keys, values)), a piece at a time."""
     if len(keys) != len(values):
@@ -493,7 +486,10 @@ class RuleCompiler:
         u64 = np.uint64
         key_shift = KEY.shift
         keys = [c >> key_shift for c in codes]
-        key_low = _column((k & KEY_LOW for k in keys), u64, n)
+        # Columns from generators (np.fromiter), not np.array([...]): converting a million-item
+        # list is one C loop that holds the GIL for 30-60 ms (a /healthz probe waits it out),
+        # while a generator runs bytecode per item and other threads get their turns.
+        key_low = np.fromiter((k & KEY_LOW for k in keys), u64, n)
         plen = (key_low >> u64(PLEN.shift)) & u64(PLEN.bits)
         v6 = (key_low & u64(V6.mask)) != 0
         addressed = (key_low & u64(DIR.bits)) != 0
@@ -502,11 +498,12 @@ class RuleCompiler:
         cand = exact | prefix4
         if _has_repeats(keys, v6):  # a key twice in the batch: those go the general way
             twice = {k for k, c in Counter(keys).items() if c > 1}
-            cand &= _column((k not in twice for k in keys), bool, n)
+            cand &= np.fromiter((k not in twice for k in keys), bool, n)
         own = self._own
         if own:
             where = np.flatnonzero(cand)
-            cand[where] = _column((keys[i] not in own for i in where.tolist()), bool, len(where))
+            fresh = (keys[i] not in own for i in where.tolist())
+            cand[where] = np.fromiter(fresh, bool, len(where))
         table_bits = key_low & u64(TABLE_BITS)
         fast = cand & exact
         for bits, table in _LPM_BY_BITS.items():
@@ -530,7 +527,7 @@ class RuleCompiler:
         ):
             bad = self._bad_id(rule_ids)
             raise RuleConflict(f"rule id {bad} already exists or repeats", bad)
-        low = _column((codes[i] & CODE_LOW for i in fast_at.tolist()), u64, len(fast_at))
+        low = np.fromiter((codes[i] & CODE_LOW for i in fast_at.tolist()), u64, len(fast_at))
         fast_bits, fast_exact, fast_kl = table_bits[fast_at], exact[fast_at], key_low[fast_at]
         counts = plan.counts or self.table_counts()
         groups = [(b, t, True) for b, t in _EXACT_BY_BITS.items()]
@@ -579,7 +576,7 @@ class RuleCompiler:
         out = np.zeros(len(keys), dtype=bool)
         at = np.flatnonzero(in_trie)
         addr_shift = ADDR.shift
-        addr = _column((keys[i] >> addr_shift for i in at.tolist()), u64, len(at))
+        addr = np.fromiter((keys[i] >> addr_shift for i in at.tolist()), u64, len(at))
         lens = plen[at]
         have = self._trie_keys[table]
         if len(have):
